@@ -1,0 +1,90 @@
+"""``quantbench quantize`` and ``quantbench info``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quantbench.cli import app
+
+console = Console()
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3f}"
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument("default", help="packaged model name, HF directory or .gguf file"),
+    method: str = typer.Option(..., "--method", "-m", help="method spec, e.g. nf4:block=64,dq=1,compute=bf16"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+) -> None:
+    """Quantize MODEL with one method and save it (safetensors + quantbench.json + tokenizer)."""
+    from quantbench import load_model, parse_spec, quantize, save_quantized, weight_report
+
+    config = parse_spec(method)  # fail on a bad spec before loading anything
+    start = time.perf_counter()
+    model_obj, tokenizer = load_model(model, dtype="fp32", device=device)
+    loaded = time.perf_counter()
+    quantize(model_obj, config)
+    done = time.perf_counter()
+    save_quantized(model_obj, tokenizer, out)
+    report = weight_report(model_obj)
+    console.print(
+        f"[bold]{config.spec}[/]: {report.quantized_layers} layers quantized, {len(report.skipped)} kept, "
+        f"{report.bits_per_weight:.3f} bits/weight, model {_gib(report.model_bytes)} GiB "
+        f"(16-bit: {_gib(report.model_bytes_16bit)} GiB); load {loaded - start:.1f}s, "
+        f"quantize {done - loaded:.1f}s -> {out}"
+    )
+
+
+@app.command()
+def info(
+    ckpt: Path = typer.Argument(..., help="a directory written by 'quantbench quantize'"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest summary as JSON"),
+) -> None:
+    """Show a saved checkpoint's method, bits per weight and size."""
+    from quantbench.checkpoint import WEIGHTS_NAME, read_manifest
+
+    manifest = read_manifest(ckpt)
+    report = manifest.get("report", {})
+    files_bytes = sum(p.stat().st_size for p in ckpt.iterdir() if p.is_file())
+    summary = {
+        "spec": manifest.get("spec"),
+        "source": manifest.get("source", {}).get("spec"),
+        "quantized_layers": report.get("quantized_layers"),
+        "kept_layers": len(manifest.get("skipped", {})),
+        "bits_per_weight": round(report.get("bits_per_weight", 0.0), 4),
+        "model_gib": round(report.get("model_bytes", 0) / 2**30, 4),
+        "model_16bit_gib": round(report.get("model_bytes_16bit", 0) / 2**30, 4),
+        "weights_file_gib": round((ckpt / WEIGHTS_NAME).stat().st_size / 2**30, 4)
+        if (ckpt / WEIGHTS_NAME).exists()
+        else None,
+        "dir_gib": round(files_bytes / 2**30, 4),
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    table = Table(title=str(ckpt), show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command()
+def methods() -> None:
+    """List the quantization methods and their options."""
+    from quantbench.quant import METHODS
+
+    table = Table("method", "options (default)", "what it is")
+    for method in METHODS.values():
+        opts = ", ".join(f"{k}={v.default}" for k, v in method.options.items())
+        table.add_row(method.name, opts or "-", method.description)
+    console.print(table)

@@ -1,0 +1,23 @@
+"""Quantization methods: one file each, registered here by spec name."""
+
+from __future__ import annotations
+
+from quantbench.quant.base import Method, QuantLinear
+from quantbench.quant.baseline import BF16, FP16, FP32
+from quantbench.quant.rtn import INT4, INT8
+
+METHODS: dict[str, Method] = {m.name: m for m in (BF16, FP16, FP32, INT8, INT4)}
+
+from quantbench.quant.apply import QuantReport, quantize, weight_report  # noqa: E402
+from quantbench.quant.config import QuantConfig, parse_spec  # noqa: E402
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "QuantConfig",
+    "QuantLinear",
+    "QuantReport",
+    "parse_spec",
+    "quantize",
+    "weight_report",
+]
