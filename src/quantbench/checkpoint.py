@@ -57,7 +57,9 @@ def save_quantized(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Pat
         "skipped": dict(getattr(model, "quantbench_skipped", {})),
         "source": getattr(model, "quantbench_source", {}),
         "report": weight_report(model).to_dict(),
-        "files": {WEIGHTS_NAME: {"size": (out / WEIGHTS_NAME).stat().st_size, "sha256": _sha256(out / WEIGHTS_NAME)}},
+        "files": {
+            WEIGHTS_NAME: {"size": (out / WEIGHTS_NAME).stat().st_size, "sha256": _sha256(out / WEIGHTS_NAME)}
+        },
     }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
@@ -70,7 +72,9 @@ def read_manifest(ckpt_dir: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+        raise CheckpointError(
+            f"{path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != "quantbench":
         raise CheckpointError(f"{path} is not a quantbench manifest")
     return manifest
@@ -119,8 +123,11 @@ def load_quantized(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> 
     from quantbench.quant import METHODS
 
     method = METHODS[config.method]
-    dtype = config.compute_dtype if method.linear_cls is not None else {
-        "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[method.name]
+    dtype = (
+        config.compute_dtype
+        if method.linear_cls is not None
+        else {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[method.name]
+    )
     with _no_init():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     if layers:

@@ -170,7 +170,9 @@ def resolve_model_dir(spec: str) -> Path:
             raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
         return path
     known = ", ".join([*PACKAGED_MODELS, *MODEL_ALIASES])
-    raise ModelLoadError(f"model '{spec}' not found: give a local HF directory, a .gguf file, or one of: {known}")
+    raise ModelLoadError(
+        f"model '{spec}' not found: give a local HF directory, a .gguf file, or one of: {known}"
+    )
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -313,5 +315,9 @@ def random_model(
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype))
     model.eval()
-    model.quantbench_source = {"spec": f"random:{config_name}", "path": "", "fingerprint": f"random-{config_name}-{seed}"}
+    model.quantbench_source = {
+        "spec": f"random:{config_name}",
+        "path": "",
+        "fingerprint": f"random-{config_name}-{seed}",
+    }
     return model

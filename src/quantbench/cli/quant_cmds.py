@@ -22,7 +22,9 @@ def _gib(n: int) -> str:
 @app.command()
 def quantize(
     model: str = typer.Argument("default", help="packaged model name, HF directory or .gguf file"),
-    method: str = typer.Option(..., "--method", "-m", help="method spec, e.g. nf4:block=64,dq=1,compute=bf16"),
+    method: str = typer.Option(
+        ..., "--method", "-m", help="method spec, e.g. nf4:block=64,dq=1,compute=bf16"
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="output directory"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
 ) -> None:

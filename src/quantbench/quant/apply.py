@@ -64,7 +64,8 @@ def weight_report(model: nn.Module, spec: str | None = None) -> QuantReport:
             report.quantized_bytes += module.storage_bytes() - bias_bytes
     report.model_bytes = model_bytes(model)
     report.model_bytes_16bit = sum(
-        t.numel() * 2 if t.is_floating_point() else t.numel() * t.element_size() for t in _unique_tensors(model)
+        t.numel() * 2 if t.is_floating_point() else t.numel() * t.element_size()
+        for t in _unique_tensors(model)
     )
     if report.quantized_layers:
         # Count the 16-bit size of the quantized layers as if unquantized.

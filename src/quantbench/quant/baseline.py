@@ -6,7 +6,9 @@ from quantbench.quant.base import Method
 
 
 def _baseline(name: str, description: str) -> Method:
-    return Method(name=name, options={}, linear_cls=None, description=description, bits=32 if name == "fp32" else 16)
+    return Method(
+        name=name, options={}, linear_cls=None, description=description, bits=32 if name == "fp32" else 16
+    )
 
 
 BF16 = _baseline("bf16", "no quantization, bfloat16 weights (the reference row)")
