@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from quantbench.errors import CheckpointError, QuantConfigError
-from quantbench.quant.apply import replace_with_empty, weight_report
+from quantbench.quant.apply import BASELINE_DTYPES, replace_with_empty, weight_report
 from quantbench.quant.base import QuantLinear
 from quantbench.quant.config import QuantConfig, parse_spec
 
@@ -91,6 +91,14 @@ def _no_init() -> contextlib.AbstractContextManager:
     return no_init_weights()
 
 
+def _aliased_names(model: nn.Module) -> set[str]:
+    """Names of tensors that share storage with another tensor of the model (tied weights)."""
+    by_ptr: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        by_ptr.setdefault(tensor.data_ptr(), []).append(name)
+    return {name for names in by_ptr.values() if len(names) > 1 for name in names}
+
+
 def load_quantized(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
     """Rebuild a model saved by :func:`save_quantized`; weights come back bit-identical."""
     from safetensors import SafetensorError
@@ -123,26 +131,22 @@ def load_quantized(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> 
     from quantbench.quant import METHODS
 
     method = METHODS[config.method]
-    dtype = (
-        config.compute_dtype
-        if method.linear_cls is not None
-        else {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[method.name]
-    )
+    dtype = config.compute_dtype if method.linear_cls is not None else BASELINE_DTYPES[method.name]
     with _no_init():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    model.tie_weights()  # skipped by no_init_weights; tied tensors are saved once
     if layers:
         replace_with_empty(model, config, layers)
     try:
         missing, unexpected = load_model(model, str(ckpt / WEIGHTS_NAME), strict=False)
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise CheckpointError(f"{ckpt / WEIGHTS_NAME} cannot be read: {str(exc).splitlines()[0]}") from None
-    # Tied weights are stored once; anything else missing means the file does not match the model.
-    tied = {k for k in missing if "lm_head" in k and getattr(hf_config, "tie_word_embeddings", False)}
-    if set(missing) - tied or unexpected:
-        bad = sorted(set(missing) - tied) + sorted(unexpected)
+    # Tied weights are stored once (under either name) and loaded through the shared storage;
+    # anything else missing means the file does not match the model.
+    aliased = _aliased_names(model)
+    bad = sorted(k for k in missing if k not in aliased) + sorted(unexpected)
+    if bad:
         raise CheckpointError(f"{ckpt / WEIGHTS_NAME} does not match its manifest (e.g. {bad[0]})")
-    if tied:
-        model.tie_weights()
     model.to(device)
     model.eval()
     model.quantbench_config = config

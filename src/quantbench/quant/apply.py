@@ -12,6 +12,8 @@ from torch import nn
 from quantbench.quant.base import QuantLinear
 from quantbench.quant.config import QuantConfig, parse_spec
 
+BASELINE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 
 @dataclass
 class QuantReport:
@@ -75,7 +77,7 @@ def weight_report(model: nn.Module, spec: str | None = None) -> QuantReport:
 
 
 def _cast_floating(module: nn.Module, dtype: torch.dtype) -> None:
-    """Cast float params/buffers of ``module`` but leave every QuantLinear's storage alone."""
+    """Cast float params/buffers of ``module`` to ``dtype``, leaving QuantLinear storage alone."""
     for child in module.children():
         if not isinstance(child, QuantLinear):
             _cast_floating(child, dtype)
@@ -83,6 +85,9 @@ def _cast_floating(module: nn.Module, dtype: torch.dtype) -> None:
         if param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
     for name, buf in module.named_buffers(recurse=False):
+        # Non-persistent buffers (rotary inv_freq) stay fp32, as transformers keeps them.
+        if name in module._non_persistent_buffers_set:
+            continue
         if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
             module._buffers[name] = buf.to(dtype)
 
@@ -123,8 +128,7 @@ def quantize(model: nn.Module, config: str | QuantConfig, **kwargs: Any) -> nn.M
 
     method = METHODS[config.method]
     if method.linear_cls is None:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[method.name]
-        model.to(dtype)
+        _cast_floating(model, BASELINE_DTYPES[method.name])
         model.quantbench_config = config
         model.quantbench_skipped = {}
         return model

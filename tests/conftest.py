@@ -1,0 +1,47 @@
+"""Shared fixtures: the real embedded model (loaded once per session) and fresh copies of it."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="session")
+def real_model_fp32():
+    """The embedded default real model in float32 (do not modify: use `fresh_real_model`)."""
+    import quantbench
+
+    model, tokenizer = quantbench.load_model(quantbench.DEFAULT_MODEL, dtype="fp32")
+    return model, tokenizer
+
+
+@pytest.fixture
+def fresh_real_model(real_model_fp32):
+    """A private float32 copy of the real model that a test may quantize in place."""
+    model, tokenizer = real_model_fp32
+    clone = copy.deepcopy(model)
+    clone.quantbench_source = dict(model.quantbench_source)
+    return clone, tokenizer
+
+
+@pytest.fixture
+def tiny_model():
+    """A 2-layer random model of the real Qwen2.5-0.5B architecture: fast structural tests."""
+    import quantbench
+
+    return quantbench.random_model("qwen2.5-0.5b", dtype="fp32", num_hidden_layers=2, vocab_size=512)
