@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 
 # Command modules register on `app` when imported.
+import quantbench.cli.eval_cmds  # noqa: E402,F401
 from quantbench.cli import quant_cmds  # noqa: E402,F401
 
 

@@ -1,0 +1,47 @@
+"""Load a model for evaluation: a packaged name / HF dir / .gguf quantized on the fly, or a saved checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantbench.errors import ModelLoadError
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def is_checkpoint(path_or_spec: str) -> bool:
+    from quantbench.checkpoint import MANIFEST_NAME
+
+    path = Path(path_or_spec).expanduser()
+    return path.is_dir() and (path / MANIFEST_NAME).exists()
+
+
+def load_for_eval(
+    model_spec: str, method: str | None = None, device: str | None = None
+) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` ready to evaluate; ``model.quantbench_config.spec`` names the quantization.
+
+    A quantbench checkpoint comes back as saved (``method`` must then be None or its own spec). Anything
+    else is loaded in float32 and quantized with ``method`` (default ``bf16``: the unquantized baseline).
+    """
+    from quantbench import load_model, parse_spec, quantize
+
+    device = device or default_device()
+    if is_checkpoint(model_spec):
+        model, tokenizer = load_model(model_spec, device=device)
+        saved = model.quantbench_config.spec
+        if method is not None and parse_spec(method).spec != saved:
+            raise ModelLoadError(f"{model_spec} is a checkpoint quantized with {saved}; drop --method")
+        if tokenizer is None:
+            raise ModelLoadError(f"{model_spec} has no tokenizer files")
+        return model, tokenizer
+    config = parse_spec(method or "bf16")  # fail on a bad spec before loading anything
+    model, tokenizer = load_model(model_spec, dtype="fp32", device=device)
+    quantize(model, config)
+    return model, tokenizer
