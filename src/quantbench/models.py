@@ -189,8 +189,8 @@ def load_model(
     """Load a causal LM and its tokenizer offline.
 
     ``path_or_spec`` is a packaged model name (``qwen2.5-coder-0.5b``, ``gemma3-270m``), a
-    ``.gguf`` file, a Hugging Face model directory, or a quantbench checkpoint directory (which
-    comes back quantized). The model is in eval mode; ``model.quantbench_source`` tells where it
+    ``.gguf`` file, a Hugging Face model directory, a quantbench checkpoint directory (which
+    comes back quantized) or a ``quantbench finetune`` output (base + quantization + LoRA adapter). The model is in eval mode; ``model.quantbench_source`` tells where it
     came from and its fingerprint.
     """
     from quantbench.checkpoint import MANIFEST_NAME, load_quantized
@@ -199,6 +199,10 @@ def load_model(
     path = Path(str(path_or_spec)).expanduser()
     if path.is_dir() and (path / MANIFEST_NAME).exists():
         return load_quantized(path, device=device)
+    if path.is_dir() and (path / "quantbench_adapter.json").exists():
+        from quantbench.train.qlora import load_adapter_model
+
+        return load_adapter_model(path, device=device)
     model_dir = resolve_model_dir(str(path_or_spec))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
