@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -11,7 +12,8 @@ from rich.console import Console
 from quantbench.cli import app
 from quantbench.errors import QuantbenchError
 
-console = Console()
+# Tables are wide: keep them readable when the output is not a terminal (pipes, CI logs).
+console = Console() if sys.stdout.isatty() else Console(width=160)
 
 
 class TextSourceError(QuantbenchError):
@@ -44,9 +46,13 @@ def ppl(
     max_tokens: int = typer.Option(None, "--max-tokens", help="only the first N tokens of the text"),
     batch_size: int = typer.Option(1, "--batch-size", help="windows per forward"),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)"),
+    threads: int = typer.Option(0, "--threads", help="CPU threads (0: auto, only the idle cores)"),
     json_out: Path = typer.Option(None, "--json", help="write the result as JSON to this file"),
 ) -> None:
     """Sliding-window perplexity of MODEL on a text file or a packaged corpus."""
+    from quantbench.eval.loading import configure_threads
+
+    configure_threads(threads)
     from quantbench.eval.loading import load_for_eval
     from quantbench.eval.perplexity import perplexity
 
@@ -71,3 +77,350 @@ def ppl(
     if json_out is not None:
         record = {"model": model, "spec": spec, "text": label, **result.to_dict()}
         json_out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _split_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return items or None
+
+
+def _subjects_per_task(tasks: list, subjects: list[str] | None) -> dict[str, list[str] | None]:
+    """A subject name applies to every task that has it; a name no task has is an error."""
+    from quantbench.eval.tasks import TaskError
+
+    if not subjects:
+        return {t.name: None for t in tasks}
+    out: dict[str, list[str] | None] = {}
+    used: set[str] = set()
+    for task in tasks:
+        known = set(task.subjects())
+        mine = [s for s in subjects if s in known]
+        if not mine:
+            raise TaskError(f"--subjects names none of {task.name}'s subjects (e.g. {sorted(known)[0]})")
+        used.update(mine)
+        out[task.name] = mine
+    unknown = [s for s in subjects if s not in used]
+    if unknown:
+        raise TaskError(f"unknown subject '{unknown[0]}' for task(s) {', '.join(t.name for t in tasks)}")
+    return out
+
+
+def _check_model(model: str) -> None:
+    """Fail with a one-line error before any work if the model cannot be found."""
+    from quantbench.eval.loading import is_checkpoint
+    from quantbench.models import resolve_model_dir
+
+    if not is_checkpoint(model):
+        resolve_model_dir(model)
+
+
+def _pct(x: float) -> str:
+    return "-" if x != x else f"{100 * x:.1f}"
+
+
+def _print_result(result, show_subjects: bool = True) -> None:
+    from rich.table import Table
+
+    head = (
+        f"[bold]{result.task}[/] {result.split} {result.shots}-shot {result.mode} [{result.spec}]: "
+        f"Avg [bold]{_pct(result.accuracy)}%[/] over {result.questions} questions "
+        f"({result.evaluated} evaluated now, {result.reused} from the store), "
+        f"wall {result.wall_s:.1f}s, compute {result.compute_s:.1f}s"
+    )
+    console.print(head)
+    if result.reduced_shots or result.skipped:
+        console.print(
+            f"  [yellow]{result.reduced_shots} question(s) with fewer shots to fit the context, "
+            f"{result.skipped} skipped (too long even with 0 shots)[/]"
+        )
+    table = Table("category", "accuracy %", "questions")
+    for c in result.categories:
+        table.add_row(c.category, _pct(c.accuracy), str(c.questions))
+    console.print(table)
+    if show_subjects:
+        table = Table("subject", "category", "accuracy %", "questions", "fewer shots", "skipped", "seconds")
+        for s in result.subjects:
+            table.add_row(
+                s.subject,
+                s.category,
+                _pct(s.accuracy),
+                str(s.questions),
+                str(s.reduced_shots),
+                str(s.skipped),
+                f"{s.seconds:.1f}",
+            )
+        console.print(table)
+
+
+@app.command(name="eval")
+def eval_command(
+    model: str = typer.Argument(
+        "default", help="packaged model name, HF directory, .gguf file or checkpoint"
+    ),
+    tasks: str = typer.Option("mmlu", "--tasks", "-t", help="comma-separated: mmlu, ceval"),
+    mode: str = typer.Option("loglikelihood", "--mode", help="loglikelihood or generate"),
+    shots: int = typer.Option(5, "--shots", help="few-shot examples from the dev split"),
+    split: str = typer.Option("val", "--split", help="val, test (MMLU) or dev (with --shots 0)"),
+    limit: int = typer.Option(None, "--limit", help="first N questions of each subject"),
+    subjects: str = typer.Option(None, "--subjects", help="comma-separated subject subset"),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", help="questions per forward"),
+    method: str = typer.Option(None, "--method", "-m", help="quantize first with this spec (default bf16)"),
+    db: Path = typer.Option(Path("quantbench.db"), "--db", help="SQLite results store"),
+    json_out: Path = typer.Option(None, "--json", help="write results (with every answer) as JSON"),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)"),
+    threads: int = typer.Option(0, "--threads", help="CPU threads (0: auto, only the idle cores)"),
+    no_prefix_reuse: bool = typer.Option(False, "--no-prefix-reuse", help="recompute the few-shot prefix"),
+    max_new_tokens: int = typer.Option(
+        3, "--max-new-tokens", help="generate mode: tokens to generate at most"
+    ),
+) -> None:
+    """Evaluate one model (or checkpoint) on MMLU / C-Eval; every answer is stored, reruns skip them."""
+    from quantbench.eval.loading import configure_threads
+
+    configure_threads(threads)
+    import time
+
+    from quantbench.eval.harness import MODES, EvalError, evaluate
+    from quantbench.eval.loading import load_for_eval
+    from quantbench.eval.memory import peak_bytes, reset_peak
+    from quantbench.eval.store import ResultStore
+    from quantbench.eval.tasks import parse_tasks
+
+    task_list = parse_tasks(tasks)
+    if mode not in MODES:
+        raise EvalError(f"unknown mode '{mode}'; allowed: {', '.join(MODES)}")
+    per_task = _subjects_per_task(task_list, _split_list(subjects))
+    for task in task_list:
+        task.check_split(split)
+    if method is not None:
+        from quantbench import parse_spec
+
+        parse_spec(method)
+    _check_model(model)
+    with ResultStore(db) as store:
+        t0 = time.perf_counter()
+        model_obj, tokenizer = load_for_eval(model, method, device)
+        load_s = time.perf_counter() - t0
+        dev = str(next(model_obj.parameters()).device)
+        from quantbench import weight_report
+
+        weights_gib = weight_report(model_obj).model_bytes / 2**30
+        results = []
+        for task in task_list:
+            reset_peak(dev)
+            result = evaluate(
+                model_obj,
+                tokenizer,
+                task,
+                split=split,
+                shots=shots,
+                mode=mode,
+                subjects=per_task[task.name],
+                limit=limit,
+                batch_size=batch_size,
+                store=store,
+                prefix_reuse=not no_prefix_reuse,
+                max_new_tokens=max_new_tokens,
+                progress=True,
+            )
+            peak, kind = peak_bytes(dev)
+            store.add_run(
+                model=model,
+                fingerprint=result.fingerprint,
+                spec=result.spec,
+                method=result.spec.split(":")[0],
+                task=result.task,
+                split=split,
+                shots=shots,
+                mode=mode,
+                subjects=per_task[task.name],
+                limit_per_subject=limit,
+                questions=result.questions,
+                evaluated=result.evaluated,
+                accuracy=result.accuracy,
+                categories=result.category_accuracy(),
+                wall_s=result.wall_s,
+                compute_s=result.compute_s,
+                load_s=load_s,
+                weights_gib=weights_gib,
+                peak_mem_gib=peak / 2**30,
+                peak_mem_kind=kind,
+                device=dev,
+                extra={"command": "eval", "prefix_reuse": not no_prefix_reuse},
+            )
+            _print_result(result)
+            results.append(result)
+    if json_out is not None:
+        payload = {"model": model, "results": [r.to_dict(with_answers=True) for r in results]}
+        json_out.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+COLUMNS = (
+    "Quant Type",
+    "Compute Dtype",
+    "Double Quant",
+    "Group Size",
+    "Avg %",
+    "STEM",
+    "Social Sci",
+    "Humanities",
+    "Other",
+    "Total Time s",
+    "Weights GiB",
+)
+
+
+def comparison_rows(runs, task: str) -> list[list[str]]:
+    """One row per method for ``task``: the table of ``quantbench run``."""
+    rows = []
+    for run in runs:
+        fields = run.table_fields
+        result = next((r for r in run.results if r.task == task), None)
+        if result is None:
+            rows.append(
+                [fields["quant_type"], fields["compute_dtype"], fields["double_quant"], fields["group_size"]]
+                + ["-"] * 5
+                + ["-", f"{run.weights_gib:.3f}" if run.weights_gib else "-"]
+            )
+            continue
+        cats = list(result.categories)
+        by_col = {}
+        for c in cats:  # MMLU and C-Eval both have four categories in this order
+            by_col[c.category] = _pct(c.accuracy)
+        from quantbench.eval.tasks import get_task
+
+        order = get_task(task).categories
+        rows.append(
+            [
+                fields["quant_type"],
+                fields["compute_dtype"],
+                fields["double_quant"],
+                fields["group_size"],
+                _pct(result.accuracy),
+                *[by_col.get(name, "-") for name in order],
+                f"{result.compute_s:.1f}",
+                f"{run.weights_gib:.3f}",
+            ]
+        )
+    return rows
+
+
+@app.command()
+def run(
+    model: str = typer.Argument(
+        "default", help="packaged model name, HF directory, .gguf file or checkpoint"
+    ),
+    methods: str = typer.Option(
+        None, "--methods", help="comma-separated specs (default: every registered one)"
+    ),
+    tasks: str = typer.Option("mmlu", "--tasks", "-t", help="comma-separated: mmlu, ceval"),
+    mode: str = typer.Option("loglikelihood", "--mode", help="loglikelihood or generate"),
+    shots: int = typer.Option(5, "--shots", help="few-shot examples from the dev split"),
+    split: str = typer.Option("val", "--split", help="val or test (MMLU)"),
+    limit: int = typer.Option(None, "--limit", help="first N questions of each subject"),
+    subjects: str = typer.Option(None, "--subjects", help="comma-separated subject subset"),
+    full: bool = typer.Option(False, "--full", help="every subject and question (default: a quick subset)"),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", help="questions per forward"),
+    db: Path = typer.Option(Path("quantbench.db"), "--db", help="SQLite results store"),
+    json_out: Path = typer.Option(None, "--json", help="write every method's results as JSON"),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)"),
+    threads: int = typer.Option(0, "--threads", help="CPU threads (0: auto, only the idle cores)"),
+) -> None:
+    """Quantize MODEL with every method, evaluate each, and print the comparison table.
+
+    Without --limit / --subjects / --full it runs a quick subset (one subject per category, 10 questions
+    each), printed first. Results are stored per batch in --db: a rerun skips what is already there.
+    """
+    from quantbench.eval.loading import configure_threads
+
+    n_threads = configure_threads(threads)
+    import time
+
+    from rich.table import Table
+
+    from quantbench import parse_spec
+    from quantbench.eval.harness import MODES, EvalError
+    from quantbench.eval.runner import QUICK_LIMIT, QUICK_SUBJECTS, default_methods, run_methods
+    from quantbench.eval.store import ResultStore
+    from quantbench.eval.tasks import parse_tasks
+
+    task_list = parse_tasks(tasks)
+    if mode not in MODES:
+        raise EvalError(f"unknown mode '{mode}'; allowed: {', '.join(MODES)}")
+    for task in task_list:
+        task.check_split(split)
+        if split == "dev":
+            raise EvalError("the dev split holds the few-shot examples: use val or test")
+    method_list = _split_list(methods) or default_methods()
+    specs = [parse_spec(m).spec for m in method_list]  # bad spec: one-line error before any work
+    given = _split_list(subjects)
+    quick = not full and given is None and limit is None
+    if quick:
+        per_task = {t.name: list(QUICK_SUBJECTS[t.name]) for t in task_list}
+        limit = QUICK_LIMIT
+    else:
+        per_task = _subjects_per_task(task_list, given)
+    _check_model(model)
+    console.print(f"[bold]quantbench run[/] {model}: {len(specs)} method(s): {', '.join(method_list)}")
+    for task in task_list:
+        subset = per_task[task.name]
+        console.print(
+            f"  {task.name} {split} {shots}-shot {mode}: "
+            + (f"subjects {', '.join(subset)}" if subset else "all subjects")
+            + (f", first {limit} questions each" if limit else ", every question")
+            + (" (quick subset; --full for everything)" if quick else "")
+        )
+    console.print(f"  results store: {db}; CPU threads: {n_threads}")
+
+    def done(m) -> None:
+        if m.error:
+            console.print(f"[red]{m.spec}: failed: {m.error}[/]")
+            return
+        accs = ", ".join(f"{r.task} {_pct(r.accuracy)}%" for r in m.results)
+        console.print(
+            f"[green]{m.spec}[/]: {accs}; load {m.load_s:.1f}s, quantize {m.quantize_s:.1f}s, "
+            f"eval {sum(r.wall_s for r in m.results):.1f}s, weights {m.weights_gib:.3f} GiB, "
+            f"peak {m.peak_mem_gib:.2f} GiB ({m.peak_mem_kind})"
+        )
+
+    start = time.perf_counter()
+    with ResultStore(db) as store:
+        runs = run_methods(
+            model,
+            method_list,
+            task_list,
+            subjects=per_task,
+            limit=limit,
+            shots=shots,
+            split=split,
+            mode=mode,
+            batch_size=batch_size,
+            store=store,
+            device=device,
+            on_method_done=done,
+        )
+    wall = time.perf_counter() - start
+    for task in task_list:
+        table = Table(*COLUMNS, title=f"{task.name} ({split}, {shots}-shot, {mode})")
+        for row in comparison_rows(runs, task.name):
+            table.add_row(*row)
+        console.print(table)
+    console.print(f"total wall time {wall:.1f}s")
+    if json_out is not None:
+        payload = {
+            "model": model,
+            "split": split,
+            "shots": shots,
+            "mode": mode,
+            "limit": limit,
+            "subjects": per_task,
+            "wall_s": wall,
+            "columns": list(COLUMNS),
+            "tables": {t.name: comparison_rows(runs, t.name) for t in task_list},
+            "methods": [r.to_dict() for r in runs],
+        }
+        json_out.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    if any(r.error for r in runs):
+        raise SystemExit(1)

@@ -45,3 +45,26 @@ def load_for_eval(
     model, tokenizer = load_model(model_spec, dtype="fp32", device=device)
     quantize(model, config)
     return model, tokenizer
+
+
+def configure_threads(threads: int = 0) -> int:
+    """Set torch's CPU threads and return the number used.
+
+    ``threads > 0`` is used as given. ``0`` (auto) keeps torch's default unless other processes already
+    keep the cores busy (1-minute load average): OpenMP threads that share a core with other work spin at
+    every barrier and run several times slower than one thread, so auto uses only the idle cores (>= 1).
+    """
+    import os
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+        return threads
+    default = torch.get_num_threads()
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        return default
+    idle = int((os.cpu_count() or default) - busy + 0.5)
+    chosen = max(1, min(default, idle))
+    torch.set_num_threads(chosen)
+    return chosen

@@ -1,0 +1,259 @@
+"""The model side of evaluation: any Hugging Face causal LM (quantbench-quantized ones included) behind two
+operations, log-likelihood of continuations and greedy generation, with a shared-prefix KV cache.
+
+Batching: rows are left-padded to one length. With a cached prefix of ``P`` tokens the batch is laid out as
+``[prefix (cache)][pad ... pad][row tokens]``; the 2-D attention mask is 1 on the prefix and the real tokens,
+0 on the pads, and position ids are given explicitly (``cumsum(mask) - 1``), so each row sees exactly the
+positions and keys it would see alone. Without a cache the layout is ``[pad ... pad][prefix + row]``.
+
+Shared-prefix reuse: :meth:`HFLM.prefix_state` runs the prefix once and keeps its ``DynamicCache``; each
+batch deep-copies it and repeats it over the batch (``batch_repeat_interleave``), so the prefix is never
+recomputed for the questions that share it. Only the logits of the last positions are computed
+(``logits_to_keep``).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _out_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+@dataclass
+class PrefixState:
+    """A tokenized shared prefix and, when reuse is on, its KV cache (batch 1)."""
+
+    ids: list[int]
+    cache: Any | None = None
+
+
+class HFLM:
+    """A causal LM + tokenizer, scoring batches of rows that share a prefix.
+
+    ``calls`` counts model forwards and ``tokens`` the tokens fed to the model (tests read them).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        batch_size: int = 8,
+        prefix_reuse: bool = True,
+        max_length: int | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = max(1, int(batch_size))
+        self.prefix_reuse = prefix_reuse
+        self.device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad) if pad is not None else 0
+        self.eos_id = tokenizer.eos_token_id
+        self._max_length = max_length
+        # transformers >= 5.x names the KV cache argument `cache`; older versions `past_key_values`.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.calls = 0
+        self.tokens = 0
+
+    @property
+    def max_length(self) -> int:
+        """Longest sequence (prompt + generated tokens) the model accepts."""
+        if self._max_length is not None:
+            return self._max_length
+        config = getattr(self.model, "config", None)
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        value = getattr(self.tokenizer, "model_max_length", None)
+        return value if isinstance(value, int) and 0 < value < 10**7 else 2048
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text).input_ids)
+
+    def continuation_ids(self, context: str, continuation: str) -> list[int]:
+        """Tokens of ``continuation`` as they follow ``context`` (encode both, take the tail)."""
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+            return whole[len(ctx) :]
+        return list(self.tokenizer(continuation, add_special_tokens=False).input_ids)
+
+    # -- forwards ---------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefix_state(self, prefix_ids: Sequence[int]) -> PrefixState:
+        """Run the shared prefix once (when reuse is on) and keep its KV cache."""
+        ids = list(prefix_ids)
+        if not self.prefix_reuse or not ids:
+            return PrefixState(ids)
+        input_ids = torch.tensor([ids], device=self.device)
+        out = self._call(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        return PrefixState(ids, _out_cache(out))
+
+    def _call(self, **kwargs: Any) -> Any:
+        self.calls += 1
+        self.tokens += int(kwargs["input_ids"].numel())
+        try:
+            return self.model(**kwargs)
+        except TypeError as exc:  # a model without logits_to_keep
+            if "logits_to_keep" not in str(exc):
+                raise
+            kwargs.pop("logits_to_keep")
+            return self.model(**kwargs)
+
+    def _forward(
+        self, state: PrefixState, rows: Sequence[Sequence[int]], keep: int, use_cache: bool = False
+    ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """Logits ``[B, keep, V]`` (float32) of the last ``keep`` positions of each row after the prefix.
+
+        Returns the logits, the batch's KV cache (for generation), the attention mask and the last position
+        id of every row.
+        """
+        cached = state.cache is not None
+        seqs = [list(r) for r in rows] if cached else [state.ids + list(r) for r in rows]
+        n_prefix = len(state.ids) if cached else 0
+        batch, length = len(seqs), max(len(s) for s in seqs)
+        input_ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((batch, n_prefix + length), dtype=torch.long)
+        mask[:, :n_prefix] = 1
+        for i, seq in enumerate(seqs):
+            input_ids[i, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[i, n_prefix + length - len(seq) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": mask.to(self.device),
+            "position_ids": positions[:, n_prefix:].to(self.device),
+            "logits_to_keep": keep,
+        }
+        if cached:
+            cache = copy.deepcopy(state.cache)
+            if batch > 1:
+                cache.batch_repeat_interleave(batch)
+            kwargs[self._cache_arg] = cache
+            kwargs["use_cache"] = True
+        else:
+            kwargs["use_cache"] = use_cache
+        out = self._call(**kwargs)
+        logits = out.logits[:, -keep:].float()
+        return logits, _out_cache(out) if kwargs["use_cache"] else None, mask, positions[:, -1]
+
+    # -- scoring ----------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def choice_logprobs(
+        self,
+        state: PrefixState,
+        suffixes: Sequence[Sequence[int]],
+        choices: Sequence[Sequence[int]],
+        single_token_fast_path: bool = True,
+    ) -> torch.Tensor:
+        """``[len(suffixes), len(choices)]``: log P(choice tokens | prefix + suffix), summed over tokens.
+
+        When every choice is one token, one row per question suffices (the choice tokens are read off the
+        last position's distribution); otherwise each (question, choice) pair is its own row.
+        """
+        if single_token_fast_path and all(len(c) == 1 for c in choices):
+            logits, *_ = self._forward(state, suffixes, keep=1)
+            logprobs = F.log_softmax(logits[:, -1], dim=-1)
+            return logprobs[:, [c[0] for c in choices]].cpu()
+        rows = [list(s) + list(c) for s in suffixes for c in choices]
+        lengths = [len(c) for _ in suffixes for c in choices]
+        keep = max(lengths) + 1
+        logits, *_ = self._forward(state, rows, keep=keep)
+        logprobs = F.log_softmax(logits, dim=-1)
+        scores = torch.empty(len(rows))
+        for r, (row, m) in enumerate(zip(rows, lengths, strict=True)):
+            cont = torch.tensor(row[-m:], device=logprobs.device)
+            lp = logprobs[r, keep - 1 - m : keep - 1].gather(-1, cont[:, None])
+            scores[r] = lp.sum()
+        return scores.reshape(len(suffixes), len(choices))
+
+    @torch.inference_mode()
+    def greedy(
+        self,
+        state: PrefixState,
+        suffixes: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        done: Callable[[str], bool] | None = None,
+    ) -> list[str]:
+        """Greedy continuation of each ``prefix + suffix``, at most ``max_new_tokens`` tokens.
+
+        A row stops at EOS or once ``done(text so far)`` is true; the loop ends when every row has stopped.
+        """
+        logits, cache, mask, last_pos = self._forward(state, suffixes, keep=1, use_cache=max_new_tokens > 1)
+        batch = len(suffixes)
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        finished = [False] * batch
+        for step in range(max_new_tokens):
+            next_ids = logits[:, -1].argmax(-1).cpu()
+            for i in range(batch):
+                if finished[i]:
+                    continue
+                token = int(next_ids[i])
+                if self.eos_id is not None and token == self.eos_id:
+                    finished[i] = True
+                    continue
+                generated[i].append(token)
+                if done is not None and done(self.tokenizer.decode(generated[i])):
+                    finished[i] = True
+            if all(finished) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype)], dim=-1)
+            last_pos = last_pos + 1
+            out = self._call(
+                input_ids=next_ids[:, None].to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=last_pos[:, None].to(self.device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_arg: cache},
+            )
+            logits, cache = out.logits.float(), _out_cache(out)
+        return [self.tokenizer.decode(g) for g in generated]
+
+    # -- lm-evaluation-harness style requests (no shared prefix) ----------------------------------------------
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """``(log P(continuation | context), is_greedy)`` for each ``(context, continuation)`` request."""
+        results: list[tuple[float, bool]] = []
+        empty = PrefixState([])
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            rows, conts = [], []
+            for context, continuation in chunk:
+                cont = self.continuation_ids(context, continuation)
+                rows.append(self.encode(context) + cont)
+                conts.append(cont)
+            keep = max(len(c) for c in conts) + 1
+            with torch.inference_mode():
+                logits, *_ = self._forward(empty, rows, keep=keep)
+                logprobs = F.log_softmax(logits, dim=-1)
+            for r, cont in enumerate(conts):
+                m = len(cont)
+                lp = logprobs[r, keep - 1 - m : keep - 1]
+                target = torch.tensor(cont, device=lp.device)
+                greedy = bool((lp.argmax(-1) == target).all())
+                results.append((float(lp.gather(-1, target[:, None]).sum()), greedy))
+        return results
+
+    def generate_until(self, requests: Sequence[tuple[str, int]]) -> list[str]:
+        """Greedy generation for each ``(context, max_new_tokens)`` request."""
+        out: list[str] = []
+        empty = PrefixState([])
+        for context, max_new in requests:
+            out.extend(self.greedy(empty, [self.encode(context)], max_new))
+        return out
