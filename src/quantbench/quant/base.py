@@ -61,8 +61,27 @@ class QuantLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def dense_weight(self) -> torch.Tensor:
+        """The float weight the reference forward multiplies with.
+
+        With ``cache_dequantized`` on (see :func:`quantbench.quant.apply.set_dequant_cache`) it is
+        computed once and kept: the same numbers, at the memory cost of a 16-bit copy. The CPU
+        evaluation path uses it so a forward does not re-decode every weight; speed and memory
+        are measured on the GPU kernels, not on this path.
+        """
+        cache = self.__dict__.get("_dense_cache")
+        if cache is not None and cache.device == self.bias_or_buffer_device():
+            return cache
+        weight = self.dequantize()
+        if self.__dict__.get("cache_dequantized", False):
+            self.__dict__["_dense_cache"] = weight
+        return weight
+
+    def bias_or_buffer_device(self) -> torch.device:
+        return next(iter(self.buffers())).device
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x.to(self.compute_dtype), self.dequantize(), self.bias)
+        out = F.linear(x.to(self.compute_dtype), self.dense_weight(), self.bias)
         return out.to(x.dtype) if x.dtype.is_floating_point else out
 
     def storage_bytes(self) -> int:
