@@ -21,6 +21,7 @@ app = typer.Typer(
 # Command modules register on `app` when imported.
 import quantbench.cli.eval_cmds  # noqa: E402,F401
 from quantbench.cli import quant_cmds  # noqa: E402,F401
+from quantbench.cli import calib_cmds  # noqa: E402,F401
 from quantbench.cli import train_cmds  # noqa: E402,F401
 from quantbench.cli import bench_cmds  # noqa: E402,F401
 

@@ -27,15 +27,29 @@ def quantize(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="output directory"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
+    calib: str = typer.Option(
+        None,
+        "--calib",
+        help="calibration data for gptq/awq/smoothquant: corpus[:NxL] or a .txt/.jsonl file[:NxL] "
+        "(default corpus:128x2048, scaled down on a CPU)",
+    ),
 ) -> None:
     """Quantize MODEL with one method and save it (safetensors + quantbench.json + tokenizer)."""
     from quantbench import load_model, parse_spec, quantize, save_quantized, weight_report
+    from quantbench.quant.calib import parse_calib
 
     config = parse_spec(method)  # fail on a bad spec before loading anything
+    calib_spec = parse_calib(calib)
     start = time.perf_counter()
     model_obj, tokenizer = load_model(model, dtype="fp32", device=device)
     loaded = time.perf_counter()
-    quantize(model_obj, config)
+    quantize(
+        model_obj,
+        config,
+        calib=calib_spec,
+        tokenizer=tokenizer,
+        log=lambda line: console.print(line, markup=False, highlight=False),
+    )
     done = time.perf_counter()
     save_quantized(model_obj, tokenizer, out)
     report = weight_report(model_obj)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from quantbench.quant.awq import AWQ
 from quantbench.quant.base import Method, QuantLinear
 from quantbench.quant.baseline import BF16, FP16, FP32
 from quantbench.quant.bnb4 import FP4, NF4
 from quantbench.quant.fp8 import FP8
+from quantbench.quant.gptq import GPTQ
 from quantbench.quant.llm_int8 import LLM_INT8
 from quantbench.quant.rtn import INT4, INT8
+from quantbench.quant.smoothquant import SMOOTHQUANT
 
 METHODS: dict[str, Method] = {m.name: m for m in (BF16, FP16, FP32, INT8, INT4, NF4, FP4, LLM_INT8, FP8)}
+METHODS.update({m.name: m for m in (GPTQ, AWQ, SMOOTHQUANT)})  # calibrated methods
 
 from quantbench.quant.apply import QuantReport, quantize, weight_report  # noqa: E402
 from quantbench.quant.config import QuantConfig, parse_spec  # noqa: E402

@@ -115,6 +115,9 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+CALIBRATION_KWARGS = frozenset({"calib", "tokenizer", "device", "batch_size", "log"})
+
+
 def quantize(model: nn.Module, config: str | QuantConfig, **kwargs: Any) -> nn.Module:
     """Quantize ``model`` in place with a method spec (``"nf4:block=64,dq=1"``) and return it.
 
@@ -140,10 +143,19 @@ def quantize(model: nn.Module, config: str | QuantConfig, **kwargs: Any) -> nn.M
             targets.append((name, module))
         else:
             skipped[name] = reason
-    quantize_layer = getattr(method, "quantize_layer", None)
-    for name, module in targets:
-        new = (quantize_layer or method.linear_cls.from_linear)(module, config, **kwargs)
-        _set_submodule(model, name, new)
+    quantize_model = getattr(method, "quantize_model", None)
+    if quantize_model is not None:
+        # Calibrated methods (GPTQ, AWQ, SmoothQuant) walk the model block by block themselves;
+        # kwargs carry calib=, tokenizer=, device=, batch_size=, log=.
+        for name, new in quantize_model(model, config, dict(targets), **kwargs).items():
+            _set_submodule(model, name, new)
+    else:
+        # Calibration arguments mean nothing to a method without calibration.
+        kwargs = {k: v for k, v in kwargs.items() if k not in CALIBRATION_KWARGS}
+        quantize_layer = getattr(method, "quantize_layer", None)
+        for name, module in targets:
+            new = (quantize_layer or method.linear_cls.from_linear)(module, config, **kwargs)
+            _set_submodule(model, name, new)
     _cast_floating(model, config.compute_dtype)
     model.quantbench_config = config
     model.quantbench_skipped = skipped

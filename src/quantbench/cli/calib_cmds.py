@@ -1,0 +1,42 @@
+"""``quantbench export`` and ``quantbench import``: GPTQ / AWQ (GEMM) directories <-> quantbench checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from quantbench.cli import app
+
+console = Console()
+
+
+@app.command("export")
+def export_cmd(
+    ckpt: Path = typer.Argument(..., help="a quantbench checkpoint (int4, int8, gptq or awq)"),
+    fmt: str = typer.Option("gptq", "--format", "-f", help="gptq or awq (AWQ GEMM packing)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory (transformers / vLLM layout)"),
+) -> None:
+    """Write CKPT in the GPTQ or AWQ format that transformers and vLLM load."""
+    from quantbench.quant.export import export_checkpoint
+
+    path = export_checkpoint(ckpt, out, fmt.lower())
+    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    console.print(f"exported {ckpt} as {fmt.lower()} -> {path} ({size / 2**20:.1f} MiB)")
+
+
+@app.command("import")
+def import_cmd(
+    src: Path = typer.Argument(..., help="a GPTQ or AWQ (GEMM) model directory"),
+    out: Path = typer.Option(..., "--out", "-o", help="quantbench checkpoint directory to write"),
+) -> None:
+    """Turn a GPTQ or AWQ directory into a quantbench checkpoint (weights bit-identical)."""
+    from quantbench.checkpoint import read_manifest
+    from quantbench.quant.export import import_checkpoint
+
+    path = import_checkpoint(src, out)
+    manifest = read_manifest(path)
+    console.print(
+        f"imported {src} -> {path}: {manifest['spec']}, {len(manifest['quantized_layers'])} quantized layers"
+    )

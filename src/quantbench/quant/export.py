@@ -1,0 +1,398 @@
+"""Export quantbench checkpoints to the GPTQ and AWQ (GEMM) formats that transformers / vLLM load,
+and import such directories back into quantbench checkpoints, bit for bit.
+
+GPTQ (``checkpoint_format: gptq``, as AutoGPTQ / GPTQModel / optimum write it), per quantized Linear:
+
+* ``qweight`` int32 ``[in * bits / 32, out]``: codes packed along the *input* dimension,
+  input row ``i * (32/bits) + j`` in bits ``bits*j ..`` of word row ``i`` (bits 2, 4, 8);
+* ``qzeros`` int32 ``[n_groups, out * bits / 32]``: zero points minus one (the v1 convention),
+  packed along the output dimension the same way;
+* ``scales`` fp16 ``[n_groups, out]``; ``g_idx`` int32 ``[in]`` (group of each input column);
+* ``quantization_config`` in ``config.json`` and the same dict in ``quantize_config.json``.
+
+AWQ GEMM (``quant_method: awq, version: gemm``, as AutoAWQ writes it), 4-bit only:
+
+* ``qweight`` int32 ``[in, out / 8]`` and ``qzeros`` int32 ``[n_groups, out / 8]``: eight output
+  columns per word in AWQ's interleaved order: nibble ``i`` holds column ``[0, 2, 4, 6, 1, 3, 5, 7][i]``;
+* ``scales`` fp16 ``[n_groups, out]``; zero points stored as they are; no ``g_idx``.
+
+Both are written from RTN's layout (codes, fp16 scales, optional zeros, optional ``g_idx``), so any
+``int4``/``int8``/``gptq``/``awq`` checkpoint exports. The original spec rides along in
+``quantization_config["quantbench"]`` so that import restores it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantbench.errors import CheckpointError
+from quantbench.quant.config import QuantConfig, parse_spec
+from quantbench.quant.rtn import RTNLinear
+
+FORMATS = ("gptq", "awq")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column AWQ_ORDER[i] of its 8
+_SKIP_FILES = {"model.safetensors", "quantbench.json", "config.json", "quantize_config.json"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) -> int32 with the same bits."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _to_uint(words: torch.Tensor) -> torch.Tensor:
+    return words.to(torch.int64) & 0xFFFFFFFF
+
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ packing along dim 0: ``[n, m]`` codes -> int32 ``[n * bits / 32, m]``."""
+    per = 32 // bits
+    n, m = values.shape
+    if 32 % bits or n % per:
+        raise CheckpointError(f"cannot pack {n} rows of {bits}-bit codes into 32-bit words")
+    v = values.to(torch.int64).reshape(n // per, per, m)
+    shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
+    return _to_int32((v << shifts).sum(dim=1))
+
+
+def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`: int32 ``[r, m]`` -> int64 codes ``[r * 32 / bits, m]``."""
+    per = 32 // bits
+    w = _to_uint(words).unsqueeze(1)
+    shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
+    return ((w >> shifts) & (2**bits - 1)).reshape(-1, words.shape[1])
+
+
+def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ packing along dim 1 (``qzeros``): ``[n, m]`` -> int32 ``[n, m * bits / 32]``."""
+    return pack_rows(values.t(), bits).t().contiguous()
+
+
+def unpack_cols(words: torch.Tensor, bits: int) -> torch.Tensor:
+    return unpack_rows(words.t(), bits).t().contiguous()
+
+
+def pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """AWQ GEMM packing: 4-bit ``[n, m]`` -> int32 ``[n, m / 8]`` in the interleaved order."""
+    n, m = values.shape
+    if m % 8:
+        raise CheckpointError(f"AWQ packing needs a multiple of 8 output columns, got {m}")
+    v = values.to(torch.int64).reshape(n, m // 8, 8)[:, :, list(AWQ_ORDER)]
+    shifts = (torch.arange(8, dtype=torch.int64) * 4).view(1, 1, 8)
+    return _to_int32((v << shifts).sum(dim=-1))
+
+
+def unpack_awq(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_awq`: int32 ``[n, m / 8]`` -> int64 codes ``[n, m]``."""
+    n, cols = words.shape
+    shifts = (torch.arange(8, dtype=torch.int64) * 4).view(1, 1, 8)
+    nibbles = (_to_uint(words).unsqueeze(-1) >> shifts) & 0xF  # nibble i = column AWQ_ORDER[i]
+    out = torch.empty_like(nibbles)
+    out[:, :, list(AWQ_ORDER)] = nibbles
+    return out.reshape(n, cols * 8)
+
+
+# --------------------------------------------------------------------------------------------------
+# One layer <-> format tensors
+
+
+def layer_parts(module: RTNLinear) -> dict[str, Any]:
+    """Codes ``[out, in]``, scales/zeros ``[out, n_groups]`` (zeros filled in when symmetric), g_idx."""
+    codes = module.codes().to(torch.int64)
+    if module.bits == 4:
+        codes = codes[:, : module.in_features]
+    scales = module.scales.detach().to(torch.float16)
+    if module.qzeros is None:
+        zeros = torch.full(scales.shape, 2 ** (module.bits - 1), dtype=torch.int64)
+    else:
+        zeros = module.qzeros.to(torch.int64)
+    g_idx = getattr(module, "g_idx", None)
+    if g_idx is None:
+        g_idx = torch.arange(module.in_features, dtype=torch.int32) // module.group
+    return {
+        "codes": codes,
+        "scales": scales,
+        "zeros": zeros,
+        "g_idx": g_idx.to(torch.int32),
+        "bits": module.bits,
+    }
+
+
+def gptq_tensors(module: RTNLinear) -> dict[str, torch.Tensor]:
+    parts = layer_parts(module)
+    bits = parts["bits"]
+    if bits not in (2, 4, 8):
+        raise CheckpointError(f"GPTQ export supports 2/4/8-bit codes, this layer has {bits}")
+    if bool((parts["zeros"] == 0).any()):
+        raise CheckpointError(
+            "a zero point is 0, which the GPTQ v1 format (zeros stored minus one) cannot hold"
+        )
+    return {
+        "qweight": pack_rows(parts["codes"].t(), bits),
+        "qzeros": pack_cols(parts["zeros"].t() - 1, bits),
+        "scales": parts["scales"].t().contiguous(),
+        "g_idx": parts["g_idx"],
+    }
+
+
+def awq_tensors(module: RTNLinear) -> dict[str, torch.Tensor]:
+    parts = layer_parts(module)
+    if parts["bits"] != 4:
+        raise CheckpointError(f"AWQ GEMM export needs 4-bit codes, this layer has {parts['bits']}")
+    if getattr(module, "g_idx", None) is not None:
+        trivial = torch.arange(module.in_features, device=module.g_idx.device) // module.group
+        if not torch.equal(module.g_idx.long(), trivial):
+            raise CheckpointError(
+                "AWQ format has no g_idx: export act_order GPTQ checkpoints with --format gptq"
+            )
+    return {
+        "qweight": pack_awq(parts["codes"].t()),
+        "qzeros": pack_awq(parts["zeros"].t()),
+        "scales": parts["scales"].t().contiguous(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole checkpoints
+
+
+def _quantization_config(fmt: str, config: QuantConfig, group_sizes: set[int], bits: int) -> dict[str, Any]:
+    if len(group_sizes) != 1:
+        raise CheckpointError(f"{fmt} needs one group size for the model, found {sorted(group_sizes)}")
+    group = group_sizes.pop()
+    opts = config.options
+    extra = {"quantbench": {"spec": config.spec, "method": config.method}}
+    if fmt == "gptq":
+        return {
+            "quant_method": "gptq",
+            "bits": bits,
+            "group_size": group,
+            "desc_act": bool(opts.get("act_order", False)),
+            "sym": bool(opts.get("sym", True)),
+            "static_groups": bool(opts.get("static_groups", False)),
+            "true_sequential": bool(opts.get("true_sequential", True)),
+            "damp_percent": float(opts.get("damp", 0.01)),
+            "checkpoint_format": "gptq",
+            "lm_head": False,
+            **extra,
+        }
+    return {
+        "quant_method": "awq",
+        "bits": bits,
+        "group_size": group,
+        "zero_point": True,
+        "version": "gemm",
+        **extra,
+    }
+
+
+def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, fmt: str = "gptq") -> Path:
+    """Write the quantbench checkpoint ``ckpt_dir`` to ``out_dir`` in ``fmt`` (``gptq`` or ``awq``)."""
+    from safetensors.torch import save_file
+
+    from quantbench.checkpoint import load_quantized
+
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown export format '{fmt}'; allowed: {', '.join(FORMATS)}")
+    ckpt, out = Path(ckpt_dir), Path(out_dir)
+    model, _ = load_quantized(ckpt)
+    config: QuantConfig = model.quantbench_config
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, nn.Module) and hasattr(m, "qweight")}
+    bad = [n for n, m in quantized.items() if not isinstance(m, RTNLinear)]
+    if not quantized or bad:
+        raise CheckpointError(
+            f"{ckpt} ({config.spec}) is not in RTN's int layout (int4/int8/gptq/awq); cannot export to {fmt}"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    group_sizes: set[int] = set()
+    bits_seen: set[int] = set()
+    for name, module in quantized.items():
+        assert isinstance(module, RTNLinear)
+        if module.group == module.in_features and fmt == "gptq":
+            group_sizes.add(-1)
+        else:
+            group_sizes.add(module.group)
+        bits_seen.add(module.bits)
+        if fmt == "awq" and module.group == module.in_features and config.options.get("group") == -1:
+            raise CheckpointError(
+                "AWQ format needs a group size; per-channel (group=-1) checkpoints export as gptq"
+            )
+        made = gptq_tensors(module) if fmt == "gptq" else awq_tensors(module)
+        for key, value in made.items():
+            tensors[f"{name}.{key}"] = value.contiguous()
+        if module.bias is not None:
+            tensors[f"{name}.bias"] = module.bias.detach().contiguous()
+    prefixes = tuple(f"{n}." for n in quantized)
+    seen_ptrs: set[int] = set()
+    for key, value in model.state_dict().items():
+        if key.startswith(prefixes):
+            continue
+        ptr = value.data_ptr()
+        if ptr in seen_ptrs:  # tied weights are stored once, as transformers does
+            continue
+        seen_ptrs.add(ptr)
+        tensors[key] = value.detach().contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    qconf = _quantization_config(fmt, config, group_sizes, bits_seen.pop() if len(bits_seen) == 1 else 0)
+    hf = json.loads((ckpt / "config.json").read_text())
+    hf["quantization_config"] = qconf
+    hf["torch_dtype"] = hf["dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
+        config.compute_dtype, "float32"
+    )
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    (out / "quantize_config.json").write_text(json.dumps(qconf, indent=2) + "\n")
+    for path in ckpt.iterdir():
+        if path.is_file() and path.name not in _SKIP_FILES:
+            shutil.copy2(path, out / path.name)
+    return out
+
+
+def _read_qconfig(src: Path) -> dict[str, Any]:
+    cfg_path = src / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{cfg_path} is missing")
+    hf = json.loads(cfg_path.read_text())
+    qconf = hf.get("quantization_config")
+    if qconf is None and (src / "quantize_config.json").exists():
+        qconf = json.loads((src / "quantize_config.json").read_text())
+    if not isinstance(qconf, dict) or qconf.get("quant_method", "gptq") not in FORMATS:
+        raise CheckpointError(f"{src} has no GPTQ/AWQ quantization_config")
+    qconf.setdefault("quant_method", "gptq")
+    return qconf
+
+
+def _decode_layer(fmt: str, tensors: dict[str, torch.Tensor], bits: int, v1: bool) -> dict[str, torch.Tensor]:
+    """Format tensors of one layer -> codes/zeros ``[out, in]`` / ``[out, ng]``, scales, g_idx."""
+    if fmt == "gptq":
+        codes = unpack_rows(tensors["qweight"], bits).t()
+        zeros = unpack_cols(tensors["qzeros"], bits).t()
+        if v1:
+            zeros = (zeros + 1) & (2**bits - 1)
+        g_idx = tensors.get("g_idx")
+    else:
+        codes = unpack_awq(tensors["qweight"]).t()
+        zeros = unpack_awq(tensors["qzeros"]).t()
+        g_idx = None
+    scales = tensors["scales"].t().to(torch.float16)
+    out_f, in_f = codes.shape
+    zeros = zeros[:out_f]
+    return {"codes": codes, "zeros": zeros, "scales": scales, "g_idx": g_idx}
+
+
+def import_checkpoint(src_dir: str | Path, out_dir: str | Path) -> Path:
+    """Turn a GPTQ or AWQ (GEMM) directory into a quantbench checkpoint (method ``gptq`` / ``awq``)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from quantbench.checkpoint import _no_init, save_quantized
+    from quantbench.quant.apply import replace_with_empty
+
+    src = Path(src_dir)
+    qconf = _read_qconfig(src)
+    fmt = qconf["quant_method"]
+    bits = int(qconf.get("bits", 4))
+    if fmt == "awq" and str(qconf.get("version", "gemm")).lower() != "gemm":
+        raise CheckpointError(f"AWQ version '{qconf.get('version')}' not supported; only gemm")
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{src} has no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    layer_names = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
+    if not layer_names:
+        raise CheckpointError(f"{src} has no quantized layers (no .qweight tensors)")
+    v1 = fmt == "gptq" and qconf.get("checkpoint_format", "gptq") != "gptq_v2"
+    decoded = {}
+    for name in layer_names:
+        parts = {
+            k: state.pop(f"{name}.{k}")
+            for k in ("qweight", "qzeros", "scales", "g_idx")
+            if f"{name}.{k}" in state
+        }
+        decoded[name] = _decode_layer(fmt, parts, bits, v1)
+    # Which spec: the one we exported, else one that describes the layout.
+    spec = (qconf.get("quantbench") or {}).get("spec")
+    half = 2 ** (bits - 1)
+    all_sym = all(bool((d["zeros"] == half).all()) for d in decoded.values())
+    group = int(qconf.get("group_size", -1))
+    nontrivial_gidx = any(
+        d["g_idx"] is not None
+        and not torch.equal(
+            d["g_idx"].long(),
+            torch.arange(d["codes"].shape[1]) // (group if group > 0 else d["codes"].shape[1]),
+        )
+        for d in decoded.values()
+    )
+    if spec is not None:
+        config = parse_spec(spec)
+    elif fmt == "gptq":
+        sym = bool(qconf.get("sym", True)) and all_sym
+        config = parse_spec(
+            f"gptq:bits={bits},group={group},sym={int(sym)},act_order={int(bool(qconf.get('desc_act')))},"
+            f"static_groups={int(not nontrivial_gidx)}"
+        )
+    else:
+        config = parse_spec(f"awq:group={group},sym={int(all_sym)}")
+    hf_config = AutoConfig.from_pretrained(str(src), local_files_only=True)
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    with _no_init():
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=config.compute_dtype)
+    replace_with_empty(model, config, layer_names)
+    for name in layer_names:
+        module = model.get_submodule(name)
+        if not isinstance(module, RTNLinear):
+            raise CheckpointError(f"{config.method} does not use RTN's layout; cannot import into it")
+        d = decoded[name]
+        codes = d["codes"].to(torch.uint8)
+        if module.bits == 4:
+            from quantbench.quant.rtn import pack_int4
+
+            module.qweight.copy_(pack_int4(codes))
+        else:
+            module.qweight.copy_(codes)
+        module.scales.copy_(d["scales"])
+        if module.qzeros is not None:
+            module.qzeros.copy_(d["zeros"].to(torch.uint8))
+        elif not bool((d["zeros"] == half).all()):
+            raise CheckpointError(
+                f"{name}: zero points are not {half} but the spec {config.spec} is symmetric"
+            )
+        g_idx = getattr(module, "g_idx", None)
+        if g_idx is not None:
+            if d["g_idx"] is None:
+                raise CheckpointError(f"{name}: spec {config.spec} needs g_idx, the file has none")
+            g_idx.copy_(d["g_idx"].to(torch.int32))
+        elif d["g_idx"] is not None and nontrivial_gidx:
+            raise CheckpointError(f"{name}: the file's g_idx needs act_order without static_groups")
+        bias = state.pop(f"{name}.bias", None)
+        if bias is not None:
+            module.bias.data = bias.to(module.bias.dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    quant_keys = {k for k in missing if k.startswith(tuple(f"{n}." for n in layer_names))}
+    tied = {k for k in missing if "lm_head" in k and getattr(hf_config, "tie_word_embeddings", False)}
+    if set(missing) - quant_keys - tied or unexpected:
+        bad = sorted(set(missing) - quant_keys - tied) + sorted(unexpected)
+        raise CheckpointError(f"{src} does not match its config (e.g. {bad[0]})")
+    if tied:
+        model.tie_weights()
+    model.quantbench_config = config
+    model.quantbench_skipped = {}
+    model.quantbench_source = {"spec": f"import:{fmt}", "path": str(src)}
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    return save_quantized(model, tokenizer, out_dir)
