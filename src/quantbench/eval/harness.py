@@ -256,22 +256,27 @@ def evaluate(
     label = f"{task.name} {mode} {spec.split(':')[0]}"
     try:
         with ProgressBar(n_todo, label, progress and n_todo > 0) as bar:
+            groups: list[_Group] = []
             for subject in subject_list:
                 if todo[subject]:
-                    bar.describe(f"{label} {subject}")
-                    _evaluate_subject(
-                        task,
-                        subject,
-                        todo[subject],
-                        shots,
-                        mode,
-                        lm,
-                        key,
-                        store,
-                        choice_ids,
-                        max_new_tokens,
-                        bar,
+                    groups.extend(
+                        _plan_subject(
+                            task,
+                            subject,
+                            todo[subject],
+                            shots,
+                            mode,
+                            lm,
+                            key,
+                            store,
+                            choice_ids,
+                            max_new_tokens,
+                            bar,
+                        )
                     )
+            for wave in _waves(groups, lm.batch_size):
+                bar.describe(f"{label} {', '.join(dict.fromkeys(g.subject for g in wave))}")
+                _evaluate_wave(wave, mode, lm, key, store, choice_ids, max_new_tokens, bar)
         wall = time.perf_counter() - start
         answers: list[QuestionResult] = []
         for subject in subject_list:
@@ -351,7 +356,20 @@ def _plan(
     return planned, too_long
 
 
-def _evaluate_subject(
+@dataclass
+class _Group:
+    """Questions of one subject that share one prefix (same number of shots)."""
+
+    subject: str
+    category: str
+    prefix_ids: list[int]
+    members: list[_Planned]
+
+
+MAX_WAVE_PREFIXES = 8  # prefixes run together in one forward (their cache is kept while their questions run)
+
+
+def _plan_subject(
     task: MultipleChoiceTask,
     subject: str,
     questions: list[Question],
@@ -363,7 +381,9 @@ def _evaluate_subject(
     choice_ids: list[list[int]],
     max_new_tokens: int,
     bar: ProgressBar,
-) -> None:
+) -> list[_Group]:
+    """Plan a subject's questions into prefix groups; questions too long for the context are stored as
+    skipped at once."""
     category = task.category(subject)
     if mode == "loglikelihood":
         extra = 0 if all(len(c) == 1 for c in choice_ids) else max(len(c) for c in choice_ids)
@@ -375,46 +395,85 @@ def _evaluate_subject(
             key, [QuestionResult(subject, q.index, category, q.answer, None, -1) for q in too_long]
         )
         bar.advance(len(too_long))
-
-    groups: dict[tuple[int, ...], list[_Planned]] = {}
+    groups: dict[tuple[int, ...], _Group] = {}
     for p in planned:
-        groups.setdefault(tuple(p.prefix_ids), []).append(p)
-    for prefix, members in groups.items():
+        prefix = tuple(p.prefix_ids)
+        if prefix not in groups:
+            groups[prefix] = _Group(subject, category, list(prefix), [])
+        groups[prefix].members.append(p)
+    return list(groups.values())
+
+
+def _waves(groups: list[_Group], batch_size: int) -> list[list[_Group]]:
+    """Consecutive groups run together: enough questions for a full batch, at most MAX_WAVE_PREFIXES
+    prefixes. Groups without a shared prefix run alone."""
+    waves: list[list[_Group]] = []
+    current: list[_Group] = []
+    count = 0
+    for group in groups:
+        if not group.prefix_ids:
+            waves.append([group])
+            continue
+        current.append(group)
+        count += len(group.members)
+        if count >= batch_size or len(current) >= MAX_WAVE_PREFIXES:
+            waves.append(current)
+            current, count = [], 0
+    if current:
+        waves.append(current)
+    return waves
+
+
+def _evaluate_wave(
+    wave: list[_Group],
+    mode: str,
+    lm: HFLM,
+    key: EvalKey,
+    store: ResultStore,
+    choice_ids: list[list[int]],
+    max_new_tokens: int,
+    bar: ProgressBar,
+) -> None:
+    """Run the wave's prefixes once, then its questions in batches (subjects mixed); commit every batch."""
+    t0 = time.perf_counter()
+    state = lm.prefix_state([g.prefix_ids for g in wave])
+    items = [(i, g, p) for i, g in enumerate(wave) for p in g.members]
+    prefix_share = (time.perf_counter() - t0) / len(items)
+    items.sort(key=lambda item: -len(item[2].suffix_ids))  # similar lengths per batch: less padding
+    for start in range(0, len(items), lm.batch_size):
+        batch = items[start : start + lm.batch_size]
         t0 = time.perf_counter()
-        state = lm.prefix_state(list(prefix))
-        prefix_share = (time.perf_counter() - t0) / len(members)
-        members.sort(key=lambda p: -len(p.suffix_ids))  # similar lengths per batch: less padding
-        for start in range(0, len(members), lm.batch_size):
-            batch = members[start : start + lm.batch_size]
-            t0 = time.perf_counter()
-            suffixes = [p.suffix_ids for p in batch]
-            if mode == "loglikelihood":
-                scores = lm.choice_logprobs(state, suffixes, choice_ids)
-                preds = [LETTERS[int(row.argmax())] for row in scores]
-                logprobs: list[list[float] | None] = [[float(x) for x in row] for row in scores]
-                outputs: list[str | None] = [None] * len(batch)
-            else:
-                outputs = list(
-                    lm.greedy(state, suffixes, max_new_tokens, done=lambda t: parse_choice(t) is not None)
+        suffixes = [p.suffix_ids for _, _, p in batch]
+        which = [i for i, _, _ in batch]
+        if mode == "loglikelihood":
+            scores = lm.choice_logprobs(state, suffixes, choice_ids, which=which)
+            preds: list[str | None] = [LETTERS[int(row.argmax())] for row in scores]
+            logprobs: list[list[float] | None] = [[float(x) for x in row] for row in scores]
+            outputs: list[str | None] = [None] * len(batch)
+        else:
+            outputs = list(
+                lm.greedy(
+                    state, suffixes, max_new_tokens, done=lambda t: parse_choice(t) is not None, which=which
                 )
-                preds = [parse_choice(o) for o in outputs]
-                logprobs = [None] * len(batch)
-            per_question = (time.perf_counter() - t0) / len(batch) + prefix_share
-            store.add_results(
-                key,
-                [
-                    QuestionResult(
-                        subject,
-                        p.question.index,
-                        category,
-                        p.question.answer,
-                        pred,
-                        p.shots_used,
-                        lp,
-                        out,
-                        per_question,
-                    )
-                    for p, pred, lp, out in zip(batch, preds, logprobs, outputs, strict=True)
-                ],
             )
-            bar.advance(len(batch))
+            preds = [parse_choice(o) for o in outputs]
+            logprobs = [None] * len(batch)
+        per_question = (time.perf_counter() - t0) / len(batch) + prefix_share
+        store.add_results(
+            key,
+            [
+                QuestionResult(
+                    g.subject,
+                    p.question.index,
+                    g.category,
+                    p.question.answer,
+                    pred,
+                    p.shots_used,
+                    lp,
+                    out,
+                    per_question,
+                )
+                for (_, g, p), pred, lp, out in zip(batch, preds, logprobs, outputs, strict=True)
+            ],
+        )
+        bar.advance(len(batch))

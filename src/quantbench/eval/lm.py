@@ -1,15 +1,15 @@
 """The model side of evaluation: any Hugging Face causal LM (quantbench-quantized ones included) behind two
 operations, log-likelihood of continuations and greedy generation, with a shared-prefix KV cache.
 
-Batching: rows are left-padded to one length. With a cached prefix of ``P`` tokens the batch is laid out as
-``[prefix (cache)][pad ... pad][row tokens]``; the 2-D attention mask is 1 on the prefix and the real tokens,
-0 on the pads, and position ids are given explicitly (``cumsum(mask) - 1``), so each row sees exactly the
-positions and keys it would see alone. Without a cache the layout is ``[pad ... pad][prefix + row]``.
+Shared-prefix reuse: :meth:`HFLM.prefix_state` runs one or several prefixes (e.g. the few-shot prompts of
+several subjects) once, left-padded in one batch, and keeps their ``DynamicCache``. Each batch of rows then
+deep-copies that cache and selects, for every row, the prefix it continues (``batch_select_indices``), so
+only the rows' own tokens are run. Only the logits of the last positions are computed (``logits_to_keep``).
 
-Shared-prefix reuse: :meth:`HFLM.prefix_state` runs the prefix once and keeps its ``DynamicCache``; each
-batch deep-copies it and repeats it over the batch (``batch_repeat_interleave``), so the prefix is never
-recomputed for the questions that share it. Only the logits of the last positions are computed
-(``logits_to_keep``).
+Batching: rows are left-padded to one length. With a cache the layout of a row is
+``[pad][its prefix (cached)][pad ... pad][row tokens]``; without one, ``[pad ... pad][prefix + row]``. The 2-D
+attention mask is 1 exactly on real tokens and position ids are given explicitly (``cumsum(mask) - 1``), so
+every row sees the positions and keys it would see alone.
 """
 
 from __future__ import annotations
@@ -32,10 +32,13 @@ def _out_cache(out: Any) -> Any:
 
 @dataclass
 class PrefixState:
-    """A tokenized shared prefix and, when reuse is on, its KV cache (batch 1)."""
+    """Tokenized shared prefixes and, when reuse is on, their KV cache (batch = number of prefixes, left-padded
+    to ``width`` tokens; ``mask`` [n, width] marks the real ones)."""
 
-    ids: list[int]
+    prefixes: list[list[int]]
     cache: Any | None = None
+    width: int = 0
+    mask: torch.Tensor | None = None
 
 
 class HFLM:
@@ -94,14 +97,32 @@ class HFLM:
     # -- forwards ---------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefix_state(self, prefix_ids: Sequence[int]) -> PrefixState:
-        """Run the shared prefix once (when reuse is on) and keep its KV cache."""
-        ids = list(prefix_ids)
-        if not self.prefix_reuse or not ids:
-            return PrefixState(ids)
-        input_ids = torch.tensor([ids], device=self.device)
-        out = self._call(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-        return PrefixState(ids, _out_cache(out))
+    def prefix_state(self, prefixes: Sequence[Sequence[int]] | Sequence[int]) -> PrefixState:
+        """Run the shared prefix(es) once, in one left-padded batch, and keep their KV cache.
+
+        ``prefixes`` is one token list or a list of them. Without reuse (or for empty prefixes) nothing runs
+        and the prefix tokens are prepended to every row instead.
+        """
+        if prefixes and isinstance(prefixes[0], int):
+            prefixes = [prefixes]  # type: ignore[list-item]
+        rows = [list(p) for p in prefixes]  # type: ignore[arg-type]
+        if not self.prefix_reuse or not rows or not all(rows):
+            return PrefixState(rows)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._call(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return PrefixState(rows, _out_cache(out), width, mask)
 
     def _call(self, **kwargs: Any) -> Any:
         self.calls += 1
@@ -115,34 +136,50 @@ class HFLM:
             return self.model(**kwargs)
 
     def _forward(
-        self, state: PrefixState, rows: Sequence[Sequence[int]], keep: int, use_cache: bool = False
+        self,
+        state: PrefixState,
+        rows: Sequence[Sequence[int]],
+        keep: int,
+        use_cache: bool = False,
+        which: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
-        """Logits ``[B, keep, V]`` (float32) of the last ``keep`` positions of each row after the prefix.
+        """Logits ``[B, keep, V]`` (float32) of the last ``keep`` positions of each row after its prefix
+        (``which[i]``: index of row i's prefix in ``state``, default 0).
 
         Returns the logits, the batch's KV cache (for generation), the attention mask and the last position
         id of every row.
         """
+        which = [0] * len(rows) if which is None else list(which)
         cached = state.cache is not None
-        seqs = [list(r) for r in rows] if cached else [state.ids + list(r) for r in rows]
-        n_prefix = len(state.ids) if cached else 0
+        if cached:
+            seqs = [list(r) for r in rows]
+            width = state.width
+        else:
+            heads = state.prefixes or [[]]
+            seqs = [heads[w] + list(r) for w, r in zip(which, rows, strict=True)]
+            width = 0
         batch, length = len(seqs), max(len(s) for s in seqs)
         input_ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((batch, n_prefix + length), dtype=torch.long)
-        mask[:, :n_prefix] = 1
+        mask = torch.zeros((batch, width + length), dtype=torch.long)
+        if cached:
+            mask[:, :width] = state.mask[which]
         for i, seq in enumerate(seqs):
             input_ids[i, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[i, n_prefix + length - len(seq) :] = 1
+            mask[i, width + length - len(seq) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         kwargs: dict[str, Any] = {
             "input_ids": input_ids.to(self.device),
             "attention_mask": mask.to(self.device),
-            "position_ids": positions[:, n_prefix:].to(self.device),
+            "position_ids": positions[:, width:].to(self.device),
             "logits_to_keep": keep,
         }
         if cached:
             cache = copy.deepcopy(state.cache)
-            if batch > 1:
-                cache.batch_repeat_interleave(batch)
+            if len(state.prefixes) == 1:
+                if batch > 1:
+                    cache.batch_repeat_interleave(batch)
+            else:
+                cache.batch_select_indices(torch.tensor(which, device=self.device))
             kwargs[self._cache_arg] = cache
             kwargs["use_cache"] = True
         else:
@@ -160,6 +197,7 @@ class HFLM:
         suffixes: Sequence[Sequence[int]],
         choices: Sequence[Sequence[int]],
         single_token_fast_path: bool = True,
+        which: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """``[len(suffixes), len(choices)]``: log P(choice tokens | prefix + suffix), summed over tokens.
 
@@ -167,13 +205,14 @@ class HFLM:
         last position's distribution); otherwise each (question, choice) pair is its own row.
         """
         if single_token_fast_path and all(len(c) == 1 for c in choices):
-            logits, *_ = self._forward(state, suffixes, keep=1)
+            logits, *_ = self._forward(state, suffixes, keep=1, which=which)
             logprobs = F.log_softmax(logits[:, -1], dim=-1)
             return logprobs[:, [c[0] for c in choices]].cpu()
         rows = [list(s) + list(c) for s in suffixes for c in choices]
         lengths = [len(c) for _ in suffixes for c in choices]
+        row_which = None if which is None else [w for w in which for _ in choices]
         keep = max(lengths) + 1
-        logits, *_ = self._forward(state, rows, keep=keep)
+        logits, *_ = self._forward(state, rows, keep=keep, which=row_which)
         logprobs = F.log_softmax(logits, dim=-1)
         scores = torch.empty(len(rows))
         for r, (row, m) in enumerate(zip(rows, lengths, strict=True)):
@@ -189,12 +228,15 @@ class HFLM:
         suffixes: Sequence[Sequence[int]],
         max_new_tokens: int,
         done: Callable[[str], bool] | None = None,
+        which: Sequence[int] | None = None,
     ) -> list[str]:
         """Greedy continuation of each ``prefix + suffix``, at most ``max_new_tokens`` tokens.
 
         A row stops at EOS or once ``done(text so far)`` is true; the loop ends when every row has stopped.
         """
-        logits, cache, mask, last_pos = self._forward(state, suffixes, keep=1, use_cache=max_new_tokens > 1)
+        logits, cache, mask, last_pos = self._forward(
+            state, suffixes, keep=1, use_cache=max_new_tokens > 1, which=which
+        )
         batch = len(suffixes)
         generated: list[list[int]] = [[] for _ in range(batch)]
         finished = [False] * batch
@@ -230,7 +272,7 @@ class HFLM:
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         """``(log P(continuation | context), is_greedy)`` for each ``(context, continuation)`` request."""
         results: list[tuple[float, bool]] = []
-        empty = PrefixState([])
+        empty = PrefixState([[]])
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
             rows, conts = [], []
@@ -253,7 +295,7 @@ class HFLM:
     def generate_until(self, requests: Sequence[tuple[str, int]]) -> list[str]:
         """Greedy generation for each ``(context, max_new_tokens)`` request."""
         out: list[str] = []
-        empty = PrefixState([])
+        empty = PrefixState([[]])
         for context, max_new in requests:
             out.extend(self.greedy(empty, [self.encode(context)], max_new))
         return out
