@@ -325,3 +325,20 @@ def random_model(
         "fingerprint": f"random-{config_name}-{seed}",
     }
     return model
+
+
+def shard_model(model: nn.Module, max_memory: dict[int | str, int | str] | None = None) -> dict[str, Any]:
+    """Spread a model (quantized layers included) over the visible GPUs, whole decoder layers per GPU.
+
+    Uses accelerate's ``infer_auto_device_map`` + ``dispatch_model``: each decoder layer stays on one
+    device and hooks move activations between devices. Quantize first (on CPU), then shard, so a model
+    too big for one GPU in 16-bit can still be placed in 4-bit. Returns the device map.
+    """
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if not torch.cuda.is_available():
+        raise ModelLoadError("sharding needs CUDA GPUs; none is visible")
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    dispatch_model(model, device_map=device_map)
+    return dict(device_map)
