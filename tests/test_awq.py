@@ -137,10 +137,12 @@ def test_clip_search_never_worse_than_no_clip():
     assert bool((max_val < w.reshape(32, 4, 32).abs().amax(-1, keepdim=True)).any())
 
 
-@pytest.mark.parametrize("spec", ["awq", "awq:sym,clip=0", "awq:group=64,duo=0"])
+@pytest.mark.parametrize("spec", ["awq:group=32", "awq:group=64,sym,clip=0,duo=0"])
 def test_awq_whole_model(spec):
-    model = _tiny(dtype=torch.float32, num_key_value_heads=2)
-    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    model = _tiny(
+        dtype=torch.float32, num_key_value_heads=2, hidden_size=64, intermediate_size=128, head_dim=16
+    )
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(ids).logits
     float_model = copy.deepcopy(model)
@@ -151,9 +153,14 @@ def test_awq_whole_model(spec):
     with torch.no_grad():
         out = model(ids).logits.float()
     assert (out - ref).pow(2).mean() / ref.pow(2).mean() < 0.05
-    # the norms took the scales: they differ from the float model's
-    assert not torch.equal(
-        model.model.layers[0].input_layernorm.weight.float(),
-        float_model.model.layers[0].input_layernorm.weight,
-    )
+    # some norm took the scales (a group whose best ratio is 0 leaves its norm alone)
+    norms = [n for n, _ in model.named_parameters() if "layernorm" in n]
+    changed = [
+        n
+        for n in norms
+        if not torch.equal(
+            model.get_parameter(n).float(), float_model.get_parameter(n).to(torch.bfloat16).float()
+        )
+    ]
+    assert changed or model.quantbench_calibration["mean_ratio"] == 0
     assert 0.0 <= model.quantbench_calibration["mean_ratio"] < 1.0

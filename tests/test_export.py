@@ -29,12 +29,12 @@ def _tiny():
     return quantbench.random_model(
         "qwen2.5-0.5b",
         dtype="fp32",
-        num_hidden_layers=2,
-        hidden_size=128,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
+        num_hidden_layers=1,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=256,
     )
 
 
@@ -94,11 +94,9 @@ def _ref_awq_dequant(t: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 CASES = [
-    ("int4:group=32", "gptq"),
     ("int4:group=32,asym", "awq"),
     ("gptq:group=32,act_order=1", "gptq"),
     ("gptq:group=32,asym,act_order=1,static_groups=1", "awq"),
-    ("awq:group=32", "awq"),
     ("awq:group=32", "gptq"),
     ("int8", "gptq"),
 ]
@@ -109,7 +107,7 @@ def test_export_import_bit_identical(tmp_path, spec, fmt):
     from safetensors.torch import load_file
 
     model = _tiny()
-    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
     quantbench.quantize(model, spec, calib=CalibData(ids), log=lambda s: None)
     quantbench.save_quantized(model, None, tmp_path / "ck")
     export_checkpoint(tmp_path / "ck", tmp_path / "ex", fmt)
@@ -160,7 +158,7 @@ def test_foreign_gptq_import_infers_spec(tmp_path):
 def test_export_errors(tmp_path):
     model = _tiny()
     quantbench.quantize(
-        model, "smoothquant", calib=CalibData(torch.randint(0, 512, (2, 32))), log=lambda s: None
+        model, "smoothquant", calib=CalibData(torch.randint(0, 256, (2, 32))), log=lambda s: None
     )
     quantbench.save_quantized(model, None, tmp_path / "sq")
     with pytest.raises(CheckpointError, match="RTN's int layout"):

@@ -41,13 +41,13 @@ def _dequant(codes, scales, zeros, bits, g_idx=None):
 
 @pytest.fixture(scope="module")
 def real_layer():
-    """Layer 1 gate_proj of the real model with its real inputs: calibration and held-out tokens."""
+    """Layer 0 gate_proj of the real model with its real inputs: calibration and held-out tokens."""
     if not HAVE_REAL:
         pytest.skip("real model / corpus packages not installed")
     from quantbench.eval.corpus import calibration_text, evaluation_text
 
     model, tok = quantbench.load_model("qwen2.5-coder-0.5b", dtype="fp32")
-    target = model.model.layers[1].mlp.gate_proj
+    target = model.model.layers[0].mlp.gate_proj
     grabbed: list[torch.Tensor] = []
 
     class Stop(Exception):
@@ -61,7 +61,7 @@ def real_layer():
     try:
         for text in (calibration_text(40_000), evaluation_text(20_000)):
             ids = tok(text, return_tensors="pt").input_ids[0]
-            windows = sample_windows(ids, 4 if len(grabbed) == 0 else 2, 512)
+            windows = sample_windows(ids, 3 if len(grabbed) == 0 else 2, 512)  # 1536 > 896 inputs
             with torch.no_grad():
                 try:
                     model(input_ids=windows, use_cache=False)

@@ -217,12 +217,10 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, fmt: str = "gpt
     bits_seen: set[int] = set()
     for name, module in quantized.items():
         assert isinstance(module, RTNLinear)
-        if module.group == module.in_features and fmt == "gptq":
-            group_sizes.add(-1)
-        else:
-            group_sizes.add(module.group)
+        configured = config.options.get("group")
+        group_sizes.add(int(configured) if configured is not None else module.group)
         bits_seen.add(module.bits)
-        if fmt == "awq" and module.group == module.in_features and config.options.get("group") == -1:
+        if fmt == "awq" and configured == -1:
             raise CheckpointError(
                 "AWQ format needs a group size; per-channel (group=-1) checkpoints export as gptq"
             )
