@@ -175,11 +175,36 @@ def eval_command(
     max_new_tokens: int = typer.Option(
         3, "--max-new-tokens", help="generate mode: tokens to generate at most"
     ),
+    lmeval_include: str = typer.Option(
+        None, "--lmeval-include", help="directory of custom lm-eval task YAMLs (for lmeval:TASK)"
+    ),
 ) -> None:
-    """Evaluate one model (or checkpoint) on MMLU / C-Eval; every answer is stored, reruns skip them."""
+    """Evaluate one model (or checkpoint) on MMLU / C-Eval; every answer is stored, reruns skip them.
+
+    ``--tasks lmeval:TASK[,lmeval:TASK...]`` runs lm-evaluation-harness tasks instead (docs/lmeval.md).
+    """
     from quantbench.eval.loading import configure_threads
 
     configure_threads(threads)
+    if "lmeval:" in tasks:  # lm-evaluation-harness tasks: quantbench.eval.lmeval_adapter
+        from quantbench.eval.lmeval_adapter import cli_eval
+
+        cli_eval(
+            model=model,
+            tasks=tasks,
+            method=method,
+            device=device,
+            batch_size=batch_size,
+            db=db,
+            json_out=json_out,
+            limit=limit,
+            shots=shots,
+            include=lmeval_include,
+            prefix_reuse=not no_prefix_reuse,
+            max_new_tokens=max_new_tokens,
+            console=console,
+        )
+        return
     import time
 
     from quantbench.eval.harness import MODES, EvalError, evaluate

@@ -1439,9 +1439,8 @@ def print_results(reports: list[LmEvalResult], lm: QuantbenchLM, console: Any) -
     stats = lm.stats
     console.print(
         f"[bold]lm-eval[/] {escape(f'[{lm.spec}]')} on {escape(lm.model_spec)}: {stats['requests']} requests "
-        f"({stats['computed']} computed now, {stats['from_store']} from the store), "
-        f"{stats['forwards']} forwards over {stats['tokens']} tokens, "
-        f"wall {sum(r.wall_s for r in reports):.1f}s"
+        f"({stats['computed']} computed, {stats['from_store']} from the store), "
+        f"{stats['forwards']} forwards / {stats['tokens']} tokens, wall {sum(r.wall_s for r in reports):.1f}s"
     )
     table = Table("task", "type", "n-shot", "samples", "metric", "filter", "value", "± stderr")
     for report in reports:
