@@ -108,8 +108,10 @@ def test_generate_agrees_with_loglikelihood_bf16(fp32_model):
     model, tokenizer = fp32_model
     bf16 = quantbench.quantize(model, "bf16")  # last test of the module: fp32 is not needed any more
     common = dict(subjects=["management", "world_religions"], limit=10, batch_size=10)
-    ll = evaluate(bf16, tokenizer, "mmlu", mode="loglikelihood", **common)
-    gen = evaluate(bf16, tokenizer, "mmlu", mode="generate", **common)
+    lm = HFLM(bf16, tokenizer)
+    ll = evaluate(bf16, tokenizer, "mmlu", mode="loglikelihood", lm=lm, **common)
+    assert lm._fp32_head is True  # bf16 logits recomputed in float32 (checked against the model's own)
+    gen = evaluate(bf16, tokenizer, "mmlu", mode="generate", lm=HFLM(bf16, tokenizer), **common)
     assert ll.questions == gen.questions == 20
     same = sum(a.pred == b.pred for a, b in zip(ll.answers, gen.answers, strict=True))
     assert same / 20 >= 0.95, [(a.pred, b.output) for a, b in zip(ll.answers, gen.answers, strict=True)]

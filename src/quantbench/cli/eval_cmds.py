@@ -171,6 +171,11 @@ def eval_command(
     json_out: Path = typer.Option(None, "--json", help="write results (with every answer) as JSON"),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)"),
     threads: int = typer.Option(0, "--threads", help="CPU threads (0: auto, only the idle cores)"),
+    dequant_cache: bool = typer.Option(
+        None,
+        "--dequant-cache/--no-dequant-cache",
+        help="keep dequantized weights between forwards (default: on for CPU; same answers, faster)",
+    ),
     no_prefix_reuse: bool = typer.Option(False, "--no-prefix-reuse", help="recompute the few-shot prefix"),
     max_new_tokens: int = typer.Option(
         3, "--max-new-tokens", help="generate mode: tokens to generate at most"
@@ -229,6 +234,9 @@ def eval_command(
         model_obj, tokenizer = load_for_eval(model, method, device)
         load_s = time.perf_counter() - t0
         dev = str(next(model_obj.parameters()).device)
+        from quantbench.eval.loading import enable_dequant_cache
+
+        cached = enable_dequant_cache(model_obj, dev, dequant_cache)
         from quantbench import weight_report
 
         weights_gib = weight_report(model_obj).model_bytes / 2**30
@@ -273,7 +281,7 @@ def eval_command(
                 peak_mem_gib=peak / 2**30,
                 peak_mem_kind=kind,
                 device=dev,
-                extra={"command": "eval", "prefix_reuse": not no_prefix_reuse},
+                extra={"command": "eval", "prefix_reuse": not no_prefix_reuse, "dequant_cache": cached},
             )
             _print_result(result)
             results.append(result)
@@ -352,6 +360,11 @@ def run(
     json_out: Path = typer.Option(None, "--json", help="write every method's results as JSON"),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)"),
     threads: int = typer.Option(0, "--threads", help="CPU threads (0: auto, only the idle cores)"),
+    dequant_cache: bool = typer.Option(
+        None,
+        "--dequant-cache/--no-dequant-cache",
+        help="keep dequantized weights between forwards (default: on for CPU; same answers, faster)",
+    ),
 ) -> None:
     """Quantize MODEL with every method, evaluate each, and print the comparison table.
 
@@ -407,7 +420,7 @@ def run(
         console.print(
             f"[green]{m.spec}[/]: {accs}; load {m.load_s:.1f}s, quantize {m.quantize_s:.1f}s, "
             f"eval {sum(r.wall_s for r in m.results):.1f}s, weights {m.weights_gib:.3f} GiB, "
-            f"peak {m.peak_mem_gib:.2f} GiB ({m.peak_mem_kind})"
+            f"peak {m.peak_mem_gib:.2f} GiB ({m.peak_mem_kind}{', with dequant cache' if m.dequant_cache else ''})"
         )
 
     start = time.perf_counter()

@@ -44,6 +44,12 @@ class PrefixState:
 class HFLM:
     """A causal LM + tokenizer, scoring batches of rows that share a prefix.
 
+    ``fp32_logits``: for bf16/fp16 models, the scored positions' logits are recomputed in float32 from the
+    LM head's input (a forward hook) and its weight. A bf16 logit has a resolution of ~0.06 at typical
+    magnitudes, so the four answer letters often tie exactly and the argmax then depends on the order of
+    the letters and on batch shapes; float32 logits remove those ties. On the first forward they are checked
+    against the model's own logits (a model with logit soft-capping or scaling falls back to its own).
+
     ``calls`` counts model forwards and ``tokens`` the tokens fed to the model (tests read them).
     """
 
@@ -54,6 +60,7 @@ class HFLM:
         batch_size: int = 8,
         prefix_reuse: bool = True,
         max_length: int | None = None,
+        fp32_logits: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -68,6 +75,15 @@ class HFLM:
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.calls = 0
+        self._head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head_weight = getattr(self._head, "weight", None)
+        # None: not decided yet (checked against the model's own logits on the first forward).
+        self._fp32_head: bool | None = (
+            None if fp32_logits and self._head is not None and head_weight is not None else False
+        )
+        if isinstance(head_weight, torch.Tensor) and head_weight.dtype == torch.float32:
+            self._fp32_head = False  # already float32
+        self._head_input: torch.Tensor | None = None
         self.tokens = 0
 
     @property
@@ -127,6 +143,9 @@ class HFLM:
     def _call(self, **kwargs: Any) -> Any:
         self.calls += 1
         self.tokens += int(kwargs["input_ids"].numel())
+        hook = None
+        if self._fp32_head is not False:
+            hook = self._head.register_forward_hook(self._capture_head_input)
         try:
             return self.model(**kwargs)
         except TypeError as exc:  # a model without logits_to_keep
@@ -134,6 +153,44 @@ class HFLM:
                 raise
             kwargs.pop("logits_to_keep")
             return self.model(**kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    def _capture_head_input(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._head_input = args[0] if args else None
+
+    def _head_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        head = self._head
+        dequantize = getattr(head, "dequantize", None)
+        weight = dequantize() if callable(dequantize) else head.weight
+        return weight, getattr(head, "bias", None)
+
+    def _logits(self, out: Any, keep: int) -> torch.Tensor:
+        """Float32 logits ``[B, keep, V]`` of the last ``keep`` positions."""
+        model_logits = out.logits[:, -keep:]
+        hidden, self._head_input = self._head_input, None
+        if self._fp32_head is False or hidden is None:
+            return model_logits.float()
+        hidden = hidden[:, -keep:].float()
+        weight, bias = self._head_weight()
+        chunks = [
+            F.linear(hidden, w.float(), None if bias is None else b.float())
+            for w, b in zip(
+                weight.split(16384),
+                [None] * len(weight.split(16384)) if bias is None else bias.split(16384),
+                strict=True,
+            )
+        ]
+        logits = torch.cat(chunks, dim=-1)
+        if self._fp32_head is None:  # first use: must agree with the model's own (rounded) logits
+            ref = model_logits.float()
+            self._fp32_head = logits.shape == ref.shape and bool(
+                torch.allclose(logits, ref, rtol=2e-2, atol=0.15)
+            )
+            if not self._fp32_head:
+                return ref
+        return logits
 
     def _forward(
         self,
@@ -185,7 +242,7 @@ class HFLM:
         else:
             kwargs["use_cache"] = use_cache
         out = self._call(**kwargs)
-        logits = out.logits[:, -keep:].float()
+        logits = self._logits(out, keep)
         return logits, _out_cache(out) if kwargs["use_cache"] else None, mask, positions[:, -1]
 
     # -- scoring ----------------------------------------------------------------------------------------------
@@ -264,7 +321,7 @@ class HFLM:
                 logits_to_keep=1,
                 **{self._cache_arg: cache},
             )
-            logits, cache = out.logits.float(), _out_cache(out)
+            logits, cache = self._logits(out, 1), _out_cache(out)
         return [self.tokenizer.decode(g) for g in generated]
 
     # -- lm-evaluation-harness style requests (no shared prefix) ----------------------------------------------

@@ -68,3 +68,22 @@ def configure_threads(threads: int = 0) -> int:
     chosen = max(1, min(default, idle))
     torch.set_num_threads(chosen)
     return chosen
+
+
+def enable_dequant_cache(model: nn.Module, device: str | torch.device, enabled: bool | None = None) -> bool:
+    """Keep quantized layers' dequantized weights between forwards (default: on for CPU).
+
+    The CPU forward of a quantized layer is the pure-torch reference (dequantize, then a dense matmul);
+    caching gives identical results without re-decoding every weight on every forward, at the cost of a
+    16-bit copy of the quantized layers (visible in peak memory). Returns whether the cache is on.
+    """
+    if enabled is None:
+        enabled = torch.device(device).type == "cpu"
+    if getattr(model, "quantbench_config", None) is None:
+        return False
+    from quantbench.quant import apply
+
+    setter = getattr(apply, "set_dequant_cache", None)
+    if setter is None:
+        return False
+    return bool(setter(model, enabled)) and enabled

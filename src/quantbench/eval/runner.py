@@ -16,7 +16,7 @@ import torch
 
 from quantbench.errors import QuantbenchError
 from quantbench.eval.harness import TaskResult, evaluate
-from quantbench.eval.loading import default_device, is_checkpoint
+from quantbench.eval.loading import default_device, enable_dequant_cache, is_checkpoint
 from quantbench.eval.memory import peak_bytes, reset_peak
 from quantbench.eval.store import ResultStore
 from quantbench.eval.tasks import MultipleChoiceTask
@@ -64,6 +64,7 @@ class MethodRun:
     device: str = "cpu"
     results: list[TaskResult] = field(default_factory=list)
     error: str | None = None
+    dequant_cache: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +77,7 @@ class MethodRun:
             "peak_mem_gib": self.peak_mem_gib,
             "peak_mem_kind": self.peak_mem_kind,
             "device": self.device,
+            "dequant_cache": self.dequant_cache,
             "error": self.error,
             "tasks": {r.task: r.to_dict() for r in self.results},
         }
@@ -95,9 +97,14 @@ def run_methods(
     store: ResultStore,
     device: str | None = None,
     progress: bool = True,
+    dequant_cache: bool | None = None,
     on_method_done: Callable[[MethodRun], None] | None = None,
 ) -> list[MethodRun]:
-    """Evaluate ``model_spec`` under every method; a failing method is reported and the others go on."""
+    """Evaluate ``model_spec`` under every method; a failing method is reported and the others go on.
+
+    ``dequant_cache`` (default: on for CPU) keeps quantized layers' dequantized weights between forwards:
+    identical answers, much faster CPU evaluation, peak memory includes that 16-bit copy.
+    """
     from quantbench import load_model, parse_spec, quantize, weight_report
     from quantbench.quant import METHODS
 
@@ -123,6 +130,7 @@ def run_methods(
                 quantize(model, config)
                 run.quantize_s = time.perf_counter() - t0
             run.weights_gib = weight_report(model).model_bytes / 2**30
+            run.dequant_cache = enable_dequant_cache(model, device, dequant_cache)
             gc.collect()
             reset_peak(device)
             for task in tasks:
@@ -166,7 +174,11 @@ def run_methods(
                     peak_mem_gib=run.peak_mem_gib,
                     peak_mem_kind=run.peak_mem_kind,
                     device=str(device),
-                    extra={"command": "run", "table_fields": run.table_fields},
+                    extra={
+                        "command": "run",
+                        "table_fields": run.table_fields,
+                        "dequant_cache": run.dequant_cache,
+                    },
                 )
             del model, tokenizer
         except (QuantbenchError, RuntimeError, ImportError, ValueError, torch.OutOfMemoryError) as exc:
