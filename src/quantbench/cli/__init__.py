@@ -24,6 +24,7 @@ from quantbench.cli import quant_cmds  # noqa: E402,F401
 from quantbench.cli import calib_cmds  # noqa: E402,F401
 from quantbench.cli import train_cmds  # noqa: E402,F401
 from quantbench.cli import bench_cmds  # noqa: E402,F401
+from quantbench.cli import report_cmds, serve_cmds  # noqa: E402,F401
 
 
 def fail(message: str, code: int = 2) -> None:

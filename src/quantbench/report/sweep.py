@@ -1,0 +1,655 @@
+"""``quantbench sweep sweep.yaml``: every method of a YAML file through quantize -> eval -> perplexity -> bench,
+everything stored in the SQLite results store, resumable.
+
+The file::
+
+    name: example            # optional label stored with every run (default: the file's stem)
+    model: qwen2.5-coder-0.5b
+    device: auto             # auto (cuda if available) | cpu | cuda
+    db: quantbench.db        # optional; --db overrides
+    methods: [bf16, int8, "nf4:block=64,dq=1"]
+    eval:                    # optional: multiple-choice tasks (quantbench.eval.harness.evaluate)
+      tasks: [mmlu]          # mmlu, ceval
+      subjects: quick        # quick (one short subject per category) | all | [list] | {task: [list]}
+      limit: 5               # first N questions of each subject (null: all)
+      shots: 5
+      split: val
+      mode: loglikelihood    # or generate
+      batch_size: 8
+    perplexity:              # optional (quantbench.eval.perplexity)
+      text: kjv-eval         # a corpus name or a file
+      ctx: 256
+      max_tokens: 2048
+    bench:                   # optional (quantbench.bench.bench_methods)
+      device: auto           # on a CPU-only machine: the engine's pure-torch reference path
+      batch: [1, 4]
+      input: 32
+      output: 8
+      repeats: 1
+
+Each (method, stage) is one unit of work with a key: the model's fingerprint, the canonical spec, the stage
+and the settings that change its result. Units are recorded in the ``sweep_stages`` table of the same
+database (``running`` -> ``done`` / ``failed`` with the error). A rerun skips ``done`` units without loading
+anything; an interrupted evaluation resumes question by question, because the harness stores every answer
+as it goes and never recomputes a stored one. A failing unit is recorded and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantbench.errors import QuantbenchError
+
+STAGES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sweep_stages (
+    key TEXT PRIMARY KEY,      -- hash of (fingerprint, spec, stage, settings)
+    sweep TEXT, model TEXT, fingerprint TEXT, spec TEXT, stage TEXT,
+    settings TEXT,             -- JSON
+    status TEXT,               -- running | done | failed | skipped
+    error TEXT, result TEXT,   -- JSON summary of the result
+    attempts INTEGER, started REAL, finished REAL
+)
+"""
+
+
+class SweepError(QuantbenchError, ValueError):
+    """The sweep file is missing, not YAML, or has a bad field."""
+
+
+@dataclass
+class EvalSettings:
+    tasks: list[str] = field(default_factory=lambda: ["mmlu"])
+    subjects: Any = "quick"
+    limit: int | None = 5
+    shots: int = 5
+    split: str = "val"
+    mode: str = "loglikelihood"
+    batch_size: int = 8
+
+
+@dataclass
+class PplSettings:
+    text: str = "kjv-eval"
+    ctx: int = 256
+    stride: int | None = None
+    max_tokens: int | None = 2048
+    batch_size: int = 1
+
+
+@dataclass
+class BenchSettings:
+    device: str = "auto"
+    batch: list[int] = field(default_factory=lambda: [1])
+    input: int = 32
+    output: int = 8
+    repeats: int = 1
+
+
+@dataclass
+class SweepConfig:
+    name: str
+    model: str
+    methods: list[str]
+    device: str = "auto"
+    db: str | None = None
+    eval: EvalSettings | None = None
+    perplexity: PplSettings | None = None
+    bench: BenchSettings | None = None
+
+    def stages(self) -> list[str]:
+        out = [f"eval:{t}" for t in (self.eval.tasks if self.eval else [])]
+        if self.perplexity:
+            out.append("ppl")
+        if self.bench:
+            out.append("bench")
+        return out
+
+
+def _section(raw: Any, cls: type, where: str) -> Any:
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SweepError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    known = {f for f in cls.__dataclass_fields__}
+    unknown = set(raw) - known
+    if unknown:
+        raise SweepError(
+            f"{where}: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
+        )
+    try:
+        return cls(**raw)
+    except TypeError as exc:
+        raise SweepError(f"{where}: {exc}") from None
+
+
+def _int(value: Any, where: str, minimum: int = 1, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise SweepError(f"{where} must be an integer >= {minimum}, got {value!r}")
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    """Read and check a sweep file (specs, tasks and subjects are validated before any work)."""
+    import yaml
+
+    from quantbench.quant import parse_spec
+
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SweepError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path}: expected a mapping at the top level")
+    known = {"name", "model", "device", "db", "methods", "eval", "perplexity", "bench"}
+    unknown = set(raw) - known
+    if unknown:
+        raise SweepError(
+            f"{path}: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
+        )
+    methods = raw.get("methods") or []
+    if isinstance(methods, str):
+        from quantbench.bench.runner import split_methods
+
+        methods = split_methods([methods])
+    if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+        raise SweepError(f"{path}: 'methods' must be a list of method specs")
+    specs = list(dict.fromkeys(parse_spec(m).spec for m in methods))  # canonical, deduplicated
+    cfg = SweepConfig(
+        name=str(raw.get("name") or path.stem),
+        model=str(raw.get("model") or "qwen2.5-coder-0.5b"),
+        methods=specs,
+        device=str(raw.get("device") or "auto"),
+        db=raw.get("db"),
+        eval=_section(raw.get("eval"), EvalSettings, f"{path}: eval"),
+        perplexity=_section(raw.get("perplexity"), PplSettings, f"{path}: perplexity"),
+        bench=_section(raw.get("bench"), BenchSettings, f"{path}: bench"),
+    )
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise SweepError(f"{path}: device must be auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.eval:
+        e = cfg.eval
+        from quantbench.eval.tasks import get_task
+
+        if isinstance(e.tasks, str):
+            e.tasks = [t.strip() for t in e.tasks.split(",") if t.strip()]
+        e.tasks = [get_task(t).name for t in e.tasks]
+        _int(e.limit, "eval.limit", allow_none=True)
+        _int(e.shots, "eval.shots", minimum=0)
+        _int(e.batch_size, "eval.batch_size")
+        for task in e.tasks:
+            _subjects_for(cfg, task)  # raises on an unknown subject
+    if cfg.perplexity:
+        _int(cfg.perplexity.ctx, "perplexity.ctx", minimum=2)
+        _int(cfg.perplexity.max_tokens, "perplexity.max_tokens", minimum=2, allow_none=True)
+    if cfg.bench:
+        b = cfg.bench
+        if isinstance(b.batch, int):
+            b.batch = [b.batch]
+        for v in b.batch:
+            _int(v, "bench.batch")
+        _int(b.input, "bench.input")
+        _int(b.output, "bench.output")
+        _int(b.repeats, "bench.repeats")
+        if b.device not in ("auto", "cpu", "cuda"):
+            raise SweepError(f"bench.device must be auto, cpu or cuda, got {b.device!r}")
+    if not cfg.stages():
+        raise SweepError(f"{path}: nothing to do: give at least one of eval, perplexity, bench")
+    return cfg
+
+
+def _subjects_for(cfg: SweepConfig, task: str) -> list[str]:
+    from quantbench.eval.runner import QUICK_SUBJECTS
+    from quantbench.eval.tasks import get_task
+
+    t = get_task(task)
+    chosen = cfg.eval.subjects
+    if isinstance(chosen, dict):
+        chosen = chosen.get(task, "quick")
+    if chosen in (None, "all"):
+        return t.subjects()
+    if chosen == "quick":
+        chosen = list(QUICK_SUBJECTS.get(task, ()))
+    if isinstance(chosen, str):
+        chosen = [s.strip() for s in chosen.split(",") if s.strip()]
+    return t.check_subjects(list(chosen))
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def model_fingerprint_of(model_spec: str) -> str:
+    """The fingerprint the eval harness keys results by, computed without loading the model."""
+    from quantbench.checkpoint import MANIFEST_NAME, read_manifest
+    from quantbench.models import model_fingerprint, resolve_model_dir
+
+    path = Path(model_spec).expanduser()
+    if path.is_dir() and (path / MANIFEST_NAME).exists():
+        manifest = read_manifest(path)
+        sha = manifest.get("files", {}).get("model.safetensors", {}).get("sha256", "")
+        return f"ckpt-{sha[:16]}"
+    return model_fingerprint(resolve_model_dir(model_spec))
+
+
+def stage_settings(cfg: SweepConfig, stage: str) -> dict[str, Any]:
+    """What changes a stage's result (not how fast it runs): the part of its key besides model and spec."""
+    if stage.startswith("eval:"):
+        task = stage.split(":", 1)[1]
+        e = cfg.eval
+        return {
+            "task": task,
+            "split": e.split,
+            "shots": e.shots,
+            "mode": e.mode,
+            "subjects": _subjects_for(cfg, task),
+            "limit": e.limit,
+        }
+    if stage == "ppl":
+        return asdict(cfg.perplexity) | {"batch_size": None}
+    if stage == "bench":
+        return asdict(cfg.bench) | {"device": resolve_device(cfg.bench.device)}
+    raise ValueError(stage)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def stage_key(fingerprint: str, spec: str, stage: str, settings: dict[str, Any]) -> str:
+    blob = json.dumps([fingerprint, spec, stage, settings], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@dataclass
+class Unit:
+    spec: str
+    stage: str
+    key: str
+    settings: dict[str, Any]
+    status: str | None = None  # from the DB: None (never run), running (interrupted), done, failed, skipped
+    error: str | None = None
+    result: dict[str, Any] | None = None
+
+
+@dataclass
+class SweepSummary:
+    units: list[Unit]
+    evaluated: int = 0  # questions computed by this invocation
+    reused: int = 0  # questions read back from the store
+    ran: int = 0
+    skipped: int = 0
+    failed: int = 0
+    wall_s: float = 0.0
+
+
+class StageTable:
+    """The ``sweep_stages`` table, inside the results store's database."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.conn = store.conn
+        with store._transaction():
+            self.conn.execute(STAGES_SCHEMA)
+
+    def get(self, key: str) -> tuple[str, str | None, dict | None] | None:
+        row = self.conn.execute(
+            "SELECT status, error, result FROM sweep_stages WHERE key=?", (key,)
+        ).fetchone()
+        if row is None:
+            return None
+        return row[0], row[1], json.loads(row[2]) if row[2] else None
+
+    def set(self, cfg: SweepConfig, fingerprint: str, unit: Unit, status: str, **extra: Any) -> None:
+        now = time.time()
+        result = json.dumps(extra.get("result"), default=str) if extra.get("result") is not None else None
+        with self.store._transaction():
+            self.conn.execute(
+                "INSERT INTO sweep_stages (key, sweep, model, fingerprint, spec, stage, settings, status, error, "
+                "result, attempts, started, finished) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(key) DO UPDATE SET status=excluded.status, error=excluded.error, "
+                "result=COALESCE(excluded.result, sweep_stages.result), sweep=excluded.sweep, "
+                "attempts=sweep_stages.attempts + (excluded.status='running'), "
+                "started=CASE WHEN excluded.status='running' THEN excluded.started ELSE sweep_stages.started END, "
+                "finished=excluded.finished",
+                (
+                    unit.key,
+                    cfg.name,
+                    cfg.model,
+                    fingerprint,
+                    unit.spec,
+                    unit.stage,
+                    json.dumps(unit.settings, sort_keys=True, default=str),
+                    status,
+                    extra.get("error"),
+                    result,
+                    1 if status == "running" else 0,
+                    now,
+                    None if status == "running" else now,
+                ),
+            )
+        unit.status = status
+        unit.error = extra.get("error")
+
+    def all(self) -> list[dict[str, Any]]:
+        cur = self.conn.execute("SELECT * FROM sweep_stages ORDER BY started")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def plan(cfg: SweepConfig, store: Any) -> tuple[str, list[Unit]]:
+    fingerprint = model_fingerprint_of(cfg.model)
+    table = StageTable(store)
+    units = []
+    for spec in _specs(cfg):
+        for stage in cfg.stages():
+            settings = stage_settings(cfg, stage)
+            unit = Unit(spec, stage, stage_key(fingerprint, spec, stage, settings), settings)
+            found = table.get(unit.key)
+            if found is not None:
+                unit.status, unit.error, unit.result = found
+            units.append(unit)
+    return fingerprint, units
+
+
+def _specs(cfg: SweepConfig) -> list[str]:
+    from quantbench.eval.loading import is_checkpoint
+
+    if is_checkpoint(cfg.model):
+        from quantbench.checkpoint import read_manifest
+
+        saved = read_manifest(cfg.model)["spec"]
+        if cfg.methods and cfg.methods != [saved]:
+            raise SweepError(f"{cfg.model} is a checkpoint quantized with {saved}: drop 'methods'")
+        return [saved]
+    if not cfg.methods:
+        raise SweepError("'methods' is empty")
+    return cfg.methods
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def run_sweep(
+    cfg: SweepConfig,
+    db: str,
+    *,
+    dry_run: bool = False,
+    retry_failed: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> SweepSummary:
+    """Run (or with ``dry_run`` list) every unit of ``cfg`` not yet done; never raises for a failing unit."""
+    from quantbench.eval.store import ResultStore
+
+    start = time.perf_counter()
+    with ResultStore(db) as store:
+        fingerprint, units = plan(cfg, store)
+        summary = SweepSummary(units)
+        by_spec: dict[str, list[Unit]] = {}
+        for u in units:
+            by_spec.setdefault(u.spec, []).append(u)
+        table = StageTable(store)
+        for n, (spec, spec_units) in enumerate(by_spec.items(), 1):
+            todo = [u for u in spec_units if u.status != "done" and (retry_failed or u.status != "failed")]
+            for u in spec_units:
+                if u not in todo:
+                    summary.skipped += 1
+            head = f"[{n}/{len(by_spec)}] {spec}"
+            if dry_run:
+                for u in spec_units:
+                    state = {
+                        "done": "done, skip",
+                        "failed": "failed before, " + ("will retry" if retry_failed else "skip"),
+                        "running": "interrupted, will resume",
+                        None: "will run",
+                    }.get(u.status, u.status)
+                    log(f"{head} {u.stage}: {state}")
+                continue
+            if not todo:
+                log(f"{head}: all {len(spec_units)} stages done, skipped")
+                continue
+            _run_spec(cfg, fingerprint, spec, todo, store, table, summary, progress, log, head)
+        summary.wall_s = time.perf_counter() - start
+    return summary
+
+
+def _run_spec(cfg, fingerprint, spec, todo, store, table, summary, progress, log, head) -> None:
+    import torch
+
+    from quantbench.eval.harness import model_identity
+    from quantbench.eval.memory import peak_bytes, reset_peak
+    from quantbench.quant import METHODS, weight_report
+
+    device = resolve_device(cfg.device)
+    model_units = [u for u in todo if u.stage != "bench"]
+    if model_units:
+        model = tokenizer = None
+        try:
+            from quantbench.eval.loading import load_for_eval
+
+            gc.collect()
+            reset_peak(device)
+            t0 = time.perf_counter()
+            model, tokenizer = load_for_eval(cfg.model, None if _is_ckpt(cfg.model) else spec, device)
+            load_quant_s = time.perf_counter() - t0
+            weights_gib = weight_report(model).model_bytes / 2**30
+            dequant_cache = _enable_dequant_cache(model, device)
+            config = model.quantbench_config
+            fields = METHODS[config.method].table_fields(config)
+            log(f"{head}: loaded and quantized in {load_quant_s:.1f}s, weights {weights_gib:.3f} GiB")
+        except Exception as exc:  # noqa: BLE001 - a failing config is recorded, the sweep goes on
+            error = _one_line(exc)
+            log(f"{head}: FAILED to load/quantize: {error}")
+            for u in model_units:
+                table.set(cfg, fingerprint, u, "failed", error=f"quantize: {error}")
+                summary.failed += 1
+            model_units = []
+        for u in model_units:
+            table.set(cfg, fingerprint, u, "running")
+            t0 = time.perf_counter()
+            try:
+                if u.stage.startswith("eval:"):
+                    result = _eval_stage(cfg, u, model, tokenizer, store, progress)
+                    summary.evaluated += result.evaluated
+                    summary.reused += result.reused
+                    peak, kind = peak_bytes(device)
+                    store.add_run(
+                        model=cfg.model,
+                        fingerprint=result.fingerprint,
+                        spec=result.spec,
+                        method=config.method,
+                        task=result.task,
+                        split=result.split,
+                        shots=result.shots,
+                        mode=result.mode,
+                        subjects=u.settings["subjects"],
+                        limit_per_subject=u.settings["limit"],
+                        questions=result.questions,
+                        evaluated=result.evaluated,
+                        accuracy=result.accuracy,
+                        categories=result.category_accuracy(),
+                        wall_s=result.wall_s,
+                        compute_s=result.compute_s,
+                        quantize_s=load_quant_s,
+                        weights_gib=weights_gib,
+                        peak_mem_gib=peak / 2**30,
+                        peak_mem_kind=kind,
+                        device=device,
+                        extra={
+                            "command": "sweep",
+                            "sweep": cfg.name,
+                            "table_fields": fields,
+                            "dequant_cache": dequant_cache,
+                        },
+                    )
+                    brief = {
+                        "accuracy": result.accuracy,
+                        "questions": result.questions,
+                        "evaluated": result.evaluated,
+                        "reused": result.reused,
+                    }
+                    log(
+                        f"{head} {u.stage}: Avg {100 * result.accuracy:.1f}% over {result.questions} questions "
+                        f"({result.evaluated} evaluated, {result.reused} from the store) in "
+                        f"{time.perf_counter() - t0:.1f}s"
+                    )
+                else:
+                    res = _ppl_stage(cfg, model, tokenizer, progress)
+                    store.add_run(
+                        model=cfg.model,
+                        fingerprint=model_identity(model)[0],
+                        spec=config.spec,
+                        method=config.method,
+                        task="ppl",
+                        split=cfg.perplexity.text,
+                        shots=0,
+                        mode="perplexity",
+                        questions=res.scored,
+                        wall_s=res.seconds,
+                        compute_s=res.seconds,
+                        quantize_s=load_quant_s,
+                        weights_gib=weights_gib,
+                        device=device,
+                        extra={
+                            "command": "sweep",
+                            "sweep": cfg.name,
+                            "table_fields": fields,
+                            **res.to_dict(),
+                        },
+                    )
+                    brief = {"ppl": res.ppl, "tokens": res.tokens}
+                    log(f"{head} ppl: {res.ppl:.3f} over {res.scored} tokens in {res.seconds:.1f}s")
+                table.set(cfg, fingerprint, u, "done", result=brief)
+                summary.ran += 1
+            except Exception as exc:  # noqa: BLE001
+                error = _one_line(exc)
+                log(f"{head} {u.stage}: FAILED: {error}")
+                if not isinstance(exc, QuantbenchError):
+                    log(traceback.format_exc(limit=3).rstrip())
+                table.set(cfg, fingerprint, u, "failed", error=error)
+                summary.failed += 1
+        del model, tokenizer
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    for u in todo:
+        if u.stage == "bench":
+            _bench_unit(cfg, fingerprint, spec, u, store, table, summary, log, head)
+
+
+def _enable_dequant_cache(model, device: str) -> bool:
+    """On CPU, quantized layers keep their dequantized weight between forwards (identical results, much
+    faster evaluation, a 16-bit copy more in peak memory): the eval harness's own switch, when it has one."""
+    from quantbench.eval import loading
+
+    enable = getattr(loading, "enable_dequant_cache", None)
+    return bool(enable(model, device)) if enable is not None else False
+
+
+def _is_ckpt(model: str) -> bool:
+    from quantbench.eval.loading import is_checkpoint
+
+    return is_checkpoint(model)
+
+
+def _eval_stage(cfg: SweepConfig, u: Unit, model, tokenizer, store, progress: bool):
+    from quantbench.eval.harness import evaluate
+
+    e = cfg.eval
+    return evaluate(
+        model,
+        tokenizer,
+        u.settings["task"],
+        split=e.split,
+        shots=e.shots,
+        mode=e.mode,
+        subjects=u.settings["subjects"],
+        limit=e.limit,
+        batch_size=e.batch_size,
+        store=store,
+        progress=progress,
+    )
+
+
+def _ppl_stage(cfg: SweepConfig, model, tokenizer, progress: bool):
+    from quantbench.eval.corpus import load_corpus, resolve_corpus
+    from quantbench.eval.perplexity import perplexity
+
+    p = cfg.perplexity
+    path = Path(p.text).expanduser()
+    if path.is_file():
+        text = path.read_text(encoding="utf-8", errors="replace")
+    elif resolve_corpus(p.text) is not None:
+        text = load_corpus(p.text)
+    else:
+        raise SweepError(f"perplexity.text '{p.text}' is neither a file nor a known corpus")
+    return perplexity(
+        model, tokenizer, text, ctx=p.ctx, stride=p.stride, batch_size=p.batch_size, max_tokens=p.max_tokens,
+        progress=progress,
+    )  # fmt: skip
+
+
+def _bench_unit(cfg, fingerprint, spec, u, store, table, summary, log, head) -> None:
+    import torch
+
+    b = cfg.bench
+    device = u.settings["device"]
+    if device == "cuda" and not torch.cuda.is_available():
+        table.set(cfg, fingerprint, u, "skipped", error="no CUDA device on this machine")
+        log(f"{head} bench: skipped (bench.device is cuda and there is no CUDA device)")
+        summary.skipped += 1
+        return
+    from quantbench.bench.runner import bench_methods, store_rows
+
+    table.set(cfg, fingerprint, u, "running")
+    try:
+        rows = bench_methods(
+            cfg.model,
+            [spec],
+            list(b.batch),
+            b.input,
+            b.output,
+            torch.device(device),
+            repeats=b.repeats,
+            log=lambda line: log(f"{head} bench: {line.strip()}"),
+        )
+        for row in rows:
+            row.extra["sweep"] = cfg.name
+        store_rows(store.path, rows)
+        brief = [
+            {
+                "batch": r.batch,
+                "first_token_ms": r.first_token_ms,
+                "per_token_ms": r.per_token_ms,
+                "path": r.path,
+            }
+            for r in rows
+        ]
+        table.set(cfg, fingerprint, u, "done", result=brief)
+        summary.ran += 1
+    except Exception as exc:  # noqa: BLE001
+        error = _one_line(exc)
+        log(f"{head} bench: FAILED: {error}")
+        table.set(cfg, fingerprint, u, "failed", error=error)
+        summary.failed += 1
+    finally:
+        gc.collect()

@@ -1,0 +1,1 @@
+"""Run a model: batched streamed generation (``generate.py``) and the OpenAI-compatible server (``server.py``)."""
