@@ -124,6 +124,15 @@ class RTNLinear(QuantLinear):
     def dequantize(self) -> torch.Tensor:
         return dequantize_rtn(self.codes(), self.scales, self.qzeros, self.bits, self.compute_dtype)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # Triton W4A16 / W8A16 kernels (quantbench.engine.kernels); None = not handled
+            from quantbench.engine.kernels import dispatch
+
+            out = dispatch(self, x)
+            if out is not None:
+                return out
+        return super().forward(x)
+
 
 def _validate(name: str, values: dict[str, Any]) -> None:
     if values["group"] != -1 and values["group"] < 8:

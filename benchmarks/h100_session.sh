@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One device session on the lent GPU: correctness, kernel bandwidth, engine latency (see docs/bench.md).
+# usage: bash benchmarks/h100_session.sh STAGES   (STAGES: comma list of env,tests,kernels,sweep,bench,hf,check)
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STAGES=",${1:-env,tests,bench,kernels},"
+has() { [[ "$STAGES" == *",$1,"* ]]; }
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+if has env; then
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv 2>&1 | tee "$OUT/env.txt"
+  python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/env.txt"
+fi
+if has tests; then
+  timeout ${T_TESTS:-240} python3 -m pytest -q -x -m cuda tests/test_kernels.py -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/tests.txt"
+fi
+if has bench; then
+  timeout ${T_BENCH:-300} python3 -m quantbench bench random:mistral-7b --methods "${BENCH_METHODS:-bf16;int4:group=128;nf4:block=64;int8}" \
+    --batch ${BENCH_BATCH:-1,8} --input 128 --output 128 --repeats 3 --db "$OUT/quantbench.db" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" | grep -v "^\s*$" | tail -40
+fi
+if has kernels; then
+  timeout ${T_KERNELS:-240} python3 benchmarks/kernel_bw.py ${KERNEL_ARGS:-} --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt" | tail -80
+fi
+if has hf; then
+  timeout ${T_HF:-420} python3 benchmarks/latency_vs_hf.py --json "$OUT/latency_vs_hf.json" ${HF_ARGS:-} 2>&1 | tee "$OUT/latency_vs_hf.txt" | tail -40
+fi
+if has check; then
+  timeout ${T_CHECK:-240} python3 benchmarks/cuda_methods_check.py --json "$OUT/cuda_methods_check.json" 2>&1 | tee "$OUT/check.txt" | tail -20
+fi

@@ -1,0 +1,238 @@
+"""Micro-benchmark of the quantized-linear kernels: achieved bandwidth (GB/s and % of the measured
+device copy bandwidth) per method, layer shape and M, plus an optional block-size sweep.
+
+    python benchmarks/kernel_bw.py [--sweep] [--json out.json]
+
+Shapes are Mistral-7B's four products (qkv fused, o, gate/up fused, down). Bytes per call = the
+layer's stored weight bytes (codes + scales + zeros) + x + output. Timing: CUDA events around a CUDA
+graph replay of one call (L2 flushed before each, median of 25). bf16 rows are cuBLAS (``F.linear``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from quantbench import parse_spec
+from quantbench.bench.runner import device_name, measure_copy_bandwidth
+from quantbench.engine.kernels import layout_for, linear
+from quantbench.engine.kernels.wq_matmul import pick_config, wq_matmul
+from quantbench.quant import METHODS
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+METHOD_SPECS = [
+    "int4:group=128",
+    "int8",
+    "nf4:block=64",
+    "nf4:block=64,dq=1",
+    "fp4:block=64",
+    "fp8",
+    "llm.int8:compute=bf16",
+]
+
+# Candidate configs; BK is given in words per row (x VALS codes), SPLIT_K as a factor on the heuristic.
+SWEEP_M1 = [
+    {"USE_DOT": False, "BM": 1, "BN": bn, "WORDS": wd, "num_warps": w, "num_stages": st, "SPLIT_X": sx}
+    for bn, wd, w, st, sx in [
+        (128, 16, 4, 3, 1),
+        (128, 16, 4, 3, 2),
+        (64, 16, 4, 3, 2),
+        (64, 32, 4, 3, 1),
+        (256, 16, 8, 3, 1),
+        (128, 32, 8, 3, 1),
+    ]
+]
+SWEEP_M8 = [
+    {"USE_DOT": True, "BM": 16, "BN": bn, "WORDS": wd, "num_warps": w, "num_stages": st, "SPLIT_X": sx}
+    for bn, wd, w, st, sx in [
+        (128, 16, 4, 3, 1),
+        (128, 16, 4, 3, 2),
+        (64, 16, 4, 3, 1),
+        (64, 16, 4, 3, 2),
+        (128, 32, 4, 3, 1),
+    ]
+]
+SWEEP_PREFILL = [
+    {"USE_DOT": True, "BM": bm, "BN": bn, "WORDS": wd, "num_warps": w, "num_stages": st, "SPLIT_X": 1}
+    for bm, bn, wd, w, st in [
+        (64, 64, 16, 4, 4),
+        (128, 64, 16, 4, 4),
+        (64, 128, 16, 4, 4),
+        (128, 128, 16, 8, 3),
+        (64, 64, 32, 4, 3),
+    ]
+]
+
+
+def concrete(cfg: dict, m: int, n: int, k: int, layout) -> dict:
+    """A sweep entry -> kernel config for this shape ({} if BK does not fit K)."""
+    from quantbench.engine.kernels.wq_matmul import _num_sms, fit_bk, split_for
+
+    vals = 32 // layout.bits
+    c = {key: v for key, v in cfg.items() if key not in ("WORDS", "SPLIT_X")}
+    c["BK"] = cfg["WORDS"] * vals
+    c = fit_bk(c, k, layout.bits, layout.group)
+    if not c:
+        return {}
+    split = 1
+    if m <= 16:
+        split = max(1, int(split_for(m, n, k, c, _num_sms(torch.device("cuda"))) * cfg["SPLIT_X"]))
+        split = min(split, k // c["BK"])
+    c["SPLIT_K"] = split
+    return c
+
+
+def make_module(spec: str, n: int, k: int):
+    cfg = parse_spec(spec)
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+    return METHODS[cfg.method].linear_cls.from_linear(lin, cfg)
+
+
+_FLUSH: list[torch.Tensor] = []
+
+
+def bench(fn, reps: int = 25) -> float:
+    """Median ms of one call, from CUDA-graph replays (no Python launch overhead in the number: the
+    quantized kernels' host-side launch costs tens of microseconds, more than many of them run) with
+    the L2 cache flushed before each replay; a replay adds ~2-4 us of graph launch."""
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(64 << 20, device="cuda", dtype=torch.float32))  # 256 MiB > L2
+    fn()  # compile, allocate workspaces
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(reps):
+        _FLUSH[0].zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "--sweep", action="store_true", help="time every candidate block config (int4, int8, nf4)"
+    )
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--ms", default="1,8,128")
+    args = ap.parse_args()
+    copy = measure_copy_bandwidth(torch.device("cuda"))
+    print(
+        f"device {device_name(torch.device('cuda'))}; copy bandwidth {copy:.0f} GB/s (read+write)", flush=True
+    )
+    ms = [int(m) for m in args.ms.split(",")]
+    results = {"device": device_name(torch.device("cuda")), "copy_gbps": copy, "rows": [], "sweep": []}
+
+    def record(method, shape, m, ms_time, nbytes, cfg=None, flops=None):
+        gbps = nbytes / (ms_time / 1e3) / 1e9
+        row = {
+            "method": method, "shape": shape, "M": m, "ms": round(ms_time, 5), "GBps": round(gbps, 1),
+            "pct_copy": round(100 * gbps / copy, 1), "cfg": cfg,
+            "TFLOPs": round(flops / (ms_time / 1e3) / 1e12, 1) if flops else None,
+        }  # fmt: skip
+        return row
+
+    # bf16 cuBLAS reference rows
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t = bench(lambda x=x, w=w: F.linear(x, w))
+            row = record(
+                "bf16 (cuBLAS)", name, m, t, w.numel() * 2 + x.numel() * 2 + m * n * 2, flops=2 * m * n * k
+            )
+            results["rows"].append(row)
+        del w
+    for spec in METHOD_SPECS:
+        for name, (n, k) in SHAPES.items():
+            mod = make_module(spec, n, k)
+            layout = layout_for(mod)
+            if layout is None:
+                print(f"{spec}: no kernel layout", flush=True)
+                continue
+            for m in ms:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                nbytes = layout.weight_bytes + x.numel() * 2 + m * n * 2
+                if layout.act_quant and m > 16:
+                    t = bench(lambda x=x, mod=mod: mod(x))
+                    label = spec + " (module's own cuBLAS path)"
+                else:
+                    t = bench(lambda x=x, layout=layout: linear(layout, x))
+                    label = spec + (" (PRMT decode)" if layout.mode == 1 else "")
+                    if layout.mode == 1:  # NF4 / FP4: also the L1 table-lookup decoder
+                        from quantbench.engine.kernels import wq_matmul as wq
+
+                        wq._ASM_DISABLED["off"] = True
+                        t2 = bench(lambda x=x, layout=layout: linear(layout, x))
+                        wq._ASM_DISABLED["off"] = False
+                        row2 = record(spec + " (L1 lookup)", name, m, t2, nbytes, flops=2 * m * n * k)
+                        results["rows"].append(row2)
+                        print(
+                            f"{row2['method']:44s} {name:8s} M={m:<5d} {t2 * 1e3:9.1f} us {row2['pct_copy']:6.1f}% of copy",
+                            flush=True,
+                        )
+                row = record(label, name, m, t, nbytes, flops=2 * m * n * k)
+                results["rows"].append(row)
+                print(
+                    f"{label:44s} {name:8s} M={m:<5d} {t * 1e3:9.1f} us {row['pct_copy']:6.1f}% of copy",
+                    flush=True,
+                )
+                if args.sweep and spec in ("int4:group=128", "int8", "nf4:block=64") and not layout.act_quant:
+                    cands = SWEEP_M1 if m == 1 else SWEEP_M8 if m <= 16 else SWEEP_PREFILL
+                    for cfg in cands:
+                        fitted = concrete(cfg, m, n, k, layout)
+                        if not fitted:
+                            continue
+                        try:
+                            t = bench(lambda x=x, layout=layout, c=fitted: wq_matmul(x, layout, config=c))
+                        except Exception as exc:  # noqa: BLE001
+                            print(
+                                f"  cfg {fitted} failed: {type(exc).__name__}: {str(exc)[:100]}", flush=True
+                            )
+                            continue
+                        results["sweep"].append(record(spec, name, m, t, nbytes, cfg=fitted))
+                    best = min(
+                        (
+                            r
+                            for r in results["sweep"]
+                            if r["method"] == spec and r["shape"] == name and r["M"] == m
+                        ),
+                        key=lambda r: r["ms"],
+                        default=None,
+                    )
+                    if best:
+                        print(
+                            f"  sweep best {spec:16s} {name:8s} M={m:<4d} {best['ms'] * 1e3:8.1f} us {best['pct_copy']:5.1f}%  {best['cfg']}  (default {pick_config(m, n, k, layout.bits, layout.group, x.device)})",
+                            flush=True,
+                        )
+            del mod, layout
+            torch.cuda.empty_cache()
+    print(f"\n{'method':44s} {'shape':8s} {'M':>5s} {'us':>9s} {'GB/s':>8s} {'%copy':>6s} {'TFLOP/s':>8s}")
+    for r in results["rows"]:
+        print(
+            f"{r['method']:44s} {r['shape']:8s} {r['M']:5d} {r['ms'] * 1e3:9.1f} {r['GBps']:8.0f} {r['pct_copy']:6.1f} {r['TFLOPs'] or 0:8.1f}"
+        )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Small fused Triton kernels of the decode step: residual add + RMSNorm, RoPE + KV-cache write,
+decode attention (GQA, online softmax) and SiLU-gate, plus activation quantization for W8A8 layers.
+
+Numerics follow HF's Llama/Mistral/Qwen2 modules in the model dtype (bf16/fp16): the residual add is
+rounded to the model dtype, RMSNorm is computed in fp32 and rounded before the weight multiply, RoPE
+is computed in fp32 and rounded once, attention scores/softmax are fp32 with the probabilities
+rounded to the model dtype for the ``P @ V`` product (as flash attention does).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rmsnorm_kernel(
+    h_ptr, r_ptr, w_ptr, o_ptr, D, stride_h, stride_r, stride_o, eps,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    h = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
+        tl.store(h_ptr + row * stride_h + offs, h, mask=mask)
+    hf = h.to(tl.float32)
+    var = tl.sum(hf * hf, axis=0) / D
+    normed = (hf * tl.math.rsqrt(var + eps)).to(h.dtype)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    tl.store(o_ptr + row * stride_o + offs, (normed.to(tl.float32) * w.to(tl.float32)).to(h.dtype), mask=mask)
+
+
+def add_rmsnorm(
+    h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, out: torch.Tensor
+) -> torch.Tensor:
+    """``h += residual`` (in place, rounded to h's dtype), then ``out = rmsnorm(h) * weight``; 2-D tensors."""
+    rows, d = h.shape
+    _add_rmsnorm_kernel[(rows,)](
+        h,
+        residual if residual is not None else h,
+        weight,
+        out,
+        d,
+        h.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+        eps,
+        HAS_RES=residual is not None,
+        BLOCK=triton.next_power_of_2(d),
+        num_warps=8 if d >= 4096 else 4,
+    )
+    return out
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, o_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < inter
+    g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    u = tl.load(x_ptr + row * stride_x + inter + offs, mask=mask, other=0.0)
+    g32 = g.to(tl.float32)
+    s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)
+    tl.store(o_ptr + row * stride_o + offs, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` of a ``[M, 2I]`` gate/up output, rounded like HF's two bf16 ops."""
+    rows, two_i = gate_up.shape
+    inter = two_i // 2
+    if out is None:
+        out = torch.empty((rows, inter), device=gate_up.device, dtype=gate_up.dtype)
+    block = 1024
+    _silu_mul_kernel[(rows, triton.cdiv(inter, block))](
+        gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=block
+    )
+    return out
+
+
+@triton.jit
+def _rope_rows(x1, x2, c, s):
+    """Rotate-half RoPE of two halves (fp32), as HF's ``x * cos + rotate_half(x) * sin``."""
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
+def _rope_cache_prefill_kernel(
+    qkv_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, start_ptr,
+    T, stride_qkv_row, stride_qb, stride_qh, stride_qt, stride_cb, stride_ch, stride_ct,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+):  # fmt: skip
+    """One program per (token, head among q + k + v heads): rotate q/k, write q to its buffer, k/v to cache."""
+    tok = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tok // T
+    t = tok % T
+    HALF: tl.constexpr = D // 2
+    d = tl.arange(0, HALF)
+    src = qkv_ptr + tok.to(tl.int64) * stride_qkv_row + head * D
+    x1 = tl.load(src + d)
+    x2 = tl.load(src + HALF + d)
+    if head < H + HKV:
+        pos = tl.maximum(t - tl.load(start_ptr + b), 0)
+        c = tl.load(cos_ptr + pos * HALF + d)
+        s = tl.load(sin_ptr + pos * HALF + d)
+        y1, y2 = _rope_rows(x1.to(tl.float32), x2.to(tl.float32), c, s)
+        y1 = y1.to(x1.dtype)
+        y2 = y2.to(x1.dtype)
+        if head < H:
+            dst = q_ptr + b.to(tl.int64) * stride_qb + head * stride_qh + t * stride_qt
+        else:
+            dst = k_ptr + b.to(tl.int64) * stride_cb + (head - H) * stride_ch + t * stride_ct
+        tl.store(dst + d, y1)
+        tl.store(dst + HALF + d, y2)
+    else:
+        dst = v_ptr + b.to(tl.int64) * stride_cb + (head - H - HKV) * stride_ch + t * stride_ct
+        tl.store(dst + d, x1)
+        tl.store(dst + HALF + d, x2)
+
+
+def rope_cache_prefill(
+    qkv: torch.Tensor,
+    q_out: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    start: torch.Tensor,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+) -> None:
+    """qkv ``[B*T, (H + 2*HKV) * D]`` -> ``q_out [B, H, T, D]`` (rotated), cache ``[B, HKV, S, D]`` rows 0..T-1."""
+    b, _, t, _ = q_out.shape
+    _rope_cache_prefill_kernel[(b * t, n_heads + 2 * n_kv)](
+        qkv,
+        q_out,
+        k_cache,
+        v_cache,
+        cos,
+        sin,
+        start,
+        t,
+        qkv.stride(0),
+        q_out.stride(0),
+        q_out.stride(1),
+        q_out.stride(2),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        H=n_heads,
+        HKV=n_kv,
+        D=head_dim,
+        num_warps=1,
+    )
+
+
+@triton.jit
+def _decode_attention_kernel(
+    qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, len_ptr, start_ptr, o_ptr,
+    stride_qkv_row, stride_cb, stride_ch, stride_ct, stride_o_row, sm_scale,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr,
+):  # fmt: skip
+    """One program per (sequence, kv head): RoPE for the new q/k, KV-cache write, attention over the
+    cached positions [start, L) plus the new token (kept in registers), online softmax."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    G: tl.constexpr = H // HKV
+    HALF: tl.constexpr = D // 2
+    L = tl.load(len_ptr)  # positions already in the cache; the new token goes to index L
+    st = tl.load(start_ptr + b)  # left padding of this sequence
+    pos = tl.maximum(L - st, 0)
+    g = tl.arange(0, GP)
+    gmask = g < G
+    dh = tl.arange(0, HALF)
+    dd = tl.arange(0, D)
+    row = qkv_ptr + b.to(tl.int64) * stride_qkv_row
+    c = tl.load(cos_ptr + pos * HALF + dh)
+    s = tl.load(sin_ptr + pos * HALF + dh)
+    # q heads of this group, rotated and rounded to the model dtype
+    q_off = (kvh * G + g)[:, None] * D + dh[None, :]
+    q1 = tl.load(row + q_off, mask=gmask[:, None], other=0.0)
+    q2 = tl.load(row + q_off + HALF, mask=gmask[:, None], other=0.0)
+    dtype = q1.dtype
+    q1r, q2r = _rope_rows(q1.to(tl.float32), q2.to(tl.float32), c[None, :], s[None, :])
+    q1r = q1r.to(dtype)
+    q2r = q2r.to(dtype)
+    # the new k / v
+    k1 = tl.load(row + (H + kvh) * D + dh)
+    k2 = tl.load(row + (H + kvh) * D + HALF + dh)
+    k1r, k2r = _rope_rows(k1.to(tl.float32), k2.to(tl.float32), c, s)
+    k1r = k1r.to(dtype)
+    k2r = k2r.to(dtype)
+    vn = tl.load(row + (H + HKV + kvh) * D + dd)
+    cache_off = b.to(tl.int64) * stride_cb + kvh * stride_ch
+    tl.store(k_ptr + cache_off + L * stride_ct + dh, k1r)
+    tl.store(k_ptr + cache_off + L * stride_ct + HALF + dh, k2r)
+    tl.store(v_ptr + cache_off + L * stride_ct + dd, vn)
+
+    qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
+    m_i = tl.full((GP,), -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros((GP,), dtype=tl.float32)
+    acc = tl.zeros((GP, D), dtype=tl.float32)
+    kbase = k_ptr + cache_off
+    vbase = v_ptr + cache_off
+    for s0 in range(0, L, BS):
+        offs_s = s0 + tl.arange(0, BS)
+        smask = (offs_s < L) & (offs_s >= st)
+        kp = kbase + offs_s[None, :] * stride_ct
+        kt1 = tl.load(kp + dh[:, None], mask=smask[None, :], other=0.0)  # [HALF, BS]
+        kt2 = tl.load(kp + HALF + dh[:, None], mask=smask[None, :], other=0.0)
+        qk = tl.dot(q1r, kt1) + tl.dot(q2r, kt2)
+        qk = tl.where(smask[None, :], qk * qk_scale, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(vbase + offs_s[:, None] * stride_ct + dd[None, :], mask=smask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), vt)
+        m_i = m_new
+    # the new token itself
+    qk_n = (
+        tl.sum(q1r.to(tl.float32) * k1r.to(tl.float32)[None, :], axis=1)
+        + tl.sum(q2r.to(tl.float32) * k2r.to(tl.float32)[None, :], axis=1)
+    ) * qk_scale
+    m_new = tl.maximum(m_i, qk_n)
+    alpha = tl.exp2(m_i - m_new)
+    p_n = tl.exp2(qk_n - m_new)
+    l_i = l_i * alpha + p_n
+    acc = acc * alpha[:, None] + p_n.to(dtype).to(tl.float32)[:, None] * vn.to(tl.float32)[None, :]
+    out = acc / l_i[:, None]
+    o_off = b.to(tl.int64) * stride_o_row + (kvh * G + g)[:, None] * D + dd[None, :]
+    tl.store(o_ptr + o_off, out.to(dtype), mask=gmask[:, None])
+
+
+def decode_attention(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_len: torch.Tensor,
+    start: torch.Tensor,
+    out: torch.Tensor,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    sm_scale: float,
+) -> torch.Tensor:
+    """One decode step for all sequences: qkv ``[B, (H+2HKV)*D]`` -> ``out [B, H*D]``; writes the cache."""
+    batch = qkv.shape[0]
+    group = n_heads // n_kv
+    _decode_attention_kernel[(batch, n_kv)](
+        qkv,
+        k_cache,
+        v_cache,
+        cos,
+        sin,
+        cache_len,
+        start,
+        out,
+        qkv.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        out.stride(0),
+        sm_scale,
+        H=n_heads,
+        HKV=n_kv,
+        D=head_dim,
+        GP=max(16, triton.next_power_of_2(group)),
+        BS=64,
+        num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _silu_mul_tile(x_ptr, rows, cols, mask, K):
+    g = tl.load(x_ptr + rows + cols, mask=mask, other=0.0)
+    u = tl.load(x_ptr + rows + K + cols, mask=mask, other=0.0)
+    g32 = g.to(tl.float32)
+    s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)
+    return (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, xe_ptr, rf_ptr, M, K, stride_x, stride_xe, threshold,
+    KIND: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """All rows in one program (decode sizes): per-token scales, then the quantized activations as
+    exact values in the model dtype (int8 codes, e4m3 values; LLM.int8 outlier columns unrounded,
+    pre-divided by the token scale), and ``rf`` = the token scale to apply after the matmul."""
+    offs_m = tl.arange(0, BM)
+    mask_m = offs_m < M
+    rows = offs_m.to(tl.int64)[:, None] * stride_x
+    amax = tl.zeros((BM,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        mask = mask_m[:, None] & (cols < K)[None, :]
+        if ACT:
+            x = _silu_mul_tile(x_ptr, rows, cols[None, :], mask, K)
+        else:
+            x = tl.load(x_ptr + rows + cols[None, :], mask=mask, other=0.0)
+        ax = tl.abs(x.to(tl.float32))
+        if KIND == 1:
+            outlier = tl.max(ax, axis=0) >= threshold
+            ax = tl.where(outlier[None, :], 0.0, ax)
+        amax = tl.maximum(amax, tl.max(ax, axis=1))
+    if KIND == 1:  # LLM.int8: x * (127 / absmax); a token with no non-outlier mass keeps factor 1
+        inv = tl.where(amax == 0.0, 1.0, tl.math.div_rn(tl.full((BM,), 127.0, tl.float32), amax))
+        rf = tl.where(amax == 0.0, 1.0, amax / 127.0)
+    elif KIND == 2:  # fp8: x / (absmax / 448)
+        scale = amax / 448.0
+        safe = tl.where(scale == 0.0, 1.0, scale)
+        rf = scale
+    else:  # SmoothQuant: x / max(absmax / 127, 1e-8)
+        safe = tl.maximum(amax / 127.0, 1e-8)
+        rf = safe
+    tl.store(rf_ptr + offs_m, rf, mask=mask_m)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        mask = mask_m[:, None] & (cols < K)[None, :]
+        if ACT:
+            x = _silu_mul_tile(x_ptr, rows, cols[None, :], mask, K)
+        else:
+            x = tl.load(x_ptr + rows + cols[None, :], mask=mask, other=0.0)
+        xf = x.to(tl.float32)
+        if KIND == 1:
+            outlier = tl.max(tl.abs(xf), axis=0) >= threshold
+            scaled = xf * inv[:, None]
+            q = tl.minimum(tl.maximum(_rint(scaled), -127.0), 127.0)
+            q = tl.where(outlier[None, :], scaled, q)
+        elif KIND == 2:
+            q = tl.math.div_rn(xf, safe[:, None])
+            q = _round_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
+        else:
+            q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xf, safe[:, None])), -127.0), 127.0)
+        out_rows = offs_m.to(tl.int64)[:, None] * stride_xe
+        tl.store(xe_ptr + out_rows + cols[None, :], q.to(xe_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _round_e4m3(v):
+    """Round fp32 ``|v| <= 448`` to the nearest float8 e4m3fn value (ties to even), as fp32: the grid
+    spacing is 2**(max(e, -6) - 3) for binary exponent e (subnormals below 2**-6)."""
+    e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    ulp = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    return _rint(v / ulp) * ulp
+
+
+@triton.jit
+def _rint(x):
+    """Round half to even (torch.round) for |x| < 2**22: add and subtract 1.5 * 2**23."""
+    big = 12582912.0
+    return (x + big) - big
+
+
+def act_quant(
+    x: torch.Tensor, kind: int, threshold: float, act_silu_mul: bool, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantized activations ``[M, K]`` (model dtype) and per-token factors ``[M]`` fp32 (see kernel)."""
+    m = x.shape[0]
+    xe = torch.empty((m, k), device=x.device, dtype=x.dtype)
+    rf = torch.empty((m,), device=x.device, dtype=torch.float32)
+    bm = max(1, triton.next_power_of_2(m))
+    bk = max(64, min(1024, 4096 // bm))
+    thr = float(threshold) if threshold > 0 else float("inf")  # 0 = no outlier decomposition
+    _act_quant_kernel[(1,)](
+        x, xe, rf, m, k, x.stride(0), xe.stride(0), thr,
+        KIND=kind, ACT=act_silu_mul, BM=bm, BK=bk, num_warps=4,
+    )  # fmt: skip
+    return xe, rf

@@ -1,0 +1,232 @@
+"""How each quantized module's buffers map onto the Triton weight-quantized matmul (no Triton import).
+
+``layout_for(module)`` returns a :class:`WQLayout` of *views* of the module's own buffers (the int32
+view of the packed codes costs no memory), or ``None`` when the kernel cannot read that module (the
+caller then uses the module's reference forward). Layouts are cached on the module and rebuilt when a
+buffer is replaced (``load_state_dict`` copies in place, so the cache stays valid then).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+MODE_INT = 0  # w = (u - zero) * scale          (RTN int4 / int8)
+MODE_TABLE = 1  # w = code[u] * absmax[block]     (bitsandbytes NF4 / FP4)
+MODE_FP8 = 2  # w = float8_e4m3(u) * scale      (fp8)
+
+# Activation quantization done before the matmul (W8A8 methods), reproducing each method's math.
+ACT_NONE = 0
+ACT_LLM_INT8 = 1  # per-token int8 over non-outlier columns (|x| >= threshold stays 16-bit)
+ACT_FP8 = 2  # per-token e4m3, scale absmax / 448
+ACT_INT8_TOKEN = 3  # per-token int8, scale max(absmax / 127, 1e-8) (SmoothQuant)
+
+
+@dataclass
+class WQLayout:
+    in_features: int
+    out_features: int
+    bits: int
+    mode: int
+    w32: torch.Tensor  # int32 view of the codes, [N, K * bits / 32]
+    scales: torch.Tensor  # per (row, group): fp16/fp32, or uint8 codes when dq_code is set
+    scale_stride: int  # elements between rows of ``scales``
+    group: int  # input columns per scale; 0 = one per row
+    high_first: bool = False
+    zeros: torch.Tensor | None = None  # uint8 per (row, group), same indexing as scales
+    zero_const: float = 0.0  # the fixed zero point when ``zeros`` is None (MODE_INT)
+    table: torch.Tensor | None = None  # fp32 [16] code values (MODE_TABLE)
+    dq_code: torch.Tensor | None = None  # fp32 [256] map for uint8 absmax codes (double quant)
+    dq_nested: torch.Tensor | None = None  # fp32 nested absmax, one per 256 blocks
+    dq_offset: torch.Tensor | None = None  # fp32 scalar added after the nested dequantization
+    bias: torch.Tensor | None = None
+    scale_mul: float = 1.0  # constant factor on the stored scales (LLM.int8 stores absmax: 1/127)
+    signed8: bool = False  # int8 codes in two's complement (then zero_const is 128)
+    act_quant: int = ACT_NONE
+    threshold: float = 0.0  # LLM.int8 outlier threshold
+    key: tuple = ()
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes one pass over this layer reads (codes + scales + zeros + nested stats)."""
+        total = 0
+        for t in (self.w32, self.scales, self.zeros, self.dq_nested, self.bias):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+
+_TABLE_CACHE: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _on(device: torch.device, name: str, make) -> torch.Tensor:
+    key = (name, str(device))
+    if key not in _TABLE_CACHE:
+        _TABLE_CACHE[key] = make().to(device=device).contiguous()
+    return _TABLE_CACHE[key]
+
+
+def _key(module: nn.Module) -> tuple:
+    return tuple((name, t.data_ptr(), tuple(t.shape)) for name, t in module.named_buffers(recurse=False))
+
+
+def layout_for(module: nn.Module) -> WQLayout | None:
+    """The kernel layout of ``module`` or None if the Triton kernel does not handle it."""
+    key = _key(module)
+    cached = getattr(module, "_qb_layout", None)
+    if cached is not None and cached.key == key:
+        return cached
+    layout = _build(module)
+    if layout is not None:
+        layout.key = key
+        module._qb_layout = layout
+    return layout
+
+
+def _build(module: nn.Module) -> WQLayout | None:
+    from quantbench.quant.rtn import RTNLinear
+
+    if isinstance(module, RTNLinear) and getattr(module, "g_idx", None) is None:
+        return _rtn_layout(module)  # RTN, and GPTQ / AWQ, which share its layout (GPTQ act-order excepted)
+    try:
+        from quantbench.quant.bnb4 import Bnb4Linear
+    except ImportError:  # pragma: no cover - bnb4 not in this tree
+        Bnb4Linear = None  # noqa: N806
+    if Bnb4Linear is not None and isinstance(module, Bnb4Linear):
+        return _bnb4_layout(module)
+    for mod_name, cls_name, builder in _W8A8:
+        cls = _optional_class(mod_name, cls_name)
+        if cls is not None and isinstance(module, cls):
+            return builder(module)
+    return None
+
+
+def _optional_class(mod_name: str, cls_name: str) -> type | None:
+    try:
+        module = __import__(f"quantbench.quant.{mod_name}", fromlist=[cls_name])
+    except ImportError:  # pragma: no cover - method not in this tree
+        return None
+    return getattr(module, cls_name, None)
+
+
+def _int8_rows_layout(m: nn.Module, scales: torch.Tensor, scale_mul: float, act: int) -> WQLayout | None:
+    n, k = m.out_features, m.in_features
+    if k % 4 or m.compute_dtype not in (torch.float16, torch.bfloat16):
+        return None
+    w32 = _as_words(m.qweight.view(torch.uint8), n)
+    if w32 is None:
+        return None
+    return WQLayout(
+        in_features=k,
+        out_features=n,
+        bits=8,
+        mode=MODE_INT,
+        w32=w32,
+        scales=scales,
+        scale_stride=1,
+        group=0,
+        zero_const=128.0,
+        signed8=True,
+        scale_mul=scale_mul,
+        act_quant=act,
+        threshold=float(getattr(m, "threshold", 0.0)),
+        bias=m.bias,
+    )
+
+
+def _llm_int8_layout(m: nn.Module) -> WQLayout | None:
+    return _int8_rows_layout(m, m.row_absmax, 1.0 / 127.0, ACT_LLM_INT8)
+
+
+def _smoothquant_layout(m: nn.Module) -> WQLayout | None:
+    return _int8_rows_layout(m, m.wscales, 1.0, ACT_INT8_TOKEN)
+
+
+def _fp8_layout(m: nn.Module) -> WQLayout | None:
+    n, k = m.out_features, m.in_features
+    if k % 4 or m.compute_dtype not in (torch.float16, torch.bfloat16):
+        return None
+    w32 = _as_words(m.qweight.view(torch.uint8), n)
+    if w32 is None:
+        return None
+    return WQLayout(
+        in_features=k,
+        out_features=n,
+        bits=8,
+        mode=MODE_FP8,
+        w32=w32,
+        scales=m.weight_scale,
+        scale_stride=1,
+        group=0,
+        act_quant=ACT_FP8,
+        bias=m.bias,
+    )
+
+
+_W8A8 = (
+    ("llm_int8", "LLMInt8Linear", _llm_int8_layout),
+    ("fp8", "FP8Linear", _fp8_layout),
+    ("smoothquant", "SmoothQuantLinear", _smoothquant_layout),
+)
+
+
+def _as_words(codes: torch.Tensor, rows: int) -> torch.Tensor | None:
+    if not codes.is_contiguous() or codes.numel() % (4 * rows) or codes.data_ptr() % 4:
+        return None
+    return codes.view(torch.uint8).reshape(rows, -1).view(torch.int32)
+
+
+def _rtn_layout(m: nn.Module) -> WQLayout | None:
+    n, k, bits = m.out_features, m.in_features, m.bits
+    vals = 32 // bits
+    per_row = m.group == k
+    if k % vals or (not per_row and m.group % vals):
+        return None
+    w32 = _as_words(m.qweight, n)
+    if w32 is None:
+        return None
+    return WQLayout(
+        in_features=k,
+        out_features=n,
+        bits=bits,
+        mode=MODE_INT,
+        w32=w32,
+        scales=m.scales,
+        scale_stride=m.scales.stride(0),
+        group=0 if per_row else m.group,
+        zeros=m.qzeros,
+        zero_const=float(2 ** (bits - 1)),
+        bias=m.bias,
+    )
+
+
+def _bnb4_layout(m: nn.Module) -> WQLayout | None:
+    from quantbench.quant import bnb4
+
+    n, k, bs = m.out_features, m.in_features, m.blocksize
+    if k % bs or k % 8:
+        return None  # blocks straddle rows: leave it to the reference path
+    w32 = _as_words(m.qweight, n)
+    if w32 is None:
+        return None
+    device = m.qweight.device
+    layout = WQLayout(
+        in_features=k,
+        out_features=n,
+        bits=4,
+        mode=MODE_TABLE,
+        w32=w32,
+        scales=m.absmax,
+        scale_stride=k // bs,
+        group=bs,
+        high_first=True,
+        table=_on(device, f"bnb4-{m.quant_type}", lambda: bnb4.code_table(m.quant_type).float()),
+        bias=m.bias,
+    )
+    if m.double_quant:
+        layout.dq_code = _on(device, "bnb-dynamic-map", lambda: bnb4.dynamic_map().float())
+        layout.dq_nested = m.nested_absmax
+        layout.dq_offset = m.offset
+    return layout

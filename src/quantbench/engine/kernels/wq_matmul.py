@@ -1,0 +1,669 @@
+"""Triton matmul for weight-quantized linears: ``out = x @ dequant(W).T + bias`` without materializing W.
+
+The kernel reads the packed weights *in place* (no repacking, no extra memory): the uint8 storage
+``[N, K * bits / 8]`` of a layer is viewed as int32 words ``[N, K * bits / 32]`` (a free
+``Tensor.view``); one word holds 8 int4 or 4 int8 codes of consecutive input columns. A tile of words
+``[BN, BK / VALS]`` is expanded in registers to codes ``[BN, BK / VALS, VALS]`` (natural column order),
+so the activations of the tile are one contiguous, vectorized load ``x[k0 : k0 + BK]``.
+
+Layouts (``WQLayout``, from ``layouts.py``):
+
+* ``MODE_INT``: RTN int4/int8 (also GPTQ without act-order, AWQ), ``w = (u - zero) * scale``; codes
+  become fp32 by the exponent trick ``bits(u | 0x4B000000) - (2**23 + zero)`` (no int->float convert).
+* ``MODE_TABLE``: bitsandbytes NF4/FP4, ``w = code[u] * absmax[block]``; each code is a gather from
+  the 16-entry fp32 table (one 64-byte line, L1-resident), double-quantized absmax decoded in the
+  kernel (``dynamic_map[c] * nested[block // 256] + offset``).
+* ``MODE_FP8``: e4m3 codes (fp8 W8A8 and weight-only), per-row scale.
+
+Paths (``pick_config``):
+
+* ``USE_DOT=False`` (M = 1): fp32 FMAs on CUDA cores, the scale applied once per word.
+* ``USE_DOT=True``: the tile is dequantized to the activation dtype exactly as ``dequantize()``
+  rounds it and multiplied on tensor cores as ``dot(W [BN, BK], x.T [BK, BM])``; BM = 16 for small
+  batches, 64/128 for the prompt (a fused dequantize-GEMM, no dequantized copy of W).
+* ``SPLIT_K > 1``: programs split K; each writes an fp32 partial to a workspace and the last one to
+  finish a tile (an atomic counter, reset afterwards) sums the partials in a fixed order, adds the
+  bias and writes the output: deterministic, and the kernel leaves nothing to clear (CUDA-graph safe).
+
+``ACT_SILU_MUL`` makes the kernel read ``x = silu(g) * u`` from a ``[M, 2K]`` gate/up output on the
+fly (the MLP down projection), rounding like HF's bf16 ``act_fn(gate) * up``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+from quantbench.engine.kernels.layouts import MODE_FP8, MODE_INT, MODE_TABLE, WQLayout
+
+__all__ = ["MODE_FP8", "MODE_INT", "MODE_TABLE", "pick_config", "wq_matmul"]
+
+_INT = tl.constexpr(MODE_INT)
+_TABLE = tl.constexpr(MODE_TABLE)
+
+
+@triton.jit
+def _silu_mul(g, up):
+    g32 = g.to(tl.float32)
+    s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)
+    return (s.to(tl.float32) * up.to(tl.float32)).to(g.dtype)
+
+
+@triton.jit
+def _slot_pos(i: tl.constexpr, BITS: tl.constexpr):
+    """Bit position where code slot ``i`` is decoded (MODE_INT): in place while it fits the 24-bit fp32
+    mantissa (bits 0..22), else shifted down to its top; the value comes out times 2**pos."""
+    return i * BITS if i * BITS <= 23 - BITS else 23 - BITS
+
+
+@triton.jit
+def _codes_slot(words, t_ptr, sub, row_sub, i: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr,
+                HAS_ZERO: tl.constexpr, GROUP: tl.constexpr, ZERO_CONST: tl.constexpr):  # fmt: skip
+    """Values of code slot ``i`` of every word, fp32 [BN, BKV], zero removed and unscaled.
+
+    MODE_INT returns ``(u - zero) * 2**pos`` with ``pos = min(i * BITS, 23 - BITS)``: the code is
+    masked in place (while it fits the fp32 mantissa, bits 0..22, else shifted to its top) and
+    OR-ed into the exponent of 2**23 (one LOP3), so no shift is needed for most slots; the caller
+    multiplies the activations by ``2**-pos`` instead (exact)."""
+    MAGIC: tl.constexpr = 8388608.0
+    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+    if MODE == _TABLE:
+        # bitsandbytes order: slot 2b is the high nibble of byte b, slot 2b + 1 the low one; the 16 fp32
+        # code values sit in one 64-byte line, so a warp's lookups are a single L1 wavefront
+        SH: tl.constexpr = (i // 2) * 8 + (1 - i % 2) * 4
+        f = tl.load(t_ptr + ((words >> SH) & 0xF))
+    elif MODE == _INT:
+        POS: tl.constexpr = i * BITS - (i * BITS - (23 - BITS)) * (i * BITS > 23 - BITS)
+        SHIFT: tl.constexpr = i * BITS - POS
+        if SHIFT == 0:
+            u = words & (CODE_MASK << POS)
+        else:
+            u = (words >> SHIFT) & (CODE_MASK << POS)
+        b = (u | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + u * 2**pos, exact
+        if HAS_ZERO:
+            if GROUP == 0:
+                f = b - (row_sub[:, None] - MAGIC) * (1 << POS) - MAGIC
+            else:
+                f = b - ((sub - MAGIC) * (1 << POS) + MAGIC)
+        else:
+            f = b - (MAGIC + ZERO_CONST * (1 << POS))
+    else:
+        u = (words >> (i * BITS)) & CODE_MASK
+        f = u.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return f
+
+
+@triton.jit
+def _table_prmt(words, ASM: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
+                P4: tl.constexpr, P5: tl.constexpr, P6: tl.constexpr, P7: tl.constexpr):  # fmt: skip
+    """The 8 code values (slot order) of bitsandbytes-packed 4-bit words by byte permutes (see
+    :func:`table_asm`): no memory lookups. The table's byte planes P0..P7 stay in registers."""
+    z = (words * 0).to(tl.int32, bitcast=True)
+    return tl.inline_asm_elementwise(
+        asm=ASM,
+        constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+        args=[words, z + P0, z + P1, z + P2, z + P3, z + P4, z + P5, z + P6, z + P7],
+        dtype=(
+            tl.float32,
+            tl.float32,
+            tl.float32,
+            tl.float32,
+            tl.float32,
+            tl.float32,
+            tl.float32,
+            tl.float32,
+        ),
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _load_scale(s_ptr, z_ptr, rows, mask_n, k0, k_hi, offs_j, stride_sn, GROUP: tl.constexpr, VALS: tl.constexpr,
+                TILE_SCALE: tl.constexpr, ZERO: tl.constexpr):  # fmt: skip
+    """Raw stored scales (and zero + 2**23) of step k0: [BN, 1] (tile inside one group) or [BN, BKV]."""
+    if TILE_SCALE:
+        sidx = (rows * stride_sn + k0 // GROUP)[:, None]
+        mask = (mask_n & ((k0 + rows * 0) < k_hi))[:, None]
+    else:
+        sidx = rows[:, None] * stride_sn + ((k0 + offs_j * VALS) // GROUP)[None, :]
+        mask = mask_n[:, None] & ((k0 + offs_j * 0) < k_hi)[None, :]
+    raw = tl.load(s_ptr + sidx, mask=mask, other=0)
+    if ZERO:
+        sub = tl.load(z_ptr + sidx, mask=mask, other=0).to(tl.float32) + 8388608.0
+    else:
+        sub = 0.0
+    return raw, sub
+
+
+@triton.jit
+def _bias_like(out, b_ptr, offs_n, mask_n):
+    """The bias [BN] broadcast to ``out``'s shape ([BN] or [BN, BM])."""
+    b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    return tl.reshape(b, (out.shape[0],) + (1,) * (len(out.shape) - 1)) + tl.zeros_like(out)
+
+
+@triton.jit
+def _wq_matmul_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, dqc_ptr, dqn_ptr, dqo_ptr, b_ptr, rf_ptr, o_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_om, stride_wn, stride_sn, k_split,
+    GROUP: tl.constexpr,  # input columns per scale; 0 = one scale per output row
+    BITS: tl.constexpr,  # 4 or 8
+    HIGH_FIRST: tl.constexpr,  # int4: even column in the high nibble (bitsandbytes)
+    MODE: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    ZERO_CONST: tl.constexpr,  # the fixed zero point when HAS_ZERO is False (MODE_INT)
+    NESTED: tl.constexpr,  # absmax stored as uint8 codes + nested absmax per 256 blocks + offset
+    HAS_BIAS: tl.constexpr,
+    SCALE_MUL: tl.constexpr,  # constant factor on every stored scale (LLM.int8: 1/127)
+    SIGNED8: tl.constexpr,  # int8 codes stored signed (two's complement): flip the sign bit, zero 128
+    HAS_ROWF: tl.constexpr,  # multiply output row m by rf[m] (W8A8: the activation scale)
+    ACT_SILU_MUL: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    TABLE_ASM: tl.constexpr,  # MODE_TABLE: PTX decoding whole words (table_asm); "" = L1 table lookups
+    TP0: tl.constexpr,  # the table's byte planes for TABLE_ASM (uint32 values)
+    TP1: tl.constexpr,
+    TP2: tl.constexpr,
+    TP3: tl.constexpr,
+    TP4: tl.constexpr,
+    TP5: tl.constexpr,
+    TP6: tl.constexpr,
+    TP7: tl.constexpr,
+    X_PERM: tl.constexpr,  # x was permuted by _x_permute_kernel (slot-major inside each BK tile)
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):  # fmt: skip
+    VALS: tl.constexpr = 32 // BITS
+    BKV: tl.constexpr = BK // VALS
+    TILE_SCALE: tl.constexpr = GROUP > 0 and GROUP % BK == 0  # one scale per row for the whole tile
+    # dot path: scale the tile's fp32 product instead of every weight (MODE_INT / FP8 codes are exact in
+    # bf16; NF4/FP4 code values are rounded to bf16 first, then scaled in fp32)
+    POST_SCALE: tl.constexpr = TILE_SCALE or GROUP == 0
+    XS_ON_X: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16  # bf16 has fp32's exponent range
+    MAGIC: tl.constexpr = 8388608.0  # 2**23: bits(u | 0x4B000000) == 2**23 + u as fp32
+
+    pid = tl.program_id(0)
+    tile = pid // SPLIT_K
+    ks = pid % SPLIT_K
+    num_m = tl.cdiv(M, BM)
+    pid_m = tile % num_m
+    pid_n = tile // num_m
+    k_lo = ks * k_split
+    k_hi = tl.minimum(K, k_lo + k_split)
+
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    rows = offs_n.to(tl.int64)
+    offs_j = tl.arange(0, BKV)
+    w_rows = w_ptr + rows[:, None] * stride_wn
+    if USE_DOT:
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        mask_m = offs_m < M
+        x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        offs_m = pid_m + tl.arange(0, 1)
+        x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+        acc2 = tl.zeros((BN, BKV), dtype=tl.float32)
+
+    row_sub = 0.0
+    if GROUP == 0:
+        row_scale = tl.load(s_ptr + rows * stride_sn, mask=mask_n, other=0.0).to(tl.float32) * SCALE_MUL
+        if HAS_ZERO:
+            row_sub = tl.load(z_ptr + rows * stride_sn, mask=mask_n, other=0).to(tl.float32) + MAGIC
+
+    # Software pipelining by hand: the words (and raw scales) of step k0 + BK are requested before step
+    # k0 is computed, so every program keeps one tile of HBM reads in flight while it does the ALU work.
+    words_n = tl.load(
+        w_rows + (k_lo // VALS + offs_j)[None, :],
+        mask=mask_n[:, None] & ((k_lo + offs_j * 0) < k_hi)[None, :],
+        other=0,
+    )
+    if GROUP > 0:
+        raw_n, sub_n = _load_scale(s_ptr, z_ptr, rows, mask_n, k_lo, k_hi, offs_j, stride_sn, GROUP, VALS,
+                                   TILE_SCALE, MODE == _INT and HAS_ZERO)  # fmt: skip
+    for k0 in range(k_lo, k_hi, BK):
+        words = words_n
+        k_next = k0 + BK
+        words_n = tl.load(
+            w_rows + (k_next // VALS + offs_j)[None, :],
+            mask=mask_n[:, None] & ((k_next + offs_j * 0) < k_hi)[None, :],
+            other=0,
+        )
+        if SIGNED8:
+            words = words ^ -2139062144  # 0x80808080: int8 two's complement -> offset binary
+        words = words.to(tl.uint32, bitcast=True)  # logical shifts
+        # ---- scale (and zero) per (row, word): [BN, 1] for a tile inside one group, else [BN, BKV] ----
+        sub = 0.0
+        if GROUP > 0:
+            raw = raw_n
+            sub = sub_n
+            raw_n, sub_n = _load_scale(s_ptr, z_ptr, rows, mask_n, k_next, k_hi, offs_j, stride_sn, GROUP, VALS,
+                                       TILE_SCALE, MODE == _INT and HAS_ZERO)  # fmt: skip
+            if NESTED:
+                if TILE_SCALE:
+                    bidx = (rows * stride_sn + k0 // GROUP)[:, None]
+                else:
+                    bidx = rows[:, None] * stride_sn + ((k0 + offs_j * VALS) // GROUP)[None, :]
+                nest = tl.load(dqn_ptr + bidx // 256, mask=mask_n[:, None], other=0.0)
+                scale = tl.load(dqc_ptr + raw.to(tl.int32)) * nest + tl.load(dqo_ptr)
+            else:
+                scale = raw.to(tl.float32) * SCALE_MUL
+        # ---- one code slot at a time: columns k0 + VALS * j + i of every word j ----
+        if USE_DOT:
+            part = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            inner = tl.zeros((BN, BKV), dtype=tl.float32)
+        if MODE == _TABLE and TABLE_ASM != "":
+            vals = _table_prmt(words, TABLE_ASM, TP0, TP1, TP2, TP3, TP4, TP5, TP6, TP7)
+        for i in tl.static_range(VALS):
+            if MODE == _TABLE and TABLE_ASM != "":
+                f = vals[i]
+            else:
+                f = _codes_slot(words, t_ptr, sub, row_sub, i, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST)
+            # undo the slot's 2**pos (MODE_INT) on the activations: pos = min(i * BITS, 23 - BITS)
+            xs = (
+                1.0 / (1 << (i * BITS - (i * BITS - (23 - BITS)) * (i * BITS > 23 - BITS)))
+                if MODE == _INT
+                else 1.0
+            )
+            if X_PERM:
+                kcol = k0 + i * BKV + offs_j  # activations pre-permuted slot-major: contiguous
+            else:
+                kcol = k0 + offs_j * VALS + i
+            if USE_DOT:
+                xp = x_cols + kcol[:, None]
+                if ACT_SILU_MUL:
+                    xi = _silu_mul(
+                        tl.load(xp, mask=mask_m[None, :], other=0.0),
+                        tl.load(xp + K, mask=mask_m[None, :], other=0.0),
+                    )
+                else:
+                    xi = tl.load(xp, mask=mask_m[None, :], other=0.0)
+                if XS_ON_X:
+                    if xs != 1.0:
+                        xi = (xi.to(tl.float32) * xs).to(xi.dtype)  # exact: a power of two
+                    wx = f
+                else:
+                    wx = f * xs  # fp16 cannot hold u * 2**19: undo the shift on the weights
+                if POST_SCALE:
+                    part = tl.dot(wx.to(xi.dtype), xi, part)  # small integers: exact
+                else:
+                    acc = tl.dot((wx * scale).to(xi.dtype), xi, acc)
+            else:
+                xp = x_row + kcol
+                if ACT_SILU_MUL:
+                    xi = _silu_mul(tl.load(xp), tl.load(xp + K))
+                else:
+                    xi = tl.load(xp)
+                if xs == 1.0:
+                    inner += f * xi.to(tl.float32)[None, :]
+                else:
+                    inner += f * (xi.to(tl.float32) * xs)[None, :]
+        if USE_DOT:
+            if POST_SCALE:
+                if GROUP == 0:
+                    acc += part
+                else:
+                    acc += part * scale
+        else:
+            if GROUP == 0:
+                acc2 += inner
+            else:
+                acc2 += inner * scale
+
+    # ---- epilogue: per-row / per-token factors (linear, so before the split-K sum), bias, store ----
+    if USE_DOT:
+        out = acc
+        if GROUP == 0:
+            out = out * row_scale[:, None]
+        if HAS_ROWF:
+            out = out * tl.load(rf_ptr + offs_m, mask=mask_m, other=0.0)[None, :]
+        omask = mask_n[:, None] & mask_m[None, :]
+        o_off = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+        ws_off = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+    else:
+        out = tl.sum(acc2, axis=1)
+        if GROUP == 0:
+            out = out * row_scale
+        if HAS_ROWF:
+            out = out * tl.load(rf_ptr + pid_m)
+        omask = mask_n
+        o_off = pid_m.to(tl.int64) * stride_om + offs_n
+        ws_off = pid_m.to(tl.int64) * N + offs_n
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            out += _bias_like(out, b_ptr, offs_n, mask_n)
+        tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=omask)
+    else:
+        plane = M * N  # < 2**31 (the launcher checks the workspace size)
+        tl.store(ws_ptr + ks * plane + ws_off, out, mask=omask)
+        tl.debug_barrier()  # every thread's partial is written before the counter is released
+        done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if done == SPLIT_K - 1:  # the last split of this tile: sum all partials in order
+            total = tl.load(ws_ptr + ws_off, mask=omask, other=0.0, cache_modifier=".cg")
+            for s in range(1, SPLIT_K):
+                total += tl.load(ws_ptr + s * plane + ws_off, mask=omask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += _bias_like(total, b_ptr, offs_n, mask_n)
+            tl.store(o_ptr + o_off, total.to(o_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+_ASM_TEMPLATE = """
+{
+.reg .b32 w, sa, sb, ya, yb, t, m, ma, mb, a0, a1, lo, hi, p0, p1, p2, p3, c;
+.reg .b16 h0, h1, h2, h3, h4, h5, h6, h7;
+mov.b32 w, $8;
+and.b32 sa, w, 0x7777;
+shr.u32 sb, w, 16;
+and.b32 sb, sb, 0x7777;
+mov.b32 c, 0x00FF00FF;
+prmt.b32 ya, w, 0, 0x1100;
+shl.b32 t, ya, 4;
+lop3.b32 m, t, ya, c, 0xE4;
+prmt.b32 ma, m, 0, 0xBA98;
+prmt.b32 yb, w, 0, 0x3322;
+shl.b32 t, yb, 4;
+lop3.b32 m, t, yb, c, 0xE4;
+prmt.b32 mb, m, 0, 0xBA98;
+prmt.b32 a0, L0, L1, sa;
+prmt.b32 a1, L2, L3, sa;
+lop3.b32 lo, a0, a1, ma, 0xD8;
+prmt.b32 a0, H0, H1, sa;
+prmt.b32 a1, H2, H3, sa;
+lop3.b32 hi, a0, a1, ma, 0xD8;
+prmt.b32 p0, lo, hi, 0x5140;
+prmt.b32 p1, lo, hi, 0x7362;
+prmt.b32 a0, L0, L1, sb;
+prmt.b32 a1, L2, L3, sb;
+lop3.b32 lo, a0, a1, mb, 0xD8;
+prmt.b32 a0, H0, H1, sb;
+prmt.b32 a1, H2, H3, sb;
+lop3.b32 hi, a0, a1, mb, 0xD8;
+prmt.b32 p2, lo, hi, 0x5140;
+prmt.b32 p3, lo, hi, 0x7362;
+mov.b32 {h1, h0}, p0;
+mov.b32 {h3, h2}, p1;
+mov.b32 {h5, h4}, p2;
+mov.b32 {h7, h6}, p3;
+cvt.f32.f16 $0, h0;
+cvt.f32.f16 $1, h1;
+cvt.f32.f16 $2, h2;
+cvt.f32.f16 $3, h3;
+cvt.f32.f16 $4, h4;
+cvt.f32.f16 $5, h5;
+cvt.f32.f16 $6, h6;
+cvt.f32.f16 $7, h7;
+}
+"""
+
+
+_ASM_CACHE: dict[tuple, dict] = {}
+_ASM_DISABLED = {"off": bool(os.environ.get("QUANTBENCH_NO_PRMT"))}
+
+
+def _asm_for(layout: WQLayout, device: torch.device) -> dict:
+    """Kernel arguments of the PTX table decoder for a MODE_TABLE layout on CUDA (off under the
+    interpreter, or with QUANTBENCH_NO_PRMT=1)."""
+    off = {"TABLE_ASM": "", **{f"TP{i}": 0 for i in range(8)}}
+    if layout.mode != MODE_TABLE or device.type != "cuda" or _ASM_DISABLED["off"]:
+        return off
+    key = (layout.table.data_ptr(), str(device))
+    if key not in _ASM_CACHE:
+        args = table_asm(layout.table)
+        _ASM_CACHE[key] = off  # (the self-check below launches with the plain path)
+        if not _prmt_selfcheck(layout.table, device, args):
+            warnings.warn("PTX table decoder disagrees with the table lookup: using L1 lookups", stacklevel=2)
+            return off
+        _ASM_CACHE[key] = args
+    return _ASM_CACHE[key]
+
+
+def _prmt_selfcheck(table: torch.Tensor, device: torch.device, args: dict) -> bool:
+    """Run the kernel on random codes with both decoders (M = 1 and M = 16): must agree to fp16."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    n, k = 64, 256
+    layout = WQLayout(
+        in_features=k,
+        out_features=n,
+        bits=4,
+        mode=MODE_TABLE,
+        w32=torch.randint(-(2**31), 2**31 - 1, (n, k // 8), generator=gen, dtype=torch.int64)
+        .to(torch.int32)
+        .to(device),
+        scales=torch.rand((n, k // 64), generator=gen).to(device),
+        scale_stride=k // 64,
+        group=64,
+        high_first=True,
+        table=table,
+    )
+    for m in (1, 16):
+        x = torch.randn((m, k), generator=gen).to(device=device, dtype=torch.bfloat16)
+        cfg = pick_config(m, n, k, 4, 64, device)
+        ref = wq_matmul(x, layout, config=cfg).float()
+        asm = wq_matmul(x, layout, config={**cfg, **args}).float()
+        if not bool(torch.allclose(asm, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))):
+            return False
+    return True
+
+
+def table_asm(table: torch.Tensor) -> dict:
+    """PTX decoding 8 bitsandbytes-packed codes (first of each byte pair in the high nibble) with the
+    16-entry ``table`` as fp16 in 8 registers: the low and high bytes of entries 0-7 / 8-15 form
+    four byte planes each; ``prmt`` looks up four 3-bit indices at once in a plane pair, bit 3 of every
+    code (spread to a byte mask by a sign-replicating ``prmt``) picks the half, two more ``prmt``
+    interleave low / high bytes into fp16 pairs, ``cvt`` makes fp32. The table values are rounded to
+    fp16 (relative error <= 2**-11, below the bf16 rounding of the weights)."""
+    bits = [int(v) & 0xFFFF for v in table.float().cpu().half().view(torch.int16).tolist()]
+
+    def plane(shift: int, first: int) -> int:
+        word = 0
+        for b in range(4):
+            word |= ((bits[first + b] >> shift) & 0xFF) << (8 * b)
+        return word
+
+    planes = [
+        plane(0, 0),
+        plane(0, 4),
+        plane(0, 8),
+        plane(0, 12),
+        plane(8, 0),
+        plane(8, 4),
+        plane(8, 8),
+        plane(8, 12),
+    ]
+    asm = _ASM_TEMPLATE
+    for i, name in enumerate(("L0", "L1", "L2", "L3", "H0", "H1", "H2", "H3")):
+        asm = asm.replace(name, f"${9 + i}")
+    # as int32 constants (Triton constexpr ints become i32 / i64 by value)
+    return {
+        "TABLE_ASM": asm,
+        **{f"TP{i}": p - (1 << 32) if p >= 1 << 31 else p for i, p in enumerate(planes)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------
+
+_SMS: dict[int, int] = {}
+_WORKSPACE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+WS_FLOATS = 1 << 22  # 16 MiB of fp32 partials per device
+WS_TILES = 1 << 14
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partials and zeroed per-tile counters for split-K (kernels leave the counters at zero).
+
+    Allocate outside CUDA-graph capture (the first, eager call does)."""
+    key = str(device)
+    if key not in _WORKSPACE:
+        _WORKSPACE[key] = (
+            torch.empty(WS_FLOATS, device=device, dtype=torch.float32),
+            torch.zeros(WS_TILES, device=device, dtype=torch.int32),
+        )
+    return _WORKSPACE[key]
+
+
+def pick_config(M: int, N: int, K: int, bits: int, group: int, device: torch.device | None = None) -> dict:
+    """Block sizes and split-K for one call (H100 measurements: benchmarks/kernel_bw.py, docs/bench.md)."""
+    vals = 32 // bits
+    if M == 1:
+        bn, bk = (128, 128) if bits == 4 else (64, 128)
+        cfg = {"USE_DOT": False, "BM": 1, "BN": bn, "BK": bk, "num_warps": 4, "num_stages": 3}
+    elif M <= 16:
+        cfg = {"USE_DOT": True, "BM": 16, "BN": 64, "BK": 16 * vals, "num_warps": 4, "num_stages": 3}
+    else:
+        cfg = {"USE_DOT": True, "BM": 64, "BN": 64, "BK": 16 * vals, "num_warps": 4, "num_stages": 4}
+    cfg = fit_bk(cfg, K, bits, group)
+    if cfg and M <= 16:
+        cfg["SPLIT_K"] = split_for(M, N, K, cfg, _num_sms(device) if device is not None else 132)
+    return cfg
+
+
+def split_for(M: int, N: int, K: int, cfg: dict, sms: int) -> int:
+    """Smallest power-of-two split giving at least two programs per SM (and >= 4 k-steps each)."""
+    tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
+    steps = K // cfg["BK"]
+    split = 1
+    while tiles * split < 2 * sms and steps // (split * 2) >= 4 and split < 32:
+        split *= 2
+    return split
+
+
+def fit_bk(cfg: dict, K: int, bits: int, group: int) -> dict:
+    """Shrink BK until it divides K (dot tiles keep >= 16 columns per code slot); {} if impossible."""
+    vals = 32 // bits
+    min_bk = 16 * vals if cfg["USE_DOT"] else 2 * vals
+    bk = cfg["BK"]
+    while bk >= min_bk and K % bk:
+        bk //= 2
+    if bk < min_bk or K % bk:
+        return {}
+    return {**cfg, "BK": bk}
+
+
+@triton.jit
+def _x_permute_kernel(x_ptr, o_ptr, K, stride_x, stride_o, VALS: tl.constexpr, BK: tl.constexpr,
+                      ACT_SILU_MUL: tl.constexpr):  # fmt: skip
+    """o[m, k0 + i * BKV + j] = x[m, k0 + VALS * j + i] (x = silu(g) * u of a gate/up output if ACT)."""
+    BKV: tl.constexpr = BK // VALS
+    row = tl.program_id(0).to(tl.int64)
+    k0 = tl.program_id(1) * BK
+    offs = tl.arange(0, BK)
+    src = x_ptr + row * stride_x + k0 + (offs % BKV) * VALS + offs // BKV
+    if ACT_SILU_MUL:
+        v = _silu_mul(tl.load(src), tl.load(src + K))
+    else:
+        v = tl.load(src)
+    tl.store(o_ptr + row * stride_o + k0 + offs, v)
+
+
+def permute_activations(x: torch.Tensor, k: int, bits: int, bk: int, act_silu_mul: bool) -> torch.Tensor:
+    """``x [M, K]`` (or gate/up ``[M, 2K]`` with ``act_silu_mul``) reordered slot-major per BK tile."""
+    out = torch.empty((x.shape[0], k), device=x.device, dtype=x.dtype)
+    _x_permute_kernel[(x.shape[0], k // bk)](
+        x, out, k, x.stride(0), out.stride(0), VALS=32 // bits, BK=bk, ACT_SILU_MUL=act_silu_mul, num_warps=4
+    )
+    return out
+
+
+def wq_matmul(
+    x: torch.Tensor,
+    layout: WQLayout,
+    *,
+    act_silu_mul: bool = False,
+    row_factor: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` (``x [M, 2K]`` gate/up when ``act_silu_mul``).
+
+    ``out`` is ``[M, N]`` in x's dtype. Layers with activation quantization (``layout.act_quant``) are
+    handled by :func:`quantbench.engine.kernels.linear`, which quantizes x first and passes the scales
+    as ``row_factor``.
+    """
+    M = x.shape[0]
+    N, K = layout.out_features, layout.in_features
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    cfg = dict(config or pick_config(M, N, K, layout.bits, layout.group, x.device))
+    if not cfg:
+        raise ValueError(f"no kernel configuration for K={K}, bits={layout.bits}")
+    bm, bn = cfg.pop("BM"), cfg.pop("BN")
+    split = cfg.pop("SPLIT_K", 1)
+    x_perm = bool(cfg.pop("X_PERM", M > 16))
+    asm_args = None
+    if "TABLE_ASM" in cfg:
+        asm_args = {key: cfg.pop(key) for key in ("TABLE_ASM", *(f"TP{i}" for i in range(8)))}
+    if x_perm:  # prompt-sized x: one cheap pass makes every activation load contiguous
+        x = permute_activations(x, K, layout.bits, cfg["BK"], act_silu_mul)
+        act_silu_mul = False
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    if split > 1 and (split * M * N > WS_FLOATS or tiles > WS_TILES):
+        split = 1
+    steps = K // cfg["BK"]
+    k_split = triton.cdiv(steps, split) * cfg["BK"]
+    split = triton.cdiv(K, k_split)  # no empty splits
+    ws, cnt = _workspace(x.device) if split > 1 else (out, out)
+    dummy = layout.w32
+    _wq_matmul_kernel[(tiles * split,)](
+        x,
+        layout.w32,
+        layout.scales,
+        layout.zeros if layout.zeros is not None else dummy,
+        layout.table if layout.table is not None else dummy,
+        layout.dq_code if layout.dq_code is not None else dummy,
+        layout.dq_nested if layout.dq_nested is not None else dummy,
+        layout.dq_offset if layout.dq_offset is not None else dummy,
+        layout.bias if layout.bias is not None else dummy,
+        row_factor if row_factor is not None else dummy,
+        out,
+        ws,
+        cnt,
+        M,
+        N,
+        K,
+        x.stride(0),
+        out.stride(0),
+        layout.w32.stride(0),
+        layout.scale_stride,
+        k_split,
+        GROUP=layout.group,
+        BITS=layout.bits,
+        HIGH_FIRST=layout.high_first,
+        MODE=layout.mode,
+        HAS_ZERO=layout.zeros is not None,
+        ZERO_CONST=float(layout.zero_const),
+        NESTED=layout.dq_code is not None,
+        HAS_BIAS=layout.bias is not None,
+        SCALE_MUL=float(layout.scale_mul),
+        SIGNED8=layout.signed8,
+        HAS_ROWF=row_factor is not None,
+        ACT_SILU_MUL=act_silu_mul,
+        SPLIT_K=split,
+        **(asm_args if asm_args is not None else _asm_for(layout, x.device)),
+        X_PERM=x_perm,
+        BM=bm,
+        BN=bn,
+        **cfg,
+    )
+    return out

@@ -1,0 +1,348 @@
+"""A lean forward for the Llama / Mistral / Qwen2 family over an HF model's own weights.
+
+``EngineModel`` reads the HF modules once: per layer the two RMSNorm weights and the seven linears,
+fused where the module type allows it (q/k/v into one ``qkv`` product, gate/up into one ``gate_up``
+product; the HF modules are left pointing at views of the fused storage, so no memory is doubled).
+It owns a static KV cache ``[layers, B, HKV, S, D]`` and two entry points:
+
+* ``prefill(ids, start)``: the prompt in one pass (SDPA), cache rows ``0..T-1``, last-token logits;
+* ``decode(tokens, cache_len, start)``: one token per sequence at cache index ``cache_len`` (a device
+  scalar), fixed shapes and no host synchronisation, so the whole step can be captured in a CUDA graph.
+
+``start[b]`` is the left padding of sequence b (its RoPE positions count from there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantbench.engine.ops import Ops
+from quantbench.quant.base import QuantLinear
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """None when the engine can run ``model``, else why not (the caller falls back to HF generate)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return "not a Hugging Face model"
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_TYPES:
+        return f"architecture '{model_type}' is not in the engine's family ({', '.join(SUPPORTED_TYPES)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act} (engine does SiLU-gated MLPs)"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return "unexpected module layout"
+    head_dim = _head_dim(config)
+    if head_dim % 2 or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} is not a power of two"
+    return None
+
+
+def sliding_window(config) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+        return None
+    return window or None
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LinearOp:
+    """One or more linears applied to the same input, outputs concatenated along the last dim."""
+
+    def __init__(self, modules: list[nn.Module], use_kernels: bool) -> None:
+        self.modules = modules
+        self.use_kernels = use_kernels
+        self.layouts: list = []
+        if use_kernels:
+            from quantbench.engine.kernels import layout_for
+
+            self.layouts = [layout_for(m) if isinstance(m, QuantLinear) else None for m in modules]
+        else:
+            self.layouts = [None] * len(modules)
+        # The down projection reads silu(gate) * up on the fly when every part has a kernel.
+        self.fuses_act = use_kernels and all(lay is not None for lay in self.layouts)
+        self.out_features = sum(m.out_features for m in modules)
+        self.in_features = modules[0].in_features
+
+    def weight_bytes(self) -> int:
+        total = 0
+        for m in self.modules:
+            for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
+                total += t.numel() * t.element_size()
+        return total
+
+    def __call__(self, x: torch.Tensor, act_silu_mul: bool = False) -> torch.Tensor:
+        if act_silu_mul and not self.fuses_act:
+            from quantbench.engine.ops import silu_mul_ref
+
+            if self.use_kernels:
+                from quantbench.engine.kernels.fused import silu_mul
+
+                x = silu_mul(x)
+            else:
+                x = silu_mul_ref(x)
+            act_silu_mul = False
+        outs = [self._one(m, lay, x, act_silu_mul) for m, lay in zip(self.modules, self.layouts, strict=True)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def _one(self, module: nn.Module, layout, x: torch.Tensor, act: bool) -> torch.Tensor:
+        if layout is not None:
+            from quantbench.engine.kernels import linear
+
+            return linear(layout, x, act_silu_mul=act)
+        if isinstance(module, QuantLinear):
+            return module(x)
+        return F.linear(x, module.weight, module.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fusing q/k/v and gate/up
+
+
+def _views_into(fused: torch.Tensor, parts: list[torch.Tensor], dim: int = 0) -> list[torch.Tensor]:
+    views, offset = [], 0
+    for p in parts:
+        size = p.shape[dim]
+        views.append(fused.narrow(dim, offset, size))
+        offset += size
+    return views
+
+
+def fuse_linears(modules: list[nn.Module]) -> list[nn.Module]:
+    """One module computing all of ``modules`` (outputs concatenated), or the list unchanged.
+
+    Fuses plain ``nn.Linear`` (bf16/fp16 weights), RTN-layout modules (int4/int8, GPTQ without
+    act-order, AWQ) and bitsandbytes 4-bit without double quantization when the block size divides
+    ``in_features``. The original modules then hold views of the fused buffers.
+    """
+    first = modules[0]
+    if len(modules) == 1 or any(type(m) is not type(first) for m in modules):
+        return modules
+    if any(m.in_features != first.in_features for m in modules):
+        return modules
+    if any((m.bias is None) != (first.bias is None) for m in modules):
+        return modules
+    if type(first) is nn.Linear:
+        return [_fuse_dense(modules)]
+    from quantbench.quant.rtn import RTNLinear
+
+    if isinstance(first, RTNLinear):
+        if any(getattr(m, "g_idx", None) is not None or m.config != first.config for m in modules):
+            return modules
+        return [_fuse_quant(modules, ("qweight", "scales", "qzeros"), flat=False)]
+    try:
+        from quantbench.quant.bnb4 import Bnb4Linear
+    except ImportError:  # pragma: no cover
+        return modules
+    if isinstance(first, Bnb4Linear):
+        if first.double_quant or first.in_features % first.blocksize:
+            return modules
+        if any(m.config != first.config for m in modules):
+            return modules
+        return [_fuse_quant(modules, ("qweight", "absmax"), flat=True)]
+    return modules
+
+
+def _fuse_dense(modules: list[nn.Module]) -> nn.Module:
+    first = modules[0]
+    out = sum(m.out_features for m in modules)
+    with torch.device("meta"):
+        fused = nn.Linear(first.in_features, out, bias=first.bias is not None)
+    weight = torch.cat([m.weight.data for m in modules])
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    for m, view in zip(modules, _views_into(weight, [m.weight for m in modules]), strict=True):
+        m.weight = nn.Parameter(view, requires_grad=False)
+    if first.bias is not None:
+        bias = torch.cat([m.bias.data for m in modules])
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+        for m, view in zip(modules, _views_into(bias, [m.bias for m in modules]), strict=True):
+            m.bias = nn.Parameter(view, requires_grad=False)
+    return fused
+
+
+def _fuse_quant(modules: list[nn.Module], names: tuple[str, ...], flat: bool) -> nn.Module:
+    first = modules[0]
+    out = sum(m.out_features for m in modules)
+    with torch.device("meta"):
+        fused = type(first)(first.in_features, out, first.bias is not None, first.config)
+    for name in (*names, "bias"):
+        parts = [getattr(m, name) for m in modules]
+        if parts[0] is None:
+            continue
+        whole = torch.cat([p.reshape(-1) if flat else p for p in parts])
+        if name == "bias":
+            fused.bias = nn.Parameter(whole, requires_grad=False)
+        else:
+            setattr(fused, name, whole)
+        views = _views_into(whole, [p.reshape(-1) if flat else p for p in parts])
+        for m, p, view in zip(modules, parts, views, strict=True):
+            view = view.view(p.shape)
+            if name == "bias":
+                m.bias = nn.Parameter(view, requires_grad=False)
+            else:
+                setattr(m, name, view)
+    return fused
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Layer:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    qkv: LinearOp
+    o: LinearOp
+    gate_up: LinearOp
+    down: LinearOp
+
+
+class EngineModel:
+    def __init__(self, model: nn.Module, use_kernels: bool | None = None, fuse: bool = True) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(reason)
+        cfg = model.config
+        inner = model.model
+        self.model = model
+        self.config = cfg
+        self.device = next(model.parameters()).device
+        self.dtype = inner.embed_tokens.weight.dtype
+        if use_kernels is None:
+            from quantbench.engine.kernels import triton_available
+
+            use_kernels = self.device.type == "cuda" and triton_available()
+        self.use_kernels = use_kernels
+        self.ops = Ops(use_kernels)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = _head_dim(cfg)
+        self.hidden = cfg.hidden_size
+        self.sm_scale = self.head_dim**-0.5
+        self.eps = inner.norm.variance_epsilon
+        self.embed = inner.embed_tokens
+        self.norm_w = inner.norm.weight
+        self.layers: list[Layer] = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+            gate_up = [mlp.gate_proj, mlp.up_proj]
+            if fuse:
+                qkv, gate_up = fuse_linears(qkv), fuse_linears(gate_up)
+            self.layers.append(
+                Layer(
+                    ln1=layer.input_layernorm.weight,
+                    ln2=layer.post_attention_layernorm.weight,
+                    qkv=LinearOp(qkv, use_kernels),
+                    o=LinearOp([attn.o_proj], use_kernels),
+                    gate_up=LinearOp(gate_up, use_kernels),
+                    down=LinearOp([mlp.down_proj], use_kernels),
+                )
+            )
+        self.lm_head = LinearOp([model.lm_head], use_kernels)
+        self.rotary = inner.rotary_emb
+        self.max_len = 0
+        self.cos = self.sin = None
+        self.k_cache = self.v_cache = None
+
+    # ---- state ----
+    def ensure_rope(self, length: int) -> None:
+        if self.cos is not None and self.cos.shape[0] >= length:
+            return
+        pos = torch.arange(length, device=self.device)[None]
+        dummy = torch.zeros(1, device=self.device, dtype=torch.float32)
+        cos, sin = self.rotary(dummy, pos)
+        cos, sin = cos[0].float(), sin[0].float()
+        half = self.head_dim // 2
+        if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+            raise ValueError("rotary embedding is not rotate-half RoPE")
+        self.cos, self.sin = cos[:, :half].contiguous(), sin[:, :half].contiguous()
+
+    def allocate_cache(self, batch: int, max_len: int) -> None:
+        """Static KV cache for ``batch`` sequences of up to ``max_len`` tokens (reused when it fits)."""
+        shape = (len(self.layers), batch, self.n_kv, max_len, self.head_dim)
+        if self.k_cache is not None and self.k_cache.shape == shape:
+            return
+        self.k_cache = self.v_cache = None
+        self.k_cache = torch.empty(shape, device=self.device, dtype=self.dtype)
+        self.v_cache = torch.empty(shape, device=self.device, dtype=self.dtype)
+        self.max_len = max_len
+        self.ensure_rope(max_len)
+
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights one decode step reads (all linears, norms; embedding rows are negligible)."""
+        total = self.lm_head.weight_bytes() + self.norm_w.numel() * self.norm_w.element_size()
+        for layer in self.layers:
+            for op in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                total += op.weight_bytes()
+            total += (layer.ln1.numel() + layer.ln2.numel()) * layer.ln1.element_size()
+        return total
+
+    # ---- forward ----
+    def prefill(self, ids: torch.Tensor, start: torch.Tensor, padded: bool) -> torch.Tensor:
+        """Run the prompt ``ids [B, T]``; fills cache rows 0..T-1; returns last-position logits [B, V]."""
+        b, t = ids.shape
+        ops = self.ops
+        h = self.embed(ids).reshape(b * t, self.hidden)
+        x = torch.empty_like(h)
+        q = torch.empty((b, self.n_heads, t, self.head_dim), device=self.device, dtype=self.dtype)
+        pending = None
+        for i, layer in enumerate(self.layers):
+            ops.add_rmsnorm(h, pending, layer.ln1, self.eps, x)
+            qkv = layer.qkv(x)
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            ops.rope_cache_prefill(
+                qkv, q, kc, vc, self.cos, self.sin, start, self.n_heads, self.n_kv, self.head_dim
+            )
+            attn = ops.prefill_attention(
+                q, kc[:, :, :t], vc[:, :, :t], start if padded else None, self.sm_scale
+            )
+            attn = attn.transpose(1, 2).reshape(b * t, self.n_heads * self.head_dim)
+            o = layer.o(attn)
+            ops.add_rmsnorm(h, o, layer.ln2, self.eps, x)
+            pending = layer.down(layer.gate_up(x), act_silu_mul=True)
+        last_h = h.view(b, t, self.hidden)[:, -1]
+        last_p = pending.view(b, t, self.hidden)[:, -1]
+        x_last = torch.empty((b, self.hidden), device=self.device, dtype=self.dtype)
+        ops.add_rmsnorm(last_h, last_p, self.norm_w, self.eps, x_last)
+        return self.lm_head(x_last)
+
+    def decode(self, tokens: torch.Tensor, cache_len: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """One step: ``tokens [B]`` at cache index ``cache_len`` (int32 device scalar) -> logits [B, V]."""
+        ops = self.ops
+        h = self.embed(tokens)
+        x = torch.empty_like(h)
+        attn = torch.empty((h.shape[0], self.n_heads * self.head_dim), device=self.device, dtype=self.dtype)
+        pending = None
+        for i, layer in enumerate(self.layers):
+            ops.add_rmsnorm(h, pending, layer.ln1, self.eps, x)
+            qkv = layer.qkv(x)
+            ops.decode_attention(
+                qkv,
+                self.k_cache[i],
+                self.v_cache[i],
+                self.cos,
+                self.sin,
+                cache_len,
+                start,
+                attn,
+                self.n_heads,
+                self.n_kv,
+                self.head_dim,
+                self.sm_scale,
+            )
+            o = layer.o(attn)
+            ops.add_rmsnorm(h, o, layer.ln2, self.eps, x)
+            pending = layer.down(layer.gate_up(x), act_silu_mul=True)
+        ops.add_rmsnorm(h, pending, self.norm_w, self.eps, x)
+        return self.lm_head(x)

@@ -1,0 +1,130 @@
+"""The engine's fused ops, each with a pure-torch reference (CPU, and the check for the Triton path)
+and a Triton implementation used on CUDA. Signatures match ``kernels/fused.py``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def add_rmsnorm_ref(
+    h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, out: torch.Tensor
+) -> torch.Tensor:
+    if residual is not None:
+        h.copy_((h.float() + residual.float()).to(h.dtype))
+    hf = h.float()
+    normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    out.copy_((normed.float() * weight.float()).to(h.dtype))
+    return out
+
+
+def silu_mul_ref(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    inter = gate_up.shape[-1] // 2
+    res = F.silu(gate_up[..., :inter]) * gate_up[..., inter:]
+    if out is None:
+        return res
+    return out.copy_(res)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def rope_cache_prefill_ref(
+    qkv: torch.Tensor,
+    q_out: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    start: torch.Tensor,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+) -> None:
+    b, _, t, d = q_out.shape
+    x = qkv.view(b, t, n_heads + 2 * n_kv, d)
+    pos = (torch.arange(t, device=qkv.device)[None, :] - start[:, None].long()).clamp_min(0)  # [B, T]
+    c, s = cos[pos][:, :, None, :], sin[pos][:, :, None, :]
+    q = _rope(x[:, :, :n_heads], c, s)
+    k = _rope(x[:, :, n_heads : n_heads + n_kv], c, s)
+    v = x[:, :, n_heads + n_kv :]
+    q_out.copy_(q.transpose(1, 2))
+    k_cache[:, :, :t].copy_(k.transpose(1, 2))
+    v_cache[:, :, :t].copy_(v.transpose(1, 2))
+
+
+def decode_attention_ref(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_len: torch.Tensor,
+    start: torch.Tensor,
+    out: torch.Tensor,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    sm_scale: float,
+) -> torch.Tensor:
+    b = qkv.shape[0]
+    d = head_dim
+    length = int(cache_len.item())
+    x = qkv.view(b, n_heads + 2 * n_kv, d)
+    pos = (length - start.long()).clamp_min(0)  # [B]
+    c, s = cos[pos][:, None, :], sin[pos][:, None, :]
+    q = _rope(x[:, :n_heads], c, s)
+    k_cache[:, :, length] = _rope(x[:, n_heads : n_heads + n_kv], c, s)
+    v_cache[:, :, length] = x[:, n_heads + n_kv :]
+    keys = k_cache[:, :, : length + 1].float()
+    vals = v_cache[:, :, : length + 1].float()
+    group = n_heads // n_kv
+    qg = q.float().view(b, n_kv, group, d)
+    scores = torch.einsum("bhgd,bhsd->bhgs", qg, keys) * sm_scale
+    valid = torch.arange(length + 1, device=qkv.device)[None, :] >= start[:, None].long()  # [B, S]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    res = torch.einsum("bhgs,bhsd->bhgd", probs, vals)
+    out.copy_(res.reshape(b, n_heads * d).to(out.dtype))
+    return out
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor | None, sm_scale: float
+) -> torch.Tensor:
+    """SDPA over the prompt: ``q [B, H, T, D]``, ``k/v [B, HKV, T, D]``; causal, left padding masked."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    if start is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale)
+    t = q.shape[2]
+    idx = torch.arange(t, device=q.device)
+    causal = idx[None, :] <= idx[:, None]  # [T(q), T(k)]
+    keep = causal[None] & (idx[None, None, :] >= start[:, None, None].long())
+    keep = keep | torch.eye(t, dtype=torch.bool, device=q.device)[None]  # pad rows see themselves
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], scale=sm_scale)
+
+
+class Ops:
+    """The op table the engine calls: Triton kernels when ``use_triton``, else the references."""
+
+    def __init__(self, use_triton: bool) -> None:
+        self.use_triton = use_triton
+        if use_triton:
+            from quantbench.engine.kernels import fused
+
+            self.add_rmsnorm = fused.add_rmsnorm
+            self.silu_mul = fused.silu_mul
+            self.rope_cache_prefill = fused.rope_cache_prefill
+            self.decode_attention = fused.decode_attention
+        else:
+            self.add_rmsnorm = add_rmsnorm_ref
+            self.silu_mul = silu_mul_ref
+            self.rope_cache_prefill = rope_cache_prefill_ref
+            self.decode_attention = decode_attention_ref
+        self.prefill_attention = prefill_attention
