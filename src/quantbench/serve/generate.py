@@ -155,7 +155,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     """
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
-    scores = logits.float() / params.temperature
+    scores = logits.detach().float().cpu() / params.temperature  # the generator and the draw live on CPU
     if params.top_k and params.top_k < scores.shape[-1]:
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
