@@ -92,6 +92,8 @@ def dispatch(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """Kernel forward of ``module`` for ``x [..., K]``, or None (use the reference forward)."""
     if not kernels_enabled(x) or x.dtype not in (torch.float16, torch.bfloat16):
         return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None  # the kernels have no backward: training (QLoRA) takes the autograd reference path
     if getattr(module, "compute_dtype", x.dtype) != x.dtype:
         return None
     layout = layout_for(module)
