@@ -142,7 +142,8 @@ def test_sweep_records_a_failing_config_and_goes_on(tiny_dir, tmp_path, monkeypa
     from quantbench.report.data import collect
     from quantbench.report.render import write_report
 
-    sweep = _write_sweep(tmp_path / "s.yaml", tiny_dir, ["int8", "bf16"], 2)
+    bench = "bench:\n  device: cpu\n  batch: [1]\n  input: 8\n  output: 2\n  repeats: 1\n"
+    sweep = _write_sweep(tmp_path / "s.yaml", tiny_dir, ["int8", "bf16"], 2, extra=bench)
     db = tmp_path / "r.db"
     real_eval = sweep_mod._eval_stage
 
@@ -153,21 +154,23 @@ def test_sweep_records_a_failing_config_and_goes_on(tiny_dir, tmp_path, monkeypa
 
     monkeypatch.setattr(sweep_mod, "_eval_stage", broken)
     summary = sweep_mod.run_sweep(sweep_mod.load_sweep(sweep), str(db), progress=False, log=lambda _: None)
-    assert summary.failed == 1 and summary.ran == 1
+    assert summary.failed == 1 and summary.ran == 3  # int8's bench still runs, on the CPU reference path
     failed = [u for u in summary.units if u.status == "failed"]
     assert len(failed) == 1 and "simulated kernel failure" in failed[0].error
     written = write_report(collect(db), tmp_path / "rep", ["md"], plots=False)
     md = written[-1].read_text()
     assert "Failed configurations" in md and "simulated kernel failure" in md
+    assert "### Latency on CPU" in md and "| int8 | bf16 | - | channel |" in md
 
     # The dry run lists it for a retry; a rerun (fixed) runs only it.
     lines: list[str] = []
     sweep_mod.run_sweep(sweep_mod.load_sweep(sweep), str(db), dry_run=True, log=lines.append)
     assert any("int8" in line and "will retry" in line for line in lines)
     assert any(line.startswith("[2/2] bf16 eval:mmlu: done, skip") for line in lines)
+    assert any(line.startswith("[1/2] int8") and "bench: done, skip" in line for line in lines)
     monkeypatch.setattr(sweep_mod, "_eval_stage", real_eval)
     fixed = sweep_mod.run_sweep(sweep_mod.load_sweep(sweep), str(db), progress=False, log=lambda _: None)
-    assert fixed.ran == 1 and fixed.failed == 0 and fixed.skipped == 1
+    assert fixed.ran == 1 and fixed.failed == 0 and fixed.skipped == 3
 
 
 @pytest.mark.parametrize(
