@@ -19,12 +19,15 @@ app = typer.Typer(
 )
 
 # Command modules register on `app` when imported.
-import quantbench.cli.eval_cmds  # noqa: E402,F401
-from quantbench.cli import quant_cmds  # noqa: E402,F401
-from quantbench.cli import calib_cmds  # noqa: E402,F401
-from quantbench.cli import train_cmds  # noqa: E402,F401
-from quantbench.cli import bench_cmds  # noqa: E402,F401
-from quantbench.cli import report_cmds, serve_cmds  # noqa: E402,F401
+from quantbench.cli import (  # noqa: E402,F401
+    bench_cmds,
+    calib_cmds,
+    eval_cmds,
+    quant_cmds,
+    report_cmds,
+    serve_cmds,
+    train_cmds,
+)
 
 
 def fail(message: str, code: int = 2) -> None:
