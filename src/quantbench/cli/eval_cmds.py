@@ -58,6 +58,9 @@ def ppl(
 
     body, label = _read_text(text)
     model_obj, tokenizer = load_for_eval(model, method, device)
+    from quantbench.eval.loading import enable_dequant_cache
+
+    enable_dequant_cache(model_obj, str(next(model_obj.parameters()).device))
     result = perplexity(
         model_obj,
         tokenizer,
@@ -121,10 +124,11 @@ def _pct(x: float) -> str:
 
 
 def _print_result(result, show_subjects: bool = True) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     head = (
-        f"[bold]{result.task}[/] {result.split} {result.shots}-shot {result.mode} [{result.spec}]: "
+        f"[bold]{result.task}[/] {result.split} {result.shots}-shot {result.mode} ({escape(result.spec)}): "
         f"Avg [bold]{_pct(result.accuracy)}%[/] over {result.questions} questions "
         f"({result.evaluated} evaluated now, {result.reused} from the store), "
         f"wall {result.wall_s:.1f}s, compute {result.compute_s:.1f}s"
