@@ -158,3 +158,32 @@ def test_eval_and_ppl_commands(tiny_dir, tmp_path, capsys):
     )
     assert code == 0 and "perplexity" in out
     assert json.loads(ppl_json.read_text())["scored"] > 0
+
+
+def test_run_and_eval_on_a_saved_checkpoint(tiny_dir, tmp_path, capsys):
+    model, tokenizer = quantbench.load_model(str(tiny_dir), dtype="fp32")
+    quantbench.quantize(model, "int8")
+    ckpt = quantbench.save_quantized(model, tokenizer, tmp_path / "ckpt")
+    db, out_json = tmp_path / "c.db", tmp_path / "c.json"
+    argv = [
+        "run",
+        str(ckpt),
+        "--subjects",
+        "management",
+        "--limit",
+        "2",
+        "--db",
+        str(db),
+        "--json",
+        str(out_json),
+    ]
+    code, out, _ = _main(argv, capsys)
+    assert code == 0 and "1 method(s): int8:" in out
+    methods = json.loads(out_json.read_text())["methods"]
+    assert len(methods) == 1 and methods[0]["method"] == "int8" and methods[0]["quantize_s"] == 0.0
+    code, _, err = _main([*argv, "--methods", "int4"], capsys)
+    assert code == 2 and "checkpoint" in err
+    code, out, _ = _main(
+        ["eval", str(ckpt), "--subjects", "management", "--limit", "2", "--db", str(db)], capsys
+    )
+    assert code == 0 and "0 evaluated now, 2 from the store" in out

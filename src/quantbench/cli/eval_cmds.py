@@ -396,6 +396,14 @@ def run(
         if split == "dev":
             raise EvalError("the dev split holds the few-shot examples: use val or test")
     method_list = _split_list(methods) or default_methods()
+    from quantbench.eval.loading import is_checkpoint
+
+    if is_checkpoint(model):  # a saved checkpoint is one quantization: evaluate it as saved
+        from quantbench.checkpoint import read_manifest
+
+        if methods:
+            raise EvalError(f"{model} is a checkpoint ({read_manifest(model).get('spec')}); drop --methods")
+        method_list = [str(read_manifest(model).get("spec"))]
     specs = [parse_spec(m).spec for m in method_list]  # bad spec: one-line error before any work
     given = _split_list(subjects)
     quick = not full and given is None and limit is None
