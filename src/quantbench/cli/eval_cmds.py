@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -187,12 +188,22 @@ def eval_command(
     lmeval_include: str = typer.Option(
         None, "--lmeval-include", help="directory of custom lm-eval task YAMLs (for lmeval:TASK)"
     ),
+    gpus: int = typer.Option(1, "--gpus", help="data-parallel over N GPUs (launches torchrun itself)"),
 ) -> None:
     """Evaluate one model (or checkpoint) on MMLU / C-Eval; every answer is stored, reruns skip them.
 
     ``--tasks lmeval:TASK[,lmeval:TASK...]`` runs lm-evaluation-harness tasks instead (docs/lmeval.md).
+    Under ``torchrun --nproc-per-node N -m quantbench eval ...`` (or with ``--gpus N``) every rank scores
+    a shard of the questions and rank 0 writes them all to the DB.
     """
+    from quantbench.eval.distributed import init_from_env, relaunch_with_torchrun
     from quantbench.eval.loading import configure_threads
+
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        raise SystemExit(relaunch_with_torchrun(gpus, "--gpus"))
+    rank, world, rank_device = init_from_env()
+    if world > 1:
+        device = str(rank_device)
 
     configure_threads(threads)
     if "lmeval:" in tasks:  # lm-evaluation-harness tasks: quantbench.eval.lmeval_adapter
@@ -216,7 +227,8 @@ def eval_command(
         return
     import time
 
-    from quantbench.eval.harness import MODES, EvalError, evaluate
+    from quantbench.eval.distributed import evaluate_data_parallel
+    from quantbench.eval.harness import MODES, EvalError
     from quantbench.eval.loading import load_for_eval
     from quantbench.eval.memory import peak_bytes, reset_peak
     from quantbench.eval.store import ResultStore
@@ -247,7 +259,7 @@ def eval_command(
         results = []
         for task in task_list:
             reset_peak(dev)
-            result = evaluate(
+            result = evaluate_data_parallel(
                 model_obj,
                 tokenizer,
                 task,
@@ -260,8 +272,10 @@ def eval_command(
                 store=store,
                 prefix_reuse=not no_prefix_reuse,
                 max_new_tokens=max_new_tokens,
-                progress=True,
+                progress=rank == 0,
             )
+            if result is None:  # not rank 0: its answers went to rank 0
+                continue
             peak, kind = peak_bytes(dev)
             store.add_run(
                 model=model,
@@ -285,11 +299,16 @@ def eval_command(
                 peak_mem_gib=peak / 2**30,
                 peak_mem_kind=kind,
                 device=dev,
-                extra={"command": "eval", "prefix_reuse": not no_prefix_reuse, "dequant_cache": cached},
+                extra={
+                    "command": "eval",
+                    "prefix_reuse": not no_prefix_reuse,
+                    "dequant_cache": cached,
+                    "ranks": world,
+                },
             )
             _print_result(result)
             results.append(result)
-    if json_out is not None:
+    if json_out is not None and rank == 0:
         payload = {"model": model, "results": [r.to_dict(with_answers=True) for r in results]}
         json_out.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 

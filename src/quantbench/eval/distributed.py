@@ -25,6 +25,31 @@ from quantbench.eval.store import EvalKey, ResultStore
 from quantbench.eval.tasks import MultipleChoiceTask, Question, get_task
 
 
+def relaunch_with_torchrun(nproc: int, flag: str) -> int:
+    """Run this same command under ``torchrun --nproc-per-node nproc`` (minus ``flag N``); its exit code."""
+    import subprocess
+    import sys
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            args.append(arg)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "quantbench",
+        *args,
+    ]
+    return subprocess.call(command)
+
+
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -69,8 +94,8 @@ def evaluate_data_parallel(
     model: nn.Module,
     tokenizer: Any,
     task: str | MultipleChoiceTask,
-    store: ResultStore,
     *,
+    store: ResultStore,
     split: str = "val",
     shots: int = 5,
     mode: str = "loglikelihood",
@@ -105,8 +130,9 @@ def evaluate_data_parallel(
         result = evaluate(
             model, tokenizer, task, store=store, limit=limit, **common
         )  # all stored: just summarizes
+        new = sum(len(p) for p in gathered)
         result = dataclasses.replace(
-            result, wall_s=time.perf_counter() - start, evaluated=sum(len(p) for p in gathered)
+            result, wall_s=time.perf_counter() - start, evaluated=new, reused=result.reused - new
         )
     dist.barrier()
     return result
