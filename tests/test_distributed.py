@@ -52,7 +52,7 @@ def _worker(rank: int, world: int, port: int, db: str, out: str) -> None:
     model, tokenizer = _tiny_model_and_tokenizer()
     with ResultStore(db) as store:
         result = evaluate_data_parallel(
-            model, tokenizer, "mmlu", store, subjects=SUBJECTS, limit=LIMIT, shots=1, batch_size=4
+            model, tokenizer, "mmlu", store=store, subjects=SUBJECTS, limit=LIMIT, shots=1, batch_size=4
         )
     if rank == 0:
         preds = {(a.subject, a.idx): a.pred for a in result.answers}
@@ -107,6 +107,6 @@ def test_single_process_is_plain_evaluate(world: int, tmp_path: Path) -> None:
     model, tokenizer = _tiny_model_and_tokenizer()
     with ResultStore(tmp_path / "one.db") as store:
         result = evaluate_data_parallel(
-            model, tokenizer, "mmlu", store, subjects=SUBJECTS[:1], limit=2, shots=0
+            model, tokenizer, "mmlu", store=store, subjects=SUBJECTS[:1], limit=2, shots=0
         )
     assert result is not None and result.questions == 2
