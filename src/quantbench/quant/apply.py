@@ -162,6 +162,21 @@ def quantize(model: nn.Module, config: str | QuantConfig, **kwargs: Any) -> nn.M
     return model
 
 
+def set_dequant_cache(model: nn.Module, enabled: bool = True) -> int:
+    """Keep (or drop) each quantized layer's dequantized weight between forwards.
+
+    For evaluation on the CPU reference path: results are identical, forwards are much faster,
+    memory grows by a 16-bit copy of the quantized layers. Returns the number of layers changed.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.__dict__["cache_dequantized"] = enabled
+            module.__dict__.pop("_dense_cache", None)
+            count += 1
+    return count
+
+
 def replace_with_empty(model: nn.Module, config: QuantConfig, layer_names: list[str]) -> None:
     """Swap the named Linears for empty quantized skeletons (used when loading a checkpoint)."""
     from quantbench.quant import METHODS
