@@ -27,13 +27,17 @@ import torch
 
 CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-if not CUDA and HAS_TRITON:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+# Interpreter mode is fixed when a kernel module is imported, and TRITON_INTERPRET=1 routes every CPU
+# forward through the kernels: so the interpreter tests run in their own process (see the last test),
+# never by setting the variable in this one.
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 from quantbench import parse_spec  # noqa: E402
 from quantbench.quant import METHODS  # noqa: E402
 
-interp = pytest.mark.skipif(CUDA or not HAS_TRITON, reason="interpreter test: CPU with triton installed")
+interp = pytest.mark.skipif(
+    CUDA or not HAS_TRITON or not IN_INTERPRETER, reason="runs inside test_interpreter_tests_in_own_process"
+)
 
 WEIGHT_ONLY = [
     "int4:group=128",
@@ -211,6 +215,24 @@ def test_w8a8_kernel_interpreter(spec: str, m: int) -> None:
 @interp
 def test_fused_ops_interpreter() -> None:
     _check_fused_ops("cpu", torch.float16, batch=2, t=5, heads=4, kv=2, d=32, hidden=64)
+
+
+@pytest.mark.skipif(CUDA or not HAS_TRITON or IN_INTERPRETER, reason="CPU with triton installed")
+def test_interpreter_tests_in_own_process() -> None:
+    """The interpreter tests above, in a fresh process with TRITON_INTERPRET=1 set before any import."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreter"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
 
 
 # ------------------------------------------------------------------------------------------------------
