@@ -70,6 +70,11 @@ def main() -> None:
     train = [encode_example(p, c, tokenizer, 64) for p, c in train_items]
     held = [encode_example(p, c, tokenizer, 64) for p, c in held_items]
     before_codes = qlora.base_weight_tensors(model)
+    # The base is frozen: keep each layer's dequantized weight instead of decoding it on every forward
+    # and recompute (same numbers; the 4-bit codes stay the stored truth and are checked below).
+    from quantbench.quant.apply import set_dequant_cache
+
+    set_dequant_cache(model, True)
     peft_model = qlora.attach_lora(model, r=16, alpha=32, dropout=0.05)
     pad = tokenizer.pad_token_id or 0
     loss0, acc0 = (
