@@ -86,7 +86,7 @@ def main() -> None:
     ids: torch.Tensor = torch.load(ids_path)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     oneshot(
         model=model,
         dataset=ds,
@@ -95,12 +95,13 @@ def main() -> None:
         num_calibration_samples=ids.shape[0],
         shuffle_calibration_samples=False,
     )
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     save_file(fake_quantized_weights(model), out_path)
     print(
         json.dumps(
             {
                 "quantize_s": round(seconds, 1),
+                "quantize_cpu_s": round(cpu_seconds, 1),
                 "version": llmcompressor.__version__,
                 "compressed_tensors": compressed_tensors.__version__,
                 "transformers": transformers.__version__,

@@ -162,5 +162,6 @@ def test_awq_whole_model(spec):
             model.get_parameter(n).float(), float_model.get_parameter(n).to(torch.bfloat16).float()
         )
     ]
-    assert changed or model.quantbench_calibration["mean_ratio"] == 0
-    assert 0.0 <= model.quantbench_calibration["mean_ratio"] < 1.0
+    ratio = model.quantbench_calibration["mean_ratio"]
+    assert changed or not ratio
+    assert ratio is None or 0.0 <= ratio < 1.0

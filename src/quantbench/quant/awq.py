@@ -160,7 +160,8 @@ def search_scales(
     sym: bool,
     duo: bool,
 ) -> tuple[torch.Tensor, float, float]:
-    """Best per-channel scales over the 20-point grid. Returns (scales, best ratio, loss ratio vs a=0)."""
+    """Best per-channel scales over the 20-point grid, or none (ones) when no grid point beats plain
+    RTN. Returns (scales, best ratio or -1 for none, best loss / plain-RTN loss)."""
     linears = list(group.linears.values())
     x_mean = x_all.abs().float().mean(0)
     weight = torch.cat([lin.weight.detach().float() for lin in linears], dim=0)
@@ -171,9 +172,13 @@ def search_scales(
         w_mean = w.reshape(weight.shape).mean(0)
     originals = [lin.weight.data.clone() for lin in linears]
     ref = [run_inspect(x) for x in x_search]
-    best = (math.inf, 0.0, torch.ones_like(x_mean))
-    first_loss = math.inf
     try:
+        # Candidate "no scaling" first: the search never returns scales that do worse than plain
+        # RTN on its own objective (with duo scaling even a=0 is not the identity).
+        for lin, orig in zip(linears, originals, strict=True):
+            lin.weight.data = pseudo_quantize(orig.float(), bits, gsize, sym).to(orig.dtype)
+        plain = sum(_mse(run_inspect(x), r) for x, r in zip(x_search, ref, strict=True)) / len(x_search)
+        best = (plain, -1.0, torch.ones_like(x_mean))
         for step in range(N_GRID):
             ratio = step / N_GRID
             if duo:
@@ -187,14 +192,12 @@ def search_scales(
                 scaled = orig.float() * s.unsqueeze(0)
                 lin.weight.data = (pseudo_quantize(scaled, bits, gsize, sym) / s.unsqueeze(0)).to(orig.dtype)
             loss = sum(_mse(run_inspect(x), r) for x, r in zip(x_search, ref, strict=True)) / len(x_search)
-            if step == 0:
-                first_loss = loss
             if loss < best[0]:
                 best = (loss, ratio, s.clone())
     finally:
         for lin, orig in zip(linears, originals, strict=True):
             lin.weight.data = orig
-    gain = best[0] / first_loss if first_loss and math.isfinite(first_loss) else 1.0
+    gain = best[0] / plain if plain > 0 else 1.0
     return best[2], best[1], gain
 
 
@@ -288,6 +291,9 @@ def _process_block(ctx: BlockContext, config: QuantConfig, stats: dict[str, Any]
             scales, ratio, gain = search_scales(
                 group, flat[first], x_search, run_inspect, bits, gsize, sym, bool(config["duo"])
             )
+        if ratio < 0:
+            stats["unscaled"] += 1
+            continue
         stats["ratios"].append(ratio)
         chosen.append((group, scales))
     # Fold every chosen scale; the captured inputs of the scaled Linears shrink by the same factor.
@@ -327,13 +333,12 @@ def _process_block(ctx: BlockContext, config: QuantConfig, stats: dict[str, Any]
 def quantize_model(
     model: nn.Module, config: QuantConfig, targets: dict[str, nn.Linear], **kwargs: Any
 ) -> dict:
-    stats: dict[str, Any] = {"scale_s": 0.0, "clip_s": 0.0, "ratios": []}
+    stats: dict[str, Any] = {"scale_s": 0.0, "clip_s": 0.0, "ratios": [], "unscaled": 0}
     out = calibrated_quantize(
         model, config, targets, lambda ctx: _process_block(ctx, config, stats), stats=stats, **kwargs
     )
     ratios = stats["ratios"]
-    if ratios:
-        model.quantbench_calibration["mean_ratio"] = round(sum(ratios) / len(ratios), 3)
+    model.quantbench_calibration["mean_ratio"] = round(sum(ratios) / len(ratios), 3) if ratios else None
     return out
 
 
