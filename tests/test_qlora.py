@@ -121,3 +121,124 @@ def test_data_formats_and_errors(tmp_path: Path, real_model_fp32) -> None:
         load_examples(bad, tokenizer)
     with pytest.raises(DataError, match="does not exist"):
         load_examples(tmp_path / "none.jsonl", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_base(tmp_path_factory) -> Path:
+    """A 2-layer Qwen2-architecture HF directory with the real tokenizer: a base load_model reads."""
+    from transformers import AutoTokenizer
+
+    from quantbench.models import resolve_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(quantbench.DEFAULT_MODEL)))
+    torch.manual_seed(0)
+    model = quantbench.random_model(
+        "qwen2.5-0.5b",
+        dtype="fp32",
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    out = tmp_path_factory.mktemp("tiny-base")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _trained_adapter(base: Path, out: Path) -> tuple[torch.nn.Module, torch.Tensor]:
+    model, tokenizer = quantbench.load_model(str(base), dtype="fp32")
+    quantbench.quantize(model, "nf4:block=64,dq=1,compute=fp32")
+    peft_model = qlora.attach_lora(model, r=4, alpha=8, dropout=0.0, targets="q,v,down")
+    train = [Example(ex.input_ids, ex.labels) for ex in answer_task(16, seed=4)]
+    qlora.train_lora(peft_model, train, settings(steps=4, save_every=0), out, progress=False)
+    qlora.save_adapter(peft_model, out, base=str(base), method="nf4:block=64,dq=1,compute=fp32")
+    ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
+    return peft_model, ids
+
+
+def test_adapter_saves_loads_and_merges(tiny_hf_base: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    trained, ids = _trained_adapter(tiny_hf_base, tmp_path / "adapter")
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+    # load_model(DIR) rebuilds base + quantization + adapter: the same function as the trained model
+    loaded, _ = quantbench.load_model(str(tmp_path / "adapter"))
+    assert loaded.quantbench_source["adapter"] == str((tmp_path / "adapter").resolve())
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+    # merge into the fp32 base: equals the base with W + B @ A * alpha / r on every adapted layer
+    qlora.merge_and_quantize(tmp_path / "adapter", "fp32", tmp_path / "merged")
+    merged, _ = quantbench.load_model(str(tmp_path / "merged"))
+    reference, _ = quantbench.load_model(str(tiny_hf_base), dtype="fp32")
+    with torch.no_grad():
+        base_logits = reference(input_ids=ids).logits
+        lora = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+        pairs = 0
+        for key, a in lora.items():
+            if ".lora_A." not in key:
+                continue
+            b = lora[key.replace(".lora_A.", ".lora_B.")]
+            name = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+            reference.get_submodule(name).weight += (b.double() @ a.double() * (8 / 4)).float()
+            pairs += 1
+        assert pairs == 2 * 3
+        want = reference(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    assert not torch.allclose(want, base_logits, atol=1e-4)  # the adapter changed something
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_errors(tiny_hf_base: Path, tmp_path: Path) -> None:
+    with pytest.raises(qlora.FinetuneError, match="not a quantbench finetune output"):
+        qlora.load_adapter_model(tmp_path)
+    _trained_adapter(tiny_hf_base, tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / qlora.ADAPTER_MANIFEST).read_text())
+    # a different quantization of the base gives other codes than the adapter was trained on
+    manifest["method"] = "nf4:block=128,dq=1,compute=fp32"
+    (tmp_path / "a" / qlora.ADAPTER_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(qlora.FinetuneError, match="does not give the codes"):
+        quantbench.load_model(str(tmp_path / "a"))
+    (tmp_path / "a" / "adapter_model.safetensors").unlink()
+    with pytest.raises(qlora.FinetuneError, match="adapter_model.safetensors is missing"):
+        qlora.load_adapter_model(tmp_path / "a")
+
+
+def test_finetune_cli_end_to_end(tiny_hf_base: Path, tmp_path: Path) -> None:
+    from test_cli_models import run_cli
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"What is {a} + 1? Answer:", "completion": f" {a + 1}"}) + "\n"
+            for a in range(12)
+        )
+    )
+    out = tmp_path / "ft"
+    common = [
+        "finetune",
+        str(tiny_hf_base),
+        "--method",
+        "nf4:compute=fp32",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+    ]
+    done = run_cli(*common, "--steps", "3", "--batch-size", "4", "--save-every", "2", "--eval-data", str(data),
+                   "--merge-and-quantize", "int8")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / qlora.ADAPTER_MANIFEST).read_text())["training"]
+    assert summary["steps"] == 3 and summary["base_weights_unchanged"] is True
+    assert [p.name for p in qlora._checkpoint_dirs(out)] == ["step-2"]
+    gen = run_cli("generate", str(out), "--prompt", "What is 3 + 1? Answer:", "--max-new-tokens", "3")
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert json.loads((out / "merged" / "quantbench.json").read_text())["spec"].startswith("int8")
+    bad = run_cli(*common[:-2], "--out", str(tmp_path / "x"), "--data", str(tmp_path / "missing.jsonl"))
+    assert (
+        bad.returncode != 0 and "Traceback" not in bad.stderr and "missing.jsonl" in bad.stderr + bad.stdout
+    )

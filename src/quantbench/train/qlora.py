@@ -13,6 +13,8 @@ Checkpoints under ``DIR/checkpoints/step-N`` carry optimizer, scheduler and RNG 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import shutil
@@ -371,3 +373,143 @@ def _set_checkpointing(model: nn.Module, on: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_disable()
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter directory: save, load on its quantized base, merge into a 16-bit copy
+# ---------------------------------------------------------------------------------------------
+
+
+def base_digest(model: nn.Module) -> str:
+    """sha256 over every quantized layer's stored tensors (name, dtype, shape, bytes), in name order."""
+    digest = hashlib.sha256()
+    tensors = base_weight_tensors(model)
+    for name in sorted(tensors):
+        t = tensors[name].contiguous().cpu()
+        flat = t.reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _base_reference(base: str) -> str:
+    """A packaged name stays a name; a path is stored absolute so the adapter loads from anywhere."""
+    path = Path(base).expanduser()
+    return str(path.resolve()) if path.exists() else base
+
+
+def save_adapter(
+    model: nn.Module, out_dir: str | Path, base: str, method: str, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write the LoRA adapter of a peft ``model`` (peft's format) plus ``quantbench_adapter.json``:
+    base model, quantization spec and the digest of the frozen base codes it was trained on."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    manifest = {
+        "format": "quantbench-adapter",
+        "version": 1,
+        "base": _base_reference(base),
+        "method": method,
+        "base_digest": base_digest(model),
+        **(extra or {}),
+    }
+    (out / ADAPTER_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def read_adapter_manifest(adapter_dir: str | Path) -> dict[str, Any]:
+    path = Path(adapter_dir) / ADAPTER_MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+        for key in ("base", "method"):
+            if not isinstance(manifest.get(key), str):
+                raise FinetuneError(f"{path}: field {key!r} is missing or not a string")
+    except FileNotFoundError:
+        raise FinetuneError(f"{path} does not exist: not a quantbench finetune output") from None
+    except json.JSONDecodeError as exc:
+        raise FinetuneError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (Path(adapter_dir) / name).exists():
+            raise FinetuneError(f"{Path(adapter_dir) / name} is missing")
+    return manifest
+
+
+def _adapter_settings(adapter_dir: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+        return {
+            "r": int(cfg["r"]),
+            "alpha": float(cfg["lora_alpha"]),
+            "targets": sorted(cfg["target_modules"]),
+        }
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise FinetuneError(f"{adapter_dir / 'adapter_config.json'} cannot be used: {exc}") from None
+
+
+def load_adapter_model(adapter_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """Base model + its quantization + the trained adapter, in eval mode (a peft model).
+
+    The base is re-quantized with the recorded spec and must reproduce the codes the adapter was
+    trained on (checked against the stored digest)."""
+    from quantbench.models import load_model
+    from quantbench.quant.apply import quantize
+
+    path = Path(adapter_dir)
+    manifest = read_adapter_manifest(path)
+    model, tokenizer = load_model(manifest["base"], dtype="fp32", device=device)
+    if getattr(model, "quantbench_config", None) is None:
+        quantize(model, manifest["method"])
+    digest = manifest.get("base_digest")
+    if digest and base_digest(model) != digest:
+        raise FinetuneError(
+            f"{path}: the base {manifest['base']!r} quantized with {manifest['method']!r} does not give the "
+            "codes this adapter was trained on"
+        )
+    settings = _adapter_settings(path)
+    peft_model = attach_lora(model, settings["r"], settings["alpha"], 0.0, settings["targets"])
+    _load_adapter_weights(peft_model, path)
+    for param in peft_model.parameters():
+        param.requires_grad_(False)
+    peft_model.eval()
+    source = dict(getattr(model, "quantbench_source", {}))
+    source["adapter"] = str(path.resolve())
+    object.__setattr__(peft_model, "quantbench_source", source)
+    return peft_model, tokenizer
+
+
+def merge_and_quantize(
+    adapter_dir: str | Path, spec: str, out_dir: str | Path, device: str | torch.device = "cpu"
+) -> Path:
+    """Merge the adapter into an unquantized copy of its base (fp32 merge), quantize that with
+    ``spec`` and save a quantbench checkpoint to ``out_dir`` (loads with ``quantbench.load_model``)."""
+    from peft import LoraConfig, get_peft_model
+
+    from quantbench.checkpoint import save_quantized
+    from quantbench.models import load_model
+    from quantbench.quant.apply import quantize
+
+    path = Path(adapter_dir)
+    manifest = read_adapter_manifest(path)
+    model, tokenizer = load_model(manifest["base"], dtype="fp32", device=device)
+    if getattr(model, "quantbench_config", None) is not None:
+        raise FinetuneError(
+            f"the base {manifest['base']!r} is itself a quantized checkpoint: merging needs the 16-bit model"
+        )
+    settings = _adapter_settings(path)
+    lora = LoraConfig(
+        r=settings["r"],
+        lora_alpha=settings["alpha"],
+        lora_dropout=0.0,
+        target_modules=settings["targets"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    _load_adapter_weights(peft_model, path)
+    merged = peft_model.merge_and_unload()
+    source = dict(getattr(model, "quantbench_source", {}))
+    source["merged_adapter"] = str(path.resolve())
+    merged.quantbench_source = source
+    quantize(merged, spec)
+    return save_quantized(merged, tokenizer, out_dir)
