@@ -1,10 +1,15 @@
-"""QLoRA on the real model, CPU-sized: teach 2-digit addition on a frozen NF4 base.
+"""QLoRA on the real model, CPU-sized: teach an arithmetic task on a frozen NF4 base.
 
-Builds a synthetic task from local data only (``What is 37 + 45? Answer:`` -> `` 82``), measures held-out
-loss and exact-match accuracy (greedy) of the NF4 base before and after training LoRA adapters, checks
-the base's 4-bit codes are bit-identical afterwards, prints a table and writes JSON.
+Builds a synthetic task from local data only and measures held-out loss and exact-match accuracy
+(greedy) of the NF4 base before and after training LoRA adapters, checks the base's 4-bit codes are
+bit-identical afterwards, prints a table and writes JSON. Tasks:
 
-    python benchmarks/qlora_arith.py --steps 60 --out out/qlora-arith
+* ``oplus`` (default): ``What is 82 ⊕ 45? Answer:`` -> `` 37``. The operator is unknown to the base
+  (it guesses, 0% on our held-out set); the examples define it as subtraction, which the adapters must
+  pick up from the data and apply to held-out pairs.
+* ``add``: ``What is 37 + 45? Answer:`` -> `` 82`` (the base already does most of these).
+
+    python benchmarks/qlora_arith.py --steps 30 --train 160 --heldout 30
 """
 
 from __future__ import annotations
@@ -23,12 +28,16 @@ from quantbench.train import qlora
 from quantbench.train.data import encode_example
 
 
-def make_task(n: int, seed: int) -> list[tuple[str, str]]:
+def make_task(n: int, seed: int, task: str = "oplus") -> list[tuple[str, str]]:
     rng = random.Random(seed)
     items = []
     for _ in range(n):
         a, b = rng.randrange(10, 100), rng.randrange(10, 100)
-        items.append((f"What is {a} + {b}? Answer:", f" {a + b}"))
+        if task == "add":
+            items.append((f"What is {a} + {b}? Answer:", f" {a + b}"))
+        else:
+            a, b = max(a, b), min(a, b)
+            items.append((f"What is {a} ⊕ {b}? Answer:", f" {a - b}"))
     return items
 
 
@@ -55,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=quantbench.DEFAULT_MODEL)
     parser.add_argument("--method", default="nf4:block=64,dq=1,compute=bf16")
+    parser.add_argument("--task", choices=("oplus", "add"), default="oplus")
     parser.add_argument("--train", type=int, default=300)
     parser.add_argument("--heldout", type=int, default=60)
     parser.add_argument("--steps", type=int, default=60)
@@ -66,7 +76,7 @@ def main() -> None:
 
     model, tokenizer = quantbench.load_model(args.model, dtype="fp32")
     quantbench.quantize(model, args.method)
-    train_items, held_items = make_task(args.train, 1), make_task(args.heldout, 2)
+    train_items, held_items = make_task(args.train, 1, args.task), make_task(args.heldout, 2, args.task)
     train = [encode_example(p, c, tokenizer, 64) for p, c in train_items]
     held = [encode_example(p, c, tokenizer, 64) for p, c in held_items]
     before_codes = qlora.base_weight_tensors(model)
@@ -100,6 +110,7 @@ def main() -> None:
     qlora.save_adapter(peft_model, args.out, base=args.model, method=args.method)
     result = {
         "model": args.model,
+        "task": args.task,
         "method": args.method,
         "steps": record.steps_done,
         "resumed_from": record.resumed_from,
