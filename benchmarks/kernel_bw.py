@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from quantbench import parse_spec
 from quantbench.bench.runner import device_name, measure_copy_bandwidth
 from quantbench.engine.kernels import layout_for, linear
+from quantbench.engine.kernels.gemv_h2 import DISABLED as H2
+from quantbench.engine.kernels.gemv_h2 import h2_supported
 from quantbench.engine.kernels.wq_matmul import pick_config, wq_matmul
 from quantbench.quant import METHODS
 
@@ -67,6 +69,50 @@ SWEEP_PREFILL = [
         (64, 64, 32, 4, 3),
     ]
 ]
+
+
+H2_SWEEP = [
+    {"BN": bn, "BKV": bkv, "num_warps": w, "SPLIT_X": sx}
+    for bn in (32, 64, 128)
+    for bkv in (8, 16, 32)
+    for w in (2, 4)
+    for sx in (1, 2)
+    if bn * bkv // (32 * w) >= 2  # at least two words per thread
+]
+
+
+def h2_sweep(results: dict, record, shapes: dict, specs: list[str]) -> None:
+    """Time the half2 GEMV (M = 1) over block sizes / warps / split-K on each shape; print the best."""
+    from quantbench.engine.kernels.gemv_h2 import _config, gemv_h2
+
+    for spec in specs:
+        for name, (n, k) in shapes.items():
+            mod = make_module(spec, n, k)
+            layout = layout_for(mod)
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            nbytes = layout.weight_bytes + k * 2 + n * 2
+            default = _config(n, k, layout, x.device)
+            rows = []
+            for cand in [default, *H2_SWEEP]:
+                cfg = {key: v for key, v in cand.items() if key != "SPLIT_X"}
+                vals = 32 // layout.bits
+                if (k // vals) % cfg["BKV"]:
+                    continue
+                cfg["SPLIT_K"] = max(
+                    1, min(int(default["SPLIT_K"] * cand.get("SPLIT_X", 1)), k // (cfg["BKV"] * vals))
+                )
+                try:
+                    t = bench(lambda x=x, layout=layout, c=cfg: gemv_h2(x, layout, config=dict(c)))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"  h2 cfg {cfg} failed: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
+                    continue
+                rows.append(record(spec + " (h2 sweep)", name, 1, t, nbytes, cfg=cfg))
+            results["sweep"].extend(rows)
+            best = min(rows, key=lambda r: r["ms"])
+            print(f"  h2 sweep best {spec:16s} {name:8s} {best['ms'] * 1e3:8.1f} us {best['pct_copy']:5.1f}%  {best['cfg']}  "
+                  f"(default {rows[0]['ms'] * 1e3:.1f} us {default})", flush=True)  # fmt: skip
+            del mod, layout
+            torch.cuda.empty_cache()
 
 
 def concrete(cfg: dict, m: int, n: int, k: int, layout) -> dict:
@@ -130,6 +176,7 @@ def main() -> None:
     ap.add_argument(
         "--sweep", action="store_true", help="time every candidate block config (int4, int8, nf4)"
     )
+    ap.add_argument("--sweep-h2", action="store_true", help="only: block-size sweep of the M = 1 half2 GEMV")
     ap.add_argument("--json", default=None)
     ap.add_argument("--ms", default="1,8,128")
     args = ap.parse_args()
@@ -149,6 +196,13 @@ def main() -> None:
         }  # fmt: skip
         return row
 
+    if args.sweep_h2:
+        h2_sweep(results, record, SHAPES, ["int4:group=128"])
+        h2_sweep(results, record, {"gate_up": SHAPES["gate_up"]}, ["int8", "nf4:block=64"])
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(results, fh, indent=1)
+        return
     # bf16 cuBLAS reference rows
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -176,7 +230,18 @@ def main() -> None:
                 else:
                     t = bench(lambda x=x, layout=layout: linear(layout, x))
                     label = spec + (" (PRMT decode)" if layout.mode == 1 else "")
-                    if layout.mode == 1:  # NF4 / FP4: also the L1 table-lookup decoder
+                    if m == 1 and h2_supported(x, layout):  # the half2 GEMV; time the fp32 path too
+                        label = spec + " (h2 GEMV)"
+                        H2["off"] = True
+                        t_old = bench(lambda x=x, layout=layout: linear(layout, x))
+                        H2["off"] = False
+                        row_old = record(spec + " (fp32 path)", name, m, t_old, nbytes, flops=2 * m * n * k)
+                        results["rows"].append(row_old)
+                        print(
+                            f"{row_old['method']:44s} {name:8s} M={m:<5d} {t_old * 1e3:9.1f} us {row_old['pct_copy']:6.1f}% of copy",
+                            flush=True,
+                        )
+                    if layout.mode == 1 and m > 1:  # NF4 / FP4: also the L1 table-lookup decoder
                         from quantbench.engine.kernels import wq_matmul as wq
 
                         wq._ASM_DISABLED["off"] = True

@@ -142,6 +142,33 @@ def test_w8a8_kernel_cuda(spec: str, m: int) -> None:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("spec", WEIGHT_ONLY + W8A8)
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 3e3])
+def test_h2_gemv_cuda(spec: str, magnitude: float) -> None:
+    """The packed-half2 batch-1 GEMV (power-of-two activation scaling per program) at tiny, normal and
+    huge activations: against float64 (weight-only) or the fp32-path kernel on the same quantized
+    activations (W8A8)."""
+    from quantbench.engine.kernels import layout_for
+    from quantbench.engine.kernels.gemv_h2 import DISABLED, h2_supported
+
+    torch.manual_seed(len(spec) + int(magnitude))
+    n, k = 1000, 4096
+    module = _module(spec, n, k, bias=True, device="cuda", dtype=torch.bfloat16)
+    x = (_x(1, k, "cuda", torch.float32, outliers=True) * magnitude).to(torch.bfloat16)
+    assert h2_supported(x, layout_for(module))
+    out = _run_wq(module, x)
+    if spec in W8A8:
+        DISABLED["off"] = True
+        try:
+            ref = _run_wq(module, x)
+        finally:
+            DISABLED["off"] = False
+    else:
+        ref = x.double() @ module.dequantize().double().t() + module.bias.double()
+    assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.cuda
 def test_dispatch_hook_in_rtn_forward_cuda() -> None:
     module = _module("int4:group=128", 256, 512, bias=True, device="cuda", dtype=torch.bfloat16)
     x = _x(4, 512, "cuda", torch.bfloat16).reshape(2, 2, 512)
@@ -167,7 +194,9 @@ def test_engine_graph_matches_eager_cuda(arch: str) -> None:
     ids = torch.randint(0, 1024, (3, 20), device="cuda")
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
-    graph = Engine(model, cuda_graphs=True).generate(ids, mask, max_new_tokens=24, ignore_eos=True)
+    engine = Engine(model, cuda_graphs=True)
+    graph = engine.generate(ids, mask, max_new_tokens=24, ignore_eos=True)
+    assert "prefill" in engine.path and engine._prefill_graphs  # the prompt pass was captured too
     eager = Engine(model, cuda_graphs=False).generate(ids, mask, max_new_tokens=24, ignore_eos=True)
     assert torch.equal(graph, eager)
     # kernels vs pure-torch reference ops: logits of prefill and one decode step

@@ -45,6 +45,18 @@ class _Graph:
 
 
 @dataclass
+class _PrefillGraph:
+    graph: torch.cuda.CUDAGraph
+    ids: torch.Tensor  # [B, T] prompt (static input)
+    start: torch.Tensor  # [B] int32 left padding (static input)
+    logits: torch.Tensor  # [B, V] last-position logits (static output)
+
+
+PREFILL_GRAPHS = 8  # prompt shapes kept captured (oldest dropped first)
+PREFILL_GRAPH_TOKENS = 16384  # larger prompts run eagerly (launch overhead is amortized there)
+
+
+@dataclass
 class Engine:
     model: nn.Module
     use_kernels: bool | None = None
@@ -61,6 +73,8 @@ class Engine:
         if self.cuda_graphs is None:
             self.cuda_graphs = self.device.type == "cuda" and self.em is not None and self.em.use_kernels
         self._graphs: dict[tuple, _Graph] = {}
+        self._prefill_graphs: dict[tuple, _PrefillGraph] = {}
+        self._prefill_failed: set[tuple] = set()
         self._pool = None
         self._graph_error: str | None = None
         self.last_path = ""
@@ -74,7 +88,8 @@ class Engine:
         if self.device.type != "cuda":
             return f"engine, {kind}, eager (CPU)"
         if self.cuda_graphs and self._graph_error is None:
-            return f"engine, {kind}, CUDA-graph decode"
+            prefill = " + prefill" if self._prefill_graphs else ""
+            return f"engine, {kind}, CUDA-graph decode{prefill}"
         extra = f" (graph capture failed: {self._graph_error})" if self._graph_error else ""
         return f"engine, {kind}, eager decode{extra}"
 
@@ -136,9 +151,16 @@ class Engine:
                 return logits.argmax(dim=-1)
             return sample(logits, temperature, top_k, top_p, generator)
 
+        prefill = self._get_prefill_graph(batch, prompt, padded, cache) if self.cuda_graphs else None
         timer = _Timer(self.device)
         timer.mark()
-        logits = em.prefill(input_ids, start, padded)
+        if prefill is not None:
+            prefill.ids.copy_(input_ids)
+            prefill.start.copy_(start)
+            prefill.graph.replay()
+            logits = prefill.logits
+        else:
+            logits = em.prefill(input_ids, start, padded)
         first = pick(logits)
         outs = torch.empty((batch, max_new_tokens), dtype=torch.long, device=self.device)
         outs[:, 0] = first
@@ -198,6 +220,39 @@ class Engine:
         return bool(((seen == eos).any(1) | (outs[:, 0] == eos)).all())
 
     # ------------------------------------------------------------------------------------------
+    def _get_prefill_graph(self, batch: int, prompt: int, padded: bool, cache: int) -> _PrefillGraph | None:
+        """The prompt pass captured for this shape: without it, a prompt costs one host launch per
+        kernel (hundreds), which is most of the first-token time of a 7B model at 128 tokens."""
+        em = self.em
+        key = (batch, prompt, padded, em.k_cache.data_ptr())
+        if key in self._prefill_graphs:
+            return self._prefill_graphs[key]
+        if batch * prompt > PREFILL_GRAPH_TOKENS or key in self._prefill_failed or self._graph_error:
+            return None
+        dev = self.device
+        ids = torch.zeros((batch, prompt), dtype=torch.long, device=dev)
+        start = torch.zeros(batch, dtype=torch.int32, device=dev)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                em.prefill(ids, start, padded)  # compile kernels for these shapes
+            torch.cuda.current_stream().wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = em.prefill(ids, start, padded)
+        except Exception:  # noqa: BLE001 - a prompt pass that cannot be captured runs eagerly
+            self._prefill_failed.add(key)
+            torch.cuda.synchronize()
+            return None
+        if len(self._prefill_graphs) >= PREFILL_GRAPHS:
+            self._prefill_graphs.pop(next(iter(self._prefill_graphs)))
+        state = _PrefillGraph(graph=graph, ids=ids, start=start, logits=logits)
+        self._prefill_graphs[key] = state
+        return state
+
     def _get_graph(self, batch: int, cache: int, greedy: bool) -> _Graph | None:
         em = self.em
         key = (batch, cache, greedy, em.k_cache.data_ptr())

@@ -337,12 +337,21 @@ def _wq_matmul_kernel(
         omask = mask_n
         o_off = pid_m.to(tl.int64) * stride_om + offs_n
         ws_off = pid_m.to(tl.int64) * N + offs_n
+    _store_out(out, omask, o_off, ws_off, M * N, offs_n, mask_n, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks, HAS_BIAS,
+               SPLIT_K)  # fmt: skip
+
+
+@triton.jit
+def _store_out(out, omask, o_off, ws_off, plane, offs_n, mask_n, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks,
+               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):  # fmt: skip
+    """Write a tile's fp32 result (+ bias). With split-K, each split writes its partial to the workspace
+    and the last one to finish the tile (atomic counter, reset afterwards) sums them in split order."""
     if SPLIT_K == 1:
         if HAS_BIAS:
             out += _bias_like(out, b_ptr, offs_n, mask_n)
         tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=omask)
     else:
-        plane = M * N  # < 2**31 (the launcher checks the workspace size)
+        # plane = M * N < 2**31 (the launcher checks the workspace size)
         tl.store(ws_ptr + ks * plane + ws_off, out, mask=omask)
         tl.debug_barrier()  # every thread's partial is written before the counter is released
         done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
@@ -601,6 +610,11 @@ def wq_matmul(
     """
     M = x.shape[0]
     N, K = layout.out_features, layout.in_features
+    if config is None and M == 1:
+        from quantbench.engine.kernels.gemv_h2 import gemv_h2, h2_supported
+
+        if h2_supported(x, layout):
+            return gemv_h2(x, layout, act_silu_mul=act_silu_mul, row_factor=row_factor, out=out)
     if x.stride(-1) != 1:
         x = x.contiguous()
     if out is None:
