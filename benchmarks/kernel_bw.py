@@ -72,11 +72,12 @@ SWEEP_PREFILL = [
 
 
 H2_SWEEP = [
-    {"BN": bn, "BKV": bkv, "num_warps": w, "SPLIT_X": sx}
+    {"BN": bn, "BKV": bkv, "num_warps": w, "SPLIT_X": sx, "STAGES": st}
     for bn in (32, 64, 128)
     for bkv in (8, 16, 32)
     for w in (2, 4)
     for sx in (1, 2)
+    for st in (1, 3)
     if bn * bkv // (32 * w) >= 2  # at least two words per thread
 ]
 

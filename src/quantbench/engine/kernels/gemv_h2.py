@@ -192,7 +192,7 @@ def _gemv_h2_kernel(
     S2L: tl.constexpr, S2H: tl.constexpr, S3L: tl.constexpr, S3H: tl.constexpr,
     TP0: tl.constexpr, TP1: tl.constexpr, TP2: tl.constexpr, TP3: tl.constexpr,
     TP4: tl.constexpr, TP5: tl.constexpr, TP6: tl.constexpr, TP7: tl.constexpr,
-    BN: tl.constexpr, BKV: tl.constexpr, XB: tl.constexpr,
+    BN: tl.constexpr, BKV: tl.constexpr, XB: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     VALS: tl.constexpr = 32 // BITS
     BK: tl.constexpr = BKV * VALS
@@ -210,11 +210,13 @@ def _gemv_h2_kernel(
     offs_j = tl.arange(0, BKV)
     w_rows = w_ptr + rows[:, None] * stride_wn
 
-    # The first weight tile is requested before the activation scan so its latency overlaps it.
-    words_n = tl.load(w_rows + (k_lo // VALS + offs_j)[None, :], mask=mask_n[:, None], other=0)
-    if GROUP > 0:
-        raw_n, _unused = _load_scale(s_ptr, z_ptr, rows, mask_n, k_lo, k_hi, offs_j, stride_sn, GROUP, VALS,
-                                     TILE_SCALE, False)  # fmt: skip
+    # STAGES == 1: software pipelining by hand (the next tile is requested before this one is used; the
+    # first before the activation scan). STAGES > 1: Triton's loop pipeliner (async copies) instead.
+    if STAGES == 1:
+        words_n = tl.load(w_rows + (k_lo // VALS + offs_j)[None, :], mask=mask_n[:, None], other=0)
+        if GROUP > 0:
+            raw_n, _unused = _load_scale(s_ptr, z_ptr, rows, mask_n, k_lo, k_hi, offs_j, stride_sn, GROUP, VALS,
+                                         TILE_SCALE, False)  # fmt: skip
 
     # max |x| over this program's K-slice -> 2**(131 - E) puts it in [16, 32) (E: its fp32 exponent)
     amax = 0.0
@@ -244,18 +246,25 @@ def _gemv_h2_kernel(
         zhi = tl.full((BN, BKV), ZHI, tl.int32)
 
     acc = tl.zeros((BN, BKV), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BK):
-        words = words_n
-        k_next = k0 + BK
-        words_n = tl.load(
-            w_rows + (k_next // VALS + offs_j)[None, :],
-            mask=mask_n[:, None] & ((k_next + offs_j * 0) < k_hi)[None, :],
-            other=0,
-        )
+    for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
+        if STAGES == 1:
+            words = words_n
+            k_next = k0 + BK
+            words_n = tl.load(
+                w_rows + (k_next // VALS + offs_j)[None, :],
+                mask=mask_n[:, None] & ((k_next + offs_j * 0) < k_hi)[None, :],
+                other=0,
+            )
+        else:
+            words = tl.load(w_rows + (k0 // VALS + offs_j)[None, :], mask=mask_n[:, None], other=0)
         if GROUP > 0:
-            raw = raw_n
-            raw_n, _unused = _load_scale(s_ptr, z_ptr, rows, mask_n, k_next, k_hi, offs_j, stride_sn, GROUP,
-                                         VALS, TILE_SCALE, False)  # fmt: skip
+            if STAGES == 1:
+                raw = raw_n
+                raw_n, _unused = _load_scale(s_ptr, z_ptr, rows, mask_n, k_next, k_hi, offs_j, stride_sn, GROUP,
+                                             VALS, TILE_SCALE, False)  # fmt: skip
+            else:
+                raw, _unused = _load_scale(s_ptr, z_ptr, rows, mask_n, k0, k_hi, offs_j, stride_sn, GROUP, VALS,
+                                           TILE_SCALE, False)  # fmt: skip
             if TILE_SCALE:
                 sidx = (rows * stride_sn + k0 // GROUP)[:, None]
             else:
@@ -341,14 +350,23 @@ def h2_supported(x: torch.Tensor, layout: WQLayout) -> bool:
 
 
 def _config(n: int, k: int, layout: WQLayout, device: torch.device) -> dict:
+    """Block sizes from the H100 sweep (benchmarks/kernel_bw.py --sweep-h2, docs/bench.md): 16-word
+    (int4) / 32-word (8-bit) / 8-word (NF4, FP4: more registers per word) steps, and enough K-splits
+    for about four programs per SM."""
     vals = 32 // layout.bits
-    bn, bkv = 64, 32 if layout.bits == 4 else 16
+    stages, programs_per_sm = 1, 4
+    if layout.mode == MODE_TABLE:
+        bn, bkv, warps, programs_per_sm = 64, 8, 2, 8
+    elif layout.bits == 4:
+        bn, bkv, warps = 128, 16, 2
+    else:
+        bn, bkv, warps, stages = 32, 32, 2, 3
     bkv = min(bkv, k // vals)
     while bkv > 1 and (k // vals) % bkv:
         bkv //= 2
-    cfg = {"BM": 1, "BN": bn, "BK": bkv * vals, "num_warps": 4, "num_stages": 1}
-    split = split_for(1, n, k, cfg, _num_sms(device))
-    return {"BN": bn, "BKV": bkv, "SPLIT_K": split, "num_warps": 4}
+    cfg = {"BM": 1, "BN": bn, "BK": bkv * vals}
+    split = split_for(1, n, k, cfg, programs_per_sm // 2 * _num_sms(device))
+    return {"BN": bn, "BKV": bkv, "SPLIT_K": split, "num_warps": warps, "STAGES": stages}
 
 
 def gemv_h2(
@@ -368,6 +386,7 @@ def gemv_h2(
         out = torch.empty((1, n), device=x.device, dtype=x.dtype)
     cfg = dict(config or _config(n, k, layout, x.device))
     bn, bkv, split = cfg.pop("BN"), cfg.pop("BKV"), cfg.pop("SPLIT_K")
+    cfg.setdefault("STAGES", 1)
     bk = bkv * (32 // layout.bits)
     tiles = triton.cdiv(n, bn)
     if split > 1 and (split * n > WS_FLOATS or tiles > WS_TILES):
