@@ -129,7 +129,7 @@ def test_fused_silu_gate_input_cuda(spec: str, m: int) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("spec", W8A8)
-@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("m", [1, 5, 16, 128])
 def test_w8a8_kernel_cuda(spec: str, m: int) -> None:
     torch.manual_seed(m + len(spec))
     n, k = 1024, 4096
@@ -229,6 +229,57 @@ def test_weight_only_kernel_interpreter(spec: str, m: int) -> None:
     out = _run_wq(module, x)
     ref = x.double() @ module.dequantize().double().t() + (0 if module.bias is None else module.bias.double())
     assert _rel(out, ref) < 1e-2
+
+
+@interp
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "int4:group=128",
+        "int4:group=32,asym",
+        "int4:group=-1",
+        "int8:asym",
+        "nf4:block=64,dq=1",
+        "fp4:block=128",
+        "fp8:compute=fp16",
+        "llm.int8:threshold=6.0,compute=fp16",
+        "smoothquant:compute=fp16",
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_prefill_interpreter(spec: str, dtype: torch.dtype) -> None:
+    """Prompt path: dequantized slabs (a slab smaller than the layer, so several) + matmul; in bf16 the
+    per-row-scaled layouts multiply the scale after the product."""
+    from quantbench.engine.kernels import act_quant_torch, layout_for
+    from quantbench.engine.kernels import dequant as dq
+
+    torch.manual_seed(len(spec))
+    module = _module(
+        spec.replace(",compute=fp16", "").replace(":compute=fp16", ""),
+        80,
+        256,
+        bias=True,
+        device="cpu",
+        dtype=dtype,
+    )
+    layout = layout_for(module)
+    w = torch.full((80, 256), float("nan"), dtype=dtype)
+    dq.dequantize_rows(layout, 0, 80, w)
+    assert _rel(w, module.dequantize().to(dtype)) < (1e-3 if dtype == torch.float16 else 1e-2)  # one ulp
+    x = _x(70, 256, "cpu", dtype, outliers=True)
+    old = dq.SCRATCH_ELEMS
+    dq.SCRATCH_ELEMS, dq._SCRATCH = 64 * 256, {}  # 64-row slabs: two for 80 rows
+    try:
+        if layout.act_quant:
+            xe, rf = act_quant_torch(x, layout.act_quant, layout.threshold, False, 256)
+            out, ref = dq.dense_matmul(xe, layout, row_factor=rf), module(x)
+            assert _rel(out, ref) < 2e-2
+        else:
+            out = dq.dense_matmul(x, layout)
+            ref = x.double() @ module.dequantize().double().t() + module.bias.double()
+            assert _rel(out, ref) < 1e-2
+    finally:
+        dq.SCRATCH_ELEMS, dq._SCRATCH = old, {}
 
 
 @interp

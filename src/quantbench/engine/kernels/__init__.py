@@ -39,12 +39,35 @@ def kernels_enabled(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def dense_enabled(x: torch.Tensor, layout: WQLayout) -> bool:
+    """Whether ``linear`` takes the dequantize-slab + cuBLAS path (CUDA, prompt-sized M)."""
+    if DENSE_DISABLED["off"] or not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    from quantbench.engine.kernels.dequant import dense_supported
+
+    return dense_supported(layout, x.shape[0])
+
+
+DENSE_DISABLED = {"off": bool(os.environ.get("QUANTBENCH_NO_DENSE"))}
+
+
 def linear(
     layout: WQLayout, x: torch.Tensor, act_silu_mul: bool = False, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Kernel forward of a quantized layer on 2-D ``x`` (``[M, 2K]`` gate/up when ``act_silu_mul``)."""
     from quantbench.engine.kernels.wq_matmul import wq_matmul
 
+    if dense_enabled(x, layout):  # prompt sizes: L2-resident dequantized slabs + cuBLAS
+        from quantbench.engine.kernels.dequant import dense_matmul
+
+        if act_silu_mul:
+            from quantbench.engine.kernels.fused import silu_mul
+
+            x = silu_mul(x)
+        if layout.act_quant == ACT_NONE:
+            return dense_matmul(x, layout, out=out)
+        xe, rf = act_quant_torch(x, layout.act_quant, layout.threshold, False, layout.in_features)
+        return dense_matmul(xe, layout, row_factor=rf, out=out)
     if layout.act_quant == ACT_NONE:
         return wq_matmul(x, layout, act_silu_mul=act_silu_mul, out=out)
     from quantbench.engine.kernels.fused import act_quant

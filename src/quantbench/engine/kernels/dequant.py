@@ -1,0 +1,155 @@
+"""Prompt-sized products (M >= ``DENSE_MIN_M``): dequantize a slab of rows into an L2-sized 16-bit scratch
+buffer, multiply it with cuBLAS, next slab.
+
+Why: at prompt sizes the product is compute-bound, and cuBLAS on Hopper is far faster than a Triton
+dequantize-in-the-loop GEMM. Dequantizing a whole layer first would write and re-read a 16-bit copy of it
+(4x the int4 bytes) through HBM; slabs of at most ``SCRATCH_ELEMS`` weights reuse one buffer that stays in
+the 50 MB L2 between the dequantize kernel and the GEMM, so HBM sees little more than the packed codes.
+
+Per-output-row scales (int8 / fp8 / LLM.int8 / SmoothQuant) are not applied to the slab: the slab holds the
+exact integer (or e4m3) code values and the scale multiplies the product afterwards, so ``code * scale`` is
+never rounded to 16 bits. Group-wise layouts (int4, NF4, FP4)
+get ``code * scale`` rounded to the compute dtype, as ``dequantize()`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from quantbench.engine.kernels.layouts import MODE_INT, MODE_TABLE, WQLayout
+
+DENSE_MIN_M = 64
+SCRATCH_ELEMS = 12 << 20  # 24 MiB of bf16 per slab: stays in the H100's 50 MB L2 next to the codes
+_SCRATCH: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+@triton.jit
+def _dequant_kernel(
+    w_ptr, s_ptr, z_ptr, t_ptr, dqc_ptr, dqn_ptr, dqo_ptr, o_ptr,
+    r0, n_rows, stride_wn, stride_sn, stride_o,
+    GROUP: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr, HAS_ZERO: tl.constexpr,
+    ZERO_CONST: tl.constexpr, NESTED: tl.constexpr, SCALE_MUL: tl.constexpr, SIGNED8: tl.constexpr,
+    APPLY_SCALE: tl.constexpr, BN: tl.constexpr, BKV: tl.constexpr,
+):  # fmt: skip
+    """Rows ``r0 .. r0 + n_rows`` of the dequantized weight into ``o`` (row ``r`` at ``o[r - r0]``)."""
+    VALS: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    local = tl.program_id(0) * BN + tl.arange(0, BN)
+    mask_n = local < n_rows
+    rows = (r0 + local).to(tl.int64)
+    offs_j = tl.program_id(1) * BKV + tl.arange(0, BKV)
+    words = tl.load(w_ptr + rows[:, None] * stride_wn + offs_j[None, :], mask=mask_n[:, None], other=0)
+    if SIGNED8:
+        words = words ^ -2139062144  # 0x80808080: two's complement -> offset binary (zero 128)
+    words = words.to(tl.uint32, bitcast=True)
+    out_rows = o_ptr + local.to(tl.int64)[:, None] * stride_o
+    if GROUP == 0 and APPLY_SCALE:
+        row_scale = (
+            tl.load(s_ptr + rows * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[:, None] * SCALE_MUL
+        )
+    if GROUP == 0 and HAS_ZERO:
+        row_zero = tl.load(z_ptr + rows * stride_sn, mask=mask_n, other=0).to(tl.float32)[:, None]
+    for i in tl.static_range(VALS):
+        col = offs_j * VALS + i
+        if MODE == 1:  # bitsandbytes table: slot 2b is the high nibble of byte b
+            SH: tl.constexpr = (i // 2) * 8 + (1 - i % 2) * 4
+            f = tl.load(t_ptr + ((words >> SH) & 0xF))
+        elif MODE == 0:
+            f = ((words >> (i * BITS)) & MASK).to(tl.float32)
+            if HAS_ZERO:
+                if GROUP == 0:
+                    f = f - row_zero
+                else:
+                    zidx = rows[:, None] * stride_sn + (col // GROUP)[None, :]
+                    f = f - tl.load(z_ptr + zidx, mask=mask_n[:, None], other=0).to(tl.float32)
+            else:
+                f = f - ZERO_CONST
+        else:  # e4m3
+            f = ((words >> (i * BITS)) & MASK).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        if APPLY_SCALE:
+            if GROUP == 0:
+                f = f * row_scale
+            else:
+                sidx = rows[:, None] * stride_sn + (col // GROUP)[None, :]
+                raw = tl.load(s_ptr + sidx, mask=mask_n[:, None], other=0)
+                if NESTED:
+                    nest = tl.load(dqn_ptr + sidx // 256, mask=mask_n[:, None], other=0.0)
+                    scale = tl.load(dqc_ptr + raw.to(tl.int32)) * nest + tl.load(dqo_ptr)
+                else:
+                    scale = raw.to(tl.float32) * SCALE_MUL
+                f = f * scale
+        tl.store(out_rows + col[None, :], f.to(o_ptr.dtype.element_ty), mask=mask_n[:, None])
+
+
+def dequantize_rows(
+    layout: WQLayout, r0: int, n_rows: int, out: torch.Tensor, apply_scale: bool = True
+) -> None:
+    """``out[:n_rows] = dequant(W)[r0 : r0 + n_rows]`` (codes minus zero only when not ``apply_scale``)."""
+    k = layout.in_features
+    vals = 32 // layout.bits
+    bkv = 32
+    while (k // vals) % bkv:
+        bkv //= 2
+    dummy = layout.w32
+    grid = (triton.cdiv(n_rows, 32), (k // vals) // bkv)
+    _dequant_kernel[grid](
+        layout.w32, layout.scales,
+        layout.zeros if layout.zeros is not None else dummy,
+        layout.table if layout.table is not None else dummy,
+        layout.dq_code if layout.dq_code is not None else dummy,
+        layout.dq_nested if layout.dq_nested is not None else dummy,
+        layout.dq_offset if layout.dq_offset is not None else dummy,
+        out, r0, n_rows, layout.w32.stride(0), layout.scale_stride, out.stride(0),
+        GROUP=layout.group, BITS=layout.bits, MODE=layout.mode, HAS_ZERO=layout.zeros is not None,
+        ZERO_CONST=float(layout.zero_const), NESTED=layout.dq_code is not None,
+        SCALE_MUL=float(layout.scale_mul), SIGNED8=layout.signed8, APPLY_SCALE=apply_scale,
+        BN=32, BKV=bkv, num_warps=4,
+    )  # fmt: skip
+
+
+def _scratch(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The slab buffer (allocate outside CUDA-graph capture: the first, eager call does)."""
+    key = (str(device), dtype)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = torch.empty(SCRATCH_ELEMS, device=device, dtype=dtype)
+    return _SCRATCH[key]
+
+
+def dense_supported(layout: WQLayout, m: int) -> bool:
+    return m >= DENSE_MIN_M and (layout.in_features % (32 // layout.bits) == 0)
+
+
+def dense_matmul(
+    x: torch.Tensor, layout: WQLayout, row_factor: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` through L2-resident slabs and cuBLAS."""
+    n, k = layout.out_features, layout.in_features
+    m = x.shape[0]
+    # Per-row scales are applied to the fp32-accumulated product; group scales inside the slab.
+    # (bf16 only: fp16 products of raw codes, e.g. 127 * 127 * K, overflow its range.)
+    post_scale = layout.group == 0 and layout.mode != MODE_TABLE and x.dtype == torch.bfloat16
+    scratch = _scratch(x.device, x.dtype)
+    slab = max(64, (SCRATCH_ELEMS // k) // 64 * 64)
+    out_t = torch.empty((n, m), device=x.device, dtype=x.dtype)
+    xt = x.t()
+    for r0 in range(0, n, slab):
+        rows = min(slab, n - r0)
+        w = scratch[: rows * k].view(rows, k)
+        dequantize_rows(layout, r0, rows, w, apply_scale=not post_scale)
+        torch.mm(w, xt, out=out_t[r0 : r0 + rows])
+    res = out_t.float()
+    if post_scale:
+        res = res * (layout.scales.reshape(n, -1)[:, 0].float() * layout.scale_mul)[:, None]
+    if row_factor is not None:
+        res = res * row_factor.float()[None, :]
+    if layout.bias is not None:
+        res = res + layout.bias.float()[:, None]
+    if out is None:
+        return res.t().to(x.dtype).contiguous()
+    out.copy_(res.t())
+    return out
+
+
+__all__ = ["DENSE_MIN_M", "MODE_INT", "dense_matmul", "dense_supported", "dequantize_rows"]
