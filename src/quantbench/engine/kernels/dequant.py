@@ -54,8 +54,7 @@ def _dequant_kernel(
     for i in tl.static_range(VALS):
         col = offs_j * VALS + i
         if MODE == 1:  # bitsandbytes table: slot 2b is the high nibble of byte b
-            SH: tl.constexpr = (i // 2) * 8 + (1 - i % 2) * 4
-            f = tl.load(t_ptr + ((words >> SH) & 0xF))
+            f = tl.load(t_ptr + ((words >> ((i // 2) * 8 + (1 - i % 2) * 4)) & 0xF))
         elif MODE == 0:
             f = ((words >> (i * BITS)) & MASK).to(tl.float32)
             if HAS_ZERO:
