@@ -74,7 +74,7 @@ class Engine:
             self.cuda_graphs = self.device.type == "cuda" and self.em is not None and self.em.use_kernels
         self._graphs: dict[tuple, _Graph] = {}
         self._prefill_graphs: dict[tuple, _PrefillGraph] = {}
-        self._prefill_failed: set[tuple] = set()
+        self._prefill_failed: dict[tuple, str] = {}
         self._pool = None
         self._graph_error: str | None = None
         self.last_path = ""
@@ -89,6 +89,8 @@ class Engine:
             return f"engine, {kind}, eager (CPU)"
         if self.cuda_graphs and self._graph_error is None:
             prefill = " + prefill" if self._prefill_graphs else ""
+            if self._prefill_failed:
+                prefill += f" (a prompt shape runs eagerly: {next(iter(self._prefill_failed.values()))})"
             return f"engine, {kind}, CUDA-graph decode{prefill}"
         extra = f" (graph capture failed: {self._graph_error})" if self._graph_error else ""
         return f"engine, {kind}, eager decode{extra}"
@@ -243,8 +245,8 @@ class Engine:
                 self._pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._pool):
                 logits = em.prefill(ids, start, padded)
-        except Exception:  # noqa: BLE001 - a prompt pass that cannot be captured runs eagerly
-            self._prefill_failed.add(key)
+        except Exception as exc:  # noqa: BLE001 - a prompt pass that cannot be captured runs eagerly
+            self._prefill_failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
             torch.cuda.synchronize()
             return None
         if len(self._prefill_graphs) >= PREFILL_GRAPHS:
