@@ -33,7 +33,10 @@ def _dequant_kernel(
     ZERO_CONST: tl.constexpr, NESTED: tl.constexpr, SCALE_MUL: tl.constexpr, SIGNED8: tl.constexpr,
     APPLY_SCALE: tl.constexpr, BN: tl.constexpr, BKV: tl.constexpr,
 ):  # fmt: skip
-    """Rows ``r0 .. r0 + n_rows`` of the dequantized weight into ``o`` (row ``r`` at ``o[r - r0]``)."""
+    """Rows ``r0 .. r0 + n_rows`` of the dequantized weight into ``o`` (row ``r`` at ``o[r - r0]``).
+
+    A tile of words ``[BN, BKV]`` is expanded to ``[BN, BKV, VALS]`` (slot = last axis, per-word
+    scale / zero broadcast over it) and stored as the contiguous columns ``[BN, BKV * VALS]``."""
     VALS: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     local = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -44,42 +47,44 @@ def _dequant_kernel(
     if SIGNED8:
         words = words ^ -2139062144  # 0x80808080: two's complement -> offset binary (zero 128)
     words = words.to(tl.uint32, bitcast=True)
-    out_rows = o_ptr + local.to(tl.int64)[:, None] * stride_o
-    if GROUP == 0 and APPLY_SCALE:
-        row_scale = (
-            tl.load(s_ptr + rows * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[:, None] * SCALE_MUL
-        )
-    if GROUP == 0 and HAS_ZERO:
-        row_zero = tl.load(z_ptr + rows * stride_sn, mask=mask_n, other=0).to(tl.float32)[:, None]
-    for i in tl.static_range(VALS):
-        col = offs_j * VALS + i
-        if MODE == 1:  # bitsandbytes table: slot 2b is the high nibble of byte b
-            f = tl.load(t_ptr + ((words >> ((i // 2) * 8 + (1 - i % 2) * 4)) & 0xF))
-        elif MODE == 0:
-            f = ((words >> (i * BITS)) & MASK).to(tl.float32)
-            if HAS_ZERO:
-                if GROUP == 0:
-                    f = f - row_zero
-                else:
-                    zidx = rows[:, None] * stride_sn + (col // GROUP)[None, :]
-                    f = f - tl.load(z_ptr + zidx, mask=mask_n[:, None], other=0).to(tl.float32)
-            else:
-                f = f - ZERO_CONST
-        else:  # e4m3
-            f = ((words >> (i * BITS)) & MASK).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        if APPLY_SCALE:
+    slot = tl.arange(0, VALS)
+    if MODE == 1:  # bitsandbytes table: slot 2b is the high nibble of byte b
+        shift = (slot // 2) * 8 + (1 - slot % 2) * 4
+    else:
+        shift = slot * BITS
+    codes = (words[:, :, None] >> shift.to(tl.uint32)[None, None, :]) & MASK  # [BN, BKV, VALS]
+    if MODE == 1:
+        f = tl.load(t_ptr + codes.to(tl.int32))
+    elif MODE == 0:
+        f = codes.to(tl.float32)
+        if HAS_ZERO:
             if GROUP == 0:
-                f = f * row_scale
+                zidx = rows * stride_sn
+                f = f - tl.load(z_ptr + zidx, mask=mask_n, other=0).to(tl.float32)[:, None, None]
             else:
-                sidx = rows[:, None] * stride_sn + (col // GROUP)[None, :]
-                raw = tl.load(s_ptr + sidx, mask=mask_n[:, None], other=0)
-                if NESTED:
-                    nest = tl.load(dqn_ptr + sidx // 256, mask=mask_n[:, None], other=0.0)
-                    scale = tl.load(dqc_ptr + raw.to(tl.int32)) * nest + tl.load(dqo_ptr)
-                else:
-                    scale = raw.to(tl.float32) * SCALE_MUL
-                f = f * scale
-        tl.store(out_rows + col[None, :], f.to(o_ptr.dtype.element_ty), mask=mask_n[:, None])
+                zidx = rows[:, None] * stride_sn + ((offs_j * VALS) // GROUP)[None, :]
+                f = f - tl.load(z_ptr + zidx, mask=mask_n[:, None], other=0).to(tl.float32)[:, :, None]
+        else:
+            f = f - ZERO_CONST
+    else:  # e4m3
+        f = codes.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    if APPLY_SCALE:
+        if GROUP == 0:
+            scale = tl.load(s_ptr + rows * stride_sn, mask=mask_n, other=0.0).to(tl.float32) * SCALE_MUL
+            f = f * scale[:, None, None]
+        else:
+            sidx = rows[:, None] * stride_sn + ((offs_j * VALS) // GROUP)[None, :]
+            raw = tl.load(s_ptr + sidx, mask=mask_n[:, None], other=0)
+            if NESTED:
+                nest = tl.load(dqn_ptr + sidx // 256, mask=mask_n[:, None], other=0.0)
+                scale = tl.load(dqc_ptr + raw.to(tl.int32)) * nest + tl.load(dqo_ptr)
+            else:
+                scale = raw.to(tl.float32) * SCALE_MUL
+            f = f * scale[:, :, None]
+    vals = tl.reshape(f, (BN, BKV * VALS))
+    cols = tl.program_id(1) * (BKV * VALS) + tl.arange(0, BKV * VALS)
+    out_rows = o_ptr + local.to(tl.int64)[:, None] * stride_o
+    tl.store(out_rows + cols[None, :], vals.to(o_ptr.dtype.element_ty), mask=mask_n[:, None])
 
 
 def dequantize_rows(
@@ -88,7 +93,7 @@ def dequantize_rows(
     """``out[:n_rows] = dequant(W)[r0 : r0 + n_rows]`` (codes minus zero only when not ``apply_scale``)."""
     k = layout.in_features
     vals = 32 // layout.bits
-    bkv = 32
+    bkv = 64 // vals * 4  # 256 columns per program (32 int4 words, 64 8-bit ones)
     while (k // vals) % bkv:
         bkv //= 2
     dummy = layout.w32
