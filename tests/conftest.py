@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 import os
 
 import pytest
@@ -45,3 +46,29 @@ def tiny_model():
     import quantbench
 
     return quantbench.random_model("qwen2.5-0.5b", dtype="fp32", num_hidden_layers=2, vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_base(tmp_path_factory) -> Path:
+    """A 2-layer Qwen2-architecture HF directory with the real tokenizer: a base load_model reads."""
+    from transformers import AutoTokenizer
+
+    import quantbench
+    from quantbench.models import resolve_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(quantbench.DEFAULT_MODEL)))
+    torch.manual_seed(0)
+    model = quantbench.random_model(
+        "qwen2.5-0.5b",
+        dtype="fp32",
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    out = tmp_path_factory.mktemp("tiny-base")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

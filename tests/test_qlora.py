@@ -123,31 +123,6 @@ def test_data_formats_and_errors(tmp_path: Path, real_model_fp32) -> None:
         load_examples(tmp_path / "none.jsonl", tokenizer)
 
 
-@pytest.fixture(scope="module")
-def tiny_hf_base(tmp_path_factory) -> Path:
-    """A 2-layer Qwen2-architecture HF directory with the real tokenizer: a base load_model reads."""
-    from transformers import AutoTokenizer
-
-    from quantbench.models import resolve_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(quantbench.DEFAULT_MODEL)))
-    torch.manual_seed(0)
-    model = quantbench.random_model(
-        "qwen2.5-0.5b",
-        dtype="fp32",
-        num_hidden_layers=2,
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    out = tmp_path_factory.mktemp("tiny-base")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def _trained_adapter(base: Path, out: Path) -> tuple[torch.nn.Module, torch.Tensor]:
     model, tokenizer = quantbench.load_model(str(base), dtype="fp32")
     quantbench.quantize(model, "nf4:block=64,dq=1,compute=fp32")

@@ -114,3 +114,13 @@ def test_smoothquant_whole_model():
     assert (out - ref).pow(2).mean() / ref.pow(2).mean() < 1e-3
     report = quantbench.weight_report(model)
     assert 8.0 < report.bits_per_weight < 8.5
+
+
+def test_eval_loader_calibrates(tiny_hf_base) -> None:
+    """``quantbench ppl/eval --method smoothquant|gptq|awq`` calibrate (they used to get no data)."""
+    from quantbench.eval.loading import load_for_eval
+    from quantbench.quant.smoothquant import SmoothQuantLinear
+
+    model, _ = load_for_eval(str(tiny_hf_base), "smoothquant", "cpu", calib="corpus:2x64")
+    assert any(isinstance(m, SmoothQuantLinear) for m in model.modules())
+    assert model.quantbench_source["calibration"]["calibration"]["source"].startswith("kjv")

@@ -42,6 +42,9 @@ def ppl(
         "kjv-eval", "--text", help="a text file or a named corpus (kjv-eval, kjv-calib)"
     ),
     method: str = typer.Option(None, "--method", "-m", help="quantize first with this spec (default bf16)"),
+    calib: str = typer.Option(
+        None, "--calib", help="calibration data for gptq/awq/smoothquant: corpus[:NxL] or a .txt/.jsonl file"
+    ),
     ctx: int = typer.Option(512, "--ctx", help="window length in tokens"),
     stride: int = typer.Option(None, "--stride", help="distance between window starts (default ctx/2)"),
     max_tokens: int = typer.Option(None, "--max-tokens", help="only the first N tokens of the text"),
@@ -58,7 +61,7 @@ def ppl(
     from quantbench.eval.perplexity import perplexity
 
     body, label = _read_text(text)
-    model_obj, tokenizer = load_for_eval(model, method, device)
+    model_obj, tokenizer = load_for_eval(model, method, device, calib)
     from quantbench.eval.loading import enable_dequant_cache
 
     enable_dequant_cache(model_obj, str(next(model_obj.parameters()).device))
@@ -172,6 +175,9 @@ def eval_command(
     subjects: str = typer.Option(None, "--subjects", help="comma-separated subject subset"),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="questions per forward"),
     method: str = typer.Option(None, "--method", "-m", help="quantize first with this spec (default bf16)"),
+    calib: str = typer.Option(
+        None, "--calib", help="calibration data for gptq/awq/smoothquant: corpus[:NxL] or a .txt/.jsonl file"
+    ),
     db: Path = typer.Option(Path("quantbench.db"), "--db", help="SQLite results store"),
     json_out: Path = typer.Option(None, "--json", help="write results (with every answer) as JSON"),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)"),
@@ -247,7 +253,7 @@ def eval_command(
     _check_model(model)
     with ResultStore(db) as store:
         t0 = time.perf_counter()
-        model_obj, tokenizer = load_for_eval(model, method, device)
+        model_obj, tokenizer = load_for_eval(model, method, device, calib)
         load_s = time.perf_counter() - t0
         dev = str(next(model_obj.parameters()).device)
         from quantbench.eval.loading import enable_dequant_cache

@@ -23,14 +23,19 @@ def is_checkpoint(path_or_spec: str) -> bool:
 
 
 def load_for_eval(
-    model_spec: str, method: str | None = None, device: str | None = None
+    model_spec: str, method: str | None = None, device: str | None = None, calib: str | None = None
 ) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` ready to evaluate; ``model.quantbench_config.spec`` names the quantization.
 
     A quantbench checkpoint comes back as saved (``method`` must then be None or its own spec). Anything
-    else is loaded in float32 and quantized with ``method`` (default ``bf16``: the unquantized baseline).
+    else is loaded in float32 and quantized with ``method`` (default ``bf16``: the unquantized baseline);
+    calibrated methods (gptq, awq, smoothquant) calibrate on ``calib`` (default: the corpus' calibration
+    slice), logging their progress to stderr.
     """
+    import sys
+
     from quantbench import load_model, parse_spec, quantize
+    from quantbench.quant.calib import parse_calib
 
     device = device or default_device()
     if is_checkpoint(model_spec):
@@ -42,8 +47,9 @@ def load_for_eval(
             raise ModelLoadError(f"{model_spec} has no tokenizer files")
         return model, tokenizer
     config = parse_spec(method or "bf16")  # fail on a bad spec before loading anything
+    calib_spec = parse_calib(calib)
     model, tokenizer = load_model(model_spec, dtype="fp32", device=device)
-    quantize(model, config)
+    quantize(model, config, calib=calib_spec, tokenizer=tokenizer, log=lambda line: print(line, file=sys.stderr))
     return model, tokenizer
 
 
