@@ -49,7 +49,9 @@ def load_for_eval(
     config = parse_spec(method or "bf16")  # fail on a bad spec before loading anything
     calib_spec = parse_calib(calib)
     model, tokenizer = load_model(model_spec, dtype="fp32", device=device)
-    quantize(model, config, calib=calib_spec, tokenizer=tokenizer, log=lambda line: print(line, file=sys.stderr))
+    quantize(
+        model, config, calib=calib_spec, tokenizer=tokenizer, log=lambda line: print(line, file=sys.stderr)
+    )
     return model, tokenizer
 
 
