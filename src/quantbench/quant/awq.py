@@ -242,12 +242,19 @@ class AWQLinear(RTNLinear):
     method = "awq"
 
 
-def _pick_tokens(x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+def _pick_tokens(x: torch.Tensor, n: int, seed: int = 0, outliers: int = 0) -> torch.Tensor:
+    """``n`` rows of ``x``: the ``outliers`` rows of largest max-|x| (e.g. attention-sink tokens, whose
+    activations are orders of magnitude above the rest), then a seeded random sample of the others."""
     if x.shape[0] <= n:
         return x
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(x.shape[0], generator=gen)[:n].sort().values
-    return x[idx.to(x.device)]
+    chosen = torch.zeros(x.shape[0], dtype=torch.bool)
+    if outliers:
+        chosen[x.abs().amax(dim=1).topk(outliers).indices.cpu()] = True
+    rest = (~chosen).nonzero().squeeze(1)
+    pick = rest[torch.randperm(rest.numel(), generator=gen)[: n - int(chosen.sum())]]
+    chosen[pick] = True
+    return x[chosen.nonzero().squeeze(1).to(x.device)]
 
 
 def _search_budget(config: QuantConfig, device: torch.device) -> int:
@@ -317,7 +324,10 @@ def _process_block(ctx: BlockContext, config: QuantConfig, stats: dict[str, Any]
             x = flat.get(name)
             if x is not None:
                 with cpu_single_thread(ctx.device):
-                    max_val = search_clip(weight, _pick_tokens(x, 512, seed=1), bits, gsize, sym)
+                    # the clip must not be fitted blind to the rare huge-activation tokens: a group
+                    # clipped where only those tokens put weight can wreck them (measured: whole-model
+                    # perplexity 34.3 without clipping, 38.2 with a random 512-token sample)
+                    max_val = search_clip(weight, _pick_tokens(x, 512, seed=1, outliers=64), bits, gsize, sym)
                 g = weight.shape[1] if gsize == -1 else gsize
                 w3 = weight.reshape(weight.shape[0], -1, g)
                 weight = torch.clamp(w3, -max_val, max_val).reshape(weight.shape)
