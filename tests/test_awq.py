@@ -137,7 +137,7 @@ def test_clip_search_never_worse_than_no_clip():
     assert bool((max_val < w.reshape(32, 4, 32).abs().amax(-1, keepdim=True)).any())
 
 
-@pytest.mark.parametrize("spec", ["awq:group=32", "awq:group=64,sym,clip=0,duo=0"])
+@pytest.mark.parametrize("spec", ["awq:group=32,clip=1", "awq:group=64,sym,duo=0"])
 def test_awq_whole_model(spec):
     model = _tiny(
         dtype=torch.float32, num_key_value_heads=2, hidden_size=64, intermediate_size=128, head_dim=16

@@ -7,10 +7,10 @@ grouped-query attention), ``post_attention_layernorm -> gate/up`` (loss on the M
 20-point grid ``a = 0, 0.05, ..., 0.95`` (``duo=0``: ``s = x_mean^a``), keep the one whose
 pseudo-quantized block part reproduces the float output best, and fold ``1/s`` into the previous op
 (norm weight, or the previous Linear's rows), ``s`` into the Linears: the float model is unchanged.
-Then (``clip=1``) a per-group clipping range is searched (``max_shrink`` 0.5, 20-point grid; q/k are
+Optionally (``clip=1``; off by default, see docs/calibrated.md) a per-group clipping range is searched (``max_shrink`` 0.5, 20-point grid; q/k are
 not clipped), and the Linears are quantized with RTN's grid into RTN's layout (``AWQLinear``).
 
-An architecture without these modules is quantized with clipping only, and the log says so.
+An architecture without these modules gets clipping only (when ``clip=1``), and the log says so.
 """
 
 from __future__ import annotations
@@ -367,7 +367,9 @@ AWQ = CalibratedMethod(
         "sym": Option(bool, False, help="symmetric (no zero point) when 1; AWQ's default is asymmetric"),
         "scale": Option(bool, True, help="search and fold activation-aware scales"),
         "duo": Option(bool, True, help="scales from activation and weight magnitudes (AutoAWQ duo_scaling)"),
-        "clip": Option(bool, True, help="search per-group weight clipping"),
+        # Off by default: on the real test model the clip search made whole-model perplexity worse
+        # (docs/calibrated.md); llm-compressor's AWQ has no clip search either.
+        "clip": Option(bool, False, help="search per-group weight clipping (AutoAWQ's apply_clip)"),
         "search_tokens": Option(
             int, 0, check=lambda n: n >= 0, check_text="0 (auto) or a token count", help="tokens per loss"
         ),
