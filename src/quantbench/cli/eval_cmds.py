@@ -283,23 +283,12 @@ def eval_command(
             if result is None:  # not rank 0: its answers went to rank 0
                 continue
             peak, kind = peak_bytes(dev)
-            store.add_run(
-                model=model,
-                fingerprint=result.fingerprint,
-                spec=result.spec,
+            store.add_task_run(
+                model,
+                result,
                 method=result.spec.split(":")[0],
-                task=result.task,
-                split=split,
-                shots=shots,
-                mode=mode,
                 subjects=per_task[task.name],
                 limit_per_subject=limit,
-                questions=result.questions,
-                evaluated=result.evaluated,
-                accuracy=result.accuracy,
-                categories=result.category_accuracy(),
-                wall_s=result.wall_s,
-                compute_s=result.compute_s,
                 load_s=load_s,
                 weights_gib=weights_gib,
                 peak_mem_gib=peak / 2**30,

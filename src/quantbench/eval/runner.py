@@ -151,23 +151,12 @@ def run_methods(
             peak, run.peak_mem_kind = peak_bytes(device)
             run.peak_mem_gib = peak / 2**30
             for result in run.results:
-                store.add_run(
-                    model=model_spec,
-                    fingerprint=result.fingerprint,
-                    spec=result.spec,
+                store.add_task_run(
+                    model_spec,
+                    result,
                     method=run.method,
-                    task=result.task,
-                    split=split,
-                    shots=shots,
-                    mode=mode,
                     subjects=subjects.get(result.task),
                     limit_per_subject=limit,
-                    questions=result.questions,
-                    evaluated=result.evaluated,
-                    accuracy=result.accuracy,
-                    categories=result.category_accuracy(),
-                    wall_s=result.wall_s,
-                    compute_s=result.compute_s,
                     load_s=run.load_s,
                     quantize_s=run.quantize_s,
                     weights_gib=run.weights_gib,

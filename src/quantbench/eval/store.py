@@ -307,6 +307,26 @@ class ResultStore:
             )
         return int(cursor.lastrowid)
 
+    def add_task_run(self, model: str, result: Any, **fields: Any) -> int:
+        """The ``runs`` row of one evaluated task (a harness ``TaskResult``): the fields every command
+        records the same way from the result, plus the command's own (method, subjects, timings...)."""
+        return self.add_run(
+            model=model,
+            fingerprint=result.fingerprint,
+            spec=result.spec,
+            task=result.task,
+            split=result.split,
+            shots=result.shots,
+            mode=result.mode,
+            questions=result.questions,
+            evaluated=result.evaluated,
+            accuracy=result.accuracy,
+            categories=result.category_accuracy(),
+            wall_s=result.wall_s,
+            compute_s=result.compute_s,
+            **fields,
+        )
+
     def runs(self, **where: Any) -> list[dict[str, Any]]:
         """Run records, oldest first, filtered by equality on any run column."""
         unknown = set(where) - set(RUN_COLUMNS) - {"id"}

@@ -472,23 +472,12 @@ def _run_spec(cfg, fingerprint, spec, todo, store, table, summary, progress, log
                     summary.evaluated += result.evaluated
                     summary.reused += result.reused
                     peak, kind = peak_bytes(device)
-                    store.add_run(
-                        model=cfg.model,
-                        fingerprint=result.fingerprint,
-                        spec=result.spec,
+                    store.add_task_run(
+                        cfg.model,
+                        result,
                         method=config.method,
-                        task=result.task,
-                        split=result.split,
-                        shots=result.shots,
-                        mode=result.mode,
                         subjects=u.settings["subjects"],
                         limit_per_subject=u.settings["limit"],
-                        questions=result.questions,
-                        evaluated=result.evaluated,
-                        accuracy=result.accuracy,
-                        categories=result.category_accuracy(),
-                        wall_s=result.wall_s,
-                        compute_s=result.compute_s,
                         quantize_s=load_quant_s,
                         weights_gib=weights_gib,
                         peak_mem_gib=peak / 2**30,
