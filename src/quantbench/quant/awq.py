@@ -159,6 +159,7 @@ def search_scales(
     gsize: int,
     sym: bool,
     duo: bool,
+    grid: str = "autoawq",
 ) -> tuple[torch.Tensor, float, float]:
     """Best per-channel scales over the 20-point grid, or none (ones) when no grid point beats plain
     RTN. Returns (scales, best ratio or -1 for none, best loss / plain-RTN loss)."""
@@ -179,8 +180,13 @@ def search_scales(
             lin.weight.data = pseudo_quantize(orig.float(), bits, gsize, sym).to(orig.dtype)
         plain = sum(_mse(run_inspect(x), r) for x, r in zip(x_search, ref, strict=True)) / len(x_search)
         best = (plain, -1.0, torch.ones_like(x_mean))
-        for step in range(N_GRID):
-            ratio = step / N_GRID
+        # "autoawq": a = 0, 0.05, ..., 0.95 (AutoAWQ); "full": a = 0, 1/18, ..., 1 (llm-compressor 0.14)
+        ratios = (
+            [i / N_GRID for i in range(N_GRID)]
+            if grid == "autoawq"
+            else [i / (N_GRID - 2) for i in range(N_GRID - 1)]
+        )
+        for ratio in ratios:
             if duo:
                 s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
             else:
@@ -296,7 +302,15 @@ def _process_block(ctx: BlockContext, config: QuantConfig, stats: dict[str, Any]
 
         with cpu_single_thread(ctx.device):
             scales, ratio, gain = search_scales(
-                group, flat[first], x_search, run_inspect, bits, gsize, sym, bool(config["duo"])
+                group,
+                flat[first],
+                x_search,
+                run_inspect,
+                bits,
+                gsize,
+                sym,
+                bool(config["duo"]),
+                config["grid"],
             )
         if ratio < 0:
             stats["unscaled"] += 1
@@ -367,6 +381,12 @@ AWQ = CalibratedMethod(
         "sym": Option(bool, False, help="symmetric (no zero point) when 1; AWQ's default is asymmetric"),
         "scale": Option(bool, True, help="search and fold activation-aware scales"),
         "duo": Option(bool, True, help="scales from activation and weight magnitudes (AutoAWQ duo_scaling)"),
+        "grid": Option(
+            str,
+            "autoawq",
+            choices=("autoawq", "full"),
+            help="scale exponents: autoawq = 0..0.95 step 0.05; full = 0..1 in 19 steps (llm-compressor)",
+        ),
         # Off by default: on the real test model the clip search made whole-model perplexity worse
         # (docs/calibrated.md); llm-compressor's AWQ has no clip search either.
         "clip": Option(bool, False, help="search per-group weight clipping (AutoAWQ's apply_clip)"),
