@@ -381,6 +381,12 @@ AWQ = CalibratedMethod(
         "sym": Option(bool, False, help="symmetric (no zero point) when 1; AWQ's default is asymmetric"),
         "scale": Option(bool, True, help="search and fold activation-aware scales"),
         "duo": Option(bool, True, help="scales from activation and weight magnitudes (AutoAWQ duo_scaling)"),
+        "inputs": Option(
+            str,
+            "quantized",
+            choices=("quantized", "float"),
+            help="next block calibrates on the quantized blocks' outputs, or on float outputs (AutoAWQ)",
+        ),
         "grid": Option(
             str,
             "autoawq",

@@ -255,11 +255,14 @@ def quantize_blocks(
     device: torch.device | str | None = None,
     batch_size: int = 1,
     log: Callable[[str], None] = print,
+    float_inputs: bool = False,
 ) -> dict[str, nn.Module]:
     """Drive ``process_block`` over every decoder block; return {full name: new module} it made.
 
     ``process_block`` returns the replacements for (some of) ``ctx.targets`` (relative names); they
-    are swapped in before the block is re-run to produce the next block's inputs.
+    are swapped in before the block is re-run to produce the next block's inputs (so each block
+    calibrates on what the quantized blocks before it produce). With ``float_inputs`` the next
+    block's inputs are the block's float outputs instead, computed before the swap (AutoAWQ's way).
     """
     layers = decoder_layers(model)
     prefix = layers_prefix(model, layers)
@@ -300,10 +303,12 @@ def quantize_blocks(
         kwargs = _to(inputs.layer_kwargs[index], dev)
         ctx = BlockContext(index, layer, inputs, kwargs, block_targets, dev, log, name)
         new_modules = process_block(ctx) if block_targets else {}
+        if float_inputs:
+            next_hidden = run_block(layer, inputs.hidden, kwargs)
         for rel, module in new_modules.items():
             set_submodule(layer, rel, module)
             replaced[f"{name}.{rel}"] = module
-        inputs.hidden = run_block(layer, inputs.hidden, kwargs)
+        inputs.hidden = next_hidden if float_inputs else run_block(layer, inputs.hidden, kwargs)
         if offload:
             layer.to(home)
         log(

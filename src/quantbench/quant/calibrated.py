@@ -78,7 +78,10 @@ def calibrated_quantize(
     outside = {n: m for n, m in targets.items() if not n.startswith(prefix)}
     was_training = model.training
     model.eval()
-    replaced = quantize_blocks(model, data.input_ids, in_blocks, process_block, device, batch, say)
+    float_inputs = config.options.get("inputs") == "float"
+    replaced = quantize_blocks(
+        model, data.input_ids, in_blocks, process_block, device, batch, say, float_inputs
+    )
     linear_cls = METHODS[config.method].linear_cls
     assert linear_cls is not None
     for name, linear in outside.items():
