@@ -381,9 +381,10 @@ AWQ = CalibratedMethod(
         "sym": Option(bool, False, help="symmetric (no zero point) when 1; AWQ's default is asymmetric"),
         "scale": Option(bool, True, help="search and fold activation-aware scales"),
         "duo": Option(bool, True, help="scales from activation and weight magnitudes (AutoAWQ duo_scaling)"),
+        # float by default, as AutoAWQ: measured on the real model, 33.91 against 34.31 (docs/calibrated.md)
         "inputs": Option(
             str,
-            "quantized",
+            "float",
             choices=("quantized", "float"),
             help="next block calibrates on the quantized blocks' outputs, or on float outputs (AutoAWQ)",
         ),
