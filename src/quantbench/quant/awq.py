@@ -26,7 +26,7 @@ from torch import nn
 
 from quantbench.quant.blocks import BlockContext, _first, cpu_single_thread
 from quantbench.quant.calibrated import CalibratedMethod, calibrated_quantize
-from quantbench.quant.config import COMMON_OPTIONS, Option, QuantConfig, compute_option
+from quantbench.quant.config import COMMON_OPTIONS, Option, QuantConfig, compute_option, group_option
 from quantbench.quant.rtn import RTNLinear, _validate
 
 N_GRID = 20
@@ -371,13 +371,7 @@ AWQ = CalibratedMethod(
     options={
         **COMMON_OPTIONS,
         "bits": Option(int, 4, choices=(4,), help="code width"),
-        "group": Option(
-            int,
-            128,
-            check=lambda g: g == -1 or g > 0,
-            check_text="-1 (per channel) or a positive group size such as 32, 64, 128",
-            help="input columns sharing one scale; -1 = per output channel",
-        ),
+        "group": group_option(128),
         "sym": Option(bool, False, help="symmetric (no zero point) when 1; AWQ's default is asymmetric"),
         "scale": Option(bool, True, help="search and fold activation-aware scales"),
         "duo": Option(bool, True, help="scales from activation and weight magnitudes (AutoAWQ duo_scaling)"),

@@ -78,6 +78,17 @@ def compute_option(default: str = "bf16") -> Option:
     return Option(str, default, choices=tuple(COMPUTE_DTYPES), help="dtype the matmul runs in")
 
 
+def group_option(default: int = 128) -> Option:
+    """Input columns per scale (RTN, GPTQ, AWQ): -1 = one group per output channel."""
+    return Option(
+        int,
+        default,
+        check=lambda g: g == -1 or g > 0,
+        check_text="-1 (per channel) or a positive group size such as 32, 64, 128",
+        help="input columns sharing one scale; -1 = per output channel",
+    )
+
+
 # Options every quantizing method accepts: which Linear modules to leave in full precision.
 COMMON_OPTIONS: dict[str, Option] = {
     "skip": Option(

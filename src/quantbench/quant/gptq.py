@@ -32,7 +32,7 @@ from quantbench.quant.blocks import (
     set_submodule,
 )
 from quantbench.quant.calibrated import CalibratedMethod, calibrated_quantize
-from quantbench.quant.config import COMMON_OPTIONS, Option, QuantConfig, compute_option
+from quantbench.quant.config import COMMON_OPTIONS, Option, QuantConfig, compute_option, group_option
 from quantbench.quant.rtn import SCALE_DTYPE, RTNLinear, _validate, pack_int4
 
 _MIN_SCALE = 1e-8  # as RTN
@@ -380,13 +380,7 @@ GPTQ = CalibratedMethod(
     options={
         **COMMON_OPTIONS,
         "bits": Option(int, 4, choices=(2, 3, 4, 8), help="code width"),
-        "group": Option(
-            int,
-            128,
-            check=lambda g: g == -1 or g > 0,
-            check_text="-1 (per channel) or a positive group size such as 32, 64, 128",
-            help="input columns sharing one scale; -1 = per output channel",
-        ),
+        "group": group_option(128),
         "sym": Option(bool, True, help="symmetric (no zero point) when 1"),
         "act_order": Option(bool, False, help="quantize columns by decreasing Hessian diagonal (desc_act)"),
         "static_groups": Option(bool, False, help="group scales from the original weights (no g_idx)"),

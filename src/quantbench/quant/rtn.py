@@ -15,7 +15,7 @@ from torch import nn
 
 from quantbench.errors import QuantConfigError
 from quantbench.quant.base import Method, QuantLinear
-from quantbench.quant.config import COMMON_OPTIONS, Option, QuantConfig, compute_option
+from quantbench.quant.config import COMMON_OPTIONS, Option, QuantConfig, compute_option, group_option
 
 SCALE_DTYPE = torch.float16
 _MIN_SCALE = 1e-8  # keeps all-zero groups from dividing by zero
@@ -143,13 +143,7 @@ def _options(bits: int, default_group: int) -> dict[str, Option]:
     return {
         **COMMON_OPTIONS,
         "bits": Option(int, bits, choices=(bits,), help="code width (fixed by the method name)"),
-        "group": Option(
-            int,
-            default_group,
-            check=lambda g: g == -1 or g > 0,
-            check_text="-1 (per channel) or a positive group size such as 32, 64, 128",
-            help="input columns sharing one scale; -1 = per output channel",
-        ),
+        "group": group_option(default_group),
         "sym": Option(bool, True, help="symmetric (no zero point) when 1"),
         "compute": compute_option(),
     }
