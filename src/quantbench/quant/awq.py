@@ -359,7 +359,13 @@ def quantize_model(
 ) -> dict:
     stats: dict[str, Any] = {"scale_s": 0.0, "clip_s": 0.0, "ratios": [], "unscaled": 0}
     out = calibrated_quantize(
-        model, config, targets, lambda ctx: _process_block(ctx, config, stats), stats=stats, **kwargs
+        model,
+        config,
+        targets,
+        lambda ctx: _process_block(ctx, config, stats),
+        stats=stats,
+        float_inputs=config["inputs"] == "float",
+        **kwargs,
     )
     ratios = stats["ratios"]
     model.quantbench_calibration["mean_ratio"] = round(sum(ratios) / len(ratios), 3) if ratios else None

@@ -61,6 +61,7 @@ def calibrated_quantize(
     device: str | torch.device | None = None,
     batch_size: int | None = None,
     log: Callable[[str], None] | None = None,
+    float_inputs: bool = False,
     **_: Any,
 ) -> dict[str, nn.Module]:
     from quantbench.quant import METHODS
@@ -78,7 +79,6 @@ def calibrated_quantize(
     outside = {n: m for n, m in targets.items() if not n.startswith(prefix)}
     was_training = model.training
     model.eval()
-    float_inputs = config.options.get("inputs") == "float"
     replaced = quantize_blocks(
         model, data.input_ids, in_blocks, process_block, device, batch, say, float_inputs
     )
