@@ -29,13 +29,11 @@ import triton.language as tl
 
 from quantbench.engine.kernels.layouts import MODE_FP8, MODE_INT, MODE_TABLE, WQLayout
 from quantbench.engine.kernels.wq_matmul import (
-    WS_FLOATS,
-    WS_TILES,
     _load_scale,
     _num_sms,
     _silu_mul,
     _store_out,
-    _workspace,
+    plan_split,
     split_for,
     table_asm,
 )
@@ -389,12 +387,7 @@ def gemv_h2(
     cfg.setdefault("STAGES", 1)
     bk = bkv * (32 // layout.bits)
     tiles = triton.cdiv(n, bn)
-    if split > 1 and (split * n > WS_FLOATS or tiles > WS_TILES):
-        split = 1
-    steps = k // bk
-    k_split = triton.cdiv(steps, split) * bk
-    split = triton.cdiv(k, k_split)
-    ws, cnt = _workspace(x.device) if split > 1 else (out, out)
+    split, k_split, ws, cnt = plan_split(split, tiles, n, k, bk, out)
     pairs = _PAIRS[(layout.mode, layout.bits)]
     slots = {
         f"S{p}{side}": (pairs[p][i] if p < len(pairs) else 0) for p in range(4) for i, side in enumerate("LH")

@@ -530,6 +530,20 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _WORKSPACE[key]
 
 
+def plan_split(
+    split: int, tiles: int, out_elems: int, k: int, bk: int, out: torch.Tensor
+) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """Final split-K for a launch: ``(split, columns per split, workspace, counters)``. Falls back to
+    no split when the fp32 partials or the tile counters would not fit the workspace, and drops empty
+    splits (each covers a whole number of ``bk`` steps)."""
+    if split > 1 and (split * out_elems > WS_FLOATS or tiles > WS_TILES):
+        split = 1
+    k_split = triton.cdiv(k // bk, split) * bk
+    split = triton.cdiv(k, k_split)
+    ws, cnt = _workspace(out.device) if split > 1 else (out, out)
+    return split, k_split, ws, cnt
+
+
 def pick_config(M: int, N: int, K: int, bits: int, group: int, device: torch.device | None = None) -> dict:
     """Block sizes and split-K for one call (H100 measurements: benchmarks/kernel_bw.py, docs/bench.md)."""
     vals = 32 // bits
@@ -632,12 +646,7 @@ def wq_matmul(
         x = permute_activations(x, K, layout.bits, cfg["BK"], act_silu_mul)
         act_silu_mul = False
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    if split > 1 and (split * M * N > WS_FLOATS or tiles > WS_TILES):
-        split = 1
-    steps = K // cfg["BK"]
-    k_split = triton.cdiv(steps, split) * cfg["BK"]
-    split = triton.cdiv(K, k_split)  # no empty splits
-    ws, cnt = _workspace(x.device) if split > 1 else (out, out)
+    split, k_split, ws, cnt = plan_split(split, tiles, M * N, K, cfg["BK"], out)
     dummy = layout.w32
     _wq_matmul_kernel[(tiles * split,)](
         x,
