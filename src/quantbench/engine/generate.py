@@ -10,7 +10,9 @@ engine runs its pure-torch reference ops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -222,6 +224,26 @@ class Engine:
         return bool(((seen == eos).any(1) | (outs[:, 0] == eos)).all())
 
     # ------------------------------------------------------------------------------------------
+    def _capture(
+        self, graph: torch.cuda.CUDAGraph, warmup: Callable[[], Any], body: Callable[[], Any]
+    ) -> tuple[Any, str | None]:
+        """Run ``warmup`` on a side stream (kernel compilation, cuBLAS handles), then capture ``body``
+        into ``graph`` in the engine's one memory pool. Returns (body's result, None) or (None, why not)."""
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                warmup()
+            torch.cuda.current_stream().wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                result = body()
+        except Exception as exc:  # noqa: BLE001 - the caller falls back to eager execution
+            torch.cuda.synchronize()
+            return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        return result, None
+
     def _get_prefill_graph(self, batch: int, prompt: int, padded: bool, cache: int) -> _PrefillGraph | None:
         """The prompt pass captured for this shape: without it, a prompt costs one host launch per
         kernel (hundreds), which is most of the first-token time of a 7B model at 128 tokens."""
@@ -235,19 +257,13 @@ class Engine:
         ids = torch.zeros((batch, prompt), dtype=torch.long, device=dev)
         start = torch.zeros(batch, dtype=torch.int32, device=dev)
         graph = torch.cuda.CUDAGraph()
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                em.prefill(ids, start, padded)  # compile kernels for these shapes
-            torch.cuda.current_stream().wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = em.prefill(ids, start, padded)
-        except Exception as exc:  # noqa: BLE001 - a prompt pass that cannot be captured runs eagerly
-            self._prefill_failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-            torch.cuda.synchronize()
+
+        def prompt_pass() -> torch.Tensor:
+            return em.prefill(ids, start, padded)
+
+        logits, error = self._capture(graph, prompt_pass, prompt_pass)
+        if error is not None:  # a prompt pass that cannot be captured runs eagerly
+            self._prefill_failed[key] = error
             return None
         if len(self._prefill_graphs) >= PREFILL_GRAPHS:
             self._prefill_graphs.pop(next(iter(self._prefill_graphs)))
@@ -283,22 +299,15 @@ class Engine:
                 state.logits = logits
             state.cache_len.add_(1)
 
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compile kernels, create cuBLAS handles
-                    state.cache_len.zero_()
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            state.cache_len.zero_()
-            with torch.cuda.graph(state.graph, pool=self._pool):
+        def warmup() -> None:
+            for _ in range(2):  # compile kernels, create cuBLAS handles
+                state.cache_len.zero_()
                 step()
-        except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
-            self._graph_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-            torch.cuda.synchronize()
+            state.cache_len.zero_()
+
+        _, error = self._capture(state.graph, warmup, step)
+        if error is not None:  # any capture failure means: run eagerly
+            self._graph_error = error
             return None
         self._graphs[key] = state
         return state
