@@ -111,24 +111,29 @@ def _optional_class(mod_name: str, cls_name: str) -> type | None:
     return getattr(module, cls_name, None)
 
 
-def _int8_rows_layout(m: nn.Module, scales: torch.Tensor, scale_mul: float, act: int) -> WQLayout | None:
+def _w8a8_layout(
+    m: nn.Module, scales: torch.Tensor, scale_mul: float, act: int, mode: int = MODE_INT
+) -> WQLayout | None:
+    """W8A8 modules: 8-bit codes ``[out, in]`` with one scale per output row; MODE_INT codes are int8
+    in two's complement (zero 128 once the sign bit is flipped), MODE_FP8 codes e4m3."""
     n, k = m.out_features, m.in_features
     if k % 4 or m.compute_dtype not in (torch.float16, torch.bfloat16):
         return None
     w32 = _as_words(m.qweight.view(torch.uint8), n)
     if w32 is None:
         return None
+    signed = mode == MODE_INT
     return WQLayout(
         in_features=k,
         out_features=n,
         bits=8,
-        mode=MODE_INT,
+        mode=mode,
         w32=w32,
         scales=scales,
         scale_stride=1,
         group=0,
-        zero_const=128.0,
-        signed8=True,
+        zero_const=128.0 if signed else 0.0,
+        signed8=signed,
         scale_mul=scale_mul,
         act_quant=act,
         threshold=float(getattr(m, "threshold", 0.0)),
@@ -137,32 +142,15 @@ def _int8_rows_layout(m: nn.Module, scales: torch.Tensor, scale_mul: float, act:
 
 
 def _llm_int8_layout(m: nn.Module) -> WQLayout | None:
-    return _int8_rows_layout(m, m.row_absmax, 1.0 / 127.0, ACT_LLM_INT8)
+    return _w8a8_layout(m, m.row_absmax, 1.0 / 127.0, ACT_LLM_INT8)
 
 
 def _smoothquant_layout(m: nn.Module) -> WQLayout | None:
-    return _int8_rows_layout(m, m.wscales, 1.0, ACT_INT8_TOKEN)
+    return _w8a8_layout(m, m.wscales, 1.0, ACT_INT8_TOKEN)
 
 
 def _fp8_layout(m: nn.Module) -> WQLayout | None:
-    n, k = m.out_features, m.in_features
-    if k % 4 or m.compute_dtype not in (torch.float16, torch.bfloat16):
-        return None
-    w32 = _as_words(m.qweight.view(torch.uint8), n)
-    if w32 is None:
-        return None
-    return WQLayout(
-        in_features=k,
-        out_features=n,
-        bits=8,
-        mode=MODE_FP8,
-        w32=w32,
-        scales=m.weight_scale,
-        scale_stride=1,
-        group=0,
-        act_quant=ACT_FP8,
-        bias=m.bias,
-    )
+    return _w8a8_layout(m, m.weight_scale, 1.0, ACT_FP8, mode=MODE_FP8)
 
 
 _W8A8 = (
