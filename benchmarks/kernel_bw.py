@@ -23,6 +23,7 @@ from quantbench.bench.runner import device_name, measure_copy_bandwidth
 from quantbench.engine.kernels import layout_for, linear
 from quantbench.engine.kernels.gemv_h2 import DISABLED as H2
 from quantbench.engine.kernels.gemv_h2 import h2_supported
+from quantbench.engine.kernels.layouts import tiling_for
 from quantbench.engine.kernels.wq_matmul import pick_config, wq_matmul
 from quantbench.quant import METHODS
 
@@ -116,6 +117,88 @@ def h2_sweep(results: dict, record, shapes: dict, specs: list[str]) -> None:
             torch.cuda.empty_cache()
 
 
+TILED_SWEEP = {
+    4: [
+        (bn, bkv, w, st)
+        for bn, bkv in ((128, 16), (64, 16), (64, 32), (32, 32), (256, 8), (128, 8), (32, 64))
+        for w in (2, 4)
+        for st in (1, 3)
+    ],
+    8: [
+        (bn, bkv, w, st)
+        for bn, bkv in ((32, 32), (64, 32), (16, 64), (64, 16), (128, 16))
+        for w in (2, 4)
+        for st in (1, 3)
+    ],
+}
+
+
+def tiled_layout(module, bn: int, bkv: int):
+    """The kernel layout of a copy of ``module`` whose codes (and group scales / zeros) are stored
+    tile-major in (bn rows x bkv words) steps, or None when the shape does not tile so."""
+    import copy
+
+    tiles = tiling_for(module)
+    if (
+        tiles is None
+        or module.out_features % bn
+        or (module.qweight.numel() // module.out_features) % (4 * bkv)
+    ):
+        return None
+    twin = copy.deepcopy(module)
+    twin.store_tiled({name: (bn, 4 * bkv if name == "qweight" else 1) for name in tiles})
+    return layout_for(twin)
+
+
+def tiled_sweep(results: dict, record, shapes: dict, specs: list[str]) -> None:
+    """Half2 GEMV on row-major vs tile-major codes, same block sizes: time and bitwise agreement."""
+    from quantbench.engine.kernels.gemv_h2 import _config, gemv_h2
+
+    for spec in specs:
+        for name, (n, k) in shapes.items():
+            mod = make_module(spec, n, k)
+            layout = layout_for(mod)
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            nbytes = layout.weight_bytes + k * 2 + n * 2
+            default = _config(n, k, layout, x.device)
+            vals = 32 // layout.bits
+            t0 = bench(lambda x=x, lay=layout, c=default: gemv_h2(x, lay, config=dict(c)))
+            results["sweep"].append(record(spec + " (row-major, default)", name, 1, t0, nbytes, cfg=default))
+            ref = gemv_h2(x, layout, config=dict(default)).float()
+            rows, tiled_cache = [], {}
+            for bn, bkv, w, st in TILED_SWEEP[layout.bits]:
+                if (k // vals) % bkv:
+                    continue
+                if (bn, bkv) not in tiled_cache:
+                    tiled_cache[(bn, bkv)] = tiled_layout(mod, bn, bkv)
+                tl_ = tiled_cache[(bn, bkv)]
+                if tl_ is None:
+                    continue
+                base = _config(n, k, tl_, x.device)
+                for sx in (1, 2):
+                    split = max(1, min(base["SPLIT_K"] * sx, k // (bkv * vals)))
+                    cfg = {"BN": bn, "BKV": bkv, "SPLIT_K": split, "num_warps": w, "STAGES": st}
+                    try:
+                        t = bench(lambda x=x, c=cfg, lay=tl_: gemv_h2(x, lay, config=dict(c)))
+                        got = gemv_h2(x, tl_, config=dict(cfg)).float()
+                    except Exception as exc:  # noqa: BLE001
+                        print(f"  tiled cfg {cfg} failed: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
+                        continue
+                    err = float((got - ref).abs().max() / ref.abs().max())
+                    row = record(spec + " (tiled)", name, 1, t, nbytes, cfg=cfg)
+                    row["rel_err_vs_row_major"] = err
+                    rows.append(row)
+            results["sweep"].extend(rows)
+            best = min(rows, key=lambda r: r["ms"])
+            print(f"  tiled best {spec:16s} {name:8s} {best['ms'] * 1e3:7.1f} us {best['pct_copy']:5.1f}% {best['cfg']} "
+                  f"err {best['rel_err_vs_row_major']:.1e} | row-major default {t0 * 1e3:.1f} us "
+                  f"{100 * nbytes / (t0 / 1e3) / 1e9 / results['copy_gbps']:.1f}%", flush=True)  # fmt: skip
+            for r in sorted(rows, key=lambda r: r["ms"])[:4]:
+                print(f"     {r['ms'] * 1e3:7.1f} us {r['pct_copy']:5.1f}% {r['cfg']}", flush=True)
+            del mod, layout, tiled_cache
+            torch.cuda.empty_cache()
+
+
 def concrete(cfg: dict, m: int, n: int, k: int, layout) -> dict:
     """A sweep entry -> kernel config for this shape ({} if BK does not fit K)."""
     from quantbench.engine.kernels.wq_matmul import _num_sms, fit_bk, split_for
@@ -178,6 +261,7 @@ def main() -> None:
         "--sweep", action="store_true", help="time every candidate block config (int4, int8, nf4)"
     )
     ap.add_argument("--sweep-h2", action="store_true", help="only: block-size sweep of the M = 1 half2 GEMV")
+    ap.add_argument("--tiled", action="store_true", help="only: half2 GEMV on tile-major vs row-major codes")
     ap.add_argument("--json", default=None)
     ap.add_argument("--ms", default="1,8,128")
     args = ap.parse_args()
@@ -197,6 +281,15 @@ def main() -> None:
         }  # fmt: skip
         return row
 
+    if args.tiled:
+        tiled_sweep(results, record, SHAPES, ["int4:group=128"])
+        tiled_sweep(
+            results, record, {"gate_up": SHAPES["gate_up"]}, ["int8", "nf4:block=64", "int4:group=128,sym=0"]
+        )
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(results, fh, indent=1)
+        return
     if args.sweep_h2:
         h2_sweep(results, record, SHAPES, ["int4:group=128"])
         h2_sweep(results, record, {"gate_up": SHAPES["gate_up"]}, ["int8", "nf4:block=64"])

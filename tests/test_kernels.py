@@ -52,6 +52,7 @@ WEIGHT_ONLY = [
     "nf4:block=256,dq=1",
 ]
 W8A8 = ["llm.int8:threshold=6.0,compute=bf16", "llm.int8:threshold=0,compute=bf16", "fp8", "smoothquant"]
+TILED_SPECS = ["int4:group=128", "int4:group=32,asym", "int8", "nf4:block=64,dq=1", "fp4:block=128", "fp8"]
 
 
 def _module(spec: str, n: int, k: int, bias: bool, device: str, dtype: torch.dtype):
@@ -169,6 +170,23 @@ def test_h2_gemv_cuda(spec: str, magnitude: float) -> None:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("spec", TILED_SPECS + ["int4:group=128,asym", "llm.int8:compute=bf16"])
+def test_h2_gemv_tiled_cuda(spec: str) -> None:
+    """The half2 GEMV on tile-major storage (its own block sizes) against float64 / the row-major kernel."""
+    torch.manual_seed(len(spec))
+    n, k = 1024, 4096
+    module = _module(spec, n, k, bias=True, device="cuda", dtype=torch.bfloat16)
+    twin = _tiled_twin(module)
+    x = _x(1, k, "cuda", torch.bfloat16, outliers=True)
+    out = _run_wq(twin, x)
+    if spec in ("fp8", "llm.int8:compute=bf16"):
+        ref = _run_wq(module, x)
+    else:
+        ref = x.double() @ module.dequantize().double().t() + module.bias.double()
+    assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.cuda
 def test_dispatch_hook_in_rtn_forward_cuda() -> None:
     module = _module("int4:group=128", 256, 512, bias=True, device="cuda", dtype=torch.bfloat16)
     x = _x(4, 512, "cuda", torch.bfloat16).reshape(2, 2, 512)
@@ -280,6 +298,39 @@ def test_dense_prefill_interpreter(spec: str, dtype: torch.dtype) -> None:
             assert _rel(out, ref) < 1e-2
     finally:
         dq.SCRATCH_ELEMS, dq._SCRATCH = old, {}
+
+
+def _tiled_twin(module):
+    from quantbench.engine.kernels.layouts import tiling_for
+
+    tiles = tiling_for(module)
+    assert tiles is not None and "qweight" in tiles
+    twin = copy.deepcopy(module)
+    twin.store_tiled(tiles)
+    return twin
+
+
+@interp
+@pytest.mark.parametrize("spec", TILED_SPECS)
+def test_tiled_storage_kernels_interpreter(spec: str) -> None:
+    """Tile-major codes / scales give the same numbers as row-major ones in every kernel path: M = 1 and
+    M = 3 products and the prompt path's dequantized rows (the same math, only the addresses differ)."""
+    from quantbench.engine.kernels import dequant as dq
+    from quantbench.engine.kernels import layout_for
+
+    torch.manual_seed(len(spec))
+    module = _module(spec, 256, 512, bias=True, device="cpu", dtype=torch.float16)
+    twin = _tiled_twin(module)
+    assert layout_for(twin).tile_n and not layout_for(module).tile_n
+    for m in (1, 3):
+        x = _x(m, 512, "cpu", torch.float16)
+        assert torch.equal(_run_wq(twin, x), _run_wq(module, x))
+    rows = []
+    for mod in (module, twin):
+        w = torch.full((100, 512), float("nan"), dtype=torch.float16)
+        dq.dequantize_rows(layout_for(mod), 77, 100, w)
+        rows.append(w)
+    assert torch.equal(rows[0], rows[1])
 
 
 @interp

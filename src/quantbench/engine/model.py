@@ -14,6 +14,7 @@ It owns a static KV cache ``[layers, B, HKV, S, D]`` and two entry points:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +137,8 @@ def fuse_linears(modules: list[nn.Module]) -> list[nn.Module]:
         return [_fuse_dense(modules)]
     from quantbench.quant.rtn import RTNLinear
 
+    if any(m.tiling != first.tiling for m in modules):
+        return modules
     if isinstance(first, RTNLinear):
         if any(getattr(m, "g_idx", None) is not None or m.config != first.config for m in modules):
             return modules
@@ -191,6 +194,8 @@ def _fuse_quant(modules: list[nn.Module], names: tuple[str, ...], flat: bool) ->
                 m.bias = nn.Parameter(view, requires_grad=False)
             else:
                 setattr(m, name, view)
+    if first.tiling:  # parts stored tile-major (an earlier engine): their concatenation is the fused tiling
+        fused.mark_tiled(first.tiling)
     return fused
 
 
@@ -207,8 +212,36 @@ class Layer:
     down: LinearOp
 
 
+def store_tiled(fused: list[nn.Module], originals: list[nn.Module]) -> None:
+    """Store each quantized module of ``fused`` tile-major for the batch-1 GEMV (``layouts.tiling_for``).
+
+    A fused module's buffers are shared with ``originals`` (views of its storage): they are marked too,
+    so the HF modules keep computing the same function (their kernels read the tiles, their reference
+    forwards untile a copy). Nothing happens when a shape does not divide into tiles."""
+    from quantbench.engine.kernels.layouts import tiling_for
+
+    for module in fused:
+        if not isinstance(module, QuantLinear):
+            continue
+        tiles = tiling_for(module)
+        if tiles is None:
+            continue
+        shared = (
+            [m for m in originals if m is not module and isinstance(m, QuantLinear)]
+            if module not in originals
+            else []
+        )
+        if any(m.out_features % tiles["qweight"][0] for m in shared):
+            continue  # a part would straddle tiles
+        module.store_tiled(tiles)
+        for m in shared:
+            m.mark_tiled(tiles)
+
+
 class EngineModel:
-    def __init__(self, model: nn.Module, use_kernels: bool | None = None, fuse: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, use_kernels: bool | None = None, fuse: bool = True, tile: bool | None = None
+    ) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)
@@ -223,6 +256,10 @@ class EngineModel:
 
             use_kernels = self.device.type == "cuda" and triton_available()
         self.use_kernels = use_kernels
+        if (
+            tile is None
+        ):  # tile-major weights for the CUDA GEMV (QUANTBENCH_NO_TILE=1: row-major, for A/B runs)
+            tile = use_kernels and self.device.type == "cuda" and not os.environ.get("QUANTBENCH_NO_TILE")
         self.ops = Ops(use_kernels)
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -237,8 +274,12 @@ class EngineModel:
             attn, mlp = layer.self_attn, layer.mlp
             qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
             gate_up = [mlp.gate_proj, mlp.up_proj]
+            parts = (qkv, gate_up, [attn.o_proj], [mlp.down_proj])
             if fuse:
                 qkv, gate_up = fuse_linears(qkv), fuse_linears(gate_up)
+            if tile:
+                for ops, orig in zip((qkv, gate_up, [attn.o_proj], [mlp.down_proj]), parts, strict=True):
+                    store_tiled(ops, orig)
             self.layers.append(
                 Layer(
                     ln1=layer.input_layernorm.weight,

@@ -84,6 +84,64 @@ class QuantLinear(nn.Module):
         out = F.linear(x.to(self.compute_dtype), self.dense_weight(), self.bias)
         return out.to(x.dtype) if x.dtype.is_floating_point else out
 
+    # ---- tile-major storage (the CUDA engine's batch-1 GEMV streams contiguous tiles) ----
+    # ``_tiling`` maps a buffer name to (tile rows, tile columns) of its logical 2-D form
+    # ``[out_features, -1]``; the data is stored as ``[rows / tr, cols / tc, tr, tc]`` in the same
+    # memory. Empty (the default): every buffer is row-major.
+
+    @property
+    def tiling(self) -> dict[str, tuple[int, int]]:
+        return self.__dict__.get("_tiling", {})
+
+    def store_tiled(self, tiles: dict[str, tuple[int, int]]) -> None:
+        """Permute the named buffers in place into tile-major order (no new memory is kept)."""
+        if self.tiling:
+            raise RuntimeError("buffers are already stored tile-major")
+        with torch.no_grad():
+            for name, (tr, tc) in tiles.items():
+                flat = getattr(self, name).view(-1)
+                rows = self.out_features
+                cols = flat.numel() // rows
+                tiled = flat.view(rows // tr, tr, cols // tc, tc).transpose(1, 2).contiguous()
+                flat.copy_(tiled.view(-1))
+        self.mark_tiled(tiles)
+
+    def mark_tiled(self, tiles: dict[str, tuple[int, int]]) -> None:
+        """Record that the named buffers already hold tile-major data (views of a fused module's
+        buffers that ``store_tiled`` permuted)."""
+        for name, (tr, tc) in tiles.items():
+            numel = getattr(self, name).numel()
+            if (
+                self.out_features % tr
+                or (numel // self.out_features) % tc
+                or not getattr(self, name).is_contiguous()
+            ):
+                raise ValueError(f"{name}: {tuple(getattr(self, name).shape)} does not tile by ({tr}, {tc})")
+        self.__dict__["_tiling"] = dict(tiles)
+
+    def row_major(self, name: str) -> torch.Tensor:
+        """Buffer ``name`` in its logical row-major layout (a copy when it is stored tile-major)."""
+        buf = getattr(self, name)
+        tile = self.tiling.get(name)
+        if buf is None or tile is None:
+            return buf
+        tr, tc = tile
+        rows = self.out_features
+        cols = buf.numel() // rows
+        return buf.view(rows // tr, cols // tc, tr, tc).transpose(1, 2).reshape(buf.shape)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # noqa: ANN001
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self.tiling:  # checkpoints are always row-major
+            destination[prefix + name] = self.row_major(name)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        if self.tiling:
+            raise RuntimeError(
+                "this layer's weights are stored tile-major for the CUDA engine; load the checkpoint into a fresh model"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def storage_bytes(self) -> int:
         """Bytes this layer stores (quantized weight, scales, zeros, bias)."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())

@@ -301,7 +301,7 @@ class Bnb4Linear(QuantLinear):
             self.quant_type,
             self.blocksize,
             torch.Size((self.out_features, self.in_features)),
-            self.absmax,
+            self.row_major("absmax"),
             self.offset,
             self.nested_absmax,
         )
@@ -316,7 +316,7 @@ class Bnb4Linear(QuantLinear):
             self.offset.copy_(state.offset)
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_4bit(self.qweight, self.state(), self.compute_dtype)
+        return dequantize_4bit(self.row_major("qweight"), self.state(), self.compute_dtype)
 
 
 def _options() -> dict[str, Option]:

@@ -121,11 +121,11 @@ class FP8Linear(QuantLinear):
         self.weight_scale.copy_(scale)
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_fp8_rows(self.qweight, self.weight_scale, self.compute_dtype)
+        return dequantize_fp8_rows(self.row_major("qweight"), self.weight_scale, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        out = fp8_linear(x2, self.qweight, self.weight_scale, self.compute_dtype, self.bias)
+        out = fp8_linear(x2, self.row_major("qweight"), self.weight_scale, self.compute_dtype, self.bias)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out.to(x.dtype) if x.dtype.is_floating_point else out
 

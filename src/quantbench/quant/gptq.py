@@ -266,11 +266,11 @@ class GPTQLinear(RTNLinear):
             return super().dequantize()
         codes = self.codes().to(torch.float32)
         idx = self.g_idx.long()
-        scale = self.scales.float()[:, idx]
+        scale = self.row_major("scales").float()[:, idx]
         if self.qzeros is None:
             zero = float(2 ** (self.bits - 1))
         else:
-            zero = self.qzeros.float()[:, idx]
+            zero = self.row_major("qzeros").float()[:, idx]
         return ((codes - zero) * scale).to(self.compute_dtype)
 
 

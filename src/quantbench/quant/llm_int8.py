@@ -122,12 +122,12 @@ class LLMInt8Linear(QuantLinear):
         self.row_absmax.copy_(absmax)
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_int8_rows(self.qweight, self.row_absmax, self.compute_dtype)
+        return dequantize_int8_rows(self.row_major("qweight"), self.row_absmax, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
         out = llm_int8_matmul(
-            x2, self.qweight, self.row_absmax, self.threshold, self.compute_dtype, self.bias
+            x2, self.row_major("qweight"), self.row_absmax, self.threshold, self.compute_dtype, self.bias
         )
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out.to(x.dtype) if x.dtype.is_floating_point else out

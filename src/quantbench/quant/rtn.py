@@ -119,10 +119,13 @@ class RTNLinear(QuantLinear):
             self.qzeros.copy_(zeros)
 
     def codes(self) -> torch.Tensor:
-        return unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+        codes = self.row_major("qweight")
+        return unpack_int4(codes) if self.bits == 4 else codes
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_rtn(self.codes(), self.scales, self.qzeros, self.bits, self.compute_dtype)
+        return dequantize_rtn(
+            self.codes(), self.row_major("scales"), self.row_major("qzeros"), self.bits, self.compute_dtype
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:  # Triton W4A16 / W8A16 kernels (quantbench.engine.kernels); None = not handled

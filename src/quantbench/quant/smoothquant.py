@@ -79,12 +79,12 @@ class SmoothQuantLinear(QuantLinear):
         self.wscales.copy_(scales)
 
     def dequantize(self) -> torch.Tensor:
-        return (self.qweight.float() * self.wscales.unsqueeze(1)).to(self.compute_dtype)
+        return (self.row_major("qweight").float() * self.wscales.unsqueeze(1)).to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         codes, scales = quantize_per_token(x.reshape(-1, shape[-1]))
-        acc = int8_matmul(codes, self.qweight)
+        acc = int8_matmul(codes, self.row_major("qweight"))
         out = acc.float() * scales * self.wscales.unsqueeze(0)
         if self.bias is not None:
             out = out + self.bias.float()

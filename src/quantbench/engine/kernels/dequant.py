@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from quantbench.engine.kernels.layouts import MODE_INT, MODE_TABLE, WQLayout
+from quantbench.engine.kernels.wq_matmul import group_off, word_off
 
 DENSE_MIN_M = 64
 SCRATCH_ELEMS = 12 << 20  # 24 MiB of bf16 per slab: stays in the H100's 50 MB L2 next to the codes
@@ -28,8 +29,8 @@ _SCRATCH: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 @triton.jit
 def _dequant_kernel(
     w_ptr, s_ptr, z_ptr, t_ptr, dqc_ptr, dqn_ptr, dqo_ptr, o_ptr,
-    r0, n_rows, stride_wn, stride_sn, stride_o,
-    GROUP: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr, HAS_ZERO: tl.constexpr,
+    r0, n_rows, stride_wn, stride_sn, stride_o, K, n_groups,
+    TN: tl.constexpr, TKV: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr, HAS_ZERO: tl.constexpr,
     ZERO_CONST: tl.constexpr, NESTED: tl.constexpr, SCALE_MUL: tl.constexpr, SIGNED8: tl.constexpr,
     APPLY_SCALE: tl.constexpr, BN: tl.constexpr, BKV: tl.constexpr,
 ):  # fmt: skip
@@ -43,7 +44,8 @@ def _dequant_kernel(
     mask_n = local < n_rows
     rows = (r0 + local).to(tl.int64)
     offs_j = tl.program_id(1) * BKV + tl.arange(0, BKV)
-    words = tl.load(w_ptr + rows[:, None] * stride_wn + offs_j[None, :], mask=mask_n[:, None], other=0)
+    woff = word_off(rows[:, None], offs_j[None, :], stride_wn, K // VALS, TN, TKV)
+    words = tl.load(w_ptr + woff, mask=mask_n[:, None], other=0)
     if SIGNED8:
         words = words ^ -2139062144  # 0x80808080: two's complement -> offset binary (zero 128)
     words = words.to(tl.uint32, bitcast=True)
@@ -62,7 +64,7 @@ def _dequant_kernel(
                 zidx = rows * stride_sn
                 f = f - tl.load(z_ptr + zidx, mask=mask_n, other=0).to(tl.float32)[:, None, None]
             else:
-                zidx = rows[:, None] * stride_sn + ((offs_j * VALS) // GROUP)[None, :]
+                zidx = group_off(rows[:, None], ((offs_j * VALS) // GROUP)[None, :], stride_sn, n_groups, TN)
                 f = f - tl.load(z_ptr + zidx, mask=mask_n[:, None], other=0).to(tl.float32)[:, :, None]
         else:
             f = f - ZERO_CONST
@@ -73,10 +75,14 @@ def _dequant_kernel(
             scale = tl.load(s_ptr + rows * stride_sn, mask=mask_n, other=0.0).to(tl.float32) * SCALE_MUL
             f = f * scale[:, None, None]
         else:
-            sidx = rows[:, None] * stride_sn + ((offs_j * VALS) // GROUP)[None, :]
-            raw = tl.load(s_ptr + sidx, mask=mask_n[:, None], other=0)
-            if NESTED:
-                nest = tl.load(dqn_ptr + sidx // 256, mask=mask_n[:, None], other=0.0)
+            g = ((offs_j * VALS) // GROUP)[None, :]
+            raw = tl.load(
+                s_ptr + group_off(rows[:, None], g, stride_sn, n_groups, TN), mask=mask_n[:, None], other=0
+            )
+            if NESTED:  # indexed by the logical (row-major) block number
+                nest = tl.load(
+                    dqn_ptr + (rows[:, None] * stride_sn + g) // 256, mask=mask_n[:, None], other=0.0
+                )
                 scale = tl.load(dqc_ptr + raw.to(tl.int32)) * nest + tl.load(dqo_ptr)
             else:
                 scale = raw.to(tl.float32) * SCALE_MUL
@@ -105,8 +111,8 @@ def dequantize_rows(
         layout.dq_code if layout.dq_code is not None else dummy,
         layout.dq_nested if layout.dq_nested is not None else dummy,
         layout.dq_offset if layout.dq_offset is not None else dummy,
-        out, r0, n_rows, layout.w32.stride(0), layout.scale_stride, out.stride(0),
-        GROUP=layout.group, BITS=layout.bits, MODE=layout.mode, HAS_ZERO=layout.zeros is not None,
+        out, r0, n_rows, layout.w32.stride(0), layout.scale_stride, out.stride(0), k, layout.n_groups,
+        TN=layout.tile_n, TKV=layout.tile_kv, GROUP=layout.group, BITS=layout.bits, MODE=layout.mode, HAS_ZERO=layout.zeros is not None,
         ZERO_CONST=float(layout.zero_const), NESTED=layout.dq_code is not None,
         SCALE_MUL=float(layout.scale_mul), SIGNED8=layout.signed8, APPLY_SCALE=apply_scale,
         BN=32, BKV=bkv, num_warps=4,

@@ -29,7 +29,6 @@ import triton.language as tl
 
 from quantbench.engine.kernels.layouts import MODE_FP8, MODE_INT, MODE_TABLE, WQLayout
 from quantbench.engine.kernels.wq_matmul import (
-    _load_scale,
     _num_sms,
     _silu_mul,
     _store_out,
@@ -179,9 +178,47 @@ def _zero_h2(z, BIAS: tl.constexpr):
 
 
 @triton.jit
+def _load_words(w_ptr, tile, rows, offs_r, offs_j, mask_n, k0, k_hi, K, stride_wn, TILED: tl.constexpr,
+                VALS: tl.constexpr, BN: tl.constexpr, BKV: tl.constexpr):  # fmt: skip
+    """The code words of step ``k0``: [BN, BKV]. TILED storage is tile-major (``tile_words``): the step's
+    BN x BKV words are one contiguous block, so every program streams whole DRAM pages."""
+    live = (k0 + offs_j * 0) < k_hi
+    if TILED:
+        steps = K // (BKV * VALS)
+        block = (tile * steps + k0 // (BKV * VALS)).to(tl.int64) * (BN * BKV)
+        ptrs = w_ptr + block + offs_r[:, None] * BKV + offs_j[None, :]
+    else:
+        ptrs = w_ptr + rows[:, None] * stride_wn + (k0 // VALS + offs_j)[None, :]
+    return tl.load(ptrs, mask=mask_n[:, None] & live[None, :], other=0)
+
+
+@triton.jit
+def _load_group(s_ptr, tile, rows, offs_r, offs_j, mask_n, k0, k_hi, stride_sn, n_groups, GROUP: tl.constexpr,
+                VALS: tl.constexpr, BN: tl.constexpr, TILE_SCALE: tl.constexpr, TILED: tl.constexpr):  # fmt: skip
+    """Stored per-(row, group) values (scales or zeros) of step ``k0``: [BN, 1] when the step lies in one
+    group, else [BN, BKV]. TILED storage holds each row tile's groups as ``[groups, BN]`` (``tile_groups``)."""
+    if TILE_SCALE:
+        g = k0 // GROUP
+        if TILED:
+            idx = ((tile * n_groups + g).to(tl.int64) * BN + offs_r)[:, None]
+        else:
+            idx = (rows * stride_sn + g)[:, None]
+        mask = (mask_n & ((k0 + rows * 0) < k_hi))[:, None]
+    else:
+        g = (k0 + offs_j * VALS) // GROUP
+        if TILED:
+            idx = (tile * n_groups + g[None, :]).to(tl.int64) * BN + offs_r[:, None]
+        else:
+            idx = rows[:, None] * stride_sn + g[None, :]
+        mask = mask_n[:, None] & ((k0 + offs_j * 0) < k_hi)[None, :]
+    return tl.load(s_ptr + idx, mask=mask, other=0)
+
+
+@triton.jit
 def _gemv_h2_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, dqc_ptr, dqn_ptr, dqo_ptr, b_ptr, rf_ptr, o_ptr, ws_ptr, cnt_ptr,
-    N, K, stride_wn, stride_sn, k_split,
+    N, K, stride_wn, stride_sn, k_split, n_groups,
+    TILED: tl.constexpr,
     ASM: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr,
     HAS_ZERO: tl.constexpr, ZLO: tl.constexpr, ZHI: tl.constexpr, NESTED: tl.constexpr,
     HAS_BIAS: tl.constexpr, SCALE_MUL: tl.constexpr, HAS_ROWF: tl.constexpr, ACT_SILU_MUL: tl.constexpr,
@@ -202,19 +239,20 @@ def _gemv_h2_kernel(
     ks = pid % SPLIT_K
     k_lo = ks * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
-    offs_n = tile * BN + tl.arange(0, BN)
+    offs_r = tl.arange(0, BN)
+    offs_n = tile * BN + offs_r
     mask_n = offs_n < N
     rows = offs_n.to(tl.int64)
     offs_j = tl.arange(0, BKV)
-    w_rows = w_ptr + rows[:, None] * stride_wn
 
     # STAGES == 1: software pipelining by hand (the next tile is requested before this one is used; the
     # first before the activation scan). STAGES > 1: Triton's loop pipeliner (async copies) instead.
     if STAGES == 1:
-        words_n = tl.load(w_rows + (k_lo // VALS + offs_j)[None, :], mask=mask_n[:, None], other=0)
+        words_n = _load_words(w_ptr, tile, rows, offs_r, offs_j, mask_n, k_lo, k_hi, K, stride_wn, TILED, VALS, BN,
+                              BKV)  # fmt: skip
         if GROUP > 0:
-            raw_n, _unused = _load_scale(s_ptr, z_ptr, rows, mask_n, k_lo, k_hi, offs_j, stride_sn, GROUP, VALS,
-                                         TILE_SCALE, False)  # fmt: skip
+            raw_n = _load_group(s_ptr, tile, rows, offs_r, offs_j, mask_n, k_lo, k_hi, stride_sn, n_groups, GROUP,
+                                VALS, BN, TILE_SCALE, TILED)  # fmt: skip
 
     # max |x| over this program's K-slice -> 2**(131 - E) puts it in [16, 32) (E: its fp32 exponent)
     amax = 0.0
@@ -248,32 +286,31 @@ def _gemv_h2_kernel(
         if STAGES == 1:
             words = words_n
             k_next = k0 + BK
-            words_n = tl.load(
-                w_rows + (k_next // VALS + offs_j)[None, :],
-                mask=mask_n[:, None] & ((k_next + offs_j * 0) < k_hi)[None, :],
-                other=0,
-            )
+            words_n = _load_words(w_ptr, tile, rows, offs_r, offs_j, mask_n, k_next, k_hi, K, stride_wn, TILED,
+                                  VALS, BN, BKV)  # fmt: skip
         else:
-            words = tl.load(w_rows + (k0 // VALS + offs_j)[None, :], mask=mask_n[:, None], other=0)
+            words = _load_words(w_ptr, tile, rows, offs_r, offs_j, mask_n, k0, k_hi, K, stride_wn, TILED, VALS, BN,
+                                BKV)  # fmt: skip
         if GROUP > 0:
             if STAGES == 1:
                 raw = raw_n
-                raw_n, _unused = _load_scale(s_ptr, z_ptr, rows, mask_n, k_next, k_hi, offs_j, stride_sn, GROUP,
-                                             VALS, TILE_SCALE, False)  # fmt: skip
+                raw_n = _load_group(s_ptr, tile, rows, offs_r, offs_j, mask_n, k_next, k_hi, stride_sn, n_groups,
+                                    GROUP, VALS, BN, TILE_SCALE, TILED)  # fmt: skip
             else:
-                raw, _unused = _load_scale(s_ptr, z_ptr, rows, mask_n, k0, k_hi, offs_j, stride_sn, GROUP, VALS,
-                                           TILE_SCALE, False)  # fmt: skip
-            if TILE_SCALE:
-                sidx = (rows * stride_sn + k0 // GROUP)[:, None]
-            else:
-                sidx = rows[:, None] * stride_sn + ((k0 + offs_j * VALS) // GROUP)[None, :]
-            if NESTED:
-                nest = tl.load(dqn_ptr + sidx // 256, mask=mask_n[:, None], other=0.0)
+                raw = _load_group(s_ptr, tile, rows, offs_r, offs_j, mask_n, k0, k_hi, stride_sn, n_groups, GROUP,
+                                  VALS, BN, TILE_SCALE, TILED)  # fmt: skip
+            if NESTED:  # the nested absmax is indexed by the logical (row-major) block number
+                if TILE_SCALE:
+                    lidx = (rows * stride_sn + k0 // GROUP)[:, None]
+                else:
+                    lidx = rows[:, None] * stride_sn + ((k0 + offs_j * VALS) // GROUP)[None, :]
+                nest = tl.load(dqn_ptr + lidx // 256, mask=mask_n[:, None], other=0.0)
                 scale = tl.load(dqc_ptr + raw.to(tl.int32)) * nest + tl.load(dqo_ptr)
             else:
                 scale = raw.to(tl.float32) * SCALE_MUL
             if HAS_ZERO:
-                zg = tl.load(z_ptr + sidx, mask=mask_n[:, None], other=0).to(tl.float32)
+                zg = _load_group(z_ptr, tile, rows, offs_r, offs_j, mask_n, k0, k_hi, stride_sn, n_groups, GROUP, VALS,
+                                 BN, TILE_SCALE, TILED).to(tl.float32)  # fmt: skip
                 zlo = tl.broadcast_to(_zero_h2(zg, 1024.0), (BN, BKV))
                 zhi = tl.broadcast_to(_zero_h2(zg, 64.0), (BN, BKV))
         base = k0 + offs_j * VALS
@@ -322,7 +359,6 @@ def _gemv_h2_kernel(
             acc += f * scale
         else:
             acc += f
-
     out = tl.sum(acc, axis=1) * unscale
     if GROUP == 0:
         out = out * row_scale
@@ -348,10 +384,23 @@ def h2_supported(x: torch.Tensor, layout: WQLayout) -> bool:
 
 
 def _config(n: int, k: int, layout: WQLayout, device: torch.device) -> dict:
-    """Block sizes from the H100 sweep (benchmarks/kernel_bw.py --sweep-h2, docs/bench.md): 16-word
-    (int4) / 32-word (8-bit) / 8-word (NF4, FP4: more registers per word) steps, and enough K-splits
-    for about four programs per SM."""
+    """Block sizes from the H100 sweeps (benchmarks/kernel_bw.py --sweep-h2 / --tiled, docs/bench.md).
+
+    Tile-major codes: the layout's tile is the step; K-splits until about 4 (int4) or 8 (NF4 / FP4 /
+    8-bit) programs per SM, each keeping at least two steps. Row-major codes: 16-word (int4) / 32-word
+    (8-bit) / 8-word (NF4, FP4) steps, enough K-splits for about four programs per SM."""
     vals = 32 // layout.bits
+    if layout.tile_n:
+        bn, bkv = layout.tile_n, layout.tile_kv
+        steps, tiles = (k // vals) // bkv, triton.cdiv(n, bn)
+        int4 = layout.mode == MODE_INT and layout.bits == 4
+        target = (4 if int4 and layout.zeros is None else 8) * _num_sms(device)
+        split = 1
+        while tiles * split < target and steps // (split * 2) >= 2:
+            split *= 2
+        warps = 4 if int4 and layout.zeros is None and n * k >= 1 << 25 else 2
+        stages = 3 if layout.zeros is not None else 1
+        return {"BN": bn, "BKV": bkv, "SPLIT_K": split, "num_warps": warps, "STAGES": stages}
     stages, programs_per_sm = 1, 4
     if layout.mode == MODE_TABLE:
         bn, bkv, warps, programs_per_sm = 64, 8, 2, 8
@@ -384,6 +433,8 @@ def gemv_h2(
         out = torch.empty((1, n), device=x.device, dtype=x.dtype)
     cfg = dict(config or _config(n, k, layout, x.device))
     bn, bkv, split = cfg.pop("BN"), cfg.pop("BKV"), cfg.pop("SPLIT_K")
+    if layout.tile_n and (bn, bkv) != (layout.tile_n, layout.tile_kv):
+        raise ValueError(f"tiled weights need BN={layout.tile_n}, BKV={layout.tile_kv} (got {bn}, {bkv})")
     cfg.setdefault("STAGES", 1)
     bk = bkv * (32 // layout.bits)
     tiles = triton.cdiv(n, bn)
@@ -417,8 +468,8 @@ def gemv_h2(
         layout.bias if layout.bias is not None else dummy,
         row_factor if row_factor is not None else dummy,
         out, ws, cnt,
-        n, k, layout.w32.stride(0), layout.scale_stride, k_split,
-        ASM=asm, GROUP=layout.group, BITS=layout.bits, MODE=layout.mode,
+        n, k, layout.w32.stride(0), layout.scale_stride, k_split, layout.n_groups,
+        TILED=bool(layout.tile_n), ASM=asm, GROUP=layout.group, BITS=layout.bits, MODE=layout.mode,
         HAS_ZERO=layout.zeros is not None,
         ZLO=_half_bits(-(1024.0 + zc)), ZHI=_half_bits(-(64.0 + zc)),
         NESTED=layout.dq_code is not None, HAS_BIAS=layout.bias is not None,

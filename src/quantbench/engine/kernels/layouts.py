@@ -46,7 +46,16 @@ class WQLayout:
     signed8: bool = False  # int8 codes in two's complement (then zero_const is 128)
     act_quant: int = ACT_NONE
     threshold: float = 0.0  # LLM.int8 outlier threshold
+    # Tile-major storage (``QuantLinear.store_tiled``, ``tiling_for``): 0 = row-major. Codes are [N / tile_n,
+    # K / (tile_kv * 32 / bits), tile_n, tile_kv] words; scales and zeros [N / tile_n, groups, tile_n].
+    tile_n: int = 0
+    tile_kv: int = 0
+    group_buffers: tuple[str, ...] = ()  # the module's per-(row, group) buffers (tiled with the codes)
     key: tuple = ()
+
+    @property
+    def n_groups(self) -> int:
+        return -(-self.in_features // self.group) if self.group else 1
 
     @property
     def weight_bytes(self) -> int:
@@ -69,7 +78,46 @@ def _on(device: torch.device, name: str, make) -> torch.Tensor:
 
 
 def _key(module: nn.Module) -> tuple:
-    return tuple((name, t.data_ptr(), tuple(t.shape)) for name, t in module.named_buffers(recurse=False))
+    tiles = tuple(sorted(getattr(module, "tiling", {}).items()))
+    return (*((name, t.data_ptr(), tuple(t.shape)) for name, t in module.named_buffers(recurse=False)), tiles)
+
+
+def gemv_tile(layout: WQLayout) -> tuple[int, int]:
+    """(rows, words per row) of one batch-1 GEMV step on tile-major codes, per format: the best of the
+    H100 sweep (benchmarks/kernel_bw.py --tiled, docs/bench.md)."""
+    if layout.mode == MODE_TABLE:
+        return 128, 8
+    if layout.bits == 4:
+        return (256, 8) if layout.zeros is not None else (128, 16)
+    return 32, 32
+
+
+def tiling_for(module: nn.Module) -> dict[str, tuple[int, int]] | None:
+    """The buffers to store tile-major for the GEMV (``QuantLinear.store_tiled`` argument), or None
+    when the module has no kernel layout or its shape does not divide into tiles."""
+    layout = layout_for(module)
+    if layout is None or layout.tile_n:
+        return None
+    tn, tkv = gemv_tile(layout)
+    n, kw = layout.w32.shape
+    if n % tn or kw % tkv or layout.w32.stride(0) != kw:
+        return None
+    tiles = {"qweight": (tn, 4 * tkv)}  # uint8 storage: 4 bytes per word
+    if layout.group:
+        for name in layout.group_buffers:
+            if getattr(module, name, None) is not None:
+                tiles[name] = (tn, 1)
+    return tiles
+
+
+def _apply_tiling(layout: WQLayout, module: nn.Module) -> WQLayout:
+    tiles = getattr(module, "tiling", {})
+    if "qweight" in tiles:
+        layout.tile_n, words = tiles["qweight"][0], tiles["qweight"][1] // 4
+        layout.tile_kv = words
+        if layout.group:
+            layout.scale_stride = layout.n_groups  # the logical row stride (the nested absmax index)
+    return layout
 
 
 def layout_for(module: nn.Module) -> WQLayout | None:
@@ -80,6 +128,7 @@ def layout_for(module: nn.Module) -> WQLayout | None:
         return cached
     layout = _build(module)
     if layout is not None:
+        layout = _apply_tiling(layout, module)
         layout.key = key
         module._qb_layout = layout
     return layout
@@ -187,6 +236,7 @@ def _rtn_layout(m: nn.Module) -> WQLayout | None:
         zeros=m.qzeros,
         zero_const=float(2 ** (bits - 1)),
         bias=m.bias,
+        group_buffers=("scales", "qzeros"),
     )
 
 
@@ -210,6 +260,7 @@ def _bnb4_layout(m: nn.Module) -> WQLayout | None:
         scale_stride=k // bs,
         group=bs,
         high_first=True,
+        group_buffers=("absmax",),
         table=_on(device, f"bnb4-{m.quant_type}", lambda: bnb4.code_table(m.quant_type).float()),
         bias=m.bias,
     )

@@ -123,14 +123,31 @@ def _table_prmt(words, ASM: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2
 
 
 @triton.jit
-def _load_scale(s_ptr, z_ptr, rows, mask_n, k0, k_hi, offs_j, stride_sn, GROUP: tl.constexpr, VALS: tl.constexpr,
-                TILE_SCALE: tl.constexpr, ZERO: tl.constexpr):  # fmt: skip
+def word_off(rows, wcols, stride_wn, KW, TN: tl.constexpr, TKV: tl.constexpr):
+    """Offsets of code words (``rows`` int64, word columns ``wcols``, broadcast) in row-major storage
+    (TN == 0) or tile-major storage ``[N / TN, KW / TKV, TN, TKV]`` (``layouts.WQLayout.tile_n``)."""
+    if TN == 0:
+        return rows * stride_wn + wcols
+    return ((rows // TN) * (KW // TKV) + wcols // TKV) * (TN * TKV) + (rows % TN) * TKV + wcols % TKV
+
+
+@triton.jit
+def group_off(rows, g, stride_sn, n_groups, TN: tl.constexpr):
+    """Offsets of per-(row, group) scales / zeros: row-major, or ``[N / TN, groups, TN]`` when tiled."""
+    if TN == 0:
+        return rows * stride_sn + g
+    return ((rows // TN) * n_groups + g) * TN + rows % TN
+
+
+@triton.jit
+def _load_scale(s_ptr, z_ptr, rows, mask_n, k0, k_hi, offs_j, stride_sn, n_groups, GROUP: tl.constexpr,
+                VALS: tl.constexpr, TILE_SCALE: tl.constexpr, ZERO: tl.constexpr, TN: tl.constexpr):  # fmt: skip
     """Raw stored scales (and zero + 2**23) of step k0: [BN, 1] (tile inside one group) or [BN, BKV]."""
     if TILE_SCALE:
-        sidx = (rows * stride_sn + k0 // GROUP)[:, None]
+        sidx = group_off(rows, k0 // GROUP, stride_sn, n_groups, TN)[:, None]
         mask = (mask_n & ((k0 + rows * 0) < k_hi))[:, None]
     else:
-        sidx = rows[:, None] * stride_sn + ((k0 + offs_j * VALS) // GROUP)[None, :]
+        sidx = group_off(rows[:, None], ((k0 + offs_j * VALS) // GROUP)[None, :], stride_sn, n_groups, TN)
         mask = mask_n[:, None] & ((k0 + offs_j * 0) < k_hi)[None, :]
     raw = tl.load(s_ptr + sidx, mask=mask, other=0)
     if ZERO:
@@ -150,7 +167,9 @@ def _bias_like(out, b_ptr, offs_n, mask_n):
 @triton.jit
 def _wq_matmul_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, dqc_ptr, dqn_ptr, dqo_ptr, b_ptr, rf_ptr, o_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_om, stride_wn, stride_sn, k_split,
+    M, N, K, stride_xm, stride_om, stride_wn, stride_sn, k_split, n_groups,
+    TN: tl.constexpr,  # tile-major codes / scales (rows per tile; 0 = row-major)
+    TKV: tl.constexpr,  # words per tile row
     GROUP: tl.constexpr,  # input columns per scale; 0 = one scale per output row
     BITS: tl.constexpr,  # 4 or 8
     HIGH_FIRST: tl.constexpr,  # int4: even column in the high nibble (bitsandbytes)
@@ -201,7 +220,7 @@ def _wq_matmul_kernel(
     mask_n = offs_n < N
     rows = offs_n.to(tl.int64)
     offs_j = tl.arange(0, BKV)
-    w_rows = w_ptr + rows[:, None] * stride_wn
+    KW = K // VALS
     if USE_DOT:
         offs_m = pid_m * BM + tl.arange(0, BM)
         mask_m = offs_m < M
@@ -221,18 +240,18 @@ def _wq_matmul_kernel(
     # Software pipelining by hand: the words (and raw scales) of step k0 + BK are requested before step
     # k0 is computed, so every program keeps one tile of HBM reads in flight while it does the ALU work.
     words_n = tl.load(
-        w_rows + (k_lo // VALS + offs_j)[None, :],
+        w_ptr + word_off(rows[:, None], (k_lo // VALS + offs_j)[None, :], stride_wn, KW, TN, TKV),
         mask=mask_n[:, None] & ((k_lo + offs_j * 0) < k_hi)[None, :],
         other=0,
     )
     if GROUP > 0:
-        raw_n, sub_n = _load_scale(s_ptr, z_ptr, rows, mask_n, k_lo, k_hi, offs_j, stride_sn, GROUP, VALS,
-                                   TILE_SCALE, MODE == _INT and HAS_ZERO)  # fmt: skip
+        raw_n, sub_n = _load_scale(s_ptr, z_ptr, rows, mask_n, k_lo, k_hi, offs_j, stride_sn, n_groups, GROUP, VALS,
+                                   TILE_SCALE, MODE == _INT and HAS_ZERO, TN)  # fmt: skip
     for k0 in range(k_lo, k_hi, BK):
         words = words_n
         k_next = k0 + BK
         words_n = tl.load(
-            w_rows + (k_next // VALS + offs_j)[None, :],
+            w_ptr + word_off(rows[:, None], (k_next // VALS + offs_j)[None, :], stride_wn, KW, TN, TKV),
             mask=mask_n[:, None] & ((k_next + offs_j * 0) < k_hi)[None, :],
             other=0,
         )
@@ -244,9 +263,9 @@ def _wq_matmul_kernel(
         if GROUP > 0:
             raw = raw_n
             sub = sub_n
-            raw_n, sub_n = _load_scale(s_ptr, z_ptr, rows, mask_n, k_next, k_hi, offs_j, stride_sn, GROUP, VALS,
-                                       TILE_SCALE, MODE == _INT and HAS_ZERO)  # fmt: skip
-            if NESTED:
+            raw_n, sub_n = _load_scale(s_ptr, z_ptr, rows, mask_n, k_next, k_hi, offs_j, stride_sn, n_groups, GROUP,
+                                       VALS, TILE_SCALE, MODE == _INT and HAS_ZERO, TN)  # fmt: skip
+            if NESTED:  # the nested absmax is indexed by the logical (row-major) block number
                 if TILE_SCALE:
                     bidx = (rows * stride_sn + k0 // GROUP)[:, None]
                 else:
@@ -670,6 +689,9 @@ def wq_matmul(
         layout.w32.stride(0),
         layout.scale_stride,
         k_split,
+        layout.n_groups,
+        TN=layout.tile_n,
+        TKV=layout.tile_kv,
         GROUP=layout.group,
         BITS=layout.bits,
         HIGH_FIRST=layout.high_first,

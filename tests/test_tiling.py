@@ -1,0 +1,90 @@
+"""Tile-major weight storage (the CUDA GEMV's layout): the module computes the same function, saves
+row-major checkpoints, refuses loads into tiled storage, and the engine tiles fused layers once."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import quantbench
+from quantbench import parse_spec
+from quantbench.engine.kernels.layouts import layout_for, tiling_for
+from quantbench.quant import METHODS
+
+SPECS = [
+    "int4:group=128",
+    "int4:group=32,asym",
+    "int8",
+    "int8:group=64",
+    "nf4:block=64,dq=1",
+    "fp4:block=128",
+    "fp8",
+    "llm.int8",
+    "smoothquant",
+]
+
+
+def _module(spec: str, n: int = 256, k: int = 512):
+    torch.manual_seed(len(spec))
+    lin = torch.nn.Linear(k, n, bias=True)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+    return METHODS[parse_spec(spec).method].linear_cls.from_linear(lin, parse_spec(spec))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_tiled_module_is_the_same_function(spec: str) -> None:
+    module = _module(spec)
+    tiles = tiling_for(module)
+    assert tiles is not None and tiles["qweight"][0] in (32, 128, 256)
+    twin = copy.deepcopy(module)
+    twin.store_tiled(tiles)
+    assert not torch.equal(twin.qweight, module.qweight)  # really permuted in place
+    assert layout_for(twin).tile_n == tiles["qweight"][0] and layout_for(module).tile_n == 0
+    assert tiling_for(twin) is None  # never tiled twice
+    x = torch.randn(3, 512)
+    assert torch.equal(twin(x), module(x))
+    assert torch.equal(twin.dequantize(), module.dequantize())
+    ours, theirs = twin.state_dict(), module.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)  # checkpoints stay row-major
+    with pytest.raises(RuntimeError, match="tile-major"):
+        twin.load_state_dict(theirs)
+    with pytest.raises(RuntimeError, match="already"):
+        twin.store_tiled(tiles)
+
+
+def test_tiling_skips_shapes_that_do_not_divide() -> None:
+    assert tiling_for(_module("int4:group=128", n=200)) is None  # 200 rows: no 128-row tiles
+
+
+def test_engine_tiles_fused_layers_once() -> None:
+    """The engine stores fused q/k/v and gate/up tile-major; the HF modules (views of the fused
+    storage) still compute the same logits, and a second engine on the same model re-fuses the tiled
+    parts without permuting them again."""
+    from quantbench.engine import EngineModel
+
+    torch.manual_seed(0)
+    model = quantbench.random_model(
+        "mistral-7b", dtype="fp32", num_hidden_layers=2, vocab_size=256, hidden_size=256,
+        intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+    )  # fmt: skip
+    quantbench.quantize(model, "int8")
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+    start = torch.zeros(2, dtype=torch.int32)
+    outs = []
+    for tile in (False, True, True):
+        engine = EngineModel(model, use_kernels=False, tile=tile)
+        engine.allocate_cache(2, 16)
+        outs.append(engine.prefill(ids, start, False))
+    layer = model.model.layers[0]
+    assert layer.self_attn.k_proj.tiling and layer.mlp.up_proj.tiling
+    assert layer.mlp.down_proj.tiling
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.equal(before, after)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
