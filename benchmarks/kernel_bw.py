@@ -23,7 +23,7 @@ from quantbench.bench.runner import device_name, measure_copy_bandwidth
 from quantbench.engine.kernels import layout_for, linear
 from quantbench.engine.kernels.gemv_h2 import DISABLED as H2
 from quantbench.engine.kernels.gemv_h2 import h2_supported
-from quantbench.engine.kernels.layouts import tiling_for
+from quantbench.engine.kernels.layouts import tile_buffers
 from quantbench.engine.kernels.wq_matmul import pick_config, wq_matmul
 from quantbench.quant import METHODS
 
@@ -138,15 +138,11 @@ def tiled_layout(module, bn: int, bkv: int):
     tile-major in (bn rows x bkv words) steps, or None when the shape does not tile so."""
     import copy
 
-    tiles = tiling_for(module)
-    if (
-        tiles is None
-        or module.out_features % bn
-        or (module.qweight.numel() // module.out_features) % (4 * bkv)
-    ):
+    tiles = tile_buffers(module, layout_for(module), bn, bkv)
+    if tiles is None:
         return None
     twin = copy.deepcopy(module)
-    twin.store_tiled({name: (bn, 4 * bkv if name == "qweight" else 1) for name in tiles})
+    twin.store_tiled(tiles)
     return layout_for(twin)
 
 

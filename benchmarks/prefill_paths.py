@@ -15,6 +15,7 @@ import torch
 import quantbench
 from quantbench.engine import Engine
 from quantbench.engine.kernels import DENSE_DISABLED
+from quantbench.engine.kernels import dequant as dq
 
 
 def first_token_ms(engine: Engine, ids: torch.Tensor, repeats: int) -> list[float]:
@@ -32,6 +33,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--slab-mib", default="", help="also time the slab path at these scratch sizes, e.g. 8,16,48"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     model = quantbench.random_model(args.arch, dtype="bf16", device="cuda")
@@ -50,6 +54,17 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             del engine
     DENSE_DISABLED["off"] = False
+    default_elems = dq.SCRATCH_ELEMS
+    for mib in [int(v) for v in args.slab_mib.split(",") if v]:
+        dq.SCRATCH_ELEMS, dq._SCRATCH = mib << 19, {}  # bf16 elements
+        engine = Engine(model, cuda_graphs=True)
+        t = first_token_ms(engine, ids, args.repeats)
+        row = {"dense": True, "graphs": True, "slab_mib": mib, "first_token_ms": round(statistics.median(t), 2),
+               "all": [round(v, 2) for v in t]}  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del engine
+    dq.SCRATCH_ELEMS, dq._SCRATCH = default_elems, {}
     engine = Engine(model, cuda_graphs=False)
     engine.generate(ids, max_new_tokens=2, ignore_eos=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

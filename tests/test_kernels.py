@@ -301,9 +301,10 @@ def test_dense_prefill_interpreter(spec: str, dtype: torch.dtype) -> None:
 
 
 def _tiled_twin(module):
-    from quantbench.engine.kernels.layouts import tiling_for
+    from quantbench.engine.kernels.layouts import layout_for, tile_buffers, tiling_for
 
-    tiles = tiling_for(module)
+    # the engine's choice, or (formats it keeps row-major) 128 x 16-word tiles: every kernel reads both
+    tiles = tiling_for(module) or tile_buffers(module, layout_for(module), 128, 16)
     assert tiles is not None and "qweight" in tiles
     twin = copy.deepcopy(module)
     twin.store_tiled(tiles)
@@ -341,6 +342,24 @@ def test_w8a8_kernel_interpreter(spec: str, m: int) -> None:
     module = _module(spec, 48, 256, bias=True, device="cpu", dtype=torch.float16)
     x = _x(m, 256, "cpu", torch.float16, outliers=True)
     assert _rel(_run_wq(module, x), module(x)) < 2e-2
+
+
+@interp
+@pytest.mark.parametrize("kind", [1, 2, 3])
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("act", [False, True])
+def test_act_quant_kernel_matches_torch_interpreter(kind: int, m: int, act: bool) -> None:
+    """W8A8 activation quantization (one-token row tile at M = 1, chunked passes above) equals its torch
+    twin exactly: the same codes / e4m3 values / outlier columns and per-token factors."""
+    from quantbench.engine.kernels import act_quant_torch
+    from quantbench.engine.kernels.fused import act_quant
+
+    torch.manual_seed(kind * 10 + m)
+    k = 300  # not a power of two: the row tile is masked
+    x = _x(m, 2 * k if act else k, "cpu", torch.float16, outliers=True) * 2
+    xe, rf = act_quant(x, kind, 6.0, act, k)
+    xe_ref, rf_ref = act_quant_torch(x, kind, 6.0, act, k)
+    assert torch.equal(xe, xe_ref) and torch.allclose(rf, rf_ref, rtol=1e-6, atol=0)
 
 
 @interp

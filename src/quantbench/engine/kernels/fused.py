@@ -289,6 +289,60 @@ def _silu_mul_tile(x_ptr, rows, cols, mask, K):
 
 
 @triton.jit
+def token_scales(amax, KIND: tl.constexpr):
+    """Per-token ``(q_scale, rf)`` from the (non-outlier) absmax: activations quantize with q_scale
+    (``quantize_act``) and the product is multiplied by rf afterwards."""
+    if KIND == 1:  # LLM.int8: x * (127 / absmax); a token with no non-outlier mass keeps factor 1
+        q_scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax * 0.0 + 127.0, amax))
+        rf = tl.where(amax == 0.0, 1.0, amax / 127.0)
+    elif KIND == 2:  # fp8: x / (absmax / 448)
+        rf = amax / 448.0
+        q_scale = tl.where(rf == 0.0, 1.0, rf)
+    else:  # SmoothQuant: x / max(absmax / 127, 1e-8)
+        q_scale = tl.maximum(amax / 127.0, 1e-8)
+        rf = q_scale
+    return q_scale, rf
+
+
+@triton.jit
+def quantize_act(xf, outlier, q_scale, KIND: tl.constexpr):
+    """fp32 activations -> their quantized values (fp32): int8 codes, e4m3 values, or (LLM.int8 outlier
+    columns) the unrounded ``x * 127 / absmax``."""
+    if KIND == 1:
+        scaled = xf * q_scale
+        q = tl.minimum(tl.maximum(_rint(scaled), -127.0), 127.0)
+        q = tl.where(outlier, scaled, q)
+    elif KIND == 2:
+        q = _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(xf, q_scale), -448.0), 448.0))
+    else:
+        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xf, q_scale)), -127.0), 127.0)
+    return q
+
+
+@triton.jit
+def _act_quant_row_kernel(
+    x_ptr, xe_ptr, rf_ptr, K, threshold, KIND: tl.constexpr, ACT: tl.constexpr, BK: tl.constexpr
+):  # fmt: skip
+    """``_act_quant_kernel`` for one token, the whole row as one register tile (BK >= K): a single round
+    of loads instead of two sequential passes over K-chunks (decode: ~4x fewer microseconds)."""
+    cols = tl.arange(0, BK)
+    mask = cols < K
+    if ACT:
+        x = _silu_mul_tile(x_ptr, 0, cols, mask, K)
+    else:
+        x = tl.load(x_ptr + cols, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    ax = tl.abs(xf)
+    outlier = ax >= threshold
+    if KIND == 1:
+        ax = tl.where(outlier, 0.0, ax)
+    q_scale, rf = token_scales(tl.max(ax, axis=0), KIND)
+    tl.store(rf_ptr, rf)
+    q = quantize_act(xf, outlier, q_scale, KIND)
+    tl.store(xe_ptr + cols, q.to(xe_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _act_quant_kernel(
     x_ptr, xe_ptr, rf_ptr, M, K, stride_x, stride_xe, threshold,
     KIND: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
@@ -312,16 +366,7 @@ def _act_quant_kernel(
             outlier = tl.max(ax, axis=0) >= threshold
             ax = tl.where(outlier[None, :], 0.0, ax)
         amax = tl.maximum(amax, tl.max(ax, axis=1))
-    if KIND == 1:  # LLM.int8: x * (127 / absmax); a token with no non-outlier mass keeps factor 1
-        inv = tl.where(amax == 0.0, 1.0, tl.math.div_rn(tl.full((BM,), 127.0, tl.float32), amax))
-        rf = tl.where(amax == 0.0, 1.0, amax / 127.0)
-    elif KIND == 2:  # fp8: x / (absmax / 448)
-        scale = amax / 448.0
-        safe = tl.where(scale == 0.0, 1.0, scale)
-        rf = scale
-    else:  # SmoothQuant: x / max(absmax / 127, 1e-8)
-        safe = tl.maximum(amax / 127.0, 1e-8)
-        rf = safe
+    q_scale, rf = token_scales(amax, KIND)
     tl.store(rf_ptr + offs_m, rf, mask=mask_m)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
@@ -331,16 +376,7 @@ def _act_quant_kernel(
         else:
             x = tl.load(x_ptr + rows + cols[None, :], mask=mask, other=0.0)
         xf = x.to(tl.float32)
-        if KIND == 1:
-            outlier = tl.max(tl.abs(xf), axis=0) >= threshold
-            scaled = xf * inv[:, None]
-            q = tl.minimum(tl.maximum(_rint(scaled), -127.0), 127.0)
-            q = tl.where(outlier[None, :], scaled, q)
-        elif KIND == 2:
-            q = tl.math.div_rn(xf, safe[:, None])
-            q = _round_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
-        else:
-            q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xf, safe[:, None])), -127.0), 127.0)
+        q = quantize_act(xf, (tl.max(tl.abs(xf), axis=0) >= threshold)[None, :], q_scale[:, None], KIND)
         out_rows = offs_m.to(tl.int64)[:, None] * stride_xe
         tl.store(xe_ptr + out_rows + cols[None, :], q.to(xe_ptr.dtype.element_ty), mask=mask)
 
@@ -361,6 +397,9 @@ def _rint(x):
     return (x + big) - big
 
 
+ROW_TILE_MAX = 32768  # one-token rows up to this many columns are quantized from one register tile
+
+
 def act_quant(
     x: torch.Tensor, kind: int, threshold: float, act_silu_mul: bool, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,6 +410,12 @@ def act_quant(
     bm = max(1, triton.next_power_of_2(m))
     bk = max(64, min(1024, 4096 // bm))
     thr = float(threshold) if threshold > 0 else float("inf")  # 0 = no outlier decomposition
+    if m == 1 and k <= ROW_TILE_MAX:
+        row = triton.next_power_of_2(k)
+        _act_quant_row_kernel[(1,)](
+            x, xe, rf, k, thr, KIND=kind, ACT=act_silu_mul, BK=row, num_warps=max(4, min(16, row // 1024))
+        )  # fmt: skip
+        return xe, rf
     _act_quant_kernel[(1,)](
         x, xe, rf, m, k, x.stride(0), xe.stride(0), thr,
         KIND=kind, ACT=act_silu_mul, BM=bm, BK=bk, num_warps=4,

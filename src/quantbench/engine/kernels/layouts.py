@@ -82,31 +82,40 @@ def _key(module: nn.Module) -> tuple:
     return (*((name, t.data_ptr(), tuple(t.shape)) for name, t in module.named_buffers(recurse=False)), tiles)
 
 
-def gemv_tile(layout: WQLayout) -> tuple[int, int]:
-    """(rows, words per row) of one batch-1 GEMV step on tile-major codes, per format: the best of the
-    H100 sweep (benchmarks/kernel_bw.py --tiled, docs/bench.md)."""
+def gemv_tile(layout: WQLayout) -> tuple[int, int] | None:
+    """(rows, words per row) of one batch-1 GEMV step on tile-major codes, per format, or None to keep
+    the codes row-major. From the H100 runs (docs/bench.md): NF4 / FP4 and 8-bit codes decode faster
+    from tiles in the engine; symmetric int4 measured faster row-major (2.73 vs 2.85 ms per token)
+    although the isolated kernel preferred tiles, so it stays row-major."""
     if layout.mode == MODE_TABLE:
         return 128, 8
     if layout.bits == 4:
-        return (256, 8) if layout.zeros is not None else (128, 16)
+        return (256, 8) if layout.zeros is not None else None
     return 32, 32
 
 
 def tiling_for(module: nn.Module) -> dict[str, tuple[int, int]] | None:
     """The buffers to store tile-major for the GEMV (``QuantLinear.store_tiled`` argument), or None
-    when the module has no kernel layout or its shape does not divide into tiles."""
+    when the module has no kernel layout, its format stays row-major, or its shape does not tile."""
     layout = layout_for(module)
     if layout is None or layout.tile_n:
         return None
-    tn, tkv = gemv_tile(layout)
+    tile = gemv_tile(layout)
+    return None if tile is None else tile_buffers(module, layout, *tile)
+
+
+def tile_buffers(
+    module: nn.Module, layout: WQLayout, tile_n: int, tile_kv: int
+) -> dict[str, tuple[int, int]] | None:
+    """``store_tiled`` argument for GEMV steps of ``tile_n`` rows x ``tile_kv`` words (None: no fit)."""
     n, kw = layout.w32.shape
-    if n % tn or kw % tkv or layout.w32.stride(0) != kw:
+    if n % tile_n or kw % tile_kv or layout.w32.stride(0) != kw:
         return None
-    tiles = {"qweight": (tn, 4 * tkv)}  # uint8 storage: 4 bytes per word
+    tiles = {"qweight": (tile_n, 4 * tile_kv)}  # uint8 storage: 4 bytes per word
     if layout.group:
         for name in layout.group_buffers:
             if getattr(module, name, None) is not None:
-                tiles[name] = (tn, 1)
+                tiles[name] = (tile_n, 1)
     return tiles
 
 
