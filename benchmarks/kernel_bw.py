@@ -83,17 +83,23 @@ H2_SWEEP = [
 ]
 
 
+def gemv_case(spec: str, n: int, k: int):
+    """A quantized layer for the M = 1 sweeps: module, layout, x, bytes per call, default config."""
+    from quantbench.engine.kernels.gemv_h2 import _config
+
+    mod = make_module(spec, n, k)
+    layout = layout_for(mod)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    return mod, layout, x, layout.weight_bytes + k * 2 + n * 2, _config(n, k, layout, x.device)
+
+
 def h2_sweep(results: dict, record, shapes: dict, specs: list[str]) -> None:
     """Time the half2 GEMV (M = 1) over block sizes / warps / split-K on each shape; print the best."""
-    from quantbench.engine.kernels.gemv_h2 import _config, gemv_h2
+    from quantbench.engine.kernels.gemv_h2 import gemv_h2
 
     for spec in specs:
         for name, (n, k) in shapes.items():
-            mod = make_module(spec, n, k)
-            layout = layout_for(mod)
-            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            nbytes = layout.weight_bytes + k * 2 + n * 2
-            default = _config(n, k, layout, x.device)
+            mod, layout, x, nbytes, default = gemv_case(spec, n, k)
             rows = []
             for cand in [default, *H2_SWEEP]:
                 cfg = {key: v for key, v in cand.items() if key != "SPLIT_X"}
@@ -152,11 +158,7 @@ def tiled_sweep(results: dict, record, shapes: dict, specs: list[str]) -> None:
 
     for spec in specs:
         for name, (n, k) in shapes.items():
-            mod = make_module(spec, n, k)
-            layout = layout_for(mod)
-            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            nbytes = layout.weight_bytes + k * 2 + n * 2
-            default = _config(n, k, layout, x.device)
+            mod, layout, x, nbytes, default = gemv_case(spec, n, k)
             vals = 32 // layout.bits
             t0 = bench(lambda x=x, lay=layout, c=default: gemv_h2(x, lay, config=dict(c)))
             results["sweep"].append(record(spec + " (row-major, default)", name, 1, t0, nbytes, cfg=default))

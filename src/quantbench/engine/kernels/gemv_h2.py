@@ -32,6 +32,7 @@ from quantbench.engine.kernels.wq_matmul import (
     _num_sms,
     _silu_mul,
     _store_out,
+    group_scale,
     plan_split,
     split_for,
     table_asm,
@@ -299,15 +300,8 @@ def _gemv_h2_kernel(
             else:
                 raw = _load_group(s_ptr, tile, rows, offs_r, offs_j, mask_n, k0, k_hi, stride_sn, n_groups, GROUP,
                                   VALS, BN, TILE_SCALE, TILED)  # fmt: skip
-            if NESTED:  # the nested absmax is indexed by the logical (row-major) block number
-                if TILE_SCALE:
-                    lidx = (rows * stride_sn + k0 // GROUP)[:, None]
-                else:
-                    lidx = rows[:, None] * stride_sn + ((k0 + offs_j * VALS) // GROUP)[None, :]
-                nest = tl.load(dqn_ptr + lidx // 256, mask=mask_n[:, None], other=0.0)
-                scale = tl.load(dqc_ptr + raw.to(tl.int32)) * nest + tl.load(dqo_ptr)
-            else:
-                scale = raw.to(tl.float32) * SCALE_MUL
+            scale = group_scale(raw, rows, mask_n, k0, offs_j, stride_sn, dqc_ptr, dqn_ptr, dqo_ptr, GROUP, VALS,
+                                TILE_SCALE, NESTED, SCALE_MUL)  # fmt: skip
             if HAS_ZERO:
                 zg = _load_group(z_ptr, tile, rows, offs_r, offs_j, mask_n, k0, k_hi, stride_sn, n_groups, GROUP, VALS,
                                  BN, TILE_SCALE, TILED).to(tl.float32)  # fmt: skip

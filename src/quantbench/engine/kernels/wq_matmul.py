@@ -140,6 +140,21 @@ def group_off(rows, g, stride_sn, n_groups, TN: tl.constexpr):
 
 
 @triton.jit
+def group_scale(raw, rows, mask_n, k0, offs_j, stride_sn, dqc_ptr, dqn_ptr, dqo_ptr, GROUP: tl.constexpr,
+                VALS: tl.constexpr, TILE_SCALE: tl.constexpr, NESTED: tl.constexpr, SCALE_MUL: tl.constexpr):  # fmt: skip
+    """fp32 scales of step k0 from the raw stored values; double-quantized absmax codes are decoded with
+    the nested absmax of their logical (row-major) block number."""
+    if NESTED:
+        if TILE_SCALE:
+            bidx = (rows * stride_sn + k0 // GROUP)[:, None]
+        else:
+            bidx = rows[:, None] * stride_sn + ((k0 + offs_j * VALS) // GROUP)[None, :]
+        nest = tl.load(dqn_ptr + bidx // 256, mask=mask_n[:, None], other=0.0)
+        return tl.load(dqc_ptr + raw.to(tl.int32)) * nest + tl.load(dqo_ptr)
+    return raw.to(tl.float32) * SCALE_MUL
+
+
+@triton.jit
 def _load_scale(s_ptr, z_ptr, rows, mask_n, k0, k_hi, offs_j, stride_sn, n_groups, GROUP: tl.constexpr,
                 VALS: tl.constexpr, TILE_SCALE: tl.constexpr, ZERO: tl.constexpr, TN: tl.constexpr):  # fmt: skip
     """Raw stored scales (and zero + 2**23) of step k0: [BN, 1] (tile inside one group) or [BN, BKV]."""
@@ -265,15 +280,8 @@ def _wq_matmul_kernel(
             sub = sub_n
             raw_n, sub_n = _load_scale(s_ptr, z_ptr, rows, mask_n, k_next, k_hi, offs_j, stride_sn, n_groups, GROUP,
                                        VALS, TILE_SCALE, MODE == _INT and HAS_ZERO, TN)  # fmt: skip
-            if NESTED:  # the nested absmax is indexed by the logical (row-major) block number
-                if TILE_SCALE:
-                    bidx = (rows * stride_sn + k0 // GROUP)[:, None]
-                else:
-                    bidx = rows[:, None] * stride_sn + ((k0 + offs_j * VALS) // GROUP)[None, :]
-                nest = tl.load(dqn_ptr + bidx // 256, mask=mask_n[:, None], other=0.0)
-                scale = tl.load(dqc_ptr + raw.to(tl.int32)) * nest + tl.load(dqo_ptr)
-            else:
-                scale = raw.to(tl.float32) * SCALE_MUL
+            scale = group_scale(raw, rows, mask_n, k0, offs_j, stride_sn, dqc_ptr, dqn_ptr, dqo_ptr, GROUP, VALS,
+                                TILE_SCALE, NESTED, SCALE_MUL)  # fmt: skip
         # ---- one code slot at a time: columns k0 + VALS * j + i of every word j ----
         if USE_DOT:
             part = tl.zeros((BN, BM), dtype=tl.float32)
