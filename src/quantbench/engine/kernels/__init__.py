@@ -17,9 +17,6 @@ from quantbench.engine.kernels.layouts import ACT_NONE, WQLayout, layout_for
 
 __all__ = ["WQLayout", "dispatch", "layout_for", "linear", "triton_available"]
 
-# M above which W8A8 layers quantize their activations with torch ops instead of the one-program kernel.
-W8A8_MAX_M = 16
-
 
 @functools.cache
 def triton_available() -> bool:
@@ -66,16 +63,15 @@ def linear(
             x = silu_mul(x)
         if layout.act_quant == ACT_NONE:
             return dense_matmul(x, layout, out=out)
-        xe, rf = act_quant_torch(x, layout.act_quant, layout.threshold, False, layout.in_features)
+        from quantbench.engine.kernels.fused import act_quant
+
+        xe, rf = act_quant(x, layout.act_quant, layout.threshold, False, layout.in_features)
         return dense_matmul(xe, layout, row_factor=rf, out=out)
     if layout.act_quant == ACT_NONE:
         return wq_matmul(x, layout, act_silu_mul=act_silu_mul, out=out)
     from quantbench.engine.kernels.fused import act_quant
 
-    if x.shape[0] <= W8A8_MAX_M:
-        xe, rf = act_quant(x, layout.act_quant, layout.threshold, act_silu_mul, layout.in_features)
-    else:  # the prompt: the same math in torch (the one-program kernel is for decode sizes)
-        xe, rf = act_quant_torch(x, layout.act_quant, layout.threshold, act_silu_mul, layout.in_features)
+    xe, rf = act_quant(x, layout.act_quant, layout.threshold, act_silu_mul, layout.in_features)
     if out is None:
         out = torch.empty((x.shape[0], layout.out_features), device=x.device, dtype=x.dtype)
     return wq_matmul(xe, layout, row_factor=rf, out=out)
@@ -95,7 +91,8 @@ def act_quant_torch(
         outlier = (ax >= threshold).any(dim=0) if threshold > 0 else torch.zeros_like(ax[0], dtype=torch.bool)
         amax = ax.masked_fill(outlier, 0.0).amax(dim=1)
         zero = amax == 0
-        inv = torch.where(zero, torch.ones_like(amax), 127.0 / amax)
+        # tensor / tensor: torch's CPU scalar / tensor multiplies by a reciprocal (not correctly rounded)
+        inv = torch.where(zero, torch.ones_like(amax), torch.full_like(amax, 127.0) / amax)
         rf = torch.where(zero, torch.ones_like(amax), amax / 127.0)
         scaled = xf * inv[:, None]
         q = torch.where(outlier, scaled, torch.round(scaled).clamp(-127, 127))

@@ -343,42 +343,65 @@ def _act_quant_row_kernel(
 
 
 @triton.jit
-def _act_quant_kernel(
-    x_ptr, xe_ptr, rf_ptr, M, K, stride_x, stride_xe, threshold,
-    KIND: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+def _act_stats_kernel(
+    x_ptr, flag_ptr, part_ptr, M, K, stride_x, threshold, n_chunks,
+    KIND: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
-    """All rows in one program (decode sizes): per-token scales, then the quantized activations as
-    exact values in the model dtype (int8 codes, e4m3 values; LLM.int8 outlier columns unrounded,
-    pre-divided by the token scale), and ``rf`` = the token scale to apply after the matmul."""
-    offs_m = tl.arange(0, BM)
-    mask_m = offs_m < M
-    rows = offs_m.to(tl.int64)[:, None] * stride_x
-    amax = tl.zeros((BM,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        mask = mask_m[:, None] & (cols < K)[None, :]
-        if ACT:
-            x = _silu_mul_tile(x_ptr, rows, cols[None, :], mask, K)
-        else:
-            x = tl.load(x_ptr + rows + cols[None, :], mask=mask, other=0.0)
-        ax = tl.abs(x.to(tl.float32))
-        if KIND == 1:
-            outlier = tl.max(ax, axis=0) >= threshold
-            ax = tl.where(outlier[None, :], 0.0, ax)
-        amax = tl.maximum(amax, tl.max(ax, axis=1))
+    """One column chunk, all tokens: the outlier flag of each column (LLM.int8: |x| >= threshold in any
+    token) and each token's absmax over the chunk's other columns (``part[m, chunk]``)."""
+    chunk = tl.program_id(0)
+    cols = chunk * BC + tl.arange(0, BC)
+    cmask = cols < K
+    outlier = cols < 0
+    if KIND == 1:
+        colmax = tl.zeros((BC,), dtype=tl.float32)
+        for m0 in range(0, M, BM):
+            offs_m = m0 + tl.arange(0, BM)
+            mask = (offs_m < M)[:, None] & cmask[None, :]
+            x = _act_tile(x_ptr, offs_m.to(tl.int64)[:, None] * stride_x, cols[None, :], mask, K, ACT)
+            colmax = tl.maximum(colmax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
+        outlier = colmax >= threshold
+        tl.store(flag_ptr + cols, outlier.to(tl.int8), mask=cmask)
+    for m0 in range(0, M, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        mask = (offs_m < M)[:, None] & cmask[None, :]
+        x = _act_tile(x_ptr, offs_m.to(tl.int64)[:, None] * stride_x, cols[None, :], mask, K, ACT)
+        ax = tl.where(outlier[None, :], 0.0, tl.abs(x.to(tl.float32)))
+        tl.store(part_ptr + offs_m * n_chunks + chunk, tl.max(ax, axis=1), mask=offs_m < M)
+
+
+@triton.jit
+def _act_apply_kernel(
+    x_ptr, xe_ptr, rf_ptr, flag_ptr, part_ptr, K, stride_x, stride_xe, n_chunks,
+    KIND: tl.constexpr, ACT: tl.constexpr, BC: tl.constexpr, BCH: tl.constexpr,
+):  # fmt: skip
+    """One token x one column chunk: the token scale from its chunk maxima, then the quantized values
+    (int8 codes, e4m3 values, LLM.int8 outlier columns unrounded) in the model dtype; chunk 0 stores
+    the factor ``rf`` to apply after the matmul."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs_ch = tl.arange(0, BCH)
+    amax = tl.max(tl.load(part_ptr + row * n_chunks + offs_ch, mask=offs_ch < n_chunks, other=0.0), axis=0)
     q_scale, rf = token_scales(amax, KIND)
-    tl.store(rf_ptr + offs_m, rf, mask=mask_m)
-    for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        mask = mask_m[:, None] & (cols < K)[None, :]
-        if ACT:
-            x = _silu_mul_tile(x_ptr, rows, cols[None, :], mask, K)
-        else:
-            x = tl.load(x_ptr + rows + cols[None, :], mask=mask, other=0.0)
-        xf = x.to(tl.float32)
-        q = quantize_act(xf, (tl.max(tl.abs(xf), axis=0) >= threshold)[None, :], q_scale[:, None], KIND)
-        out_rows = offs_m.to(tl.int64)[:, None] * stride_xe
-        tl.store(xe_ptr + out_rows + cols[None, :], q.to(xe_ptr.dtype.element_ty), mask=mask)
+    if chunk == 0:
+        tl.store(rf_ptr + row, rf)
+    cols = chunk * BC + tl.arange(0, BC)
+    cmask = cols < K
+    x = _act_tile(x_ptr, row.to(tl.int64) * stride_x, cols, cmask, K, ACT)
+    if KIND == 1:
+        outlier = tl.load(flag_ptr + cols, mask=cmask, other=0) != 0
+    else:
+        outlier = cols < 0
+    q = quantize_act(x.to(tl.float32), outlier, q_scale, KIND)
+    tl.store(xe_ptr + row.to(tl.int64) * stride_xe + cols, q.to(xe_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _act_tile(x_ptr, rows, cols, mask, K, ACT: tl.constexpr):
+    """Activations at (rows, cols): silu(gate) * up of a gate/up output when ACT, as HF rounds it."""
+    if ACT:
+        return _silu_mul_tile(x_ptr, rows, cols, mask, K)
+    return tl.load(x_ptr + rows + cols, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -403,12 +426,12 @@ ROW_TILE_MAX = 32768  # one-token rows up to this many columns are quantized fro
 def act_quant(
     x: torch.Tensor, kind: int, threshold: float, act_silu_mul: bool, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantized activations ``[M, K]`` (model dtype) and per-token factors ``[M]`` fp32 (see kernel)."""
+    """Quantized activations ``[M, K]`` (model dtype) and per-token factors ``[M]`` fp32, as
+    ``kernels.act_quant_torch`` computes them. One token: one program holding the whole row. More:
+    per-chunk column flags and token maxima, then one program per (token, chunk), for any M."""
     m = x.shape[0]
     xe = torch.empty((m, k), device=x.device, dtype=x.dtype)
     rf = torch.empty((m,), device=x.device, dtype=torch.float32)
-    bm = max(1, triton.next_power_of_2(m))
-    bk = max(64, min(1024, 4096 // bm))
     thr = float(threshold) if threshold > 0 else float("inf")  # 0 = no outlier decomposition
     if m == 1 and k <= ROW_TILE_MAX:
         row = triton.next_power_of_2(k)
@@ -416,8 +439,16 @@ def act_quant(
             x, xe, rf, k, thr, KIND=kind, ACT=act_silu_mul, BK=row, num_warps=max(4, min(16, row // 1024))
         )  # fmt: skip
         return xe, rf
-    _act_quant_kernel[(1,)](
-        x, xe, rf, m, k, x.stride(0), xe.stride(0), thr,
-        KIND=kind, ACT=act_silu_mul, BM=bm, BK=bk, num_warps=4,
+    chunk = 1024
+    n_chunks = triton.cdiv(k, chunk)
+    flags = torch.empty((k,), device=x.device, dtype=torch.int8)
+    part = torch.empty((m, n_chunks), device=x.device, dtype=torch.float32)
+    _act_stats_kernel[(n_chunks,)](
+        x, flags, part, m, k, x.stride(0), thr, n_chunks,
+        KIND=kind, ACT=act_silu_mul, BM=min(16, triton.next_power_of_2(m)), BC=chunk, num_warps=8,
+    )  # fmt: skip
+    _act_apply_kernel[(m, n_chunks)](
+        x, xe, rf, flags, part, k, x.stride(0), xe.stride(0), n_chunks,
+        KIND=kind, ACT=act_silu_mul, BC=chunk, BCH=max(2, triton.next_power_of_2(n_chunks)), num_warps=4,
     )  # fmt: skip
     return xe, rf
