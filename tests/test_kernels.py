@@ -346,7 +346,7 @@ def test_w8a8_kernel_interpreter(spec: str, m: int) -> None:
 
 @interp
 @pytest.mark.parametrize("kind", [1, 2, 3])
-@pytest.mark.parametrize("m", [1, 4, 37])
+@pytest.mark.parametrize("m", [1, 4, 37, 150])
 @pytest.mark.parametrize("act", [False, True])
 @pytest.mark.parametrize("k", [300, 2500])
 def test_act_quant_kernel_matches_torch_interpreter(kind: int, m: int, act: bool, k: int) -> None:

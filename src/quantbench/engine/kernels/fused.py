@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from quantbench.engine.kernels.layouts import ACT_LLM_INT8
+
 
 @triton.jit
 def _add_rmsnorm_kernel(
@@ -343,26 +345,43 @@ def _act_quant_row_kernel(
 
 
 @triton.jit
-def _act_stats_kernel(
-    x_ptr, flag_ptr, part_ptr, M, K, stride_x, threshold, n_chunks,
-    KIND: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-):  # fmt: skip
-    """One column chunk, all tokens: the outlier flag of each column (LLM.int8: |x| >= threshold in any
-    token) and each token's absmax over the chunk's other columns (``part[m, chunk]``)."""
+def _act_colmax_kernel(x_ptr, colmax_ptr, M, K, stride_x, RB: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr,
+                       BC: tl.constexpr):  # fmt: skip
+    """LLM.int8, one column chunk x one block of RB tokens: the column maxima of |x| (``colmax[rb, col]``)."""
     chunk = tl.program_id(0)
+    rb = tl.program_id(1)
+    cols = chunk * BC + tl.arange(0, BC)
+    cmask = cols < K
+    colmax = tl.zeros((BC,), dtype=tl.float32)
+    for m0 in range(rb * RB, tl.minimum(M, rb * RB + RB), BM):
+        offs_m = m0 + tl.arange(0, BM)
+        mask = (offs_m < M)[:, None] & cmask[None, :]
+        x = _act_tile(x_ptr, offs_m.to(tl.int64)[:, None] * stride_x, cols[None, :], mask, K, ACT)
+        colmax = tl.maximum(colmax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
+    tl.store(colmax_ptr + rb * K + cols, colmax, mask=cmask)
+
+
+@triton.jit
+def _act_stats_kernel(
+    x_ptr, colmax_ptr, flag_ptr, part_ptr, M, K, stride_x, threshold, n_chunks, n_rb,
+    KIND: tl.constexpr, ACT: tl.constexpr, RB: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    BRB: tl.constexpr,
+):  # fmt: skip
+    """One column chunk x one block of RB tokens: each token's absmax over the chunk (``part[m, chunk]``),
+    without the outlier columns (LLM.int8: |x| >= threshold in any token, from ``colmax``; flagged)."""
+    chunk = tl.program_id(0)
+    rb = tl.program_id(1)
     cols = chunk * BC + tl.arange(0, BC)
     cmask = cols < K
     outlier = cols < 0
     if KIND == 1:
-        colmax = tl.zeros((BC,), dtype=tl.float32)
-        for m0 in range(0, M, BM):
-            offs_m = m0 + tl.arange(0, BM)
-            mask = (offs_m < M)[:, None] & cmask[None, :]
-            x = _act_tile(x_ptr, offs_m.to(tl.int64)[:, None] * stride_x, cols[None, :], mask, K, ACT)
-            colmax = tl.maximum(colmax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
-        outlier = colmax >= threshold
-        tl.store(flag_ptr + cols, outlier.to(tl.int8), mask=cmask)
-    for m0 in range(0, M, BM):
+        offs_rb = tl.arange(0, BRB)
+        cm = tl.load(colmax_ptr + offs_rb[:, None] * K + cols[None, :],
+                     mask=(offs_rb < n_rb)[:, None] & cmask[None, :], other=0.0)  # fmt: skip
+        outlier = tl.max(cm, axis=0) >= threshold
+        if rb == 0:
+            tl.store(flag_ptr + cols, outlier.to(tl.int8), mask=cmask)
+    for m0 in range(rb * RB, tl.minimum(M, rb * RB + RB), BM):
         offs_m = m0 + tl.arange(0, BM)
         mask = (offs_m < M)[:, None] & cmask[None, :]
         x = _act_tile(x_ptr, offs_m.to(tl.int64)[:, None] * stride_x, cols[None, :], mask, K, ACT)
@@ -428,7 +447,8 @@ def act_quant(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantized activations ``[M, K]`` (model dtype) and per-token factors ``[M]`` fp32, as
     ``kernels.act_quant_torch`` computes them. One token: one program holding the whole row. More:
-    per-chunk column flags and token maxima, then one program per (token, chunk), for any M."""
+    (LLM.int8: column maxima per block of tokens, then) per-chunk token maxima and outlier flags, then
+    one program per (token, chunk); every step is parallel over column chunks and blocks of tokens."""
     m = x.shape[0]
     xe = torch.empty((m, k), device=x.device, dtype=x.dtype)
     rf = torch.empty((m,), device=x.device, dtype=torch.float32)
@@ -439,13 +459,21 @@ def act_quant(
             x, xe, rf, k, thr, KIND=kind, ACT=act_silu_mul, BK=row, num_warps=max(4, min(16, row // 1024))
         )  # fmt: skip
         return xe, rf
-    chunk = 1024
-    n_chunks = triton.cdiv(k, chunk)
+    chunk, rows = 1024, 64  # statistics programs: one column chunk x up to 64 tokens each
+    n_chunks, n_rb = triton.cdiv(k, chunk), triton.cdiv(m, rows)
+    bm = min(16, triton.next_power_of_2(m))
     flags = torch.empty((k,), device=x.device, dtype=torch.int8)
     part = torch.empty((m, n_chunks), device=x.device, dtype=torch.float32)
-    _act_stats_kernel[(n_chunks,)](
-        x, flags, part, m, k, x.stride(0), thr, n_chunks,
-        KIND=kind, ACT=act_silu_mul, BM=min(16, triton.next_power_of_2(m)), BC=chunk, num_warps=8,
+    colmax = flags
+    if kind == ACT_LLM_INT8:
+        colmax = torch.empty((n_rb, k), device=x.device, dtype=torch.float32)
+        _act_colmax_kernel[(n_chunks, n_rb)](
+            x, colmax, m, k, x.stride(0), RB=rows, ACT=act_silu_mul, BM=bm, BC=chunk, num_warps=8
+        )  # fmt: skip
+    _act_stats_kernel[(n_chunks, n_rb)](
+        x, colmax, flags, part, m, k, x.stride(0), thr, n_chunks, n_rb,
+        KIND=kind, ACT=act_silu_mul, RB=rows, BM=bm, BC=chunk, BRB=max(2, triton.next_power_of_2(n_rb)),
+        num_warps=8,
     )  # fmt: skip
     _act_apply_kernel[(m, n_chunks)](
         x, xe, rf, flags, part, k, x.stride(0), xe.stride(0), n_chunks,
