@@ -375,10 +375,19 @@ def _act_stats_kernel(
     cmask = cols < K
     outlier = cols < 0
     if KIND == 1:
-        offs_rb = tl.arange(0, BRB)
-        cm = tl.load(colmax_ptr + offs_rb[:, None] * K + cols[None, :],
-                     mask=(offs_rb < n_rb)[:, None] & cmask[None, :], other=0.0)  # fmt: skip
-        outlier = tl.max(cm, axis=0) >= threshold
+        if BRB == 0:  # one block of tokens: its own column maxima (no separate pass)
+            colmax = tl.zeros((BC,), dtype=tl.float32)
+            for m0 in range(0, M, BM):
+                offs_m = m0 + tl.arange(0, BM)
+                mask = (offs_m < M)[:, None] & cmask[None, :]
+                x = _act_tile(x_ptr, offs_m.to(tl.int64)[:, None] * stride_x, cols[None, :], mask, K, ACT)
+                colmax = tl.maximum(colmax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
+        else:
+            offs_rb = tl.arange(0, BRB)
+            cm = tl.load(colmax_ptr + offs_rb[:, None] * K + cols[None, :],
+                         mask=(offs_rb < n_rb)[:, None] & cmask[None, :], other=0.0)  # fmt: skip
+            colmax = tl.max(cm, axis=0)
+        outlier = colmax >= threshold
         if rb == 0:
             tl.store(flag_ptr + cols, outlier.to(tl.int8), mask=cmask)
     for m0 in range(rb * RB, tl.minimum(M, rb * RB + RB), BM):
@@ -464,15 +473,16 @@ def act_quant(
     bm = min(16, triton.next_power_of_2(m))
     flags = torch.empty((k,), device=x.device, dtype=torch.int8)
     part = torch.empty((m, n_chunks), device=x.device, dtype=torch.float32)
-    colmax = flags
-    if kind == ACT_LLM_INT8:
+    colmax, brb = flags, 0  # BRB = 0: no column-maxima pass (one block of tokens, or no outliers to find)
+    if kind == ACT_LLM_INT8 and n_rb > 1:
+        brb = max(2, triton.next_power_of_2(n_rb))
         colmax = torch.empty((n_rb, k), device=x.device, dtype=torch.float32)
         _act_colmax_kernel[(n_chunks, n_rb)](
             x, colmax, m, k, x.stride(0), RB=rows, ACT=act_silu_mul, BM=bm, BC=chunk, num_warps=8
         )  # fmt: skip
     _act_stats_kernel[(n_chunks, n_rb)](
         x, colmax, flags, part, m, k, x.stride(0), thr, n_chunks, n_rb,
-        KIND=kind, ACT=act_silu_mul, RB=rows, BM=bm, BC=chunk, BRB=max(2, triton.next_power_of_2(n_rb)),
+        KIND=kind, ACT=act_silu_mul, RB=rows, BM=bm, BC=chunk, BRB=brb,
         num_warps=8,
     )  # fmt: skip
     _act_apply_kernel[(m, n_chunks)](
