@@ -116,6 +116,14 @@ def main() -> int:
     name = device_name(dev)
     print(f"{name}: copy bandwidth {copy:.0f} GB/s (read + write)", flush=True)
     rows = []
+
+    def save() -> None:  # after every row: a run cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(
+                    {"device": name, "copy_gbps": copy, "model": args.model, "rows": rows}, fh, indent=1
+                )
+
     for kind in [k for k in args.hf.split(",") if k]:
         t0 = time.perf_counter()
         torch.cuda.reset_peak_memory_stats()
@@ -136,6 +144,7 @@ def main() -> int:
             }  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
+            save()
         del model
         gc.collect()
         torch.cuda.empty_cache()
@@ -151,6 +160,8 @@ def main() -> int:
         copy_gbps=copy,
     ):
         rows.append({"impl": "quantbench engine", **r.to_dict()})
+        print(json.dumps(rows[-1]), flush=True)
+        save()
     print(f"\n{name}, random-weight {args.model}, {args.input} in + {args.output} out, copy {copy:.0f} GB/s")
     print(
         f"{'impl':18s} {'method':36s} {'b':>3s} {'first ms':>9s} {'ms/tok':>8s} {'tok/s':>8s} "
@@ -162,9 +173,7 @@ def main() -> int:
             f"{r['per_token_ms']:8.3f} {r['tokens_per_s']:8.1f} {r['pct_bw']:6.1f} {r['peak_mem_gib']:9.2f} "
             f"{r['weights_gib']:8.2f}"
         )
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": name, "copy_gbps": copy, "model": args.model, "rows": rows}, fh, indent=1)
+    save()
     return 0
 
 
