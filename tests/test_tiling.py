@@ -89,3 +89,34 @@ def test_engine_tiles_fused_layers_once() -> None:
         after = model(ids).logits
     assert torch.equal(before, after)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("spec", ["int4:group=128", "nf4:block=64"])
+def test_checkpoint_after_engine_is_unchanged(spec: str, tmp_path) -> None:
+    """Saving after an engine fused (int4: row-major views) or tiled (nf4) the layers writes the same
+    tensors as saving before it."""
+    from safetensors.torch import load_file
+
+    from quantbench.engine import EngineModel
+
+    def model():
+        torch.manual_seed(0)
+        m = quantbench.random_model(
+            "mistral-7b", dtype="fp32", num_hidden_layers=2, vocab_size=256, hidden_size=256,
+            intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        )  # fmt: skip
+        quantbench.quantize(m, spec)
+        return m
+
+    quantbench.save_quantized(model(), None, tmp_path / "before")
+    used = model()
+    EngineModel(used, use_kernels=False, tile=True)
+    quantbench.save_quantized(used, None, tmp_path / "after")
+    before = load_file(tmp_path / "before" / "model.safetensors")
+    after = load_file(tmp_path / "after" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    reloaded, _ = quantbench.load_quantized(tmp_path / "after")
+    ids = torch.randint(0, 256, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model()(ids).logits)

@@ -36,15 +36,13 @@ def _sha256(path: Path) -> str:
 
 def save_quantized(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
     """Write ``model`` (quantized with :func:`quantbench.quantize`, or a baseline) to ``out_dir``."""
-    from safetensors.torch import save_model
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config: QuantConfig | None = getattr(model, "quantbench_config", None)
     if config is None:
         raise CheckpointError("model is not quantized: call quantbench.quantize(model, spec) first")
     layers = [name for name, module in model.named_modules() if isinstance(module, QuantLinear)]
-    save_model(model, str(out / WEIGHTS_NAME))
+    _save_weights(model, out / WEIGHTS_NAME)
     model.config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -63,6 +61,23 @@ def save_quantized(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Pat
     }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    """safetensors ``save_model``, except that a tensor viewing part of a larger storage (the engine's
+    fused q/k/v and gate/up buffers) is written from a host copy; tied weights are still stored once."""
+    from safetensors.torch import _remove_duplicate_names, save_file
+
+    state = {}
+    for name, tensor in model.state_dict().items():
+        whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        state[name] = tensor if whole else tensor.to("cpu", copy=True)
+    metadata: dict[str, str] = {}
+    for kept, removed in _remove_duplicate_names(state).items():
+        for name in removed:
+            metadata[name] = kept
+            del state[name]
+    save_file(state, str(path), metadata=metadata or None)
 
 
 def read_manifest(ckpt_dir: str | Path) -> dict[str, Any]:
