@@ -172,6 +172,17 @@ def _x_cols(x_ptr, cols, inv, K, ACT_SILU_MUL: tl.constexpr):
 
 
 @triton.jit
+def _x_pair(x_ptr, base, LO: tl.constexpr, HI: tl.constexpr, inv, K, ACT_SILU_MUL: tl.constexpr, BN: tl.constexpr,
+            BKV: tl.constexpr):  # fmt: skip
+    """The activations of code slots LO and HI of every word (columns ``base + LO`` / ``base + HI``) as
+    one half2 per word, broadcast over the tile's rows: the operand of one ``fma.f16x2``."""
+    pair = _pack_h2(
+        _x_cols(x_ptr, base + LO, inv, K, ACT_SILU_MUL), _x_cols(x_ptr, base + HI, inv, K, ACT_SILU_MUL)
+    )
+    return tl.broadcast_to(pair[None, :], (BN, BKV))
+
+
+@triton.jit
 def _zero_h2(z, BIAS: tl.constexpr):
     """-(BIAS + z) as fp16 in both halves of an int32."""
     h = (-(z + BIAS)).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
@@ -308,24 +319,12 @@ def _gemv_h2_kernel(
                 zlo = tl.broadcast_to(_zero_h2(zg, 1024.0), (BN, BKV))
                 zhi = tl.broadcast_to(_zero_h2(zg, 64.0), (BN, BKV))
         base = k0 + offs_j * VALS
-        x0 = tl.broadcast_to(
-            _pack_h2(_x_cols(x_ptr, base + S0L, inv, K, ACT_SILU_MUL), _x_cols(x_ptr, base + S0H, inv, K, ACT_SILU_MUL))[None, :],
-            (BN, BKV),
-        )  # fmt: skip
-        x1 = tl.broadcast_to(
-            _pack_h2(_x_cols(x_ptr, base + S1L, inv, K, ACT_SILU_MUL), _x_cols(x_ptr, base + S1H, inv, K, ACT_SILU_MUL))[None, :],
-            (BN, BKV),
-        )  # fmt: skip
+        x0 = _x_pair(x_ptr, base, S0L, S0H, inv, K, ACT_SILU_MUL, BN, BKV)
+        x1 = _x_pair(x_ptr, base, S1L, S1H, inv, K, ACT_SILU_MUL, BN, BKV)
         w32 = words.to(tl.int32, bitcast=True)
         if FOUR:
-            x2 = tl.broadcast_to(
-                _pack_h2(_x_cols(x_ptr, base + S2L, inv, K, ACT_SILU_MUL), _x_cols(x_ptr, base + S2H, inv, K, ACT_SILU_MUL))[None, :],
-                (BN, BKV),
-            )  # fmt: skip
-            x3 = tl.broadcast_to(
-                _pack_h2(_x_cols(x_ptr, base + S3L, inv, K, ACT_SILU_MUL), _x_cols(x_ptr, base + S3H, inv, K, ACT_SILU_MUL))[None, :],
-                (BN, BKV),
-            )  # fmt: skip
+            x2 = _x_pair(x_ptr, base, S2L, S2H, inv, K, ACT_SILU_MUL, BN, BKV)
+            x3 = _x_pair(x_ptr, base, S3L, S3H, inv, K, ACT_SILU_MUL, BN, BKV)
             if MODE == 1:  # table (NF4 / FP4): the 8 byte planes of the fp16 table ride along as registers
                 z = w32 * 0
                 f = tl.inline_asm_elementwise(
