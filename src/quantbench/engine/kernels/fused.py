@@ -325,8 +325,8 @@ def quantize_act(xf, outlier, q_scale, KIND: tl.constexpr):
 def _act_quant_row_kernel(
     x_ptr, xe_ptr, rf_ptr, K, threshold, KIND: tl.constexpr, ACT: tl.constexpr, BK: tl.constexpr
 ):  # fmt: skip
-    """``_act_quant_kernel`` for one token, the whole row as one register tile (BK >= K): a single round
-    of loads instead of two sequential passes over K-chunks (decode: ~4x fewer microseconds)."""
+    """One token, the whole row as one register tile (BK >= K): its absmax, factor and quantized values
+    from a single round of loads (decode sizes; the statistics + apply kernels serve more tokens)."""
     cols = tl.arange(0, BK)
     mask = cols < K
     if ACT:
@@ -345,6 +345,19 @@ def _act_quant_row_kernel(
 
 
 @triton.jit
+def _col_absmax(x_ptr, m_lo, m_hi, M, cols, cmask, K, stride_x, ACT: tl.constexpr, BM: tl.constexpr,
+                BC: tl.constexpr):  # fmt: skip
+    """max |x| per column of ``cols`` over tokens ``m_lo .. m_hi`` (in steps of BM)."""
+    colmax = tl.zeros((BC,), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        mask = (offs_m < M)[:, None] & cmask[None, :]
+        x = _act_tile(x_ptr, offs_m.to(tl.int64)[:, None] * stride_x, cols[None, :], mask, K, ACT)
+        colmax = tl.maximum(colmax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
+    return colmax
+
+
+@triton.jit
 def _act_colmax_kernel(x_ptr, colmax_ptr, M, K, stride_x, RB: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr,
                        BC: tl.constexpr):  # fmt: skip
     """LLM.int8, one column chunk x one block of RB tokens: the column maxima of |x| (``colmax[rb, col]``)."""
@@ -352,12 +365,9 @@ def _act_colmax_kernel(x_ptr, colmax_ptr, M, K, stride_x, RB: tl.constexpr, ACT:
     rb = tl.program_id(1)
     cols = chunk * BC + tl.arange(0, BC)
     cmask = cols < K
-    colmax = tl.zeros((BC,), dtype=tl.float32)
-    for m0 in range(rb * RB, tl.minimum(M, rb * RB + RB), BM):
-        offs_m = m0 + tl.arange(0, BM)
-        mask = (offs_m < M)[:, None] & cmask[None, :]
-        x = _act_tile(x_ptr, offs_m.to(tl.int64)[:, None] * stride_x, cols[None, :], mask, K, ACT)
-        colmax = tl.maximum(colmax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
+    colmax = _col_absmax(
+        x_ptr, rb * RB, tl.minimum(M, rb * RB + RB), M, cols, cmask, K, stride_x, ACT, BM, BC
+    )
     tl.store(colmax_ptr + rb * K + cols, colmax, mask=cmask)
 
 
@@ -376,12 +386,7 @@ def _act_stats_kernel(
     outlier = cols < 0
     if KIND == 1:
         if BRB == 0:  # one block of tokens: its own column maxima (no separate pass)
-            colmax = tl.zeros((BC,), dtype=tl.float32)
-            for m0 in range(0, M, BM):
-                offs_m = m0 + tl.arange(0, BM)
-                mask = (offs_m < M)[:, None] & cmask[None, :]
-                x = _act_tile(x_ptr, offs_m.to(tl.int64)[:, None] * stride_x, cols[None, :], mask, K, ACT)
-                colmax = tl.maximum(colmax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
+            colmax = _col_absmax(x_ptr, 0, M, M, cols, cmask, K, stride_x, ACT, BM, BC)
         else:
             offs_rb = tl.arange(0, BRB)
             cm = tl.load(colmax_ptr + offs_rb[:, None] * K + cols[None, :],
