@@ -256,9 +256,7 @@ class EngineModel:
 
             use_kernels = self.device.type == "cuda" and triton_available()
         self.use_kernels = use_kernels
-        if (
-            tile is None
-        ):  # tile-major weights for the CUDA GEMV (QUANTBENCH_NO_TILE=1: row-major, for A/B runs)
+        if tile is None:  # tile-major weights for the CUDA GEMV; QUANTBENCH_NO_TILE=1 keeps them row-major
             tile = use_kernels and self.device.type == "cuda" and not os.environ.get("QUANTBENCH_NO_TILE")
         self.ops = Ops(use_kernels)
         self.n_heads = cfg.num_attention_heads
@@ -272,22 +270,25 @@ class EngineModel:
         self.layers: list[Layer] = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-            gate_up = [mlp.gate_proj, mlp.up_proj]
-            parts = (qkv, gate_up, [attn.o_proj], [mlp.down_proj])
-            if fuse:
-                qkv, gate_up = fuse_linears(qkv), fuse_linears(gate_up)
+            parts = (
+                [attn.q_proj, attn.k_proj, attn.v_proj],
+                [mlp.gate_proj, mlp.up_proj],
+                [attn.o_proj],
+                [mlp.down_proj],
+            )
+            groups = [fuse_linears(p) for p in parts] if fuse else list(parts)  # one module stays as it is
             if tile:
-                for ops, orig in zip((qkv, gate_up, [attn.o_proj], [mlp.down_proj]), parts, strict=True):
-                    store_tiled(ops, orig)
+                for group, part in zip(groups, parts, strict=True):
+                    store_tiled(group, part)
+            qkv, gate_up, o, down = (LinearOp(group, use_kernels) for group in groups)
             self.layers.append(
                 Layer(
                     ln1=layer.input_layernorm.weight,
                     ln2=layer.post_attention_layernorm.weight,
-                    qkv=LinearOp(qkv, use_kernels),
-                    o=LinearOp([attn.o_proj], use_kernels),
-                    gate_up=LinearOp(gate_up, use_kernels),
-                    down=LinearOp([mlp.down_proj], use_kernels),
+                    qkv=qkv,
+                    o=o,
+                    gate_up=gate_up,
+                    down=down,
                 )
             )
         self.lm_head = LinearOp([model.lm_head], use_kernels)

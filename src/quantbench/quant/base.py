@@ -110,13 +110,10 @@ class QuantLinear(nn.Module):
         """Record that the named buffers already hold tile-major data (views of a fused module's
         buffers that ``store_tiled`` permuted)."""
         for name, (tr, tc) in tiles.items():
-            numel = getattr(self, name).numel()
-            if (
-                self.out_features % tr
-                or (numel // self.out_features) % tc
-                or not getattr(self, name).is_contiguous()
-            ):
-                raise ValueError(f"{name}: {tuple(getattr(self, name).shape)} does not tile by ({tr}, {tc})")
+            buf = getattr(self, name)
+            cols = buf.numel() // self.out_features
+            if self.out_features % tr or cols % tc or not buf.is_contiguous():
+                raise ValueError(f"{name}: {tuple(buf.shape)} does not tile by ({tr}, {tc})")
         self.__dict__["_tiling"] = dict(tiles)
 
     def row_major(self, name: str) -> torch.Tensor:

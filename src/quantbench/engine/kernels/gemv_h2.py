@@ -192,8 +192,10 @@ def _zero_h2(z, BIAS: tl.constexpr):
 @triton.jit
 def _load_words(w_ptr, tile, rows, offs_r, offs_j, mask_n, k0, k_hi, K, stride_wn, TILED: tl.constexpr,
                 VALS: tl.constexpr, BN: tl.constexpr, BKV: tl.constexpr):  # fmt: skip
-    """The code words of step ``k0``: [BN, BKV]. TILED storage is tile-major (``tile_words``): the step's
-    BN x BKV words are one contiguous block, so every program streams whole DRAM pages."""
+    """The code words of step ``k0``: [BN, BKV]. TILED storage is tile-major (``QuantLinear.store_tiled``)
+    in exactly these steps, so the step's words are one contiguous block. Written out here rather than
+    through ``wq_matmul.word_off`` (any tile size): with that general form the compiler no longer sees the
+    contiguous run and emits 8-byte instead of 16-byte loads (sm_90 PTX)."""
     live = (k0 + offs_j * 0) < k_hi
     if TILED:
         steps = K // (BKV * VALS)
@@ -208,7 +210,8 @@ def _load_words(w_ptr, tile, rows, offs_r, offs_j, mask_n, k0, k_hi, K, stride_w
 def _load_group(s_ptr, tile, rows, offs_r, offs_j, mask_n, k0, k_hi, stride_sn, n_groups, GROUP: tl.constexpr,
                 VALS: tl.constexpr, BN: tl.constexpr, TILE_SCALE: tl.constexpr, TILED: tl.constexpr):  # fmt: skip
     """Stored per-(row, group) values (scales or zeros) of step ``k0``: [BN, 1] when the step lies in one
-    group, else [BN, BKV]. TILED storage holds each row tile's groups as ``[groups, BN]`` (``tile_groups``)."""
+    group, else [BN, BKV]. TILED storage holds each row tile's groups as ``[groups, BN]``; the tile is the
+    program's own row block, so the index is the contiguous special case of ``wq_matmul.group_off``."""
     if TILE_SCALE:
         g = k0 // GROUP
         if TILED:
