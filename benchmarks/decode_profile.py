@@ -3,8 +3,8 @@
     python benchmarks/decode_profile.py --method int4:group=128 --variants row,tiled,tiled-lowsplit
 
 Each variant quantizes a fresh random-weight model (the engine tiles weights in place), times CUDA-graph
-decoding (128 prompt + 64 new tokens, median of 3) and profiles 8 eager decode steps (kernel names, calls,
-mean microseconds). ``tiled-lowsplit`` / ``tiled-w2`` override the tiled GEMV's K-split / warps to the
+decoding (128 prompt + 64 new tokens, median of 3) and profiles one eager generation of 9 tokens (the
+prompt pass and 8 decode steps; kernel names, calls, mean microseconds; "us/step" divides totals by 8). ``tiled-lowsplit`` / ``tiled-w2`` override the tiled GEMV's K-split / warps to the
 row-major choices, to separate the layout from the launch configuration.
 """
 
