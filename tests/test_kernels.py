@@ -231,6 +231,39 @@ def test_engine_graph_matches_eager_cuda(arch: str) -> None:
         assert _rel(b.float(), a.float()) < 2e-2
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "spec", ["int4:group=128", "nf4:block=64,dq=1", "int8", "fp8", "llm.int8:compute=bf16"]
+)
+def test_pdl_launch_changes_no_output_cuda(spec: str) -> None:
+    """Kernels launched as programmatic dependents (prefetching weights before they wait for the previous
+    kernel) give bit-identical tokens and logits to plain launches: a read or write too early would not."""
+    import quantbench
+    from quantbench.engine import Engine
+    from quantbench.engine.kernels import pdl
+
+    if not pdl._triton_has_pdl() or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("this GPU or Triton has no programmatic dependent launch")
+    model = quantbench.random_model(
+        "mistral-7b", dtype="bf16", device="cuda", num_hidden_layers=3, vocab_size=1024
+    )
+    quantbench.quantize(model, spec)
+    outs = {}
+    for off in (True, False):
+        pdl.DISABLED["off"] = off
+        try:
+            engine = Engine(model, cuda_graphs=True)
+            for batch in (1, 4):
+                ids = torch.randint(
+                    0, 1024, (batch, 19), device="cuda", generator=torch.Generator("cuda").manual_seed(batch)
+                )
+                outs[off, batch] = engine.generate(ids, max_new_tokens=40, ignore_eos=True)
+        finally:
+            pdl.DISABLED["off"] = bool(os.environ.get("QUANTBENCH_NO_PDL"))
+    for batch in (1, 4):
+        assert torch.equal(outs[True, batch], outs[False, batch])
+
+
 # ------------------------------------------------------------------------------------------------------
 # CPU, Triton interpreter
 

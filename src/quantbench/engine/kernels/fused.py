@@ -14,16 +14,19 @@ import triton
 import triton.language as tl
 
 from quantbench.engine.kernels.layouts import ACT_LLM_INT8
+from quantbench.engine.kernels.pdl import launch_args, wait_prior
 
 
 @triton.jit
 def _add_rmsnorm_kernel(
     h_ptr, r_ptr, w_ptr, o_ptr, D, stride_h, stride_r, stride_o, eps,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)  # a weight: may be read before the wait
+    wait_prior(PDL)
     h = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0)
     if HAS_RES:
         r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
@@ -32,7 +35,6 @@ def _add_rmsnorm_kernel(
     hf = h.to(tl.float32)
     var = tl.sum(hf * hf, axis=0) / D
     normed = (hf * tl.math.rsqrt(var + eps)).to(h.dtype)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     tl.store(o_ptr + row * stride_o + offs, (normed.to(tl.float32) * w.to(tl.float32)).to(h.dtype), mask=mask)
 
 
@@ -54,12 +56,14 @@ def add_rmsnorm(
         HAS_RES=residual is not None,
         BLOCK=triton.next_power_of_2(d),
         num_warps=8 if d >= 4096 else 4,
+        **launch_args(h.device),
     )
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, o_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, o_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_prior(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
@@ -78,7 +82,7 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
         out = torch.empty((rows, inter), device=gate_up.device, dtype=gate_up.dtype)
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(inter, block))](
-        gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=block
+        gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=block, **launch_args(gate_up.device)
     )
     return out
 
@@ -166,9 +170,11 @@ def _decode_attention_kernel(
     qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, len_ptr, start_ptr, o_ptr,
     stride_qkv_row, stride_cb, stride_ch, stride_ct, stride_o_row, sm_scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (sequence, kv head): RoPE for the new q/k, KV-cache write, attention over the
     cached positions [start, L) plus the new token (kept in registers), online softmax."""
+    wait_prior(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     G: tl.constexpr = H // HKV
@@ -277,6 +283,7 @@ def decode_attention(
         GP=max(16, triton.next_power_of_2(group)),
         BS=64,
         num_warps=4,
+        **launch_args(qkv.device),
     )
     return out
 
@@ -323,10 +330,12 @@ def quantize_act(xf, outlier, q_scale, KIND: tl.constexpr):
 
 @triton.jit
 def _act_quant_row_kernel(
-    x_ptr, xe_ptr, rf_ptr, K, threshold, KIND: tl.constexpr, ACT: tl.constexpr, BK: tl.constexpr
+    x_ptr, xe_ptr, rf_ptr, K, threshold, KIND: tl.constexpr, ACT: tl.constexpr, BK: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """One token, the whole row as one register tile (BK >= K): its absmax, factor and quantized values
     from a single round of loads (decode sizes; the statistics + apply kernels serve more tokens)."""
+    wait_prior(PDL)
     cols = tl.arange(0, BK)
     mask = cols < K
     if ACT:
@@ -359,8 +368,9 @@ def _col_absmax(x_ptr, m_lo, m_hi, M, cols, cmask, K, stride_x, ACT: tl.constexp
 
 @triton.jit
 def _act_colmax_kernel(x_ptr, colmax_ptr, M, K, stride_x, RB: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr,
-                       BC: tl.constexpr):  # fmt: skip
+                       BC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """LLM.int8, one column chunk x one block of RB tokens: the column maxima of |x| (``colmax[rb, col]``)."""
+    wait_prior(PDL)
     chunk = tl.program_id(0)
     rb = tl.program_id(1)
     cols = chunk * BC + tl.arange(0, BC)
@@ -375,10 +385,11 @@ def _act_colmax_kernel(x_ptr, colmax_ptr, M, K, stride_x, RB: tl.constexpr, ACT:
 def _act_stats_kernel(
     x_ptr, colmax_ptr, flag_ptr, part_ptr, M, K, stride_x, threshold, n_chunks, n_rb,
     KIND: tl.constexpr, ACT: tl.constexpr, RB: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-    BRB: tl.constexpr,
+    BRB: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One column chunk x one block of RB tokens: each token's absmax over the chunk (``part[m, chunk]``),
     without the outlier columns (LLM.int8: |x| >= threshold in any token, from ``colmax``; flagged)."""
+    wait_prior(PDL)
     chunk = tl.program_id(0)
     rb = tl.program_id(1)
     cols = chunk * BC + tl.arange(0, BC)
@@ -406,11 +417,12 @@ def _act_stats_kernel(
 @triton.jit
 def _act_apply_kernel(
     x_ptr, xe_ptr, rf_ptr, flag_ptr, part_ptr, K, stride_x, stride_xe, n_chunks,
-    KIND: tl.constexpr, ACT: tl.constexpr, BC: tl.constexpr, BCH: tl.constexpr,
+    KIND: tl.constexpr, ACT: tl.constexpr, BC: tl.constexpr, BCH: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One token x one column chunk: the token scale from its chunk maxima, then the quantized values
     (int8 codes, e4m3 values, LLM.int8 outlier columns unrounded) in the model dtype; chunk 0 stores
     the factor ``rf`` to apply after the matmul."""
+    wait_prior(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     offs_ch = tl.arange(0, BCH)
@@ -464,13 +476,14 @@ def act_quant(
     (LLM.int8: column maxima per block of tokens, then) per-chunk token maxima and outlier flags, then
     one program per (token, chunk); every step is parallel over column chunks and blocks of tokens."""
     m = x.shape[0]
+    pdl = launch_args(x.device)
     xe = torch.empty((m, k), device=x.device, dtype=x.dtype)
     rf = torch.empty((m,), device=x.device, dtype=torch.float32)
     thr = float(threshold) if threshold > 0 else float("inf")  # 0 = no outlier decomposition
     if m == 1 and k <= ROW_TILE_MAX:
         row = triton.next_power_of_2(k)
         _act_quant_row_kernel[(1,)](
-            x, xe, rf, k, thr, KIND=kind, ACT=act_silu_mul, BK=row, num_warps=max(4, min(16, row // 1024))
+            x, xe, rf, k, thr, KIND=kind, ACT=act_silu_mul, BK=row, num_warps=max(4, min(16, row // 1024)), **pdl,
         )  # fmt: skip
         return xe, rf
     chunk, rows = 1024, 64  # statistics programs: one column chunk x up to 64 tokens each
@@ -483,15 +496,15 @@ def act_quant(
         brb = max(2, triton.next_power_of_2(n_rb))
         colmax = torch.empty((n_rb, k), device=x.device, dtype=torch.float32)
         _act_colmax_kernel[(n_chunks, n_rb)](
-            x, colmax, m, k, x.stride(0), RB=rows, ACT=act_silu_mul, BM=bm, BC=chunk, num_warps=8
+            x, colmax, m, k, x.stride(0), RB=rows, ACT=act_silu_mul, BM=bm, BC=chunk, num_warps=8, **pdl
         )  # fmt: skip
     _act_stats_kernel[(n_chunks, n_rb)](
         x, colmax, flags, part, m, k, x.stride(0), thr, n_chunks, n_rb,
         KIND=kind, ACT=act_silu_mul, RB=rows, BM=bm, BC=chunk, BRB=brb,
-        num_warps=8,
+        num_warps=8, **pdl,
     )  # fmt: skip
     _act_apply_kernel[(m, n_chunks)](
         x, xe, rf, flags, part, k, x.stride(0), xe.stride(0), n_chunks,
-        KIND=kind, ACT=act_silu_mul, BC=chunk, BCH=max(2, triton.next_power_of_2(n_chunks)), num_warps=4,
+        KIND=kind, ACT=act_silu_mul, BC=chunk, BCH=max(2, triton.next_power_of_2(n_chunks)), num_warps=4, **pdl,
     )  # fmt: skip
     return xe, rf

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from quantbench.engine.kernels.layouts import MODE_FP8, MODE_INT, MODE_TABLE, WQLayout
+from quantbench.engine.kernels.pdl import launch_args, wait_prior
 from quantbench.engine.kernels.wq_matmul import (
     _num_sms,
     _silu_mul,
@@ -242,7 +243,7 @@ def _gemv_h2_kernel(
     S2L: tl.constexpr, S2H: tl.constexpr, S3L: tl.constexpr, S3H: tl.constexpr,
     TP0: tl.constexpr, TP1: tl.constexpr, TP2: tl.constexpr, TP3: tl.constexpr,
     TP4: tl.constexpr, TP5: tl.constexpr, TP6: tl.constexpr, TP7: tl.constexpr,
-    BN: tl.constexpr, BKV: tl.constexpr, XB: tl.constexpr, STAGES: tl.constexpr,
+    BN: tl.constexpr, BKV: tl.constexpr, XB: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     VALS: tl.constexpr = 32 // BITS
     BK: tl.constexpr = BKV * VALS
@@ -268,6 +269,7 @@ def _gemv_h2_kernel(
         if GROUP > 0:
             raw_n = _load_group(s_ptr, tile, rows, offs_r, offs_j, mask_n, k_lo, k_hi, stride_sn, n_groups, GROUP,
                                 VALS, BN, TILE_SCALE, TILED)  # fmt: skip
+    wait_prior(PDL)  # the first weight tile is on its way; x and the outputs belong to earlier kernels
 
     # max |x| over this program's K-slice -> 2**(131 - E) puts it in [16, 32) (E: its fp32 exponent)
     amax = 0.0
@@ -471,6 +473,6 @@ def gemv_h2(
         NESTED=layout.dq_code is not None, HAS_BIAS=layout.bias is not None,
         SCALE_MUL=float(layout.scale_mul), HAS_ROWF=row_factor is not None, ACT_SILU_MUL=act_silu_mul,
         SPLIT_K=split, **slots, **{f"TP{i}": v for i, v in enumerate(tp)},
-        BN=bn, BKV=bkv, XB=1024, **cfg,
+        BN=bn, BKV=bkv, XB=1024, **cfg, **launch_args(x.device),
     )  # fmt: skip
     return out

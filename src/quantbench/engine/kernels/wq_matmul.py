@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from quantbench.engine.kernels.layouts import MODE_FP8, MODE_INT, MODE_TABLE, WQLayout
+from quantbench.engine.kernels.pdl import launch_args, wait_prior
 
 __all__ = ["MODE_FP8", "MODE_INT", "MODE_TABLE", "pick_config", "wq_matmul"]
 
@@ -212,6 +213,7 @@ def _wq_matmul_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent (kernels/pdl.py)
 ):  # fmt: skip
     VALS: tl.constexpr = 32 // BITS
     BKV: tl.constexpr = BK // VALS
@@ -222,6 +224,7 @@ def _wq_matmul_kernel(
     XS_ON_X: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16  # bf16 has fp32's exponent range
     MAGIC: tl.constexpr = 8388608.0  # 2**23: bits(u | 0x4B000000) == 2**23 + u as fp32
 
+    wait_prior(PDL)
     pid = tl.program_id(0)
     tile = pid // SPLIT_K
     ks = pid % SPLIT_K
@@ -611,8 +614,9 @@ def fit_bk(cfg: dict, K: int, bits: int, group: int) -> dict:
 
 @triton.jit
 def _x_permute_kernel(x_ptr, o_ptr, K, stride_x, stride_o, VALS: tl.constexpr, BK: tl.constexpr,
-                      ACT_SILU_MUL: tl.constexpr):  # fmt: skip
+                      ACT_SILU_MUL: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """o[m, k0 + i * BKV + j] = x[m, k0 + VALS * j + i] (x = silu(g) * u of a gate/up output if ACT)."""
+    wait_prior(PDL)
     BKV: tl.constexpr = BK // VALS
     row = tl.program_id(0).to(tl.int64)
     k0 = tl.program_id(1) * BK
@@ -629,8 +633,9 @@ def permute_activations(x: torch.Tensor, k: int, bits: int, bk: int, act_silu_mu
     """``x [M, K]`` (or gate/up ``[M, 2K]`` with ``act_silu_mul``) reordered slot-major per BK tile."""
     out = torch.empty((x.shape[0], k), device=x.device, dtype=x.dtype)
     _x_permute_kernel[(x.shape[0], k // bk)](
-        x, out, k, x.stride(0), out.stride(0), VALS=32 // bits, BK=bk, ACT_SILU_MUL=act_silu_mul, num_warps=4
-    )
+        x, out, k, x.stride(0), out.stride(0), VALS=32 // bits, BK=bk, ACT_SILU_MUL=act_silu_mul, num_warps=4,
+        **launch_args(x.device),
+    )  # fmt: skip
     return out
 
 
@@ -718,5 +723,8 @@ def wq_matmul(
         BM=bm,
         BN=bn,
         **cfg,
+        # No programmatic dependent launch here: on the H200 it made batch 8 slower (int4 5.35 -> 5.84 ms
+        # per token, benchmarks/engine_ab.py), while the batch-1 GEMV and the small kernels gain from it.
+        PDL=False,
     )
     return out

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session on the lent GPU: correctness, kernel bandwidth, engine latency (see docs/bench.md).
-# usage: bash benchmarks/h100_session.sh STAGES   (STAGES: comma list of env,tests,kernels,sweep,bench,hf,check)
+# usage: bash benchmarks/device_session.sh STAGES   (STAGES: comma list of env,tests,pdltest,ab,ncu,kernels,bench,hf,check)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -13,9 +13,27 @@ fi
 if has env; then
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv 2>&1 | tee "$OUT/env.txt"
   python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/env.txt"
+  python3 -c "import torch; from quantbench.engine.kernels import pdl; print('pdl launch:', pdl.launch_args(torch.device('cuda')))" 2>&1 | tee -a "$OUT/env.txt"
+  (which ncu nvcc; nvidia-smi --query-gpu=clocks.sm,clocks.mem --format=csv) 2>&1 | tee -a "$OUT/env.txt"
 fi
 if has tests; then
   timeout ${T_TESTS:-240} python3 -m pytest -q -x -m cuda tests/test_kernels.py -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/tests.txt"
+fi
+if has pdltest; then  # PDL on vs off: identical tokens; CUDA graph vs eager
+  timeout ${T_PDLTEST:-200} python3 -m pytest -q -x -m cuda tests/test_kernels.py -k "pdl or engine_graph" -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pdltest.txt"
+fi
+if has ab; then
+  timeout ${T_AB:-300} python3 benchmarks/engine_ab.py --methods "${AB_METHODS:-int4:group=128;nf4:block=64;int8;fp8}" \
+    --variants "${AB_VARIANTS:-base;nopdl}" --batch ${AB_BATCH:-1,8} --output ${AB_OUTPUT:-128} --json "$OUT/engine_ab.json" 2>&1 | tee "$OUT/engine_ab.txt" | tail -30
+fi
+if has ncu; then  # hardware counters of the four GEMVs of one layer, in their real sequence (eager decode)
+  for m in ${NCU_METHODS:-int4:group=128}; do
+    tag=$(echo "$m" | tr -c 'a-z0-9\n' '_')
+    QUANTBENCH_NO_PDL=1 timeout ${T_NCU:-150} ncu --clock-control none -k regex:_gemv_h2_kernel --launch-skip 128 --launch-count 4 \
+      --set full -f -o "$OUT/ncu_$tag" python3 benchmarks/engine_ab.py --ncu --methods "$m" > "$OUT/ncu_$tag.log" 2>&1
+    ncu --import "$OUT/ncu_$tag.ncu-rep" --page details > "$OUT/ncu_$tag.txt" 2>&1
+    grep -E "^  _gemv|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Compute \(SM\) Th|Issue Slots Busy|Eligible Warps|No Eligible" "$OUT/ncu_$tag.txt" | head -60
+  done
 fi
 if has bench; then
   timeout ${T_BENCH:-300} python3 -m quantbench bench random:mistral-7b --methods "${BENCH_METHODS:-bf16;int4:group=128;nf4:block=64;int8}" \

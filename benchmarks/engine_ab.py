@@ -1,0 +1,155 @@
+"""A/B timing of the engine's runtime switches on one quantized model per method (needs a CUDA GPU).
+
+    python benchmarks/engine_ab.py --methods "int4:group=128;nf4:block=64" --variants "base;nopdl" --json ab.json
+
+Each method quantizes one random-weight model once; each variant then builds a fresh ``Engine`` on it
+(new CUDA graphs) with its switches set, and times ``generate`` (``--input`` prompt + ``--output`` new
+tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
+
+* ``base``: everything on;
+* ``nopdl``: kernels launched without programmatic dependent launch (``kernels/pdl.py``);
+* ``noh2``: batch 1 through ``wq_matmul``'s fp32 path instead of the half2 GEMV;
+* ``cfg:KEY=V,...``: the half2 GEMV with launch-config keys replaced (``gemv_override``).
+
+``--ncu`` instead runs 6 eager decode steps of the first method and exits: the target for
+``ncu --clock-control none -k regex:gemv_h2 ...`` (the kernels in their real sequence).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+
+import quantbench
+from quantbench.bench.runner import device_name, measure_copy_bandwidth, split_methods
+from quantbench.engine import Engine
+from quantbench.engine.kernels import gemv_h2, pdl
+
+VARIANTS = {
+    "base": [],
+    "nopdl": [(pdl.DISABLED, "off", True)],
+    "noh2": [(gemv_h2.DISABLED, "off", True)],
+}
+
+
+def gemv_override(text: str) -> list:
+    """Variant ``cfg:num_warps=4,STAGES=3,split=2``: the half2 GEMV's launch config with these keys
+    replaced (``split`` multiplies the chosen SPLIT_K; powers of two, or 0.5 to halve it)."""
+    changes = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        changes[key] = float(value) if key == "split" else int(value)
+    original = gemv_h2._config
+
+    def config(n, k, layout, device):
+        cfg = original(n, k, layout, device)
+        for key, value in changes.items():
+            if layout.tile_n and key in ("BN", "BKV"):
+                continue  # tile-major codes fix the block shape
+            if key == "split":
+                cfg["SPLIT_K"] = max(1, int(cfg["SPLIT_K"] * value))
+            else:
+                cfg[key] = value
+        return cfg
+
+    return [(gemv_h2, "_config", config)]
+
+
+def variant_changes(name: str) -> list:
+    return gemv_override(name[4:]) if name.startswith("cfg:") else VARIANTS[name]
+
+
+def _swap(target, key: str, value):
+    """Set ``target[key]`` (a dict) or ``target.key`` (a module); returns the old value."""
+    if isinstance(target, dict):
+        old, target[key] = target[key], value
+    else:
+        old = getattr(target, key)
+        setattr(target, key, value)
+    return old
+
+
+def time_variant(model, batches: list[int], args) -> dict:
+    engine = Engine(model)
+    out = {"path": engine.path}
+    for batch in batches:
+        gen = torch.Generator(device="cpu").manual_seed(batch)
+        ids = torch.randint(0, model.config.vocab_size, (batch, args.input), generator=gen).to("cuda")
+        engine.generate(ids, max_new_tokens=args.output, ignore_eos=True)
+        firsts, steps = [], []
+        for _ in range(args.repeats):
+            engine.generate(ids, max_new_tokens=args.output, ignore_eos=True)
+            firsts.append(engine.timing.first_token_ms)
+            steps.append(engine.timing.per_token_ms)
+        out[f"b{batch}"] = {
+            "per_token_ms": round(statistics.median(steps), 4),
+            "first_token_ms": round(statistics.median(firsts), 3),
+            "per_token_all_ms": [round(v, 4) for v in steps],
+        }
+    out["path"] = engine.path
+    del engine
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="mistral-7b")
+    ap.add_argument("--methods", default="bf16;int4:group=128;nf4:block=64;int8;fp8;llm.int8:compute=bf16")
+    ap.add_argument("--variants", default="base;nopdl", help="';'-separated")
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--input", type=int, default=128)
+    ap.add_argument("--output", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ncu", action="store_true", help="only run 6 eager decode steps (a target for ncu)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("engine_ab: needs a CUDA GPU")
+    variants = args.variants.split(";")
+    unknown = [v for v in variants if v not in VARIANTS and not v.startswith("cfg:")]
+    if unknown:
+        sys.exit(f"engine_ab: unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    batches = [int(b) for b in args.batch.split(",")]
+    methods = split_methods([args.methods])
+    dev = torch.device("cuda")
+    result = {"device": device_name(dev), "arch": args.arch, "input": args.input, "output": args.output,
+              "repeats": args.repeats, "rows": []}  # fmt: skip
+    if not args.ncu:
+        result["copy_gbps"] = round(measure_copy_bandwidth(dev), 1)
+        print(f"{result['device']}: copy {result['copy_gbps']:.0f} GB/s", flush=True)
+    for spec in methods:
+        torch.manual_seed(0)
+        model = quantbench.random_model(args.arch, dtype="bf16", device="cuda")
+        quantbench.quantize(model, spec)
+        if args.ncu:
+            ids = torch.randint(0, model.config.vocab_size, (1, args.input), device="cuda")
+            Engine(model, cuda_graphs=False).generate(ids, max_new_tokens=6, ignore_eos=True)
+            torch.cuda.synchronize()
+            return
+        for variant in variants:
+            saved = [(t, k, _swap(t, k, v)) for t, k, v in variant_changes(variant)]
+            try:
+                row = {"method": spec, "variant": variant, **time_variant(model, batches, args)}
+            finally:
+                for t, k, v in saved:
+                    _swap(t, k, v)
+            result["rows"].append(row)
+            cells = "  ".join(
+                f"b{b} {row[f'b{b}']['per_token_ms']:.3f} ms/tok first {row[f'b{b}']['first_token_ms']:.2f}"
+                for b in batches
+            )
+            print(f"{spec:24s} {variant:28s} {cells}", flush=True)
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump(result, fh, indent=1)
+        del model
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

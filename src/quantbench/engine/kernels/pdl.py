@@ -1,0 +1,63 @@
+"""Programmatic dependent launch (PDL, Hopper and newer) for the decode-step kernels.
+
+Why: a decode step is ~230 short kernels in a row. With PDL the GPU starts the next kernel's programs
+while the current one drains; each kernel first requests what no earlier kernel writes (the GEMVs
+their first tile of weight codes), then waits in ``griddepcontrol.wait`` until the previous kernel has
+finished and its writes are visible. The tail of one kernel and the start of the next overlap, and the
+small kernels (RMSNorm, attention) run while the next layer's weights are already streaming in.
+
+Rule for every kernel launched this way: nothing written by an earlier kernel is read, and nothing
+is written, before :func:`wait_prior`. Weights are never written, so they may be read before it.
+``QUANTBENCH_NO_PDL=1`` (or ``DISABLED["off"] = True`` before an engine captures its graphs) turns
+PDL off for A/B runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["DISABLED", "launch_args", "wait_prior"]
+
+DISABLED = {"off": bool(os.environ.get("QUANTBENCH_NO_PDL"))}
+
+
+@functools.cache
+def _triton_has_pdl() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra import cuda as tl_cuda
+    except ImportError:  # pragma: no cover - non-NVIDIA Triton builds
+        return False
+    fields = {f.name for f in dataclasses.fields(CUDAOptions)}
+    return "launch_pdl" in fields and hasattr(tl_cuda, "gdc_wait")
+
+
+@functools.cache
+def _device_has_pdl(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def launch_args(device: torch.device) -> dict:
+    """Extra launch arguments of a PDL-aware kernel on ``device``: its ``PDL`` constexpr, and Triton's
+    ``launch_pdl`` option where the GPU and Triton support it."""
+    if DISABLED["off"] or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return {"PDL": False}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if not (_triton_has_pdl() and _device_has_pdl(index)):
+        return {"PDL": False}
+    return {"PDL": True, "launch_pdl": True}
+
+
+@triton.jit
+def wait_prior(PDL: tl.constexpr):
+    """Wait until the previous kernel in the stream has finished (its writes visible), then let the next
+    kernel's programs start: they spend their wait requesting their own weights."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
