@@ -20,7 +20,7 @@ if has tests; then
   timeout ${T_TESTS:-240} python3 -m pytest -q -x -m cuda tests/test_kernels.py -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/tests.txt"
 fi
 if has pdltest; then  # PDL on vs off: identical tokens; CUDA graph vs eager
-  timeout ${T_PDLTEST:-200} python3 -m pytest -q -x -m cuda tests/test_kernels.py -k "pdl or engine_graph" -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pdltest.txt"
+  timeout ${T_PDLTEST:-200} python3 -m pytest -q -x -m cuda tests/test_kernels.py -k "${PDLTEST_K:-pdl or engine_graph}" -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pdltest.txt"
 fi
 if has ab; then
   timeout ${T_AB:-300} python3 benchmarks/engine_ab.py --methods "${AB_METHODS:-int4:group=128;nf4:block=64;int8;fp8}" \

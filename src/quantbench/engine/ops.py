@@ -97,11 +97,11 @@ def prefill_attention(
 ) -> torch.Tensor:
     """SDPA over the prompt: ``q [B, H, T, D]``, ``k/v [B, HKV, T, D]``; causal, left padding masked."""
     group = q.shape[1] // k.shape[1]
-    if group > 1:
+    if start is None:  # flash attention reads the shared k/v heads itself (no expanded copies)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale, enable_gqa=group > 1)
+    if group > 1:  # with a mask, the backends that take one may not take GQA: expand k / v
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-    if start is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale)
     t = q.shape[2]
     idx = torch.arange(t, device=q.device)
     causal = idx[None, :] <= idx[:, None]  # [T(q), T(k)]

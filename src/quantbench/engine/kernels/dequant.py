@@ -131,34 +131,57 @@ def dense_supported(layout: WQLayout, m: int) -> bool:
     return m >= DENSE_MIN_M and (layout.in_features % (32 // layout.bits) == 0)
 
 
+@triton.jit
+def _rescale_kernel(o_ptr, cs_ptr, rf_ptr, b_ptr, M, N, stride_o, col_mul,
+                    HAS_CS: tl.constexpr, HAS_RF: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr):  # fmt: skip
+    """In place: ``o = ((o * cs[n] * col_mul) * rf[m]) + bias[n]`` in fp32, rounded once to o's dtype."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ptrs = o_ptr + offs_m.to(tl.int64)[:, None] * stride_o + offs_n[None, :]
+    v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_CS:
+        v = v * (tl.load(cs_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32) * col_mul)[None, :]
+    if HAS_RF:
+        v = v * tl.load(rf_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+    if HAS_BIAS:
+        v = v + tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(ptrs, v.to(o_ptr.dtype.element_ty), mask=mask)
+
+
 def dense_matmul(
     x: torch.Tensor, layout: WQLayout, row_factor: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` through L2-resident slabs and cuBLAS."""
+    """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` through L2-resident slabs and cuBLAS.
+
+    cuBLAS writes each slab's product straight into its columns of ``out`` (leading dimension N), so the
+    only extra pass is the per-row-scale / token-factor / bias epilogue, and only for layouts that have one.
+    """
     n, k = layout.out_features, layout.in_features
     m = x.shape[0]
-    # Per-row scales are applied to the fp32-accumulated product; group scales inside the slab.
+    # Per-row scales are applied to the fp32 value of the rounded product; group scales inside the slab.
     # (bf16 only: fp16 products of raw codes, e.g. 127 * 127 * K, overflow its range.)
     post_scale = layout.group == 0 and layout.mode != MODE_TABLE and x.dtype == torch.bfloat16
     scratch = _scratch(x.device, x.dtype)
     slab = max(64, (SCRATCH_ELEMS // k) // 64 * 64)
-    out_t = torch.empty((n, m), device=x.device, dtype=x.dtype)
-    xt = x.t()
+    if out is None:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     for r0 in range(0, n, slab):
         rows = min(slab, n - r0)
         w = scratch[: rows * k].view(rows, k)
         dequantize_rows(layout, r0, rows, w, apply_scale=not post_scale)
-        torch.mm(w, xt, out=out_t[r0 : r0 + rows])
-    res = out_t.float()
-    if post_scale:
-        res = res * (layout.scales.reshape(n, -1)[:, 0].float() * layout.scale_mul)[:, None]
-    if row_factor is not None:
-        res = res * row_factor.float()[None, :]
-    if layout.bias is not None:
-        res = res + layout.bias.float()[:, None]
-    if out is None:
-        return res.t().to(x.dtype).contiguous()
-    out.copy_(res.t())
+        torch.mm(x, w.t(), out=out[:, r0 : r0 + rows])
+    if post_scale or row_factor is not None or layout.bias is not None:
+        bm, bn = 16, 256
+        scales = layout.scales.reshape(n, -1)[:, 0] if post_scale else out
+        _rescale_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            out, scales, row_factor if row_factor is not None else out,
+            layout.bias if layout.bias is not None else out,
+            m, n, out.stride(0), float(layout.scale_mul),
+            HAS_CS=post_scale, HAS_RF=row_factor is not None, HAS_BIAS=layout.bias is not None, BM=bm, BN=bn,
+            num_warps=4,
+        )  # fmt: skip
     return out
 
 
