@@ -9,7 +9,6 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``base``: everything on;
 * ``nopdl``: kernels launched without programmatic dependent launch (``kernels/pdl.py``);
 * ``noh2``: batch 1 through ``wq_matmul``'s fp32 path instead of the half2 GEMV;
-* ``nofull``: ``wq_matmul``'s dot path one code slot at a time (``wq_matmul.full_tile_ok``);
 * ``nodense``: prompts through ``wq_matmul`` instead of dequantized slabs + cuBLAS;
 * ``cfg:KEY=V,...``: the half2 GEMV with launch-config keys replaced (``gemv_override``).
 
@@ -29,13 +28,12 @@ import torch
 import quantbench
 from quantbench.bench.runner import device_name, measure_copy_bandwidth, split_methods
 from quantbench.engine import Engine, kernels
-from quantbench.engine.kernels import gemv_h2, pdl, wq_matmul
+from quantbench.engine.kernels import gemv_h2, pdl
 
 VARIANTS = {
     "base": [],
     "nopdl": [(pdl.DISABLED, "off", True)],
     "noh2": [(gemv_h2.DISABLED, "off", True)],
-    "nofull": [(wq_matmul.FULL_TILE_DISABLED, "off", True)],
     "nodense": [(kernels.DENSE_DISABLED, "off", True)],
 }
 

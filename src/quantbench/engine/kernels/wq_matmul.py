@@ -210,7 +210,6 @@ def _wq_matmul_kernel(
     TP6: tl.constexpr,
     TP7: tl.constexpr,
     X_PERM: tl.constexpr,  # x was permuted by _x_permute_kernel (slot-major inside each BK tile)
-    FULL_TILE: tl.constexpr,  # dot path: the whole [BN, BK] tile decoded at once, one dot per step
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -286,91 +285,68 @@ def _wq_matmul_kernel(
                                        VALS, TILE_SCALE, MODE == _INT and HAS_ZERO, TN)  # fmt: skip
             scale = group_scale(raw, rows, mask_n, k0, offs_j, stride_sn, dqc_ptr, dqn_ptr, dqo_ptr, GROUP, VALS,
                                 TILE_SCALE, NESTED, SCALE_MUL)  # fmt: skip
-        if FULL_TILE:
-            # codes -> exact small integers / e4m3 values in x's dtype, in natural column order
-            # (word j, slot i = column k0 + VALS * j + i), then one dot over the whole step
-            slot = tl.arange(0, VALS)
-            codes = (words[:, :, None] >> (slot * BITS).to(tl.uint32)[None, None, :]) & ((1 << BITS) - 1)
-            if MODE == _INT:
-                wv = (codes.to(tl.int32) - ZERO_CONST).to(x_ptr.dtype.element_ty)
-            else:
-                wv = codes.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(x_ptr.dtype.element_ty)
-            xp = x_cols + (k0 + tl.arange(0, BK))[:, None]
-            if ACT_SILU_MUL:
-                xt = _silu_mul(
-                    tl.load(xp, mask=mask_m[None, :], other=0.0),
-                    tl.load(xp + K, mask=mask_m[None, :], other=0.0),
-                )
-            else:
-                xt = tl.load(xp, mask=mask_m[None, :], other=0.0)
-            part = tl.dot(tl.reshape(wv, (BN, BK)), xt)
-            if GROUP == 0:
-                acc += part
-            else:
-                acc += part * scale
+        # ---- one code slot at a time: columns k0 + VALS * j + i of every word j ----
+        if USE_DOT:
+            part = tl.zeros((BN, BM), dtype=tl.float32)
         else:
-            # ---- one code slot at a time: columns k0 + VALS * j + i of every word j ----
-            if USE_DOT:
-                part = tl.zeros((BN, BM), dtype=tl.float32)
-            else:
-                inner = tl.zeros((BN, BKV), dtype=tl.float32)
+            inner = tl.zeros((BN, BKV), dtype=tl.float32)
+        if MODE == _TABLE and TABLE_ASM != "":
+            vals = _table_prmt(words, TABLE_ASM, TP0, TP1, TP2, TP3, TP4, TP5, TP6, TP7)
+        for i in tl.static_range(VALS):
             if MODE == _TABLE and TABLE_ASM != "":
-                vals = _table_prmt(words, TABLE_ASM, TP0, TP1, TP2, TP3, TP4, TP5, TP6, TP7)
-            for i in tl.static_range(VALS):
-                if MODE == _TABLE and TABLE_ASM != "":
-                    f = vals[i]
-                else:
-                    f = _codes_slot(words, t_ptr, sub, row_sub, i, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST)
-                # undo the slot's 2**pos (MODE_INT) on the activations: pos = min(i * BITS, 23 - BITS)
-                xs = (
-                    1.0 / (1 << (i * BITS - (i * BITS - (23 - BITS)) * (i * BITS > 23 - BITS)))
-                    if MODE == _INT
-                    else 1.0
-                )
-                if X_PERM:
-                    kcol = k0 + i * BKV + offs_j  # activations pre-permuted slot-major: contiguous
-                else:
-                    kcol = k0 + offs_j * VALS + i
-                if USE_DOT:
-                    xp = x_cols + kcol[:, None]
-                    if ACT_SILU_MUL:
-                        xi = _silu_mul(
-                            tl.load(xp, mask=mask_m[None, :], other=0.0),
-                            tl.load(xp + K, mask=mask_m[None, :], other=0.0),
-                        )
-                    else:
-                        xi = tl.load(xp, mask=mask_m[None, :], other=0.0)
-                    if XS_ON_X:
-                        if xs != 1.0:
-                            xi = (xi.to(tl.float32) * xs).to(xi.dtype)  # exact: a power of two
-                        wx = f
-                    else:
-                        wx = f * xs  # fp16 cannot hold u * 2**19: undo the shift on the weights
-                    if POST_SCALE:
-                        part = tl.dot(wx.to(xi.dtype), xi, part)  # small integers: exact
-                    else:
-                        acc = tl.dot((wx * scale).to(xi.dtype), xi, acc)
-                else:
-                    xp = x_row + kcol
-                    if ACT_SILU_MUL:
-                        xi = _silu_mul(tl.load(xp), tl.load(xp + K))
-                    else:
-                        xi = tl.load(xp)
-                    if xs == 1.0:
-                        inner += f * xi.to(tl.float32)[None, :]
-                    else:
-                        inner += f * (xi.to(tl.float32) * xs)[None, :]
-            if USE_DOT:
-                if POST_SCALE:
-                    if GROUP == 0:
-                        acc += part
-                    else:
-                        acc += part * scale
+                f = vals[i]
             else:
-                if GROUP == 0:
-                    acc2 += inner
+                f = _codes_slot(words, t_ptr, sub, row_sub, i, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST)
+            # undo the slot's 2**pos (MODE_INT) on the activations: pos = min(i * BITS, 23 - BITS)
+            xs = (
+                1.0 / (1 << (i * BITS - (i * BITS - (23 - BITS)) * (i * BITS > 23 - BITS)))
+                if MODE == _INT
+                else 1.0
+            )
+            if X_PERM:
+                kcol = k0 + i * BKV + offs_j  # activations pre-permuted slot-major: contiguous
+            else:
+                kcol = k0 + offs_j * VALS + i
+            if USE_DOT:
+                xp = x_cols + kcol[:, None]
+                if ACT_SILU_MUL:
+                    xi = _silu_mul(
+                        tl.load(xp, mask=mask_m[None, :], other=0.0),
+                        tl.load(xp + K, mask=mask_m[None, :], other=0.0),
+                    )
                 else:
-                    acc2 += inner * scale
+                    xi = tl.load(xp, mask=mask_m[None, :], other=0.0)
+                if XS_ON_X:
+                    if xs != 1.0:
+                        xi = (xi.to(tl.float32) * xs).to(xi.dtype)  # exact: a power of two
+                    wx = f
+                else:
+                    wx = f * xs  # fp16 cannot hold u * 2**19: undo the shift on the weights
+                if POST_SCALE:
+                    part = tl.dot(wx.to(xi.dtype), xi, part)  # small integers: exact
+                else:
+                    acc = tl.dot((wx * scale).to(xi.dtype), xi, acc)
+            else:
+                xp = x_row + kcol
+                if ACT_SILU_MUL:
+                    xi = _silu_mul(tl.load(xp), tl.load(xp + K))
+                else:
+                    xi = tl.load(xp)
+                if xs == 1.0:
+                    inner += f * xi.to(tl.float32)[None, :]
+                else:
+                    inner += f * (xi.to(tl.float32) * xs)[None, :]
+        if USE_DOT:
+            if POST_SCALE:
+                if GROUP == 0:
+                    acc += part
+                else:
+                    acc += part * scale
+        else:
+            if GROUP == 0:
+                acc2 += inner
+            else:
+                acc2 += inner * scale
 
     # ---- epilogue: per-row / per-token factors (linear, so before the split-K sum), bias, store ----
     if USE_DOT:
@@ -614,19 +590,6 @@ def pick_config(M: int, N: int, K: int, bits: int, group: int, device: torch.dev
     return cfg
 
 
-FULL_TILE_DISABLED = {"off": bool(os.environ.get("QUANTBENCH_NO_FULL_TILE"))}
-
-
-def full_tile_ok(layout: WQLayout, cfg: dict) -> bool:
-    """Whether the dot path decodes whole tiles (one dot per step) rather than one code slot at a time:
-    integer codes with a fixed zero point or e4m3 codes, scales constant over a step."""
-    if FULL_TILE_DISABLED["off"] or not cfg.get("USE_DOT") or layout.high_first:
-        return False
-    if layout.mode not in (MODE_INT, MODE_FP8) or layout.zeros is not None:
-        return False
-    return layout.group == 0 or layout.group % cfg["BK"] == 0
-
-
 def split_for(M: int, N: int, K: int, cfg: dict, sms: int) -> int:
     """Smallest power-of-two split giving at least two programs per SM (and >= 4 k-steps each)."""
     tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
@@ -707,8 +670,7 @@ def wq_matmul(
         raise ValueError(f"no kernel configuration for K={K}, bits={layout.bits}")
     bm, bn = cfg.pop("BM"), cfg.pop("BN")
     split = cfg.pop("SPLIT_K", 1)
-    full = bool(cfg.pop("FULL_TILE", full_tile_ok(layout, cfg)))
-    x_perm = bool(cfg.pop("X_PERM", M > 16 and not full))
+    x_perm = bool(cfg.pop("X_PERM", M > 16))
     asm_args = None
     if "TABLE_ASM" in cfg:
         asm_args = {key: cfg.pop(key) for key in ("TABLE_ASM", *(f"TP{i}" for i in range(8)))}
@@ -758,7 +720,6 @@ def wq_matmul(
         SPLIT_K=split,
         **(asm_args if asm_args is not None else _asm_for(layout, x.device)),
         X_PERM=x_perm,
-        FULL_TILE=full,
         BM=bm,
         BN=bn,
         **cfg,
