@@ -264,6 +264,35 @@ def test_pdl_launch_changes_no_output_cuda(spec: str) -> None:
         assert torch.equal(outs[True, batch], outs[False, batch])
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec", ["int4:group=128", "int8"])
+def test_prompt_slabs_on_two_streams_cuda(spec: str) -> None:
+    """Prompt-sized products dequantize the next slab on a side stream while cuBLAS multiplies this one:
+    the same tokens and prompt logits as one stream, eagerly and inside the captured prompt graph."""
+    import quantbench
+    from quantbench.engine import Engine
+    from quantbench.engine.kernels import dequant
+
+    model = quantbench.random_model(
+        "mistral-7b", dtype="bf16", device="cuda", num_hidden_layers=2, vocab_size=1024
+    )
+    quantbench.quantize(model, spec)
+    ids = torch.randint(0, 1024, (2, 100), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    outs = {}
+    try:
+        for overlap in (False, True):
+            dequant.OVERLAP["on"] = overlap
+            for graphs in (False, True):
+                engine = Engine(model, cuda_graphs=graphs)
+                outs[overlap, graphs] = engine.generate(ids, max_new_tokens=12, ignore_eos=True)
+                if graphs:
+                    assert engine._prefill_graphs, engine.path
+    finally:
+        dequant.OVERLAP["on"] = not os.environ.get("QUANTBENCH_NO_SLAB_OVERLAP")
+    for key, value in outs.items():
+        assert torch.equal(value, outs[False, False]), key
+
+
 # ------------------------------------------------------------------------------------------------------
 # CPU, Triton interpreter
 

@@ -14,6 +14,8 @@ get ``code * scale`` rounded to the compute dtype, as ``dequantize()`` does.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -119,12 +121,24 @@ def dequantize_rows(
     )  # fmt: skip
 
 
-def _scratch(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The slab buffer (allocate outside CUDA-graph capture: the first, eager call does)."""
+def _scratch(device: torch.device, dtype: torch.dtype, buffers: int) -> torch.Tensor:
+    """``[buffers, SCRATCH_ELEMS]`` slab buffers (allocate outside CUDA-graph capture: the first, eager
+    call does)."""
     key = (str(device), dtype)
-    if key not in _SCRATCH:
-        _SCRATCH[key] = torch.empty(SCRATCH_ELEMS, device=device, dtype=dtype)
+    if key not in _SCRATCH or _SCRATCH[key].shape[0] < buffers:
+        _SCRATCH[key] = torch.empty((buffers, SCRATCH_ELEMS), device=device, dtype=dtype)
     return _SCRATCH[key]
+
+
+OVERLAP = {"on": not os.environ.get("QUANTBENCH_NO_SLAB_OVERLAP")}
+_SIDE: dict[str, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    key = str(device)
+    if key not in _SIDE:
+        _SIDE[key] = torch.cuda.Stream(device)
+    return _SIDE[key]
 
 
 def dense_supported(layout: WQLayout, m: int) -> bool:
@@ -163,15 +177,34 @@ def dense_matmul(
     # Per-row scales are applied to the fp32 value of the rounded product; group scales inside the slab.
     # (bf16 only: fp16 products of raw codes, e.g. 127 * 127 * K, overflow its range.)
     post_scale = layout.group == 0 and layout.mode != MODE_TABLE and x.dtype == torch.bfloat16
-    scratch = _scratch(x.device, x.dtype)
     slab = max(64, (SCRATCH_ELEMS // k) // 64 * 64)
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    for r0 in range(0, n, slab):
+    starts = list(range(0, n, slab))
+    # With two buffers the next slab is dequantized on a side stream while cuBLAS multiplies this one:
+    # both kernels leave most of the GPU idle at prompt sizes (a slab's product is only a few tiles wide).
+    overlap = OVERLAP["on"] and x.is_cuda and len(starts) > 1
+    scratch = _scratch(x.device, x.dtype, 2 if overlap else 1)
+    main = torch.cuda.current_stream(x.device) if overlap else None
+    side = _side_stream(x.device) if overlap else None
+    if overlap:
+        side.wait_stream(main)  # the buffers' previous readers (an earlier product) were queued on main
+    freed: list = [None, None]  # per buffer: the product that last read it
+    for i, r0 in enumerate(starts):
         rows = min(slab, n - r0)
-        w = scratch[: rows * k].view(rows, k)
-        dequantize_rows(layout, r0, rows, w, apply_scale=not post_scale)
+        w = scratch[i % 2 if overlap else 0, : rows * k].view(rows, k)
+        if overlap:
+            with torch.cuda.stream(side):
+                if freed[i % 2] is not None:
+                    side.wait_event(freed[i % 2])
+                dequantize_rows(layout, r0, rows, w, apply_scale=not post_scale)
+                ready = side.record_event()
+            main.wait_event(ready)
+        else:
+            dequantize_rows(layout, r0, rows, w, apply_scale=not post_scale)
         torch.mm(x, w.t(), out=out[:, r0 : r0 + rows])
+        if overlap:
+            freed[i % 2] = main.record_event()
     if post_scale or row_factor is not None or layout.bias is not None:
         bm, bn = 16, 256
         scales = layout.scales.reshape(n, -1)[:, 0] if post_scale else out
