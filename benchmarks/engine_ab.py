@@ -10,6 +10,7 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``nopdl``: kernels launched without programmatic dependent launch (``kernels/pdl.py``);
 * ``noh2``: batch 1 through ``wq_matmul``'s fp32 path instead of the half2 GEMV;
 * ``nodense``: prompts through ``wq_matmul`` instead of dequantized slabs + cuBLAS;
+* ``noattsplit``: decode attention one program per (sequence, kv head), the cache not split;
 * ``noover``: prompt slabs dequantized on the main stream (no overlap with the products);
 * ``slab12`` / ``slab48``: 12 / 48 MiB slabs instead of 24;
 * ``cfg:KEY=V,...``: the half2 GEMV with launch-config keys replaced (``gemv_override``).
@@ -30,7 +31,7 @@ import torch
 import quantbench
 from quantbench.bench.runner import device_name, measure_copy_bandwidth, split_methods
 from quantbench.engine import Engine, kernels
-from quantbench.engine.kernels import dequant, gemv_h2, pdl
+from quantbench.engine.kernels import dequant, fused, gemv_h2, pdl
 
 VARIANTS = {
     "base": [],
@@ -38,6 +39,7 @@ VARIANTS = {
     "noh2": [(gemv_h2.DISABLED, "off", True)],
     "nodense": [(kernels.DENSE_DISABLED, "off", True)],
     "noover": [(dequant.OVERLAP, "on", False)],
+    "noattsplit": [(fused.ATTN_SPLIT, "on", False)],
     "slab12": [(dequant, "SCRATCH_ELEMS", 6 << 20), (dequant, "_SCRATCH", {})],
     "slab48": [(dequant, "SCRATCH_ELEMS", 24 << 20), (dequant, "_SCRATCH", {})],
 }

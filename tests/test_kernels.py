@@ -202,6 +202,11 @@ def test_fused_ops_cuda() -> None:
 
 
 @pytest.mark.cuda
+def test_decode_attention_splits_cuda() -> None:
+    _check_decode_attention("cuda", torch.bfloat16, heads=32, kv=8, d=128)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["mistral-7b", "qwen2.5-0.5b"])
 def test_engine_graph_matches_eager_cuda(arch: str) -> None:
     import quantbench
@@ -432,6 +437,11 @@ def test_act_quant_kernel_matches_torch_interpreter(kind: int, m: int, act: bool
 
 
 @interp
+def test_decode_attention_splits_interpreter() -> None:
+    _check_decode_attention("cpu", torch.float16, heads=8, kv=2, d=32)
+
+
+@interp
 def test_fused_ops_interpreter() -> None:
     _check_fused_ops("cpu", torch.float16, batch=2, t=5, heads=4, kv=2, d=32, hidden=64)
 
@@ -455,6 +465,36 @@ def test_interpreter_tests_in_own_process() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
+
+
+def _check_decode_attention(device: str, dtype: torch.dtype, heads: int, kv: int, d: int) -> None:
+    """Decode attention over a long cache with the cache split among programs (1 to 5 splits, and the
+    engine's own choice): every split count matches the reference, including a sequence whose left
+    padding covers whole blocks of 64 positions and a cache whose last splits are still empty."""
+    from quantbench.engine import ops as ref
+    from quantbench.engine.kernels import fused
+
+    torch.manual_seed(1)
+    batch, s_max, length = 3, 300, 211
+    start = torch.tensor([0, 150, 7], dtype=torch.int32, device=device)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=device).float() / d))
+    ang = torch.arange(s_max, device=device).float()[:, None] * inv[None, :]
+    cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
+    kc0 = torch.randn((batch, kv, s_max, d), device=device).to(dtype)
+    vc0 = torch.randn((batch, kv, s_max, d), device=device).to(dtype)
+    step = torch.randn(batch, (heads + 2 * kv) * d, device=device).to(dtype)
+    cache_len = torch.tensor([length], dtype=torch.int32, device=device)
+    want_k, want_v = kc0.clone(), vc0.clone()
+    want = torch.empty((batch, heads * d), device=device, dtype=dtype)
+    ref.decode_attention_ref(step, want_k, want_v, cos, sin, cache_len, start, want, heads, kv, d, d**-0.5)
+    for splits in (1, 2, 3, 5, None):
+        kc, vc = kc0.clone(), vc0.clone()
+        out = torch.full((batch, heads * d), float("nan"), device=device, dtype=dtype)
+        fused.decode_attention(
+            step, kc, vc, cos, sin, cache_len, start, out, heads, kv, d, d**-0.5, splits=splits
+        )
+        assert _rel(out, want) < 1e-2, splits
+        assert torch.equal(kc, want_k) and torch.equal(vc, want_v), splits
 
 
 def _check_fused_ops(

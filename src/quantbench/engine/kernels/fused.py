@@ -9,6 +9,8 @@ rounded to the model dtype for the ``P @ V`` product (as flash attention does).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -167,16 +169,20 @@ def rope_cache_prefill(
 
 @triton.jit
 def _decode_attention_kernel(
-    qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, len_ptr, start_ptr, o_ptr,
-    stride_qkv_row, stride_cb, stride_ch, stride_ct, stride_o_row, sm_scale,
+    qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, len_ptr, start_ptr, o_ptr, ws_ptr, cnt_ptr,
+    stride_qkv_row, stride_cb, stride_ch, stride_ct, stride_o_row, sm_scale, chunk,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr,
-    PDL: tl.constexpr,
+    SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """One program per (sequence, kv head): RoPE for the new q/k, KV-cache write, attention over the
-    cached positions [start, L) plus the new token (kept in registers), online softmax."""
+    """One program per (sequence, kv head, split of the cache): RoPE for the new q/k, attention over the
+    split's cached positions in [start, L) with an online softmax; the last split also takes the new
+    token (kept in registers) and writes it to the cache. With SPLITS > 1 each split leaves its (max,
+    sum, weighted values) in ``ws`` and the last one to finish (atomic counter) combines them: at batch 1
+    a few kv heads alone would leave most of the GPU idle while they walk the whole cache."""
     wait_prior(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    sp = tl.program_id(2)
     G: tl.constexpr = H // HKV
     HALF: tl.constexpr = D // 2
     L = tl.load(len_ptr)  # positions already in the cache; the new token goes to index L
@@ -205,9 +211,11 @@ def _decode_attention_kernel(
     k2r = k2r.to(dtype)
     vn = tl.load(row + (H + HKV + kvh) * D + dd)
     cache_off = b.to(tl.int64) * stride_cb + kvh * stride_ch
-    tl.store(k_ptr + cache_off + L * stride_ct + dh, k1r)
-    tl.store(k_ptr + cache_off + L * stride_ct + HALF + dh, k2r)
-    tl.store(v_ptr + cache_off + L * stride_ct + dd, vn)
+    last = sp == SPLITS - 1
+    if last:  # one writer; no split reads position L from the cache
+        tl.store(k_ptr + cache_off + L * stride_ct + dh, k1r)
+        tl.store(k_ptr + cache_off + L * stride_ct + HALF + dh, k2r)
+        tl.store(v_ptr + cache_off + L * stride_ct + dd, vn)
 
     qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
     m_i = tl.full((GP,), -float("inf"), dtype=tl.float32)
@@ -215,34 +223,89 @@ def _decode_attention_kernel(
     acc = tl.zeros((GP, D), dtype=tl.float32)
     kbase = k_ptr + cache_off
     vbase = v_ptr + cache_off
-    for s0 in range(0, L, BS):
+    s_hi = tl.minimum(L, sp * chunk + chunk)
+    s_lo = tl.maximum(sp * chunk, (st // BS) * BS)  # blocks that are all left padding are skipped
+    for s0 in range(s_lo, s_hi, BS):
         offs_s = s0 + tl.arange(0, BS)
-        smask = (offs_s < L) & (offs_s >= st)
+        smask = (offs_s < s_hi) & (offs_s >= st)
         kp = kbase + offs_s[None, :] * stride_ct
         kt1 = tl.load(kp + dh[:, None], mask=smask[None, :], other=0.0)  # [HALF, BS]
         kt2 = tl.load(kp + HALF + dh[:, None], mask=smask[None, :], other=0.0)
         qk = tl.dot(q1r, kt1) + tl.dot(q2r, kt2)
         qk = tl.where(smask[None, :], qk * qk_scale, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a block with no valid position: no NaN
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = tl.load(vbase + offs_s[:, None] * stride_ct + dd[None, :], mask=smask[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(dtype), vt)
         m_i = m_new
-    # the new token itself
+    # the new token itself (last split only)
     qk_n = (
         tl.sum(q1r.to(tl.float32) * k1r.to(tl.float32)[None, :], axis=1)
         + tl.sum(q2r.to(tl.float32) * k2r.to(tl.float32)[None, :], axis=1)
     ) * qk_scale
+    qk_n = tl.where(last, qk_n, -float("inf"))
     m_new = tl.maximum(m_i, qk_n)
-    alpha = tl.exp2(m_i - m_new)
-    p_n = tl.exp2(qk_n - m_new)
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p_n = tl.exp2(qk_n - m_safe)
     l_i = l_i * alpha + p_n
     acc = acc * alpha[:, None] + p_n.to(dtype).to(tl.float32)[:, None] * vn.to(tl.float32)[None, :]
-    out = acc / l_i[:, None]
+    m_i = m_new
     o_off = b.to(tl.int64) * stride_o_row + (kvh * G + g)[:, None] * D + dd[None, :]
-    tl.store(o_ptr + o_off, out.to(dtype), mask=gmask[:, None])
+    if SPLITS == 1:
+        tl.store(o_ptr + o_off, (acc / l_i[:, None]).to(dtype), mask=gmask[:, None])
+    else:
+        pair = b * HKV + kvh
+        STRIDE: tl.constexpr = GP * (D + 2)  # one split's record: max [GP], sum [GP], values [GP, D]
+        rec = ws_ptr + (pair * SPLITS + sp).to(tl.int64) * STRIDE
+        tl.store(rec + g, m_i)
+        tl.store(rec + GP + g, l_i)
+        tl.store(rec + 2 * GP + g[:, None] * D + dd[None, :], acc)
+        tl.debug_barrier()  # every thread's part of the record is written before the counter moves
+        done = tl.atomic_add(cnt_ptr + pair, 1, sem="acq_rel")
+        if done == SPLITS - 1:  # the last split to finish: combine all records in split order
+            base = ws_ptr + (pair * SPLITS).to(tl.int64) * STRIDE
+            m_all = tl.full((GP,), -float("inf"), dtype=tl.float32)
+            for t in range(SPLITS):
+                m_all = tl.maximum(m_all, tl.load(base + t * STRIDE + g, cache_modifier=".cg"))
+            total = tl.zeros((GP,), dtype=tl.float32)
+            vals = tl.zeros((GP, D), dtype=tl.float32)
+            for t in range(SPLITS):
+                rec_t = base + t * STRIDE
+                w = tl.exp2(tl.load(rec_t + g, cache_modifier=".cg") - m_all)  # 0 for an empty split
+                total += w * tl.load(rec_t + GP + g, cache_modifier=".cg")
+                part = tl.load(rec_t + 2 * GP + g[:, None] * D + dd[None, :], cache_modifier=".cg")
+                vals += w[:, None] * part
+            tl.store(o_ptr + o_off, (vals / total[:, None]).to(dtype), mask=gmask[:, None])
+            tl.atomic_xchg(cnt_ptr + pair, 0)
+
+
+ATTN_COUNTERS = 1 << 12
+_ATTN_CNT: dict[str, torch.Tensor] = {}
+ATTN_SPLIT = {"on": not os.environ.get("QUANTBENCH_NO_ATTN_SPLIT")}
+
+
+def attention_splits(batch: int, n_kv: int, cache: int, block: int, device: torch.device) -> int:
+    """Splits of the cache per (sequence, kv head): enough programs for about two per SM, each split at
+    least one block of positions (fixed by the cache size, so a captured step keeps its grid)."""
+    if not ATTN_SPLIT["on"] or device.type != "cuda" or batch * n_kv > ATTN_COUNTERS:
+        return 1
+    from quantbench.engine.kernels.wq_matmul import _num_sms
+
+    want = max(1, 2 * _num_sms(device) // (batch * n_kv))
+    return max(1, min(want, triton.cdiv(cache, block)))
+
+
+def _attn_counters(device: torch.device) -> torch.Tensor:
+    """Zeroed per-(sequence, kv head) counters; the kernel leaves them at zero (allocate outside capture:
+    the first, eager call does)."""
+    key = str(device)
+    if key not in _ATTN_CNT:
+        _ATTN_CNT[key] = torch.zeros(ATTN_COUNTERS, device=device, dtype=torch.int32)
+    return _ATTN_CNT[key]
 
 
 def decode_attention(
@@ -258,11 +321,24 @@ def decode_attention(
     n_kv: int,
     head_dim: int,
     sm_scale: float,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """One decode step for all sequences: qkv ``[B, (H+2HKV)*D]`` -> ``out [B, H*D]``; writes the cache."""
     batch = qkv.shape[0]
     group = n_heads // n_kv
-    _decode_attention_kernel[(batch, n_kv)](
+    block = 64
+    cache = k_cache.shape[2]
+    if splits is None:
+        splits = attention_splits(batch, n_kv, cache, block, qkv.device)
+    chunk = triton.cdiv(triton.cdiv(cache, splits), block) * block
+    splits = triton.cdiv(cache, chunk)
+    gp = max(16, triton.next_power_of_2(group))
+    if splits > 1:
+        ws = torch.empty(batch * n_kv * splits * gp * (head_dim + 2), device=qkv.device, dtype=torch.float32)
+        cnt = _attn_counters(qkv.device)
+    else:
+        ws = cnt = out
+    _decode_attention_kernel[(batch, n_kv, splits)](
         qkv,
         k_cache,
         v_cache,
@@ -271,17 +347,21 @@ def decode_attention(
         cache_len,
         start,
         out,
+        ws,
+        cnt,
         qkv.stride(0),
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
         out.stride(0),
         sm_scale,
+        chunk,
         H=n_heads,
         HKV=n_kv,
         D=head_dim,
-        GP=max(16, triton.next_power_of_2(group)),
-        BS=64,
+        GP=gp,
+        BS=block,
+        SPLITS=splits,
         num_warps=4,
         **launch_args(qkv.device),
     )
