@@ -24,7 +24,7 @@ if has pdltest; then  # PDL on vs off: identical tokens; CUDA graph vs eager
 fi
 if has ab; then
   timeout ${T_AB:-300} python3 benchmarks/engine_ab.py --methods "${AB_METHODS:-int4:group=128;nf4:block=64;int8;fp8}" \
-    --variants "${AB_VARIANTS:-base;nopdl}" --batch ${AB_BATCH:-1,8} --output ${AB_OUTPUT:-128} --json "$OUT/engine_ab.json" 2>&1 | tee "$OUT/engine_ab.txt" | tail -30
+    --variants "${AB_VARIANTS:-base;nopdl}" --batch ${AB_BATCH:-1,8} --input ${AB_INPUT:-128} --output ${AB_OUTPUT:-128} --json "$OUT/engine_ab.json" 2>&1 | tee "$OUT/engine_ab.txt" | tail -30
 fi
 if has ncu; then  # hardware counters of the four GEMVs of one layer, in their real sequence (eager decode)
   for m in ${NCU_METHODS:-int4:group=128}; do

@@ -288,15 +288,22 @@ _ATTN_CNT: dict[str, torch.Tensor] = {}
 ATTN_SPLIT = {"on": not os.environ.get("QUANTBENCH_NO_ATTN_SPLIT")}
 
 
+SPLIT_MIN_POSITIONS = 512
+
+
 def attention_splits(batch: int, n_kv: int, cache: int, block: int, device: torch.device) -> int:
-    """Splits of the cache per (sequence, kv head): enough programs for about two per SM, each split at
-    least one block of positions (fixed by the cache size, so a captured step keeps its grid)."""
+    """Splits of the cache per (sequence, kv head): one per ``SPLIT_MIN_POSITIONS`` cached positions, up to
+    about two programs per SM (fixed by the cache size, so a captured step keeps its grid).
+
+    Short caches stay whole: at 256 positions four splits gained 1.4 % per token for int4 at batch 1 and
+    lost as much at batch 8 and for bf16 (H200, benchmarks/engine_ab.py), the workspace round trip eating
+    what the extra programs bring."""
     if not ATTN_SPLIT["on"] or device.type != "cuda" or batch * n_kv > ATTN_COUNTERS:
         return 1
     from quantbench.engine.kernels.wq_matmul import _num_sms
 
     want = max(1, 2 * _num_sms(device) // (batch * n_kv))
-    return max(1, min(want, triton.cdiv(cache, block)))
+    return max(1, min(want, cache // SPLIT_MIN_POSITIONS, triton.cdiv(cache, block)))
 
 
 def _attn_counters(device: torch.device) -> torch.Tensor:
