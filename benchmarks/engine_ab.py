@@ -84,7 +84,7 @@ def _swap(target, key: str, value):
 
 def time_variant(model, batches: list[int], args) -> dict:
     engine = Engine(model)
-    out = {"path": engine.path}
+    out = {}
     for batch in batches:
         gen = torch.Generator(device="cpu").manual_seed(batch)
         ids = torch.randint(0, model.config.vocab_size, (batch, args.input), generator=gen).to("cuda")

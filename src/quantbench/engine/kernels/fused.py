@@ -17,6 +17,7 @@ import triton.language as tl
 
 from quantbench.engine.kernels.layouts import ACT_LLM_INT8
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
+from quantbench.engine.kernels.wq_matmul import WS_TILES, _num_sms, _workspace
 
 
 @triton.jit
@@ -283,36 +284,21 @@ def _decode_attention_kernel(
             tl.atomic_xchg(cnt_ptr + pair, 0)
 
 
-ATTN_COUNTERS = 1 << 12
-_ATTN_CNT: dict[str, torch.Tensor] = {}
 ATTN_SPLIT = {"on": not os.environ.get("QUANTBENCH_NO_ATTN_SPLIT")}
-
-
 SPLIT_MIN_POSITIONS = 512
 
 
-def attention_splits(batch: int, n_kv: int, cache: int, block: int, device: torch.device) -> int:
+def attention_splits(batch: int, n_kv: int, cache: int, device: torch.device) -> int:
     """Splits of the cache per (sequence, kv head): one per ``SPLIT_MIN_POSITIONS`` cached positions, up to
     about two programs per SM (fixed by the cache size, so a captured step keeps its grid).
 
     Short caches stay whole: at 256 positions four splits gained 1.4 % per token for int4 at batch 1 and
     lost as much at batch 8 and for bf16 (H200, benchmarks/engine_ab.py), the workspace round trip eating
     what the extra programs bring."""
-    if not ATTN_SPLIT["on"] or device.type != "cuda" or batch * n_kv > ATTN_COUNTERS:
+    if not ATTN_SPLIT["on"] or device.type != "cuda":
         return 1
-    from quantbench.engine.kernels.wq_matmul import _num_sms
-
     want = max(1, 2 * _num_sms(device) // (batch * n_kv))
-    return max(1, min(want, cache // SPLIT_MIN_POSITIONS, triton.cdiv(cache, block)))
-
-
-def _attn_counters(device: torch.device) -> torch.Tensor:
-    """Zeroed per-(sequence, kv head) counters; the kernel leaves them at zero (allocate outside capture:
-    the first, eager call does)."""
-    key = str(device)
-    if key not in _ATTN_CNT:
-        _ATTN_CNT[key] = torch.zeros(ATTN_COUNTERS, device=device, dtype=torch.int32)
-    return _ATTN_CNT[key]
+    return max(1, min(want, cache // SPLIT_MIN_POSITIONS))
 
 
 def decode_attention(
@@ -336,13 +322,15 @@ def decode_attention(
     block = 64
     cache = k_cache.shape[2]
     if splits is None:
-        splits = attention_splits(batch, n_kv, cache, block, qkv.device)
+        splits = attention_splits(batch, n_kv, cache, qkv.device)
+    if batch * n_kv > WS_TILES:  # one split counter per (sequence, kv head)
+        splits = 1
     chunk = triton.cdiv(triton.cdiv(cache, splits), block) * block
     splits = triton.cdiv(cache, chunk)
     gp = max(16, triton.next_power_of_2(group))
     if splits > 1:
         ws = torch.empty(batch * n_kv * splits * gp * (head_dim + 2), device=qkv.device, dtype=torch.float32)
-        cnt = _attn_counters(qkv.device)
+        cnt = _workspace(qkv.device)[1]  # the split-K tile counters: kernels leave them at zero
     else:
         ws = cnt = out
     _decode_attention_kernel[(batch, n_kv, splits)](
