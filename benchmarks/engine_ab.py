@@ -13,7 +13,11 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``noattsplit``: decode attention one program per (sequence, kv head), the cache not split;
 * ``noover``: prompt slabs dequantized on the main stream (no overlap with the products);
 * ``slab12`` / ``slab48``: 12 / 48 MiB slabs instead of 24;
-* ``cfg:KEY=V,...``: the half2 GEMV with launch-config keys replaced (``gemv_override``).
+* ``nomma``: batches 1-16 through the half2 GEMV / ``wq_matmul`` instead of the tensor-core GEMV (the
+  codes keep the tiles the first variant's engine chose: put it first to time the older engine);
+* ``mmab1off``: the tensor-core GEMV for batches 2-16 only;
+* ``cfg:KEY=V,...``: the half2 GEMV with launch-config keys replaced (``gemv_override``);
+* ``mcfg:NW=8,split=2``: the tensor-core GEMV with its warps per program / split multiplier replaced.
 
 ``--ncu`` instead runs 6 eager decode steps of the first method and exits: the target for
 ``ncu --clock-control none -k regex:gemv_h2 ...`` (the kernels in their real sequence).
@@ -31,12 +35,15 @@ import torch
 import quantbench
 from quantbench.bench.runner import device_name, measure_copy_bandwidth, split_methods
 from quantbench.engine import Engine, kernels
-from quantbench.engine.kernels import dequant, fused, gemv_h2, pdl
+from quantbench.engine.kernels import dequant, fused, gemv_h2, mma_gemv, pdl
+from quantbench.engine.kernels.layouts import MMA_POLICY
 
 VARIANTS = {
     "base": [],
     "nopdl": [(pdl.DISABLED, "off", True)],
     "noh2": [(gemv_h2.DISABLED, "off", True)],
+    "nomma": [(MMA_POLICY, "off", True)],
+    "mmab1off": [(MMA_POLICY, "b1", False)],
     "nodense": [(kernels.DENSE_DISABLED, "off", True)],
     "noover": [(dequant.OVERLAP, "on", False)],
     "noattsplit": [(fused.ATTN_SPLIT, "on", False)],
@@ -68,8 +75,31 @@ def gemv_override(text: str) -> list:
     return [(gemv_h2, "_config", config)]
 
 
+def mma_override(text: str) -> list:
+    """Variant ``mcfg:NW=8,split=2``: the tensor-core GEMV's warps per program and split multiplier."""
+    changes = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        changes[key] = float(value)
+    original = mma_gemv._config
+
+    def config(m, n, k, layout, device):
+        cfg = original(m, n, k, layout, device)
+        if "NW" in changes:
+            cfg["NW"] = int(changes["NW"])
+        if "split" in changes:
+            cfg["SPLIT_K"] = max(1, int(cfg["SPLIT_K"] * changes["split"]))
+        return cfg
+
+    return [(mma_gemv, "_config", config)]
+
+
 def variant_changes(name: str) -> list:
-    return gemv_override(name[4:]) if name.startswith("cfg:") else VARIANTS[name]
+    if name.startswith("cfg:"):
+        return gemv_override(name[4:])
+    if name.startswith("mcfg:"):
+        return mma_override(name[5:])
+    return VARIANTS[name]
 
 
 def _swap(target, key: str, value):
@@ -120,7 +150,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("engine_ab: needs a CUDA GPU")
     variants = args.variants.split(";")
-    unknown = [v for v in variants if v not in VARIANTS and not v.startswith("cfg:")]
+    unknown = [v for v in variants if v not in VARIANTS and not v.startswith(("cfg:", "mcfg:"))]
     if unknown:
         sys.exit(f"engine_ab: unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     batches = [int(b) for b in args.batch.split(",")]

@@ -18,6 +18,7 @@ sizes when Triton is installed (fp16: the interpreter's bf16 ``tl.dot`` is wrong
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -142,6 +143,72 @@ def test_w8a8_kernel_cuda(spec: str, m: int) -> None:
     assert _rel(out.cpu(), ref) < 2e-2
 
 
+@contextlib.contextmanager
+def _mma_off():
+    """Route batches 1-16 to the older kernels (the half2 GEMV / wq_matmul) for their own tests."""
+    from quantbench.engine.kernels.layouts import MMA_POLICY
+
+    saved = MMA_POLICY["off"]
+    MMA_POLICY["off"] = True
+    try:
+        yield
+    finally:
+        MMA_POLICY["off"] = saved
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec", WEIGHT_ONLY + W8A8)
+@pytest.mark.parametrize("m", [1, 2, 8, 11, 16])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_mma_gemv_cuda(spec: str, m: int, tiled: bool) -> None:
+    """The tensor-core GEMV (batches 1-16), row-major and on its own tiles, against float64
+    (weight-only) or the fp32-path kernel on the same quantized activations (W8A8). 1008 rows: 63
+    row tiles, an odd number of them per split."""
+    from quantbench.engine.kernels import layout_for
+    from quantbench.engine.kernels.layouts import mma_tile, tile_buffers
+    from quantbench.engine.kernels.mma_gemv import mma_supported
+
+    torch.manual_seed(len(spec) * 7 + m)
+    n, k = 1008, 4096
+    module = _module(spec, n, k, bias=m != 2, device="cuda", dtype=torch.bfloat16)
+    if tiled:
+        tile = mma_tile(layout_for(module))
+        assert tile is not None
+        module.store_tiled(tile_buffers(module, layout_for(module), *tile))
+    x = _x(m, k, "cuda", torch.bfloat16, outliers=True)
+    assert mma_supported(x, layout_for(module))
+    out = _run_wq(module, x)
+    if spec in W8A8:
+        with _mma_off():
+            ref = _run_wq(module, x)
+    else:
+        ref = x.double() @ module.dequantize().double().t()
+        if module.bias is not None:
+            ref = ref + module.bias.double()
+    assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec", ["int4:group=128", "nf4:block=64,dq=1", "int8", "fp8"])
+@pytest.mark.parametrize("m", [1, 8, 16])
+def test_mma_gemv_fp16_and_silu_cuda(spec: str, m: int) -> None:
+    """fp16 compute (fp16 decoders and mma), and the down projection's silu(gate) * up input."""
+    from quantbench.engine.kernels import layout_for, linear
+    from quantbench.engine.kernels.mma_gemv import mma_supported
+
+    torch.manual_seed(m)
+    n, k = 512, 2048
+    for dtype in (torch.float16, torch.bfloat16):
+        module = _module(spec, n, k, bias=False, device="cuda", dtype=dtype)
+        gate_up = _x(m, 2 * k, "cuda", dtype)
+        layout = layout_for(module)
+        assert mma_supported(gate_up[:, :k].contiguous(), layout)
+        out = linear(layout, gate_up, act_silu_mul=True)
+        with _mma_off():
+            ref = linear(layout, gate_up, act_silu_mul=True)
+        assert _rel(out, ref.double()) < 1e-2
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("spec", WEIGHT_ONLY + W8A8)
 @pytest.mark.parametrize("magnitude", [1e-3, 1.0, 3e3])
@@ -157,11 +224,13 @@ def test_h2_gemv_cuda(spec: str, magnitude: float) -> None:
     module = _module(spec, n, k, bias=True, device="cuda", dtype=torch.bfloat16)
     x = (_x(1, k, "cuda", torch.float32, outliers=True) * magnitude).to(torch.bfloat16)
     assert h2_supported(x, layout_for(module))
-    out = _run_wq(module, x)
+    with _mma_off():
+        out = _run_wq(module, x)
     if spec in W8A8:
         DISABLED["off"] = True
         try:
-            ref = _run_wq(module, x)
+            with _mma_off():
+                ref = _run_wq(module, x)
         finally:
             DISABLED["off"] = False
     else:
@@ -176,13 +245,14 @@ def test_h2_gemv_tiled_cuda(spec: str) -> None:
     torch.manual_seed(len(spec))
     n, k = 1024, 4096
     module = _module(spec, n, k, bias=True, device="cuda", dtype=torch.bfloat16)
-    twin = _tiled_twin(module)
-    x = _x(1, k, "cuda", torch.bfloat16, outliers=True)
-    out = _run_wq(twin, x)
-    if spec in ("fp8", "llm.int8:compute=bf16"):
-        ref = _run_wq(module, x)
-    else:
-        ref = x.double() @ module.dequantize().double().t() + module.bias.double()
+    with _mma_off():
+        twin = _tiled_twin(module)
+        x = _x(1, k, "cuda", torch.bfloat16, outliers=True)
+        out = _run_wq(twin, x)
+        if spec in ("fp8", "llm.int8:compute=bf16"):
+            ref = _run_wq(module, x)
+        else:
+            ref = x.double() @ module.dequantize().double().t() + module.bias.double()
     assert _rel(out, ref) < 1e-2
 
 

@@ -8,6 +8,7 @@ buffer is replaced (``load_state_dict`` copies in place, so the cache stays vali
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -82,12 +83,48 @@ def _key(module: nn.Module) -> tuple:
     return (*((name, t.data_ptr(), tuple(t.shape)) for name, t in module.named_buffers(recurse=False)), tiles)
 
 
+# The tensor-core GEMV (mma_gemv) for batches 1-16. QUANTBENCH_NO_MMA=1: those batches take the older
+# kernels; QUANTBENCH_MMA_B1=0: batch 1 keeps the half2 GEMV (and its tiles).
+MMA_POLICY = {
+    "off": bool(os.environ.get("QUANTBENCH_NO_MMA")),
+    "b1": os.environ.get("QUANTBENCH_MMA_B1", "1") != "0",
+}
+
+
+def mma_words_per_lane(layout: WQLayout) -> int:
+    """Code words an ``mma_gemv`` lane loads per row and step (4 = one 16-byte load), 0 when no step fits:
+    a step's ``4 * V * VALS`` columns must lie in one quantization group and divide K."""
+    vals = 32 // layout.bits
+    for words in (4, 2, 1):
+        step = 4 * words * vals
+        if layout.group == 0 or layout.group % step == 0:
+            return words if layout.in_features % step == 0 else 0
+    return 0
+
+
+def mma_tile(layout: WQLayout) -> tuple[int, int] | None:
+    """Tile-major storage matching ``mma_gemv``'s warp steps (16 rows x 4V words) when it runs batch 1
+    of this format (fp8 only with quantized activations), else None."""
+    if MMA_POLICY["off"] or not MMA_POLICY["b1"]:
+        return None
+    if layout.bits not in (4, 8) or (layout.mode == MODE_FP8 and layout.act_quant == ACT_NONE):
+        return None
+    words = mma_words_per_lane(layout)
+    return (16, 4 * words) if words else None
+
+
 def gemv_tile(layout: WQLayout) -> tuple[int, int] | None:
-    """(rows, words per row) of one batch-1 GEMV step on tile-major codes, per format, or None to keep
-    the codes row-major. From the H100 runs (docs/bench.md): NF4 / FP4 and 8-bit codes decode faster
-    from tiles in the engine; symmetric int4 measured faster row-major (2.73 vs 2.85 ms per token)
-    although the isolated kernel preferred tiles, so it stays row-major. Asymmetric int4 is tiled on the
-    isolated-kernel sweep alone (71 -> 41 us on Mistral-7B's gate/up product)."""
+    """(rows, words per row) of one decode-step tile of codes, per format, or None to keep the codes
+    row-major.
+
+    Formats the tensor-core GEMV (``mma_gemv``) runs at batch 1: its warp step, 16 rows x 4 lanes x V
+    words, so a step is one contiguous block. Otherwise the half2 GEMV's steps, from the H100 runs
+    (docs/bench.md): NF4 / FP4 and 8-bit codes decode faster from tiles in the engine; symmetric int4
+    measured faster row-major (2.73 vs 2.85 ms per token) although the isolated kernel preferred tiles;
+    asymmetric int4 is tiled on the isolated-kernel sweep alone (71 -> 41 us on Mistral-7B's gate/up)."""
+    tile = mma_tile(layout)
+    if tile is not None:
+        return tile
     if layout.mode == MODE_TABLE:
         return 128, 8
     if layout.bits == 4:

@@ -656,6 +656,15 @@ def wq_matmul(
     """
     M = x.shape[0]
     N, K = layout.out_features, layout.in_features
+    if config is None and M <= 16:
+        from quantbench.engine.kernels.mma_gemv import mma_gemv, mma_supported
+
+        if mma_supported(x, layout):
+            if act_silu_mul:
+                from quantbench.engine.kernels.fused import silu_mul
+
+                x = silu_mul(x)
+            return mma_gemv(x, layout, row_factor=row_factor, out=out)
     if config is None and M == 1:
         from quantbench.engine.kernels.gemv_h2 import gemv_h2, h2_supported
 

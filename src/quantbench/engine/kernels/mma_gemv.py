@@ -1,0 +1,399 @@
+"""Batch 1-16 products of weight-quantized linears on tensor cores (``mma.sync`` m16n8k16; CUDA only).
+
+Why: the half2 GEMV (``gemv_h2``) spends its ALU work once per activation row, so batch 8 costs 2-2.6x
+batch 1; the fp32 dot path of ``wq_matmul`` converts every decoded tile through shared memory. Here the
+packed codes are decoded in registers straight into the A fragments of ``mma.sync`` and the activations
+are the B fragment: the decode is paid once for up to 8 (16) tokens and the multiply-add is one tensor
+core instruction per 256 weights.
+
+Work split. A program owns 16 output rows (one m16 tile) and ``NW`` warps, which take K in steps of
+``STEP = 4 * V * VALS`` columns (interleaved, so the warps of a program read neighbouring bytes). In a
+step, lane ``(g, t) = (lane // 4, lane % 4)`` loads ``V`` consecutive code words of row ``g`` and of row
+``g + 8`` (one 16-byte load each when V = 4): the columns ``t * V * VALS ...`` of the step. The mma's k
+order is free as long as A and B agree, so each word's codes feed the lane's k slots in column order:
+decoded pair ``(2i, 2i + 1)`` of a word is one A register, and the matching B register is the
+activation pair at the same columns, a plain 32-bit piece of the activation row (no shuffles). With
+``N`` rows per lane group ``g`` = the token index, the B fragment holds token ``g`` (tokens 8-15: a
+second mma per A fragment).
+
+Scales. A step lies in one quantization group (``GROUP % STEP == 0``) or the scale is per row, so the
+step's fp32 mma result is scaled once per (row, step): codes enter the tensor cores as exact small
+integers (int4 / int8 minus zero, e4m3 values) or as the NF4 / FP4 table value rounded to the
+compute dtype, products are exact and accumulate in fp32.
+
+Decoders (PTX, one 32-bit word -> 16-bit pairs in column order):
+* int4, bf16: ``prmt`` puts bytes ``i`` of ``w`` and ``w >> 4`` in the two halves, ``lop3`` masks the low
+  nibble and ORs 128.0 (``0x4300``), one ``fma`` subtracts 128 + zero (exact): 13 instructions per word;
+  fp16 the same with 1024.0 (``0x6400``).
+* NF4 / FP4: the byte-permute table decoder of ``wq_matmul.table_asm`` with the 16-bit table values of
+  the compute dtype.
+* int8, bf16: ``prmt`` of each byte under 2**23 (fp32), subtract 2**23 + zero, ``cvt.rn.bf16x2.f32``;
+  fp16: ``prmt`` under 1024.0 and one ``add.f16x2`` per pair.
+* e4m3: ``cvt.rn.f16x2.e4m3x2`` and an f16 mma; bf16 activations (W8A8: already e4m3 values, exact in
+  fp16) are converted to fp16 in the load.
+
+Layout assumption (checked by the CUDA tests against the reference): a 1-D tensor of ``32 * NW``
+elements places element ``i`` in thread ``i`` (Triton's default blocked layout), so the lane
+arithmetic on ``tl.arange`` names the lane that runs the inline PTX.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from quantbench.engine.kernels.layouts import MMA_POLICY as POLICY
+from quantbench.engine.kernels.layouts import MODE_FP8, MODE_INT, MODE_TABLE, WQLayout, mma_words_per_lane
+from quantbench.engine.kernels.mma_ptx import (
+    D_FP8,
+    D_INT4,
+    D_INT8_F16,
+    D_INT8_F32,
+    D_TABLE,
+    load_asm,
+    step_asm,
+    table_planes,
+)
+from quantbench.engine.kernels.pdl import launch_args, wait_prior
+from quantbench.engine.kernels.wq_matmul import WS_FLOATS, WS_TILES, _num_sms, _workspace, word_off
+
+__all__ = ["mma_gemv", "mma_supported"]
+
+
+@triton.jit
+def _load_step(addr_g, addr_h, ok_g, ok_h, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(
+        asm=ASM,
+        constraints="=r,=r,=r,=r,=r,=r,=r,=r,l,l,r,r",
+        args=[addr_g, addr_h, ok_g.to(tl.int32), ok_h.to(tl.int32)],
+        dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32),
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def _half2(v, DT: tl.constexpr):
+    """fp32 ``v`` as a pair of the 16-bit compute dtype (both halves), in an int32."""
+    if DT == 0:
+        h = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    else:
+        h = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return h | (h << 16)
+
+
+@triton.jit
+def _zero_word(z, KIND: tl.constexpr, DT: tl.constexpr):
+    """The decoder's zero operand for zero point ``z`` (fp32): -(magic + z) as pairs, or 2**23 + z."""
+    if KIND == 0:
+        if DT == 0:
+            return _half2(-(z + 128.0), 0)
+        else:
+            return _half2(-(z + 1024.0), 1)
+    elif KIND == 2:
+        return (z + 8388608.0).to(tl.int32, bitcast=True)
+    else:
+        return _half2(-(z + 1024.0), 1)
+
+
+@triton.jit
+def _scale_at(s_ptr, dqc_ptr, dqn_ptr, dqo_ptr, rows, g, ok, stride_sn, n_groups, TN: tl.constexpr,
+              NESTED: tl.constexpr, SCALE_MUL: tl.constexpr):  # fmt: skip
+    """fp32 scale of (row, group g); 0 where ``ok`` is false (the step then adds nothing)."""
+    if TN == 0:
+        idx = rows * stride_sn + g
+    else:
+        idx = ((rows // TN) * n_groups + g) * TN + rows % TN
+    raw = tl.load(s_ptr + idx, mask=ok, other=0)
+    if NESTED:  # double-quantized absmax: the nested statistics follow the logical (row-major) block number
+        nest = tl.load(dqn_ptr + (rows * stride_sn + g) // 256, mask=ok, other=0.0)
+        return tl.where(ok, tl.load(dqc_ptr + raw.to(tl.int32)) * nest + tl.load(dqo_ptr), 0.0)
+    return raw.to(tl.float32) * SCALE_MUL
+
+
+@triton.jit
+def _zero_at(z_ptr, rows, g, ok, stride_sn, n_groups, TN: tl.constexpr):
+    if TN == 0:
+        idx = rows * stride_sn + g
+    else:
+        idx = ((rows // TN) * n_groups + g) * TN + rows % TN
+    return tl.load(z_ptr + idx, mask=ok, other=0).to(tl.float32)
+
+
+@triton.jit
+def _mma_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, dqc_ptr, dqn_ptr, dqo_ptr, b_ptr, rf_ptr, o_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_om, stride_wn, stride_sn, n_groups, steps_per_split,
+    P0, P1, P2, P3, P4, P5, P6, P7,
+    STEP_ASM: tl.constexpr, LOAD_ASM: tl.constexpr, KIND: tl.constexpr, DT: tl.constexpr,
+    TN: tl.constexpr, TKV: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+    ZERO_CONST: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_MUL: tl.constexpr,
+    HAS_ROWF: tl.constexpr, SPLIT_K: tl.constexpr, V: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    VALS: tl.constexpr = 32 // BITS
+    STEP: tl.constexpr = 4 * V * VALS  # columns per warp step
+    KW = K // VALS
+    pid = tl.program_id(0)
+    tile = pid // SPLIT_K
+    ks = pid % SPLIT_K
+
+    tid = tl.arange(0, 32 * NW)
+    lane = tid % 32
+    warp = tid // 32
+    g = lane // 4
+    t = lane % 4
+    row_g = (tile * 16 + g).to(tl.int64)
+    row_h = row_g + 8
+    ok_g = row_g < N
+    ok_h = row_h < N
+    n_steps = K // STEP
+    s_lo = ks * steps_per_split
+    s_hi = tl.minimum(n_steps, s_lo + steps_per_split)
+    n_iter = tl.cdiv(s_hi - s_lo, NW)
+
+    # the first step's codes are requested before waiting on the previous kernel (they are constant)
+    s = s_lo + warp
+    live = s < s_hi
+    wcol = s * (4 * V) + t * V
+    w0, w1, w2, w3, w4, w5, w6, w7 = _load_step(
+        (w_ptr + word_off(row_g, wcol, stride_wn, KW, TN, TKV)).to(tl.int64, bitcast=True),
+        (w_ptr + word_off(row_h, wcol, stride_wn, KW, TN, TKV)).to(tl.int64, bitcast=True),
+        live & ok_g, live & ok_h, LOAD_ASM,
+    )  # fmt: skip
+    wait_prior(PDL)
+
+    zg = tl.full((32 * NW,), 0, tl.int32)
+    zh = tl.full((32 * NW,), 0, tl.int32)
+    if KIND == 0 or KIND == 2 or KIND == 3:
+        if not HAS_ZERO:
+            zg = _zero_word(zg.to(tl.float32) + ZERO_CONST, KIND, DT)
+            zh = zg
+        elif GROUP == 0:
+            zg = _zero_word(_zero_at(z_ptr, row_g, 0, ok_g, stride_sn, n_groups, 0), KIND, DT)
+            zh = _zero_word(_zero_at(z_ptr, row_h, 0, ok_h, stride_sn, n_groups, 0), KIND, DT)
+    tok0 = g
+    tok1 = g + 8
+    x_row0 = (x_ptr + tok0.to(tl.int64) * stride_xm).to(tl.int64, bitcast=True)
+    x_row1 = (x_ptr + tok1.to(tl.int64) * stride_xm).to(tl.int64, bitcast=True)
+    acc0 = tl.zeros((32 * NW,), tl.float32)
+    acc1 = tl.zeros((32 * NW,), tl.float32)
+    acc2 = tl.zeros((32 * NW,), tl.float32)
+    acc3 = tl.zeros((32 * NW,), tl.float32)
+    acc4 = tl.zeros((32 * NW,), tl.float32)
+    acc5 = tl.zeros((32 * NW,), tl.float32)
+    acc6 = tl.zeros((32 * NW,), tl.float32)
+    acc7 = tl.zeros((32 * NW,), tl.float32)
+    for _ in range(n_iter):
+        s_next = s + NW
+        live_next = s_next < s_hi
+        wcol_next = s_next * (4 * V) + t * V
+        n0, n1, n2, n3, n4, n5, n6, n7 = _load_step(
+            (w_ptr + word_off(row_g, wcol_next, stride_wn, KW, TN, TKV)).to(tl.int64, bitcast=True),
+            (w_ptr + word_off(row_h, wcol_next, stride_wn, KW, TN, TKV)).to(tl.int64, bitcast=True),
+            live_next & ok_g, live_next & ok_h, LOAD_ASM,
+        )  # fmt: skip
+        col = s * STEP + t * (V * VALS)  # this lane's first activation column
+        if GROUP > 0:
+            grp = (s * STEP) // GROUP
+            sg = _scale_at(s_ptr, dqc_ptr, dqn_ptr, dqo_ptr, row_g, grp, live & ok_g, stride_sn, n_groups, TN,
+                           NESTED, SCALE_MUL)  # fmt: skip
+            sh = _scale_at(s_ptr, dqc_ptr, dqn_ptr, dqo_ptr, row_h, grp, live & ok_h, stride_sn, n_groups, TN,
+                           NESTED, SCALE_MUL)  # fmt: skip
+            if HAS_ZERO:
+                zg = _zero_word(_zero_at(z_ptr, row_g, grp, live & ok_g, stride_sn, n_groups, TN), KIND, DT)
+                zh = _zero_word(_zero_at(z_ptr, row_h, grp, live & ok_h, stride_sn, n_groups, TN), KIND, DT)
+        else:
+            sg = live.to(tl.float32)  # a dead step's zero activations already give 0; keep it exact
+            sh = sg
+        d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+            asm=STEP_ASM,
+            constraints="=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,r,r,l,l,r,r,r,r,r,r,r,r,r,r,r,r",
+            args=[w0, w1, w2, w3, w4, w5, w6, w7, x_row0 + col * 2, x_row1 + col * 2,
+                  (live & (tok0 < M)).to(tl.int32), (live & (tok1 < M)).to(tl.int32), zg, zh,
+                  zg * 0 + P0, zg * 0 + P1, zg * 0 + P2, zg * 0 + P3, zg * 0 + P4, zg * 0 + P5, zg * 0 + P6,
+                  zg * 0 + P7],
+            dtype=(tl.float32,) * 8,
+            is_pure=False,
+            pack=1,
+        )  # fmt: skip
+        acc0 += d0 * sg
+        acc1 += d1 * sg
+        acc2 += d2 * sh
+        acc3 += d3 * sh
+        if NB == 2:
+            acc4 += d4 * sg
+            acc5 += d5 * sg
+            acc6 += d6 * sh
+            acc7 += d7 * sh
+        w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
+        s = s_next
+        live = live_next
+
+    # sum the warps (lane l of every warp holds the same outputs), then lane l of the sum:
+    # rows tile * 16 + g (c0, c1) / + 8 (c2, c3), tokens 2t, 2t + 1 (+ 8 in block 1)
+    lane_o = tl.arange(0, 32)
+    g_o = lane_o // 4
+    t_o = lane_o % 4
+    sel = tl.arange(0, 8)[None, :]
+    vals = tl.where(sel == 0, tl.sum(tl.reshape(acc0, (NW, 32)), 0)[:, None], 0.0)
+    vals += tl.where(sel == 1, tl.sum(tl.reshape(acc1, (NW, 32)), 0)[:, None], 0.0)
+    vals += tl.where(sel == 2, tl.sum(tl.reshape(acc2, (NW, 32)), 0)[:, None], 0.0)
+    vals += tl.where(sel == 3, tl.sum(tl.reshape(acc3, (NW, 32)), 0)[:, None], 0.0)
+    if NB == 2:
+        vals += tl.where(sel == 4, tl.sum(tl.reshape(acc4, (NW, 32)), 0)[:, None], 0.0)
+        vals += tl.where(sel == 5, tl.sum(tl.reshape(acc5, (NW, 32)), 0)[:, None], 0.0)
+        vals += tl.where(sel == 6, tl.sum(tl.reshape(acc6, (NW, 32)), 0)[:, None], 0.0)
+        vals += tl.where(sel == 7, tl.sum(tl.reshape(acc7, (NW, 32)), 0)[:, None], 0.0)
+    rows = tile * 16 + g_o[:, None] + 8 * ((sel // 2) % 2)  # [32, 8]
+    toks = 2 * t_o[:, None] + sel % 2 + 8 * (sel // 4)
+    omask = (rows < N) & (toks < M) & (sel < 4 * NB)
+    if GROUP == 0:
+        vals = vals * (
+            tl.load(s_ptr + rows.to(tl.int64) * stride_sn, mask=omask, other=0.0).to(tl.float32) * SCALE_MUL
+        )
+    if HAS_ROWF:
+        vals = vals * tl.load(rf_ptr + toks, mask=omask, other=0.0)
+    o_off = toks.to(tl.int64) * stride_om + rows
+    ws_off = toks.to(tl.int64) * N + rows
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            vals += tl.load(b_ptr + rows, mask=omask, other=0.0).to(tl.float32)
+        tl.store(o_ptr + o_off, vals.to(o_ptr.dtype.element_ty), mask=omask)
+    else:
+        plane = M * N
+        tl.store(ws_ptr + ks * plane + ws_off, vals, mask=omask)
+        tl.debug_barrier()  # every thread's partial is written before the counter is released
+        done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if done == SPLIT_K - 1:  # the last split of this tile sums all partials in split order
+            total = tl.load(ws_ptr + ws_off, mask=omask, other=0.0, cache_modifier=".cg")
+            for sp in range(1, SPLIT_K):
+                total += tl.load(ws_ptr + sp * plane + ws_off, mask=omask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + rows, mask=omask, other=0.0).to(tl.float32)
+            tl.store(o_ptr + o_off, total.to(o_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+def _kind(layout: WQLayout, dtype: torch.dtype) -> int | None:
+    if layout.mode == MODE_TABLE and layout.bits == 4:
+        return D_TABLE
+    if layout.mode == MODE_INT and layout.bits == 4:
+        return D_INT4
+    if layout.mode == MODE_INT and layout.bits == 8:
+        return D_INT8_F32 if dtype == torch.bfloat16 else D_INT8_F16
+    if layout.mode == MODE_FP8 and layout.bits == 8:
+        return D_FP8
+    return None
+
+
+def mma_supported(x: torch.Tensor, layout: WQLayout) -> bool:
+    """Whether :func:`mma_gemv` handles this call (1-16 rows on an sm_80+ GPU, a supported format)."""
+    m = x.shape[0]
+    if POLICY["off"] or not 1 <= m <= 16 or (m == 1 and not POLICY["b1"]):
+        return False
+    if (
+        not x.is_cuda
+        or os.environ.get("TRITON_INTERPRET") == "1"
+        or x.dtype not in (torch.bfloat16, torch.float16)
+    ):
+        return False
+    kind = _kind(layout, x.dtype)
+    if kind is None or layout.out_features % 16:
+        return False
+    if kind == D_FP8 and x.dtype == torch.bfloat16 and layout.act_quant == 0:
+        return False  # bf16 activations reach fp16 exactly only when quantized to e4m3 first
+    words = mma_words_per_lane(layout)
+    if not words:
+        return False
+    need = 8 if kind == D_FP8 else 0
+    major, minor = torch.cuda.get_device_capability(x.device)
+    if (major, minor) < (8, need if need else 0):
+        return False
+    if layout.tile_n and (layout.tile_kv % words or (layout.tile_kv * 4) % 16 and words == 4):
+        return False
+    align = 4 * words
+    return (
+        layout.w32.data_ptr() % align == 0
+        and (layout.w32.stride(0) * 4) % align == 0
+        and x.stride(-1) == 1
+        and x.data_ptr() % 16 == 0
+        and (x.stride(0) * x.element_size()) % 16 == 0
+    )
+
+
+_ASM: dict[tuple, tuple[str, str]] = {}
+
+
+def _config(m: int, n: int, k: int, layout: WQLayout, device: torch.device) -> dict:
+    """Warps per program and K-splits: about four 4-warp programs per SM, each split keeping at least
+    two steps per warp."""
+    words = mma_words_per_lane(layout)
+    step = 4 * words * (32 // layout.bits)
+    nw = 4
+    tiles = n // 16
+    steps = k // step
+    split = 1
+    while tiles * split < 4 * _num_sms(device) and steps // (split * 2) >= 2 * nw:
+        split *= 2
+    return {"NW": nw, "SPLIT_K": split}
+
+
+def mma_gemv(
+    x: torch.Tensor,
+    layout: WQLayout,
+    *,
+    row_factor: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` for M <= 16 (see the module doc)."""
+    m = x.shape[0]
+    n, k = layout.out_features, layout.in_features
+    if out is None:
+        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    kind = _kind(layout, x.dtype)
+    words = mma_words_per_lane(layout)
+    cfg = dict(config or _config(m, n, k, layout, x.device))
+    nw, split = cfg.pop("NW"), cfg.pop("SPLIT_K")
+    dt = "bf16" if x.dtype == torch.bfloat16 else "f16"
+    blocks = 1 if m <= 8 else 2
+    key = (kind, layout.bits, words, blocks, dt, layout.signed8)
+    if key not in _ASM:
+        x_to_f16 = kind == D_FP8 and dt == "bf16"
+        _ASM[key] = (
+            step_asm(kind, layout.bits, words, blocks, dt, x_to_f16, layout.signed8),
+            load_asm(words),
+        )
+    step_text, load_text = _ASM[key]
+    planes = table_planes(layout.table, x.dtype) if kind == D_TABLE else [0] * 8
+    step = 4 * words * (32 // layout.bits)
+    tiles = n // 16
+    n_steps = k // step
+    if split > 1 and (split * m * n > WS_FLOATS or tiles > WS_TILES):
+        split = 1
+    per_split = triton.cdiv(n_steps, split)
+    split = triton.cdiv(n_steps, per_split)
+    ws, cnt = _workspace(x.device) if split > 1 else (out, out)
+    dummy = layout.w32
+    _mma_gemv_kernel[(tiles * split,)](
+        x, layout.w32, layout.scales,
+        layout.zeros if layout.zeros is not None else dummy,
+        layout.dq_code if layout.dq_code is not None else dummy,
+        layout.dq_nested if layout.dq_nested is not None else dummy,
+        layout.dq_offset if layout.dq_offset is not None else dummy,
+        layout.bias if layout.bias is not None else dummy,
+        row_factor if row_factor is not None else dummy,
+        out, ws, cnt,
+        m, n, k, x.stride(0), out.stride(0), layout.w32.stride(0), layout.scale_stride, layout.n_groups, per_split,
+        *planes,
+        STEP_ASM=step_text, LOAD_ASM=load_text, KIND=kind, DT=0 if dt == "bf16" else 1,
+        TN=layout.tile_n, TKV=layout.tile_kv, GROUP=layout.group, BITS=layout.bits,
+        HAS_ZERO=layout.zeros is not None, ZERO_CONST=float(layout.zero_const), NESTED=layout.dq_code is not None,
+        HAS_BIAS=layout.bias is not None, SCALE_MUL=float(layout.scale_mul), HAS_ROWF=row_factor is not None,
+        SPLIT_K=split, V=words, NB=blocks, NW=nw, num_warps=nw, **cfg, **launch_args(x.device),
+    )  # fmt: skip
+    return out

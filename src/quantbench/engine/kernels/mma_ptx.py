@@ -1,0 +1,194 @@
+"""PTX text of ``mma_gemv``'s inline assembly (no Triton import: ``tests/test_mma_asm.py`` runs it on
+the CPU through a PTX simulator).
+
+Operands of the step (``step_asm``): $0..$7 the step's fp32 results (token blocks 0 / 1, c0..c3 each);
+$8..$11 the lane's code words of row g, $12..$15 of row g + 8; $16 / $17 the activation addresses of
+token blocks 0 / 1 and $18 / $19 their load flags; $20 / $21 the zero operands of rows g / g + 8;
+$22..$29 the 16-bit table's byte planes (NF4 / FP4).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# decoder kinds
+D_INT4 = 0
+D_TABLE = 1
+D_INT8_F32 = 2  # int8 codes through fp32 into bf16 pairs
+D_INT8_F16 = 3
+D_FP8 = 4
+
+_MMA = {
+    "bf16": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+    "f16": "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+}
+
+# operand numbers of the step asm
+_OUT = 8  # $0..$7: d of token blocks 0 / 1 (c0..c3 each)
+_WG = 8  # $8..$11: words of row g; $12..$15: row g + 8
+_WH = 12
+_XA = 16  # $16, $17: activation addresses (int64) of token blocks 0 / 1
+_XV = 18  # $18, $19: their load flags
+_ZG = 20  # $20, $21: zero constants of rows g / g + 8
+_ZH = 21
+_TP = 22  # $22..$29: table byte planes
+
+
+def _decode(kind: int, word: str, pre: str, zero: str, dt: str) -> list[str]:
+    """PTX lines decoding register ``word`` into pairs ``{pre}0..`` (column order, low half first)."""
+    if kind == D_INT4:
+        lines = [f"shr.u32 s4, {word}, 4;"]
+        for i in range(4):
+            fix = (
+                f"fma.rn.bf16x2 {pre}{i}, y, kone, {zero};"
+                if dt == "bf16"
+                else f"add.rn.f16x2 {pre}{i}, y, {zero};"
+            )
+            lines += [
+                f"prmt.b32 y, {word}, s4, {hex(((4 + i) << 8) | i)};",
+                "lop3.b32 y, y, kmask, kmag, 0xEA;",
+                fix,
+            ]
+        return lines
+    if kind == D_TABLE:
+        body = []
+        for half, (src, sel) in enumerate((("sa", "0x1100"), ("sb", "0x3322"))):
+            p0, p1 = f"{pre}{2 * half}", f"{pre}{2 * half + 1}"
+            body += [
+                f"prmt.b32 ya, {word}, 0, {sel};",
+                "shl.b32 tt, ya, 4;",
+                "lop3.b32 mm, tt, ya, kff, 0xE4;",
+                "prmt.b32 ma, mm, 0, 0xBA98;",
+                f"prmt.b32 a0, $22, $23, {src};",
+                f"prmt.b32 a1, $24, $25, {src};",
+                "lop3.b32 lo, a0, a1, ma, 0xD8;",
+                f"prmt.b32 a0, $26, $27, {src};",
+                f"prmt.b32 a1, $28, $29, {src};",
+                "lop3.b32 hi, a0, a1, ma, 0xD8;",
+                # bnb order: byte b = (column 2b) << 4 | column 2b + 1; lo/hi byte k follows nibble k
+                f"prmt.b32 {p0}, lo, hi, 0x4051;",
+                f"prmt.b32 {p1}, lo, hi, 0x6273;",
+            ]
+        return [
+            f"and.b32 sa, {word}, 0x7777;",
+            f"shr.u32 sb, {word}, 16;",
+            "and.b32 sb, sb, 0x7777;",
+            *body,
+        ]
+    if kind == D_INT8_F32:
+        lines = []
+        for i in range(4):
+            lines += [f"prmt.b32 f{i}, {word}, kmag, {hex(0x7650 | i)};", f"sub.f32 f{i}, f{i}, {zero};"]
+        return lines + [f"cvt.rn.bf16x2.f32 {pre}0, f1, f0;", f"cvt.rn.bf16x2.f32 {pre}1, f3, f2;"]
+    if kind == D_INT8_F16:
+        return [
+            f"prmt.b32 {pre}0, {word}, kmag, 0x4140;",
+            f"prmt.b32 {pre}1, {word}, kmag, 0x4342;",
+            f"add.rn.f16x2 {pre}0, {pre}0, {zero};",
+            f"add.rn.f16x2 {pre}1, {pre}1, {zero};",
+        ]
+    return [  # e4m3
+        f"mov.b32 {{e0, e1}}, {word};",
+        f"cvt.rn.f16x2.e4m3x2 {pre}0, e0;",
+        f"cvt.rn.f16x2.e4m3x2 {pre}1, e1;",
+    ]
+
+
+def step_asm(kind: int, bits: int, words: int, blocks: int, dt: str, x_to_f16: bool, signed8: bool) -> str:
+    """PTX of one warp step: load the activations, decode ``words`` code words of rows g and g + 8 and
+    run the mmas of ``blocks`` token blocks; writes the step's fp32 results to $0..$7."""
+    vals = 32 // bits
+    xregs = words * vals // 2  # 32-bit activation pairs per token block
+    lines = [
+        "{",
+        ".reg .b32 s4, y, sa, sb, ya, tt, mm, ma, a0, a1, lo, hi, kmask, kmag, kone, kff, w, v, cl, ch;",
+        ".reg .b32 pg<4>, ph<4>, x<32>;",
+        ".reg .b16 e0, e1;",
+        ".reg .f32 f<4>, zg, zh, fl, fh;",
+        ".reg .pred q0, q1;",
+        "mov.b32 kmask, 0x000F000F;",
+        "mov.b32 kone, 0x3F803F80;",
+        "mov.b32 kff, 0x00FF00FF;",
+    ]
+    if kind == D_INT4:
+        lines.append(f"mov.b32 kmag, {'0x43004300' if dt == 'bf16' else '0x64006400'};")
+    elif kind == D_INT8_F32:
+        lines += ["mov.b32 kmag, 0x4B000000;", f"mov.b32 zg, ${_ZG};", f"mov.b32 zh, ${_ZH};"]
+    elif kind == D_INT8_F16:
+        lines.append("mov.b32 kmag, 0x64646464;")
+    for r in range(_OUT):
+        lines.append(f"mov.f32 ${r}, 0f00000000;")
+    # activations of each token block: zero unless the block's token exists
+    for b in range(blocks):
+        lines.append(f"setp.ne.b32 q{b}, ${_XV + b}, 0;")
+        for r in range(xregs):
+            lines.append(f"mov.b32 x{b * xregs + r}, 0;")
+        for c in range(0, xregs, 4):
+            n = min(4, xregs - c)
+            regs = ", ".join(f"x{b * xregs + c + i}" for i in range(n))
+            vec = {4: ".v4", 2: ".v2", 1: ""}[n]
+            dst = f"{{{regs}}}" if n > 1 else regs
+            lines.append(f"@q{b} ld.global{vec}.b32 {dst}, [${_XA + b}+{4 * c}];")
+        if x_to_f16:  # bf16 pairs -> fp16 pairs (W8A8 e4m3 activations: exact)
+            for r in range(xregs):
+                xr = f"x{b * xregs + r}"
+                lines += [
+                    f"shl.b32 cl, {xr}, 16;",
+                    f"and.b32 ch, {xr}, 0xFFFF0000;",
+                    "mov.b32 fl, cl;",
+                    "mov.b32 fh, ch;",
+                    f"cvt.rn.f16x2.f32 {xr}, fh, fl;",
+                ]
+    mma = _MMA["f16" if kind == D_FP8 else dt]
+    zero_g, zero_h = ("zg", "zh") if kind == D_INT8_F32 else (f"${_ZG}", f"${_ZH}")
+    for j in range(words):
+        for row, pre, zero in (("g", "pg", zero_g), ("h", "ph", zero_h)):
+            src = f"${(_WG if row == 'g' else _WH) + j}"
+            if signed8:  # two's complement -> offset binary (zero 128)
+                lines.append(f"xor.b32 w, {src}, 0x80808080;")
+                src = "w"
+            lines += _decode(kind, src, pre, zero, dt)
+        halves = 2 if bits == 4 else 1
+        for h in range(halves):
+            a = f"{{pg{2 * h}, ph{2 * h}, pg{2 * h + 1}, ph{2 * h + 1}}}"
+            for b in range(blocks):
+                base = b * xregs + (4 * j + 2 * h if bits == 4 else 2 * j)
+                d = ", ".join(f"${4 * b + i}" for i in range(4))
+                lines.append(f"{mma} {{{d}}}, {a}, {{x{base}, x{base + 1}}}, {{{d}}};")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def load_asm(words: int) -> str:
+    """PTX loading ``words`` consecutive code words at each of two addresses ($16, $17; flags $18, $19)
+    into $0..$3 (row g) and $4..$7 (row g + 8); zeros where the flag is 0. The codes are read once: no L1
+    allocation."""
+    vec = {4: ".v4", 2: ".v2", 1: ""}[words]
+    lines = ["{", ".reg .pred q0, q1;", "setp.ne.b32 q0, $10, 0;", "setp.ne.b32 q1, $11, 0;"]
+    for r in range(8):
+        lines.append(f"mov.b32 ${r}, 0;")
+    for half, addr, flag in ((0, "$8", "q0"), (4, "$9", "q1")):
+        regs = ", ".join(f"${half + i}" for i in range(words))
+        dst = f"{{{regs}}}" if words > 1 else regs
+        lines.append(f"@{flag} ld.global.nc.L1::no_allocate{vec}.b32 {dst}, [{addr}];")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_PLANES: dict[tuple, list[int]] = {}
+
+
+def table_planes(table: torch.Tensor, dtype: torch.dtype) -> list[int]:
+    """The 16 table values in ``dtype`` as 8 byte planes (low / high byte of entries 0-3, 4-7, ...)."""
+    key = (table.data_ptr(), dtype)
+    if key not in _PLANES:
+        bits = [int(v) & 0xFFFF for v in table.float().cpu().to(dtype).view(torch.int16).tolist()]
+        planes = []
+        for shift in (0, 8):
+            for first in (0, 4, 8, 12):
+                word = 0
+                for b in range(4):
+                    word |= ((bits[first + b] >> shift) & 0xFF) << (8 * b)
+                planes.append(word - (1 << 32) if word >= 1 << 31 else word)
+        _PLANES[key] = planes
+    return _PLANES[key]

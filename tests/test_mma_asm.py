@@ -1,0 +1,134 @@
+"""The PTX of ``mma_gemv`` (decoders, activation loads, mma fragment mapping) run on the CPU by a lock-step
+simulator (``ptx_sim``) against a float64 product of the decoded codes: exact, since every product
+of a small integer / table value and a 16-bit activation is exact in fp32 and the simulator sums in
+float64 (tolerance 1e-6 relative for the fp32 rounding of the sums)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ptx_sim import Lanes
+from quantbench.engine.kernels import mma_ptx as mg
+from quantbench.quant import bnb4
+
+X_BASE = 1 << 20
+
+
+def _half_bits(values: np.ndarray, dt: str) -> np.ndarray:
+    t = torch.tensor(values, dtype=torch.float32).to(torch.bfloat16 if dt == "bf16" else torch.float16)
+    return t.view(torch.int16).numpy().astype(np.int64) & 0xFFFF
+
+
+def _pack_words(codes: np.ndarray, bits: int, high_first: bool) -> np.ndarray:
+    """[rows, cols] codes -> [rows, cols * bits / 32] uint32 words (column c in slot c of its word)."""
+    vals = 32 // bits
+    rows, cols = codes.shape
+    words = np.zeros((rows, cols // vals), dtype=np.int64)
+    for s in range(vals):
+        c = codes[:, s::vals].astype(np.int64)
+        if bits == 4 and high_first:
+            shift = (s // 2) * 8 + (1 - s % 2) * 4
+        else:
+            shift = s * bits
+        words |= c << shift
+    return words
+
+
+def _zero_operand(kind: int, z: float, dt: str) -> int:
+    if kind == mg.D_INT8_F32:
+        return int(np.array([z + 8388608.0], dtype=np.float32).view(np.uint32)[0])
+    if kind == mg.D_INT4 and dt == "bf16":
+        h = int(_half_bits(np.array([-(128.0 + z)]), "bf16")[0])
+    else:
+        h = int(_half_bits(np.array([-(1024.0 + z)]), "f16")[0])
+    return h | (h << 16)
+
+
+CASES = [
+    # (name, kind, bits, dtype, signed8)
+    ("int4-bf16", mg.D_INT4, 4, "bf16", False),
+    ("int4-f16", mg.D_INT4, 4, "f16", False),
+    ("nf4-bf16", mg.D_TABLE, 4, "bf16", False),
+    ("fp4-f16", mg.D_TABLE, 4, "f16", False),
+    ("int8-bf16", mg.D_INT8_F32, 8, "bf16", False),
+    ("int8s-bf16", mg.D_INT8_F32, 8, "bf16", True),
+    ("int8-f16", mg.D_INT8_F16, 8, "f16", False),
+    ("fp8-bf16", mg.D_FP8, 8, "bf16", False),
+]
+
+
+@pytest.mark.parametrize("words", [4, 2, 1])
+@pytest.mark.parametrize("tokens", [1, 8, 13])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_step_asm_matches_float64(case: tuple, tokens: int, words: int) -> None:
+    name, kind, bits, dt, signed8 = case
+    rng = np.random.default_rng([len(name), ord(name[-1]), tokens, words])
+    torch.manual_seed(len(name) * 100 + tokens * 10 + words)
+    vals = 32 // bits
+    step = 4 * words * vals
+    blocks = 1 if tokens <= 8 else 2
+    # codes and their values
+    if kind == mg.D_FP8:
+        codes = rng.integers(0, 256, (16, step))
+        codes[(codes & 0x7F) == 0x7F] = 0  # no NaN codes
+        weights = torch.tensor(codes, dtype=torch.uint8).view(torch.float8_e4m3fn).double().numpy()
+        zero = 0.0
+    elif kind == mg.D_TABLE:
+        codes = rng.integers(0, 16, (16, step))
+        table = bnb4.code_table("nf4" if name.startswith("nf4") else "fp4").float()
+        rounded = table.to(torch.bfloat16 if dt == "bf16" else torch.float16).double().numpy()
+        weights = rounded[codes]
+        zero = 0.0
+    else:
+        codes = rng.integers(0, 1 << bits, (16, step))
+        zero = float(rng.integers(0, 1 << bits)) if not signed8 else 128.0
+        weights = codes - zero
+    stored = codes ^ 0x80 if signed8 else codes  # two's complement storage flips the top bit
+    packed = _pack_words(stored, bits, high_first=kind == mg.D_TABLE)
+    # activations: 16-bit values; e4m3-valued for the fp8 (W8A8) path
+    if kind == mg.D_FP8:
+        xq = torch.randn(16, step).clamp(-400, 400).to(torch.float8_e4m3fn).float()
+        x = xq.to(torch.bfloat16)
+    else:
+        x = (torch.randn(16, step) * 3).to(torch.bfloat16 if dt == "bf16" else torch.float16)
+    x_bytes = x.contiguous().view(torch.uint8).numpy().reshape(-1)
+    memory = {X_BASE + i: int(b) for i, b in enumerate(x_bytes)}
+    row_bytes = step * 2
+    x_to_f16 = kind == mg.D_FP8 and dt == "bf16"
+    asm = mg.step_asm(kind, bits, words, blocks, dt, x_to_f16, signed8)
+    planes = (
+        mg.table_planes(table, torch.bfloat16 if dt == "bf16" else torch.float16)
+        if kind == mg.D_TABLE
+        else [0] * 8
+    )
+    zw = _zero_operand(kind, zero, dt) if kind in (mg.D_INT4, mg.D_INT8_F32, mg.D_INT8_F16) else 0
+    operands = []
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        ops = [0] * 30
+        for j in range(words):
+            ops[mg._WG + j] = int(packed[g, t * words + j])
+            ops[mg._WH + j] = int(packed[g + 8, t * words + j])
+        col = t * words * vals
+        ops[mg._XA] = X_BASE + g * row_bytes + col * 2
+        ops[mg._XA + 1] = X_BASE + (g + 8) * row_bytes + col * 2
+        ops[mg._XV] = int(g < tokens)
+        ops[mg._XV + 1] = int(g + 8 < tokens)
+        ops[mg._ZG] = ops[mg._ZH] = zw
+        for i, p in enumerate(planes):
+            ops[mg._TP + i] = p & 0xFFFFFFFF
+        operands.append(ops)
+    lanes = Lanes(operands, memory)
+    lanes.run(asm)
+    want = weights @ x.double().numpy()[:tokens].T  # [16 rows, tokens]
+    got = np.zeros((16, 16))
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        out = [np.array([lanes.regs[lane][f"${i}"]], dtype=np.uint32).view(np.float32)[0] for i in range(8)]
+        for b in range(blocks):
+            got[g, 8 * b + 2 * t], got[g, 8 * b + 2 * t + 1] = out[4 * b], out[4 * b + 1]
+            got[g + 8, 8 * b + 2 * t], got[g + 8, 8 * b + 2 * t + 1] = out[4 * b + 2], out[4 * b + 3]
+    np.testing.assert_allclose(got[:, :tokens], want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    assert not got[:, tokens:].any()
