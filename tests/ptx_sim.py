@@ -43,6 +43,12 @@ def _e4m3_to_f16(byte: int) -> int:
     return _f_to_f16(v)
 
 
+def _f_to_e4m3(value: float) -> int:
+    """Round to e4m3 (nearest even), saturating at +-448."""
+    v = torch.tensor([max(-448.0, min(448.0, value))], dtype=torch.float32)
+    return int(v.to(torch.float8_e4m3fn).view(torch.uint8).item())
+
+
 def _prmt(a: int, b: int, sel: int) -> int:
     pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
     out = 0
@@ -146,12 +152,30 @@ class Lanes:
             a, b = g(1), g(2)
             halves = [_f_to_f16(_f16_to_f(a >> s) + _f16_to_f(b >> s)) for s in (0, 16)]
             self.set(lane, d, halves[0] | (halves[1] << 16))
+        elif op == "mul.f32":
+            self.set(lane, d, _bits32(_f32(g(1)) * _f32(g(2))))
+        elif op == "max.f32":
+            self.set(lane, d, _bits32(max(_f32(g(1)), _f32(g(2)))))
+        elif op == "min.f32":
+            self.set(lane, d, _bits32(min(_f32(g(1)), _f32(g(2)))))
+        elif op == "abs.f32":
+            self.set(lane, d, g(1) & 0x7FFFFFFF)
+        elif op == "cvt.rni.f32.f32":
+            self.set(lane, d, _bits32(float(np.rint(np.float32(_f32(g(1)))))))
+        elif op == "setp.ge.f32":
+            self.regs[lane][d] = _f32(g(1)) >= _f32(g(2))
+        elif op == "selp.f32":
+            self.set(lane, d, g(1) if self.regs[lane][args[3]] else g(2))
+        elif op == "cvt.rn.satfinite.e4m3x2.f32":  # d.hi = a, d.lo = b
+            self.set(lane, d, _f_to_e4m3(_f32(g(2))) | (_f_to_e4m3(_f32(g(1))) << 8))
         elif op == "sub.f32":
             self.set(lane, d, _bits32(_f32(g(1)) - _f32(g(2))))
         elif op == "cvt.rn.bf16x2.f32":  # d.hi = a, d.lo = b
             self.set(lane, d, _f_to_bf16(_f32(g(2))) | (_f_to_bf16(_f32(g(1))) << 16))
         elif op == "cvt.rn.f16x2.f32":
             self.set(lane, d, _f_to_f16(_f32(g(2))) | (_f_to_f16(_f32(g(1))) << 16))
+        elif op == "cvt.f32.f16":
+            self.set(lane, d, _bits32(_f16_to_f(g(1))))
         elif op == "cvt.rn.f16x2.e4m3x2":
             v = g(1)
             self.set(lane, d, _e4m3_to_f16(v) | (_e4m3_to_f16(v >> 8) << 16))

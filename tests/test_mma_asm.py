@@ -96,8 +96,8 @@ def test_step_asm_matches_float64(case: tuple, tokens: int, words: int) -> None:
     x_bytes = x.contiguous().view(torch.uint8).numpy().reshape(-1)
     memory = {X_BASE + i: int(b) for i, b in enumerate(x_bytes)}
     row_bytes = step * 2
-    x_to_f16 = kind == mg.D_FP8 and dt == "bf16"
-    asm = mg.step_asm(kind, bits, words, blocks, dt, x_to_f16, signed8)
+    x_mode = mg.X_F16 if kind == mg.D_FP8 and dt == "bf16" else mg.X_KEEP
+    asm = mg.step_asm(kind, bits, words, blocks, dt, x_mode, signed8)
     planes = (
         mg.table_planes(table, torch.bfloat16 if dt == "bf16" else torch.float16)
         if kind == mg.D_TABLE
@@ -107,7 +107,7 @@ def test_step_asm_matches_float64(case: tuple, tokens: int, words: int) -> None:
     operands = []
     for lane in range(32):
         g, t = lane // 4, lane % 4
-        ops = [0] * 30
+        ops = [0] * 32
         for j in range(words):
             ops[mg._WG + j] = int(packed[g, t * words + j])
             ops[mg._WH + j] = int(packed[g + 8, t * words + j])
@@ -132,3 +132,76 @@ def test_step_asm_matches_float64(case: tuple, tokens: int, words: int) -> None:
             got[g + 8, 8 * b + 2 * t], got[g + 8, 8 * b + 2 * t + 1] = out[4 * b + 2], out[4 * b + 3]
     np.testing.assert_allclose(got[:, :tokens], want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
     assert not got[:, tokens:].any()
+
+
+def _e4m3(values: np.ndarray) -> np.ndarray:
+    t = torch.tensor(values, dtype=torch.float32).clamp(-448, 448)
+    return t.to(torch.float8_e4m3fn).double().numpy()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("mode", ["fp8", "int8", "llm"])
+def test_step_asm_quantizes_activations(mode: str, dtype: str) -> None:
+    """One token quantized inside the step (W8A8 at batch 1): e4m3(x / s), round(x / s), LLM.int8 with
+    outlier columns, each as x * (1 / s) in fp32 like the PTX, then the same float64 product."""
+    rng = np.random.default_rng(len(mode))
+    torch.manual_seed(len(mode))
+    words, bits, vals = 4, 8, 4
+    step = 4 * words * vals
+    int8 = mg.D_INT8_F32 if dtype == "bf16" else mg.D_INT8_F16
+    kind, x_mode, signed8 = {
+        "fp8": (mg.D_FP8, mg.X_FP8, False),
+        "int8": (int8, mg.X_INT8, True),
+        "llm": (int8, mg.X_LLM, True),
+    }[mode]
+    dt = dtype
+    if kind == mg.D_FP8:
+        codes = rng.integers(0, 256, (16, step))
+        codes[(codes & 0x7F) == 0x7F] = 0
+        weights = torch.tensor(codes, dtype=torch.uint8).view(torch.float8_e4m3fn).double().numpy()
+        stored = codes
+    else:
+        codes = rng.integers(0, 256, (16, step))
+        weights = codes - 128.0
+        stored = codes ^ 0x80
+    packed = _pack_words(stored, bits, high_first=False)
+    x = (torch.randn(1, step) * 2).to(torch.bfloat16 if dtype == "bf16" else torch.float16)
+    x[0, 3] = 40.0  # an outlier column for LLM.int8 (threshold 6)
+    x[0, 7] = -9.0
+    xf = x.float().numpy()[0]
+    thr = 6.0
+    inv = np.float32(127.0 / 3.5) if mode != "fp8" else np.float32(448.0 / 40.0)
+    scaled = (xf * inv).astype(np.float32)
+    if mode == "fp8":
+        q = _e4m3(scaled)
+    else:
+        q = np.clip(np.rint(scaled), -127, 127).astype(np.float64)
+        if mode == "llm":
+            keep = np.abs(xf) >= thr
+            q[keep] = torch.tensor(scaled[keep]).to(x.dtype).double().numpy()
+    want = weights @ q
+    x_bytes = x.contiguous().view(torch.uint8).numpy().reshape(-1)
+    memory = {X_BASE + i: int(b) for i, b in enumerate(x_bytes)}
+    asm = mg.step_asm(kind, bits, words, 1, dt, x_mode, signed8)
+    bits_of = lambda v: int(np.array([v], dtype=np.float32).view(np.uint32)[0])  # noqa: E731
+    operands = []
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        ops = [0] * 32
+        for j in range(words):
+            ops[mg._WG + j] = int(packed[g, t * words + j])
+            ops[mg._WH + j] = int(packed[g + 8, t * words + j])
+        ops[mg._XA] = X_BASE + g * step * 2 + t * words * vals * 2
+        ops[mg._XV] = int(g == 0)
+        ops[mg._ZG] = ops[mg._ZH] = _zero_operand(kind, 128.0, dt) if kind != mg.D_FP8 else 0
+        ops[mg._XINV] = bits_of(inv)
+        ops[mg._XTHR] = bits_of(thr)
+        operands.append(ops)
+    lanes = Lanes(operands, memory)
+    lanes.run(asm)
+    got = np.zeros(16)
+    for lane in range(0, 32, 4):  # token 0: lanes with t = 0 hold column 0 of D
+        g = lane // 4
+        got[g] = np.array([lanes.regs[lane]["$0"]], dtype=np.uint32).view(np.float32)[0]
+        got[g + 8] = np.array([lanes.regs[lane]["$2"]], dtype=np.uint32).view(np.float32)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())

@@ -84,10 +84,12 @@ def _key(module: nn.Module) -> tuple:
 
 
 # The tensor-core GEMV (mma_gemv) for batches 1-16. QUANTBENCH_NO_MMA=1: those batches take the older
-# kernels; QUANTBENCH_MMA_B1=0: batch 1 keeps the half2 GEMV (and its tiles).
+# kernels; QUANTBENCH_MMA_B1=0: batch 1 keeps the half2 GEMV (and its tiles); QUANTBENCH_MMA_ACT=0: W8A8
+# layers quantize one token's activations in their own kernel instead of inside the GEMV.
 MMA_POLICY = {
     "off": bool(os.environ.get("QUANTBENCH_NO_MMA")),
     "b1": os.environ.get("QUANTBENCH_MMA_B1", "1") != "0",
+    "act": os.environ.get("QUANTBENCH_MMA_ACT", "1") != "0",
 }
 
 

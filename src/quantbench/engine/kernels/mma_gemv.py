@@ -45,14 +45,28 @@ import torch
 import triton
 import triton.language as tl
 
+from quantbench.engine.kernels.layouts import (
+    ACT_FP8,
+    ACT_INT8_TOKEN,
+    ACT_LLM_INT8,
+    MODE_FP8,
+    MODE_INT,
+    MODE_TABLE,
+    WQLayout,
+    mma_words_per_lane,
+)
 from quantbench.engine.kernels.layouts import MMA_POLICY as POLICY
-from quantbench.engine.kernels.layouts import MODE_FP8, MODE_INT, MODE_TABLE, WQLayout, mma_words_per_lane
 from quantbench.engine.kernels.mma_ptx import (
     D_FP8,
     D_INT4,
     D_INT8_F16,
     D_INT8_F32,
     D_TABLE,
+    X_F16,
+    X_FP8,
+    X_INT8,
+    X_KEEP,
+    X_LLM,
     load_asm,
     step_asm,
     table_planes,
@@ -126,13 +140,13 @@ def _zero_at(z_ptr, rows, g, ok, stride_sn, n_groups, TN: tl.constexpr):
 @triton.jit
 def _mma_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, dqc_ptr, dqn_ptr, dqo_ptr, b_ptr, rf_ptr, o_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_om, stride_wn, stride_sn, n_groups, steps_per_split,
+    M, N, K, stride_xm, stride_om, stride_wn, stride_sn, n_groups, steps_per_split, THR,
     P0, P1, P2, P3, P4, P5, P6, P7,
     STEP_ASM: tl.constexpr, LOAD_ASM: tl.constexpr, KIND: tl.constexpr, DT: tl.constexpr,
     TN: tl.constexpr, TKV: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
     ZERO_CONST: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_MUL: tl.constexpr,
     HAS_ROWF: tl.constexpr, SPLIT_K: tl.constexpr, V: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr,
-    PDL: tl.constexpr,
+    XQ: tl.constexpr, BX: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     VALS: tl.constexpr = 32 // BITS
     STEP: tl.constexpr = 4 * V * VALS  # columns per warp step
@@ -165,6 +179,28 @@ def _mma_gemv_kernel(
         live & ok_g, live & ok_h, LOAD_ASM,
     )  # fmt: skip
     wait_prior(PDL)
+
+    # XQ > 0 (one token): quantize the activations here, as fused.act_quant would (the per-token scale from
+    # this program's own pass over the whole row, L2-resident); the step multiplies by 1 / scale.
+    inv = 1.0
+    rfv = 1.0
+    if XQ > 0:
+        amax = 0.0
+        for c0 in range(0, K, BX):
+            cols = c0 + tl.arange(0, BX)
+            ax = tl.abs(tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32))
+            if XQ == 4:  # LLM.int8: outlier columns do not set the scale
+                ax = tl.where(ax >= THR, 0.0, ax)
+            amax = tl.maximum(amax, tl.max(ax, 0))
+        if XQ == 2:  # e4m3: scale = amax / 448
+            rfv = tl.math.div_rn(amax, 448.0)
+            inv = tl.math.div_rn(1.0, tl.where(rfv == 0.0, 1.0, rfv))
+        elif XQ == 3:  # SmoothQuant int8: scale = max(amax / 127, 1e-8)
+            rfv = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-8)
+            inv = tl.math.div_rn(1.0, rfv)
+        else:  # LLM.int8: x * (127 / amax), factor amax / 127 (1 and 1 for an all-zero row)
+            inv = tl.where(amax == 0.0, 1.0, tl.math.div_rn(127.0, amax))
+            rfv = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, 127.0))
 
     zg = tl.full((32 * NW,), 0, tl.int32)
     zh = tl.full((32 * NW,), 0, tl.int32)
@@ -211,11 +247,12 @@ def _mma_gemv_kernel(
             sh = sg
         d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
             asm=STEP_ASM,
-            constraints="=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,r,r,l,l,r,r,r,r,r,r,r,r,r,r,r,r",
+            constraints="=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,r,r,l,l,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
             args=[w0, w1, w2, w3, w4, w5, w6, w7, x_row0 + col * 2, x_row1 + col * 2,
                   (live & (tok0 < M)).to(tl.int32), (live & (tok1 < M)).to(tl.int32), zg, zh,
                   zg * 0 + P0, zg * 0 + P1, zg * 0 + P2, zg * 0 + P3, zg * 0 + P4, zg * 0 + P5, zg * 0 + P6,
-                  zg * 0 + P7],
+                  zg * 0 + P7, (zg * 0 + inv).to(tl.int32, bitcast=True),
+                  (zg * 0 + THR).to(tl.int32, bitcast=True)],
             dtype=(tl.float32,) * 8,
             is_pure=False,
             pack=1,
@@ -257,6 +294,8 @@ def _mma_gemv_kernel(
         )
     if HAS_ROWF:
         vals = vals * tl.load(rf_ptr + toks, mask=omask, other=0.0)
+    if XQ > 0:
+        vals = vals * rfv
     o_off = toks.to(tl.int64) * stride_om + rows
     ws_off = toks.to(tl.int64) * N + rows
     if SPLIT_K == 1:
@@ -326,6 +365,8 @@ def mma_supported(x: torch.Tensor, layout: WQLayout) -> bool:
 
 
 _ASM: dict[tuple, tuple[str, str]] = {}
+# the kernel's XQ per layout.act_quant (layouts.ACT_*): 2 e4m3, 3 SmoothQuant int8, 4 LLM.int8
+_XQ = {ACT_FP8: 2, ACT_INT8_TOKEN: 3, ACT_LLM_INT8: 4}
 
 
 def _config(m: int, n: int, k: int, layout: WQLayout, device: torch.device) -> dict:
@@ -349,9 +390,15 @@ def mma_gemv(
     row_factor: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    quantize_act: bool = False,
 ) -> torch.Tensor:
-    """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` for M <= 16 (see the module doc)."""
+    """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` for M <= 16 (see the module doc).
+
+    ``quantize_act`` (one token, a W8A8 layout): ``x`` is the raw activation row; the kernel quantizes it
+    as ``fused.act_quant`` does and applies the per-token factor itself (no ``row_factor``)."""
     m = x.shape[0]
+    if quantize_act and (m != 1 or row_factor is not None or not layout.act_quant):
+        raise ValueError("quantize_act needs one token, a W8A8 layout and no row_factor")
     n, k = layout.out_features, layout.in_features
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
@@ -361,13 +408,14 @@ def mma_gemv(
     nw, split = cfg.pop("NW"), cfg.pop("SPLIT_K")
     dt = "bf16" if x.dtype == torch.bfloat16 else "f16"
     blocks = 1 if m <= 8 else 2
-    key = (kind, layout.bits, words, blocks, dt, layout.signed8)
+    xq = _XQ[layout.act_quant] if quantize_act else 0
+    if xq:
+        x_mode = {2: X_FP8, 3: X_INT8, 4: X_LLM}[xq]
+    else:
+        x_mode = X_F16 if kind == D_FP8 and dt == "bf16" else X_KEEP
+    key = (kind, layout.bits, words, blocks, dt, layout.signed8, x_mode)
     if key not in _ASM:
-        x_to_f16 = kind == D_FP8 and dt == "bf16"
-        _ASM[key] = (
-            step_asm(kind, layout.bits, words, blocks, dt, x_to_f16, layout.signed8),
-            load_asm(words),
-        )
+        _ASM[key] = (step_asm(kind, layout.bits, words, blocks, dt, x_mode, layout.signed8), load_asm(words))
     step_text, load_text = _ASM[key]
     planes = table_planes(layout.table, x.dtype) if kind == D_TABLE else [0] * 8
     step = 4 * words * (32 // layout.bits)
@@ -389,11 +437,12 @@ def mma_gemv(
         row_factor if row_factor is not None else dummy,
         out, ws, cnt,
         m, n, k, x.stride(0), out.stride(0), layout.w32.stride(0), layout.scale_stride, layout.n_groups, per_split,
-        *planes,
+        float(layout.threshold) if layout.threshold > 0 else float("inf"), *planes,
         STEP_ASM=step_text, LOAD_ASM=load_text, KIND=kind, DT=0 if dt == "bf16" else 1,
         TN=layout.tile_n, TKV=layout.tile_kv, GROUP=layout.group, BITS=layout.bits,
         HAS_ZERO=layout.zeros is not None, ZERO_CONST=float(layout.zero_const), NESTED=layout.dq_code is not None,
         HAS_BIAS=layout.bias is not None, SCALE_MUL=float(layout.scale_mul), HAS_ROWF=row_factor is not None,
-        SPLIT_K=split, V=words, NB=blocks, NW=nw, num_warps=nw, **cfg, **launch_args(x.device),
+        SPLIT_K=split, V=words, NB=blocks, NW=nw, XQ=xq, BX=min(4096, triton.next_power_of_2(k)), num_warps=nw,
+        **cfg, **launch_args(x.device),
     )  # fmt: skip
     return out

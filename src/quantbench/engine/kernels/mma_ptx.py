@@ -32,6 +32,15 @@ _XV = 18  # $18, $19: their load flags
 _ZG = 20  # $20, $21: zero constants of rows g / g + 8
 _ZH = 21
 _TP = 22  # $22..$29: table byte planes
+_XINV = 30  # $30: the activation quantization's 1 / scale (fp32 bits; token 0 only)
+_XTHR = 31  # $31: LLM.int8's outlier threshold (fp32 bits)
+
+# what the step does to the loaded activation pairs (bf16 in memory)
+X_KEEP = 0
+X_F16 = 1  # to fp16 (e4m3-valued activations: exact)
+X_FP8 = 2  # quantize: e4m3(x / scale) (saturating), as fp16
+X_INT8 = 3  # quantize: round(x / scale) clamped to +-127 (SmoothQuant), as bf16
+X_LLM = 4  # LLM.int8: round(x * 127 / amax) clamped, outlier columns (|x| >= threshold) keep x * 127 / amax
 
 
 def _decode(kind: int, word: str, pre: str, zero: str, dt: str) -> list[str]:
@@ -94,9 +103,40 @@ def _decode(kind: int, word: str, pre: str, zero: str, dt: str) -> list[str]:
     ]
 
 
-def step_asm(kind: int, bits: int, words: int, blocks: int, dt: str, x_to_f16: bool, signed8: bool) -> str:
-    """PTX of one warp step: load the activations, decode ``words`` code words of rows g and g + 8 and
-    run the mmas of ``blocks`` token blocks; writes the step's fp32 results to $0..$7."""
+def _x_convert(reg: str, mode: int, dt: str) -> list[str]:
+    """PTX turning the activation pair in ``reg`` (compute dtype ``dt``) into the mma's B operand
+    (``X_*`` modes). The quantizing modes multiply by the reciprocal scale ($30) where the torch
+    reference divides; the int8 ones give pairs of ``dt`` (the mma of the int8 decoders)."""
+    if dt == "bf16":
+        lines = [
+            f"shl.b32 cl, {reg}, 16;",
+            f"and.b32 ch, {reg}, 0xFFFF0000;",
+            "mov.b32 fl, cl;",
+            "mov.b32 fh, ch;",
+        ]
+    else:
+        lines = [f"mov.b32 {{e0, e1}}, {reg};", "cvt.f32.f16 fl, e0;", "cvt.f32.f16 fh, e1;"]
+    if mode == X_F16:
+        return lines + [f"cvt.rn.f16x2.f32 {reg}, fh, fl;"]
+    lines += ["mul.f32 sl, fl, finv;", "mul.f32 sh, fh, finv;"]
+    if mode == X_FP8:
+        return lines + ["cvt.rn.satfinite.e4m3x2.f32 e0, sh, sl;", f"cvt.rn.f16x2.e4m3x2 {reg}, e0;"]
+    for half in ("l", "h"):
+        lines += [
+            f"cvt.rni.f32.f32 r{half}, s{half};",
+            f"max.f32 r{half}, r{half}, 0fC2FE0000;",  # -127
+            f"min.f32 r{half}, r{half}, 0f42FE0000;",  # 127
+        ]
+        if mode == X_LLM:
+            lines += [f"abs.f32 a{half}, f{half};", f"setp.ge.f32 o{half}, a{half}, fthr;"]
+            lines.append(f"selp.f32 r{half}, s{half}, r{half}, o{half};")
+    return lines + [f"cvt.rn.{dt}x2.f32 {reg}, rh, rl;"]
+
+
+def step_asm(kind: int, bits: int, words: int, blocks: int, dt: str, x_mode: int, signed8: bool) -> str:
+    """PTX of one warp step: load the activations (and convert or quantize them, ``x_mode``), decode
+    ``words`` code words of rows g and g + 8 and run the mmas of ``blocks`` token blocks; writes the
+    step's fp32 results to $0..$7."""
     vals = 32 // bits
     xregs = words * vals // 2  # 32-bit activation pairs per token block
     lines = [
@@ -104,8 +144,10 @@ def step_asm(kind: int, bits: int, words: int, blocks: int, dt: str, x_to_f16: b
         ".reg .b32 s4, y, sa, sb, ya, tt, mm, ma, a0, a1, lo, hi, kmask, kmag, kone, kff, w, v, cl, ch;",
         ".reg .b32 pg<4>, ph<4>, x<32>;",
         ".reg .b16 e0, e1;",
-        ".reg .f32 f<4>, zg, zh, fl, fh;",
-        ".reg .pred q0, q1;",
+        ".reg .f32 f<4>, zg, zh, fl, fh, sl, sh, rl, rh, al, ah, finv, fthr;",
+        ".reg .pred q0, q1, ol, oh;",
+        f"mov.b32 finv, ${_XINV};",
+        f"mov.b32 fthr, ${_XTHR};",
         "mov.b32 kmask, 0x000F000F;",
         "mov.b32 kone, 0x3F803F80;",
         "mov.b32 kff, 0x00FF00FF;",
@@ -129,16 +171,9 @@ def step_asm(kind: int, bits: int, words: int, blocks: int, dt: str, x_to_f16: b
             vec = {4: ".v4", 2: ".v2", 1: ""}[n]
             dst = f"{{{regs}}}" if n > 1 else regs
             lines.append(f"@q{b} ld.global{vec}.b32 {dst}, [${_XA + b}+{4 * c}];")
-        if x_to_f16:  # bf16 pairs -> fp16 pairs (W8A8 e4m3 activations: exact)
+        if x_mode != X_KEEP:
             for r in range(xregs):
-                xr = f"x{b * xregs + r}"
-                lines += [
-                    f"shl.b32 cl, {xr}, 16;",
-                    f"and.b32 ch, {xr}, 0xFFFF0000;",
-                    "mov.b32 fl, cl;",
-                    "mov.b32 fh, ch;",
-                    f"cvt.rn.f16x2.f32 {xr}, fh, fl;",
-                ]
+                lines += _x_convert(f"x{b * xregs + r}", x_mode, dt)
     mma = _MMA["f16" if kind == D_FP8 else dt]
     zero_g, zero_h = ("zg", "zh") if kind == D_INT8_F32 else (f"${_ZG}", f"${_ZH}")
     for j in range(words):
