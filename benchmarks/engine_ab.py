@@ -16,6 +16,7 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``nomma``: batches 1-16 through the half2 GEMV / ``wq_matmul`` instead of the tensor-core GEMV (the
   codes keep the tiles the first variant's engine chose: put it first to time the older engine);
 * ``mmab1off``: the tensor-core GEMV for batches 2-16 only;
+* ``actall`` / ``actnone``: every / no W8A8 kind quantizes one token inside the GEMV (default: e4m3);
 * ``cfg:KEY=V,...``: the half2 GEMV with launch-config keys replaced (``gemv_override``);
 * ``mcfg:NW=8,split=2``: the tensor-core GEMV with its warps per program / split multiplier replaced.
 
@@ -44,6 +45,8 @@ VARIANTS = {
     "noh2": [(gemv_h2.DISABLED, "off", True)],
     "nomma": [(MMA_POLICY, "off", True)],
     "mmab1off": [(MMA_POLICY, "b1", False)],
+    "actall": [(MMA_POLICY, "act", {1, 2, 3})],
+    "actnone": [(MMA_POLICY, "act", set())],
     "nodense": [(kernels.DENSE_DISABLED, "off", True)],
     "noover": [(dequant.OVERLAP, "on", False)],
     "noattsplit": [(fused.ATTN_SPLIT, "on", False)],

@@ -189,6 +189,28 @@ def test_mma_gemv_cuda(spec: str, m: int, tiled: bool) -> None:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("spec", W8A8)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_gemv_quantizes_token_cuda(spec: str, dtype: torch.dtype) -> None:
+    """One token of a W8A8 layer quantized inside the tensor-core GEMV against fused.act_quant + the same
+    GEMV: equal up to exact rounding ties (the GEMV multiplies by 1 / scale where act_quant divides)."""
+    from quantbench.engine.kernels.layouts import ACT_FP8, ACT_INT8_TOKEN, ACT_LLM_INT8, MMA_POLICY
+
+    torch.manual_seed(len(spec))
+    module = _module(spec, 1008, 4096, bias=True, device="cuda", dtype=dtype)
+    x = _x(1, 4096, "cuda", dtype, outliers=True)
+    saved = MMA_POLICY["act"]
+    try:
+        MMA_POLICY["act"] = {ACT_LLM_INT8, ACT_FP8, ACT_INT8_TOKEN}
+        out = _run_wq(module, x)
+        MMA_POLICY["act"] = set()
+        ref = _run_wq(module, x)
+    finally:
+        MMA_POLICY["act"] = saved
+    assert _rel(out, ref) < 2e-2
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("spec", ["int4:group=128", "nf4:block=64,dq=1", "int8", "fp8"])
 @pytest.mark.parametrize("m", [1, 8, 16])
 def test_mma_gemv_fp16_and_silu_cuda(spec: str, m: int) -> None:

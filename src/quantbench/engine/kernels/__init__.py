@@ -69,7 +69,7 @@ def linear(
         return dense_matmul(xe, layout, row_factor=rf, out=out)
     if layout.act_quant == ACT_NONE:
         return wq_matmul(x, layout, act_silu_mul=act_silu_mul, out=out)
-    if x.shape[0] == 1 and not MMA_POLICY["off"] and MMA_POLICY["act"]:
+    if x.shape[0] == 1 and not MMA_POLICY["off"] and layout.act_quant in MMA_POLICY["act"]:
         from quantbench.engine.kernels.mma_gemv import mma_gemv, mma_supported
 
         if mma_supported(x, layout):  # one token: the GEMV quantizes the activations itself

@@ -84,12 +84,15 @@ def _key(module: nn.Module) -> tuple:
 
 
 # The tensor-core GEMV (mma_gemv) for batches 1-16. QUANTBENCH_NO_MMA=1: those batches take the older
-# kernels; QUANTBENCH_MMA_B1=0: batch 1 keeps the half2 GEMV (and its tiles); QUANTBENCH_MMA_ACT=0: W8A8
-# layers quantize one token's activations in their own kernel instead of inside the GEMV.
+# kernels; QUANTBENCH_MMA_B1=0: batch 1 keeps the half2 GEMV (and its tiles). "act": the W8A8 kinds whose
+# one-token activations the GEMV quantizes itself (no act_quant launch). H200, batch 1: fp8 3.78 -> 3.57 ms
+# per token; LLM.int8 3.69 -> 5.28 (its per-pair rounding and outlier test, redone by every row tile, cost
+# more than the launch), so only e4m3 by default (QUANTBENCH_MMA_ACT=all / none).
+_ACT_ENV = os.environ.get("QUANTBENCH_MMA_ACT", "fp8")
 MMA_POLICY = {
     "off": bool(os.environ.get("QUANTBENCH_NO_MMA")),
     "b1": os.environ.get("QUANTBENCH_MMA_B1", "1") != "0",
-    "act": os.environ.get("QUANTBENCH_MMA_ACT", "1") != "0",
+    "act": {"all": {ACT_LLM_INT8, ACT_FP8, ACT_INT8_TOKEN}, "none": set()}.get(_ACT_ENV, {ACT_FP8}),
 }
 
 
