@@ -18,7 +18,7 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``mmab1off``: the tensor-core GEMV for batches 2-16 only;
 * ``actall`` / ``actnone``: every / no W8A8 kind quantizes one token inside the GEMV (default: e4m3);
 * ``cfg:KEY=V,...``: the half2 GEMV with launch-config keys replaced (``gemv_override``);
-* ``mcfg:NW=8,split=2``: the tensor-core GEMV with its warps per program / split multiplier replaced.
+* ``mcfg:NW=8,DEPTH=2,split=2``: the tensor-core GEMV with launch keys replaced / its split multiplied.
 
 ``--ncu`` instead runs 6 eager decode steps of the first method and exits: the target for
 ``ncu --clock-control none -k regex:gemv_h2 ...`` (the kernels in their real sequence).
@@ -79,7 +79,8 @@ def gemv_override(text: str) -> list:
 
 
 def mma_override(text: str) -> list:
-    """Variant ``mcfg:NW=8,split=2``: the tensor-core GEMV's warps per program and split multiplier."""
+    """Variant ``mcfg:NW=8,DEPTH=2,split=2``: the tensor-core GEMV's launch keys (warps per program, steps
+    prefetched) replaced, its split-K multiplied."""
     changes = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
@@ -88,10 +89,11 @@ def mma_override(text: str) -> list:
 
     def config(m, n, k, layout, device):
         cfg = original(m, n, k, layout, device)
-        if "NW" in changes:
-            cfg["NW"] = int(changes["NW"])
-        if "split" in changes:
-            cfg["SPLIT_K"] = max(1, int(cfg["SPLIT_K"] * changes["split"]))
+        for key, value in changes.items():
+            if key == "split":
+                cfg["SPLIT_K"] = max(1, int(cfg["SPLIT_K"] * value))
+            else:
+                cfg[key] = int(value)
         return cfg
 
     return [(mma_gemv, "_config", config)]

@@ -127,3 +127,21 @@ def test_bench_command_cpu(tmp_path, capsys) -> None:
         stored = conn.execute("SELECT spec, split, extra FROM runs WHERE task='bench'").fetchall()
     assert len(stored) == 4 and stored[0][1] == "b1-in6-out3"
     assert "copy bandwidth" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec", ["fp8", "llm.int8:threshold=2.0"])
+def test_engine_fuses_w8a8_layers(spec: str) -> None:
+    """q/k/v and gate/up of W8A8 layers run as one fused module each (one activation quantization, one
+    GEMV), and generate what HF's per-module forwards generate."""
+    from quantbench.quant.base import QuantLinear
+
+    torch.manual_seed(3)
+    model = _decisive(quantbench.random_model("qwen2.5-0.5b", dtype="fp32", num_key_value_heads=2, **SMALL))
+    quantbench.quantize(model, spec)
+    ids = torch.randint(0, 384, (2, 7))
+    engine = Engine(model)
+    layer = engine.em.layers[0]
+    assert len(layer.qkv.modules) == 1 and isinstance(layer.qkv.modules[0], QuantLinear)
+    assert len(layer.gate_up.modules) == 1
+    out = engine.generate(ids, max_new_tokens=6, ignore_eos=True)
+    assert torch.equal(out, _hf_greedy(model, ids, torch.ones_like(ids), 6))

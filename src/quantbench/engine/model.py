@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantbench.engine.kernels.layouts import optional_quant_class
 from quantbench.engine.ops import Ops
 from quantbench.quant.base import QuantLinear
 
@@ -123,8 +124,9 @@ def fuse_linears(modules: list[nn.Module]) -> list[nn.Module]:
     """One module computing all of ``modules`` (outputs concatenated), or the list unchanged.
 
     Fuses plain ``nn.Linear`` (bf16/fp16 weights), RTN-layout modules (int4/int8, GPTQ without
-    act-order, AWQ) and bitsandbytes 4-bit without double quantization when the block size divides
-    ``in_features``. The original modules then hold views of the fused buffers.
+    act-order, AWQ), the W8A8 modules (fp8, LLM.int8, SmoothQuant) and bitsandbytes 4-bit without double
+    quantization when the block size divides ``in_features``. The original modules then hold views of
+    the fused buffers.
     """
     first = modules[0]
     if len(modules) == 1 or any(type(m) is not type(first) for m in modules):
@@ -143,6 +145,14 @@ def fuse_linears(modules: list[nn.Module]) -> list[nn.Module]:
         if any(getattr(m, "g_idx", None) is not None or m.config != first.config for m in modules):
             return modules
         return [_fuse_quant(modules, ("qweight", "scales", "qzeros"), flat=False)]
+    # W8A8 (per-row weight scales, per-token activation quantization): the parts share their input, so
+    # the same activation scales / LLM.int8 outlier columns; concatenating rows is the same function.
+    for mod_name, cls_name, names in _W8A8_FUSE:
+        cls = optional_quant_class(mod_name, cls_name)
+        if cls is not None and isinstance(first, cls):
+            if any(m.config != first.config for m in modules):
+                return modules
+            return [_fuse_quant(modules, names, flat=False)]
     try:
         from quantbench.quant.bnb4 import Bnb4Linear
     except ImportError:  # pragma: no cover
@@ -154,6 +164,13 @@ def fuse_linears(modules: list[nn.Module]) -> list[nn.Module]:
             return modules
         return [_fuse_quant(modules, ("qweight", "absmax"), flat=True)]
     return modules
+
+
+_W8A8_FUSE = (
+    ("fp8", "FP8Linear", ("qweight", "weight_scale")),
+    ("llm_int8", "LLMInt8Linear", ("qweight", "row_absmax")),
+    ("smoothquant", "SmoothQuantLinear", ("qweight", "wscales")),
+)
 
 
 def _fuse_dense(modules: list[nn.Module]) -> nn.Module:

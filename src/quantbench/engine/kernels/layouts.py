@@ -198,13 +198,13 @@ def _build(module: nn.Module) -> WQLayout | None:
     if Bnb4Linear is not None and isinstance(module, Bnb4Linear):
         return _bnb4_layout(module)
     for mod_name, cls_name, builder in _W8A8:
-        cls = _optional_class(mod_name, cls_name)
+        cls = optional_quant_class(mod_name, cls_name)
         if cls is not None and isinstance(module, cls):
             return builder(module)
     return None
 
 
-def _optional_class(mod_name: str, cls_name: str) -> type | None:
+def optional_quant_class(mod_name: str, cls_name: str) -> type | None:
     try:
         module = __import__(f"quantbench.quant.{mod_name}", fromlist=[cls_name])
     except ImportError:  # pragma: no cover - method not in this tree

@@ -146,7 +146,7 @@ def _mma_gemv_kernel(
     TN: tl.constexpr, TKV: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
     ZERO_CONST: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_MUL: tl.constexpr,
     HAS_ROWF: tl.constexpr, SPLIT_K: tl.constexpr, V: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr,
-    XQ: tl.constexpr, BX: tl.constexpr, PDL: tl.constexpr,
+    XQ: tl.constexpr, BX: tl.constexpr, DEPTH: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     VALS: tl.constexpr = 32 // BITS
     STEP: tl.constexpr = 4 * V * VALS  # columns per warp step
@@ -169,15 +169,31 @@ def _mma_gemv_kernel(
     s_hi = tl.minimum(n_steps, s_lo + steps_per_split)
     n_iter = tl.cdiv(s_hi - s_lo, NW)
 
-    # the first step's codes are requested before waiting on the previous kernel (they are constant)
+    # Code addresses advance by a constant per step when the codes are row-major or tiled in this
+    # kernel's own steps (LINEAR); otherwise each step's address comes from word_off.
+    LINEAR: tl.constexpr = TN == 0 or TKV == 4 * V
+    STEP_BYTES: tl.constexpr = 4 * (4 * V if TN == 0 else TN * TKV)
     s = s_lo + warp
-    live = s < s_hi
     wcol = s * (4 * V) + t * V
-    w0, w1, w2, w3, w4, w5, w6, w7 = _load_step(
-        (w_ptr + word_off(row_g, wcol, stride_wn, KW, TN, TKV)).to(tl.int64, bitcast=True),
-        (w_ptr + word_off(row_h, wcol, stride_wn, KW, TN, TKV)).to(tl.int64, bitcast=True),
-        live & ok_g, live & ok_h, LOAD_ASM,
-    )  # fmt: skip
+    ptr_g = (w_ptr + word_off(row_g, wcol, stride_wn, KW, TN, TKV)).to(tl.int64, bitcast=True)
+    ptr_h = (w_ptr + word_off(row_h, wcol, stride_wn, KW, TN, TKV)).to(tl.int64, bitcast=True)
+    # the first DEPTH steps' codes are requested before waiting on the previous kernel (they are constant)
+    w0, w1, w2, w3, w4, w5, w6, w7 = _load_step(ptr_g, ptr_h, (s < s_hi) & ok_g, (s < s_hi) & ok_h, LOAD_ASM)
+    if DEPTH == 2:
+        s1 = s + NW
+        if LINEAR:
+            p1g = ptr_g + NW * STEP_BYTES
+            p1h = ptr_h + NW * STEP_BYTES
+        else:
+            p1g = (w_ptr + word_off(row_g, s1 * (4 * V) + t * V, stride_wn, KW, TN, TKV)).to(
+                tl.int64, bitcast=True
+            )
+            p1h = (w_ptr + word_off(row_h, s1 * (4 * V) + t * V, stride_wn, KW, TN, TKV)).to(
+                tl.int64, bitcast=True
+            )
+        u0, u1, u2, u3, u4, u5, u6, u7 = _load_step(
+            p1g, p1h, (s1 < s_hi) & ok_g, (s1 < s_hi) & ok_h, LOAD_ASM
+        )
     wait_prior(PDL)
 
     # XQ > 0 (one token): quantize the activations here, as fused.act_quant would (the per-token scale from
@@ -213,8 +229,10 @@ def _mma_gemv_kernel(
             zh = _zero_word(_zero_at(z_ptr, row_h, 0, ok_h, stride_sn, n_groups, 0), KIND, DT)
     tok0 = g
     tok1 = g + 8
-    x_row0 = (x_ptr + tok0.to(tl.int64) * stride_xm).to(tl.int64, bitcast=True)
-    x_row1 = (x_ptr + tok1.to(tl.int64) * stride_xm).to(tl.int64, bitcast=True)
+    col = s * STEP + t * (V * VALS)  # this lane's first activation column
+    x_addr0 = (x_ptr + tok0.to(tl.int64) * stride_xm + col).to(tl.int64, bitcast=True)
+    x_addr1 = (x_ptr + tok1.to(tl.int64) * stride_xm + col).to(tl.int64, bitcast=True)
+    X_INC: tl.constexpr = NW * STEP * 2  # bytes of activations per iteration (16-bit)
     acc0 = tl.zeros((32 * NW,), tl.float32)
     acc1 = tl.zeros((32 * NW,), tl.float32)
     acc2 = tl.zeros((32 * NW,), tl.float32)
@@ -224,15 +242,19 @@ def _mma_gemv_kernel(
     acc6 = tl.zeros((32 * NW,), tl.float32)
     acc7 = tl.zeros((32 * NW,), tl.float32)
     for _ in range(n_iter):
-        s_next = s + NW
-        live_next = s_next < s_hi
-        wcol_next = s_next * (4 * V) + t * V
-        n0, n1, n2, n3, n4, n5, n6, n7 = _load_step(
-            (w_ptr + word_off(row_g, wcol_next, stride_wn, KW, TN, TKV)).to(tl.int64, bitcast=True),
-            (w_ptr + word_off(row_h, wcol_next, stride_wn, KW, TN, TKV)).to(tl.int64, bitcast=True),
-            live_next & ok_g, live_next & ok_h, LOAD_ASM,
-        )  # fmt: skip
-        col = s * STEP + t * (V * VALS)  # this lane's first activation column
+        live = s < s_hi
+        s_pre = s + DEPTH * NW  # the step requested now, used DEPTH iterations later
+        if LINEAR:
+            ptr_g += NW * STEP_BYTES
+            ptr_h += NW * STEP_BYTES
+            pre_g = ptr_g + (DEPTH - 1) * NW * STEP_BYTES
+            pre_h = ptr_h + (DEPTH - 1) * NW * STEP_BYTES
+        else:
+            wcol_pre = s_pre * (4 * V) + t * V
+            pre_g = (w_ptr + word_off(row_g, wcol_pre, stride_wn, KW, TN, TKV)).to(tl.int64, bitcast=True)
+            pre_h = (w_ptr + word_off(row_h, wcol_pre, stride_wn, KW, TN, TKV)).to(tl.int64, bitcast=True)
+        n0, n1, n2, n3, n4, n5, n6, n7 = _load_step(pre_g, pre_h, (s_pre < s_hi) & ok_g, (s_pre < s_hi) & ok_h,
+                                                    LOAD_ASM)  # fmt: skip
         if GROUP > 0:
             grp = (s * STEP) // GROUP
             sg = _scale_at(s_ptr, dqc_ptr, dqn_ptr, dqo_ptr, row_g, grp, live & ok_g, stride_sn, n_groups, TN,
@@ -248,7 +270,7 @@ def _mma_gemv_kernel(
         d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
             asm=STEP_ASM,
             constraints="=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,r,r,l,l,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-            args=[w0, w1, w2, w3, w4, w5, w6, w7, x_row0 + col * 2, x_row1 + col * 2,
+            args=[w0, w1, w2, w3, w4, w5, w6, w7, x_addr0, x_addr1,
                   (live & (tok0 < M)).to(tl.int32), (live & (tok1 < M)).to(tl.int32), zg, zh,
                   zg * 0 + P0, zg * 0 + P1, zg * 0 + P2, zg * 0 + P3, zg * 0 + P4, zg * 0 + P5, zg * 0 + P6,
                   zg * 0 + P7, (zg * 0 + inv).to(tl.int32, bitcast=True),
@@ -266,9 +288,14 @@ def _mma_gemv_kernel(
             acc5 += d5 * sg
             acc6 += d6 * sh
             acc7 += d7 * sh
-        w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
-        s = s_next
-        live = live_next
+        if DEPTH == 2:
+            w0, w1, w2, w3, w4, w5, w6, w7 = u0, u1, u2, u3, u4, u5, u6, u7
+            u0, u1, u2, u3, u4, u5, u6, u7 = n0, n1, n2, n3, n4, n5, n6, n7
+        else:
+            w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
+        s += NW
+        x_addr0 += X_INC
+        x_addr1 += X_INC
 
     # sum the warps (lane l of every warp holds the same outputs), then lane l of the sum:
     # rows tile * 16 + g (c0, c1) / + 8 (c2, c3), tokens 2t, 2t + 1 (+ 8 in block 1)
@@ -380,7 +407,7 @@ def _config(m: int, n: int, k: int, layout: WQLayout, device: torch.device) -> d
     split = 1
     while tiles * split < 4 * _num_sms(device) and steps // (split * 2) >= 2 * nw:
         split *= 2
-    return {"NW": nw, "SPLIT_K": split}
+    return {"NW": nw, "SPLIT_K": split, "DEPTH": 1}
 
 
 def mma_gemv(
@@ -405,7 +432,7 @@ def mma_gemv(
     kind = _kind(layout, x.dtype)
     words = mma_words_per_lane(layout)
     cfg = dict(config or _config(m, n, k, layout, x.device))
-    nw, split = cfg.pop("NW"), cfg.pop("SPLIT_K")
+    nw, split, depth = cfg.pop("NW"), cfg.pop("SPLIT_K"), cfg.pop("DEPTH", 1)
     dt = "bf16" if x.dtype == torch.bfloat16 else "f16"
     blocks = 1 if m <= 8 else 2
     xq = _XQ[layout.act_quant] if quantize_act else 0
@@ -442,7 +469,7 @@ def mma_gemv(
         TN=layout.tile_n, TKV=layout.tile_kv, GROUP=layout.group, BITS=layout.bits,
         HAS_ZERO=layout.zeros is not None, ZERO_CONST=float(layout.zero_const), NESTED=layout.dq_code is not None,
         HAS_BIAS=layout.bias is not None, SCALE_MUL=float(layout.scale_mul), HAS_ROWF=row_factor is not None,
-        SPLIT_K=split, V=words, NB=blocks, NW=nw, XQ=xq, BX=min(4096, triton.next_power_of_2(k)), num_warps=nw,
+        SPLIT_K=split, V=words, NB=blocks, NW=nw, XQ=xq, DEPTH=depth, BX=min(4096, triton.next_power_of_2(k)), num_warps=nw,
         **cfg, **launch_args(x.device),
     )  # fmt: skip
     return out
