@@ -114,54 +114,27 @@ def _zero_word(z, KIND: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
+def _scale_at(s_ptr, dqc_ptr, dqn_ptr, dqo_ptr, rows, g, ok, stride_sn, n_groups, TN: tl.constexpr,
+              NESTED: tl.constexpr, SCALE_MUL: tl.constexpr):  # fmt: skip
+    """fp32 scale of (row, group g); 0 where ``ok`` is false (the step then adds nothing)."""
+    if TN == 0:
+        idx = rows * stride_sn + g
+    else:
+        idx = ((rows // TN) * n_groups + g) * TN + rows % TN
+    raw = tl.load(s_ptr + idx, mask=ok, other=0)
+    if NESTED:  # double-quantized absmax: the nested statistics follow the logical (row-major) block number
+        nest = tl.load(dqn_ptr + (rows * stride_sn + g) // 256, mask=ok, other=0.0)
+        return tl.where(ok, tl.load(dqc_ptr + raw.to(tl.int32)) * nest + tl.load(dqo_ptr), 0.0)
+    return raw.to(tl.float32) * SCALE_MUL
+
+
+@triton.jit
 def _zero_at(z_ptr, rows, g, ok, stride_sn, n_groups, TN: tl.constexpr):
     if TN == 0:
         idx = rows * stride_sn + g
     else:
         idx = ((rows // TN) * n_groups + g) * TN + rows % TN
     return tl.load(z_ptr + idx, mask=ok, other=0).to(tl.float32)
-
-
-@triton.jit
-def _step_raw(s, s_hi, rows, ok, s_ptr, z_ptr, dqn_ptr, stride_sn, n_groups, STEP: tl.constexpr,
-              GROUP: tl.constexpr, TN: tl.constexpr, NESTED: tl.constexpr, HAS_ZERO: tl.constexpr):  # fmt: skip
-    """The stored scale (and nested absmax, zero) of ``rows`` for step ``s``, as loaded: requested DEPTH
-    steps ahead with that step's codes and converted only when used (``_step_apply``), so no step waits
-    on a load. Zeros where absent or dead."""
-    live = (s < s_hi) & ok
-    raw = 0.0
-    nest = 0.0
-    zraw = 0.0
-    if GROUP > 0:
-        grp = (s * STEP) // GROUP
-        if TN == 0:
-            idx = rows * stride_sn + grp
-        else:
-            idx = ((rows // TN) * n_groups + grp) * TN + rows % TN
-        raw = tl.load(s_ptr + idx, mask=live, other=0)
-        if NESTED:  # the nested statistics follow the logical (row-major) block number
-            nest = tl.load(dqn_ptr + (rows * stride_sn + grp) // 256, mask=live, other=0.0)
-        if HAS_ZERO:
-            zraw = tl.load(z_ptr + idx, mask=live, other=0)
-    return raw, nest, zraw
-
-
-@triton.jit
-def _step_apply(s, s_hi, ok, raw, nest, zraw, z0, dqc_ptr, dqo_ptr, GROUP: tl.constexpr, NESTED: tl.constexpr,
-                SCALE_MUL: tl.constexpr, HAS_ZERO: tl.constexpr, KIND: tl.constexpr, DT: tl.constexpr):  # fmt: skip
-    """fp32 scale (0 for a dead step) and zero operand of one row for step ``s`` from ``_step_raw``."""
-    live = (s < s_hi) & ok
-    z = z0
-    if GROUP > 0:
-        if NESTED:
-            scale = tl.where(live, tl.load(dqc_ptr + raw.to(tl.int32)) * nest + tl.load(dqo_ptr), 0.0)
-        else:
-            scale = raw.to(tl.float32) * SCALE_MUL
-        if HAS_ZERO:
-            z = _zero_word(zraw.to(tl.float32), KIND, DT)
-    else:
-        scale = live.to(tl.float32)  # a dead step's zero activations already give 0; keep it exact
-    return scale, z
 
 
 @triton.jit
@@ -254,16 +227,6 @@ def _mma_gemv_kernel(
         elif GROUP == 0:
             zg = _zero_word(_zero_at(z_ptr, row_g, 0, ok_g, stride_sn, n_groups, 0), KIND, DT)
             zh = _zero_word(_zero_at(z_ptr, row_h, 0, ok_h, stride_sn, n_groups, 0), KIND, DT)
-    # per-step scales / zeros as loaded (converted at use), DEPTH steps ahead like the codes
-    rg, qg, zrg = _step_raw(s, s_hi, row_g, ok_g, s_ptr, z_ptr, dqn_ptr, stride_sn, n_groups, STEP, GROUP, TN, NESTED,
-                            HAS_ZERO)  # fmt: skip
-    rh, qh, zrh = _step_raw(s, s_hi, row_h, ok_h, s_ptr, z_ptr, dqn_ptr, stride_sn, n_groups, STEP, GROUP, TN, NESTED,
-                            HAS_ZERO)  # fmt: skip
-    if DEPTH == 2:
-        rg1, qg1, zrg1 = _step_raw(s + NW, s_hi, row_g, ok_g, s_ptr, z_ptr, dqn_ptr, stride_sn, n_groups, STEP, GROUP,
-                                   TN, NESTED, HAS_ZERO)  # fmt: skip
-        rh1, qh1, zrh1 = _step_raw(s + NW, s_hi, row_h, ok_h, s_ptr, z_ptr, dqn_ptr, stride_sn, n_groups, STEP, GROUP,
-                                   TN, NESTED, HAS_ZERO)  # fmt: skip
     tok0 = g
     tok1 = g + 8
     col = s * STEP + t * (V * VALS)  # this lane's first activation column
@@ -292,19 +255,23 @@ def _mma_gemv_kernel(
             pre_h = (w_ptr + word_off(row_h, wcol_pre, stride_wn, KW, TN, TKV)).to(tl.int64, bitcast=True)
         n0, n1, n2, n3, n4, n5, n6, n7 = _load_step(pre_g, pre_h, (s_pre < s_hi) & ok_g, (s_pre < s_hi) & ok_h,
                                                     LOAD_ASM)  # fmt: skip
-        rg2, qg2, zrg2 = _step_raw(s_pre, s_hi, row_g, ok_g, s_ptr, z_ptr, dqn_ptr, stride_sn, n_groups, STEP, GROUP,
-                                   TN, NESTED, HAS_ZERO)  # fmt: skip
-        rh2, qh2, zrh2 = _step_raw(s_pre, s_hi, row_h, ok_h, s_ptr, z_ptr, dqn_ptr, stride_sn, n_groups, STEP, GROUP,
-                                   TN, NESTED, HAS_ZERO)  # fmt: skip
-        csg, czg = _step_apply(s, s_hi, ok_g, rg, qg, zrg, zg, dqc_ptr, dqo_ptr, GROUP, NESTED, SCALE_MUL, HAS_ZERO,
-                               KIND, DT)  # fmt: skip
-        csh, czh = _step_apply(s, s_hi, ok_h, rh, qh, zrh, zh, dqc_ptr, dqo_ptr, GROUP, NESTED, SCALE_MUL, HAS_ZERO,
-                               KIND, DT)  # fmt: skip
+        if GROUP > 0:
+            grp = (s * STEP) // GROUP
+            sg = _scale_at(s_ptr, dqc_ptr, dqn_ptr, dqo_ptr, row_g, grp, live & ok_g, stride_sn, n_groups, TN,
+                           NESTED, SCALE_MUL)  # fmt: skip
+            sh = _scale_at(s_ptr, dqc_ptr, dqn_ptr, dqo_ptr, row_h, grp, live & ok_h, stride_sn, n_groups, TN,
+                           NESTED, SCALE_MUL)  # fmt: skip
+            if HAS_ZERO:
+                zg = _zero_word(_zero_at(z_ptr, row_g, grp, live & ok_g, stride_sn, n_groups, TN), KIND, DT)
+                zh = _zero_word(_zero_at(z_ptr, row_h, grp, live & ok_h, stride_sn, n_groups, TN), KIND, DT)
+        else:
+            sg = live.to(tl.float32)  # a dead step's zero activations already give 0; keep it exact
+            sh = sg
         d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
             asm=STEP_ASM,
             constraints="=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,r,r,l,l,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
             args=[w0, w1, w2, w3, w4, w5, w6, w7, x_addr0, x_addr1,
-                  (live & (tok0 < M)).to(tl.int32), (live & (tok1 < M)).to(tl.int32), czg, czh,
+                  (live & (tok0 < M)).to(tl.int32), (live & (tok1 < M)).to(tl.int32), zg, zh,
                   zg * 0 + P0, zg * 0 + P1, zg * 0 + P2, zg * 0 + P3, zg * 0 + P4, zg * 0 + P5, zg * 0 + P6,
                   zg * 0 + P7, (zg * 0 + inv).to(tl.int32, bitcast=True),
                   (zg * 0 + THR).to(tl.int32, bitcast=True)],
@@ -312,23 +279,20 @@ def _mma_gemv_kernel(
             is_pure=False,
             pack=1,
         )  # fmt: skip
-        acc0 += d0 * csg
-        acc1 += d1 * csg
-        acc2 += d2 * csh
-        acc3 += d3 * csh
+        acc0 += d0 * sg
+        acc1 += d1 * sg
+        acc2 += d2 * sh
+        acc3 += d3 * sh
         if NB == 2:
-            acc4 += d4 * csg
-            acc5 += d5 * csg
-            acc6 += d6 * csh
-            acc7 += d7 * csh
+            acc4 += d4 * sg
+            acc5 += d5 * sg
+            acc6 += d6 * sh
+            acc7 += d7 * sh
         if DEPTH == 2:
             w0, w1, w2, w3, w4, w5, w6, w7 = u0, u1, u2, u3, u4, u5, u6, u7
             u0, u1, u2, u3, u4, u5, u6, u7 = n0, n1, n2, n3, n4, n5, n6, n7
-            rg, qg, zrg, rh, qh, zrh = rg1, qg1, zrg1, rh1, qh1, zrh1
-            rg1, qg1, zrg1, rh1, qh1, zrh1 = rg2, qg2, zrg2, rh2, qh2, zrh2
         else:
             w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
-            rg, qg, zrg, rh, qh, zrh = rg2, qg2, zrg2, rh2, qh2, zrh2
         s += NW
         x_addr0 += X_INC
         x_addr1 += X_INC
