@@ -32,6 +32,11 @@ Decoders (PTX, one 32-bit word -> 16-bit pairs in column order):
 * e4m3: ``cvt.rn.f16x2.e4m3x2`` and an f16 mma; bf16 activations (W8A8: already e4m3 values, exact in
   fp16) are converted to fp16 in the load.
 
+Pipelining: each iteration requests the codes of the step ``DEPTH`` iterations ahead (2 for 8-bit codes);
+the engine stores the codes in tiles of one warp step (``layouts.mma_tile``), so a step reads 1 KiB
+contiguous and the addresses advance by a constant. ``quantize_act`` (W8A8, one token) quantizes the
+activation row inside the kernel instead of a separate ``act_quant`` launch.
+
 Layout assumption (checked by the CUDA tests against the reference): a 1-D tensor of ``32 * NW``
 elements places element ``i`` in thread ``i`` (Triton's default blocked layout), so the lane
 arithmetic on ``tl.arange`` names the lane that runs the inline PTX.
@@ -375,11 +380,10 @@ def mma_supported(x: torch.Tensor, layout: WQLayout) -> bool:
     words = mma_words_per_lane(layout)
     if not words:
         return False
-    need = 8 if kind == D_FP8 else 0
-    major, minor = torch.cuda.get_device_capability(x.device)
-    if (major, minor) < (8, need if need else 0):
+    need = (8, 9) if kind == D_FP8 else (8, 0)  # cvt.f16x2.e4m3x2: sm_89; mma.sync bf16 / f16: sm_80
+    if torch.cuda.get_device_capability(x.device) < need:
         return False
-    if layout.tile_n and (layout.tile_kv % words or (layout.tile_kv * 4) % 16 and words == 4):
+    if layout.tile_n and layout.tile_kv % words:
         return False
     align = 4 * words
     return (
