@@ -46,6 +46,37 @@ def _zero_operand(kind: int, z: float, dt: str) -> int:
     return h | (h << 16)
 
 
+def _f32_bits(value: float) -> int:
+    return int(np.array([value], dtype=np.float32).view(np.uint32)[0])
+
+
+def _run_step(asm: str, packed: np.ndarray, words: int, vals: int, row_bytes: int, tokens: int, memory: dict,
+              zero_word: int, planes: list[int], inv: float = 1.0, thr: float = 0.0) -> Lanes:  # fmt: skip
+    """Run one step's PTX with the operands the kernel passes lane (g, t): its words of rows g and g + 8,
+    the addresses of its activation columns for tokens g and g + 8 (loaded if below ``tokens``)."""
+    operands = []
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        ops = [0] * 32
+        for j in range(words):
+            ops[mg._WG + j] = int(packed[g, t * words + j])
+            ops[mg._WH + j] = int(packed[g + 8, t * words + j])
+        col = t * words * vals
+        ops[mg._XA] = X_BASE + g * row_bytes + col * 2
+        ops[mg._XA + 1] = X_BASE + (g + 8) * row_bytes + col * 2
+        ops[mg._XV] = int(g < tokens)
+        ops[mg._XV + 1] = int(g + 8 < tokens)
+        ops[mg._ZG] = ops[mg._ZH] = zero_word
+        for i, p in enumerate(planes):
+            ops[mg._TP + i] = p & 0xFFFFFFFF
+        ops[mg._XINV] = _f32_bits(inv)
+        ops[mg._XTHR] = _f32_bits(thr)
+        operands.append(ops)
+    lanes = Lanes(operands, memory)
+    lanes.run(asm)
+    return lanes
+
+
 CASES = [
     # (name, kind, bits, dtype, signed8)
     ("int4-bf16", mg.D_INT4, 4, "bf16", False),
@@ -104,24 +135,7 @@ def test_step_asm_matches_float64(case: tuple, tokens: int, words: int) -> None:
         else [0] * 8
     )
     zw = _zero_operand(kind, zero, dt) if kind in (mg.D_INT4, mg.D_INT8_F32, mg.D_INT8_F16) else 0
-    operands = []
-    for lane in range(32):
-        g, t = lane // 4, lane % 4
-        ops = [0] * 32
-        for j in range(words):
-            ops[mg._WG + j] = int(packed[g, t * words + j])
-            ops[mg._WH + j] = int(packed[g + 8, t * words + j])
-        col = t * words * vals
-        ops[mg._XA] = X_BASE + g * row_bytes + col * 2
-        ops[mg._XA + 1] = X_BASE + (g + 8) * row_bytes + col * 2
-        ops[mg._XV] = int(g < tokens)
-        ops[mg._XV + 1] = int(g + 8 < tokens)
-        ops[mg._ZG] = ops[mg._ZH] = zw
-        for i, p in enumerate(planes):
-            ops[mg._TP + i] = p & 0xFFFFFFFF
-        operands.append(ops)
-    lanes = Lanes(operands, memory)
-    lanes.run(asm)
+    lanes = _run_step(asm, packed, words, vals, row_bytes, tokens, memory, zw, planes)
     want = weights @ x.double().numpy()[:tokens].T  # [16 rows, tokens]
     got = np.zeros((16, 16))
     for lane in range(32):
@@ -183,22 +197,8 @@ def test_step_asm_quantizes_activations(mode: str, dtype: str) -> None:
     x_bytes = x.contiguous().view(torch.uint8).numpy().reshape(-1)
     memory = {X_BASE + i: int(b) for i, b in enumerate(x_bytes)}
     asm = mg.step_asm(kind, bits, words, 1, dt, x_mode, signed8)
-    bits_of = lambda v: int(np.array([v], dtype=np.float32).view(np.uint32)[0])  # noqa: E731
-    operands = []
-    for lane in range(32):
-        g, t = lane // 4, lane % 4
-        ops = [0] * 32
-        for j in range(words):
-            ops[mg._WG + j] = int(packed[g, t * words + j])
-            ops[mg._WH + j] = int(packed[g + 8, t * words + j])
-        ops[mg._XA] = X_BASE + g * step * 2 + t * words * vals * 2
-        ops[mg._XV] = int(g == 0)
-        ops[mg._ZG] = ops[mg._ZH] = _zero_operand(kind, 128.0, dt) if kind != mg.D_FP8 else 0
-        ops[mg._XINV] = bits_of(inv)
-        ops[mg._XTHR] = bits_of(thr)
-        operands.append(ops)
-    lanes = Lanes(operands, memory)
-    lanes.run(asm)
+    zw = _zero_operand(kind, 128.0, dt) if kind != mg.D_FP8 else 0
+    lanes = _run_step(asm, packed, words, vals, step * 2, 1, memory, zw, [0] * 8, inv=inv, thr=thr)
     got = np.zeros(16)
     for lane in range(0, 32, 4):  # token 0: lanes with t = 0 hold column 0 of D
         g = lane // 4

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from quantbench.engine.kernels.layouts import MODE_INT, MODE_TABLE, WQLayout
-from quantbench.engine.kernels.wq_matmul import group_off, word_off
+from quantbench.engine.kernels.wq_matmul import group_off, or_dummy, word_off
 
 DENSE_MIN_M = 64
 SCRATCH_ELEMS = 12 << 20  # 24 MiB of bf16 per slab: stays in the H100's 50 MB L2 next to the codes
@@ -104,15 +104,10 @@ def dequantize_rows(
     bkv = 64 // vals * 4  # 256 columns per program (32 int4 words, 64 8-bit ones)
     while (k // vals) % bkv:
         bkv //= 2
-    dummy = layout.w32
     grid = (triton.cdiv(n_rows, 32), (k // vals) // bkv)
     _dequant_kernel[grid](
         layout.w32, layout.scales,
-        layout.zeros if layout.zeros is not None else dummy,
-        layout.table if layout.table is not None else dummy,
-        layout.dq_code if layout.dq_code is not None else dummy,
-        layout.dq_nested if layout.dq_nested is not None else dummy,
-        layout.dq_offset if layout.dq_offset is not None else dummy,
+        *or_dummy(layout, layout.zeros, layout.table, layout.dq_code, layout.dq_nested, layout.dq_offset),
         out, r0, n_rows, layout.w32.stride(0), layout.scale_stride, out.stride(0), k, layout.n_groups,
         TN=layout.tile_n, TKV=layout.tile_kv, GROUP=layout.group, BITS=layout.bits, MODE=layout.mode, HAS_ZERO=layout.zeros is not None,
         ZERO_CONST=float(layout.zero_const), NESTED=layout.dq_code is not None,

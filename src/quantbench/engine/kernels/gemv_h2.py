@@ -34,6 +34,7 @@ from quantbench.engine.kernels.wq_matmul import (
     _silu_mul,
     _store_out,
     group_scale,
+    or_dummy,
     plan_split,
     split_for,
     table_asm,
@@ -456,15 +457,9 @@ def gemv_h2(
             "LUT", "0x6A" if layout.signed8 else "0xEA"
         )
     zc = float(layout.zero_const)
-    dummy = layout.w32
     _gemv_h2_kernel[(tiles * split,)](
         x, layout.w32, layout.scales,
-        layout.zeros if layout.zeros is not None else dummy,
-        layout.dq_code if layout.dq_code is not None else dummy,
-        layout.dq_nested if layout.dq_nested is not None else dummy,
-        layout.dq_offset if layout.dq_offset is not None else dummy,
-        layout.bias if layout.bias is not None else dummy,
-        row_factor if row_factor is not None else dummy,
+        *or_dummy(layout, layout.zeros, layout.dq_code, layout.dq_nested, layout.dq_offset, layout.bias, row_factor),
         out, ws, cnt,
         n, k, layout.w32.stride(0), layout.scale_stride, k_split, layout.n_groups,
         TILED=bool(layout.tile_n), ASM=asm, GROUP=layout.group, BITS=layout.bits, MODE=layout.mode,

@@ -77,7 +77,7 @@ from quantbench.engine.kernels.mma_ptx import (
     table_planes,
 )
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
-from quantbench.engine.kernels.wq_matmul import WS_FLOATS, WS_TILES, _num_sms, _workspace, word_off
+from quantbench.engine.kernels.wq_matmul import WS_FLOATS, WS_TILES, _num_sms, _workspace, or_dummy, word_off
 
 __all__ = ["mma_gemv", "mma_supported"]
 
@@ -459,15 +459,9 @@ def mma_gemv(
     per_split = triton.cdiv(n_steps, split)
     split = triton.cdiv(n_steps, per_split)
     ws, cnt = _workspace(x.device) if split > 1 else (out, out)
-    dummy = layout.w32
     _mma_gemv_kernel[(tiles * split,)](
         x, layout.w32, layout.scales,
-        layout.zeros if layout.zeros is not None else dummy,
-        layout.dq_code if layout.dq_code is not None else dummy,
-        layout.dq_nested if layout.dq_nested is not None else dummy,
-        layout.dq_offset if layout.dq_offset is not None else dummy,
-        layout.bias if layout.bias is not None else dummy,
-        row_factor if row_factor is not None else dummy,
+        *or_dummy(layout, layout.zeros, layout.dq_code, layout.dq_nested, layout.dq_offset, layout.bias, row_factor),
         out, ws, cnt,
         m, n, k, x.stride(0), out.stride(0), layout.w32.stride(0), layout.scale_stride, layout.n_groups, per_split,
         float(layout.threshold) if layout.threshold > 0 else float("inf"), *planes,

@@ -560,6 +560,11 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _WORKSPACE[key]
 
 
+def or_dummy(layout: WQLayout, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """``tensors`` with each absent one replaced by the codes (kernels take a pointer they never read)."""
+    return tuple(layout.w32 if t is None else t for t in tensors)
+
+
 def plan_split(
     split: int, tiles: int, out_elems: int, k: int, bk: int, out: torch.Tensor
 ) -> tuple[int, int, torch.Tensor, torch.Tensor]:
@@ -688,18 +693,20 @@ def wq_matmul(
         act_silu_mul = False
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     split, k_split, ws, cnt = plan_split(split, tiles, M * N, K, cfg["BK"], out)
-    dummy = layout.w32
     _wq_matmul_kernel[(tiles * split,)](
         x,
         layout.w32,
         layout.scales,
-        layout.zeros if layout.zeros is not None else dummy,
-        layout.table if layout.table is not None else dummy,
-        layout.dq_code if layout.dq_code is not None else dummy,
-        layout.dq_nested if layout.dq_nested is not None else dummy,
-        layout.dq_offset if layout.dq_offset is not None else dummy,
-        layout.bias if layout.bias is not None else dummy,
-        row_factor if row_factor is not None else dummy,
+        *or_dummy(
+            layout,
+            layout.zeros,
+            layout.table,
+            layout.dq_code,
+            layout.dq_nested,
+            layout.dq_offset,
+            layout.bias,
+            row_factor,
+        ),  # fmt: skip
         out,
         ws,
         cnt,
