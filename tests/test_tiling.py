@@ -10,7 +10,7 @@ import torch
 
 import quantbench
 from quantbench import parse_spec
-from quantbench.engine.kernels.layouts import layout_for, tile_buffers, tiling_for
+from quantbench.engine.kernels.layouts import layout_for, tiling_for
 from quantbench.quant import METHODS
 
 SPECS = [
@@ -37,8 +37,8 @@ def _module(spec: str, n: int = 256, k: int = 512):
 @pytest.mark.parametrize("spec", SPECS)
 def test_tiled_module_is_the_same_function(spec: str) -> None:
     module = _module(spec)
-    tiles = tiling_for(module) or tile_buffers(module, layout_for(module), 128, 16)  # int4 sym: row-major
-    assert tiles is not None and tiles["qweight"][0] in (32, 128, 256)
+    tiles = tiling_for(module)
+    assert tiles is not None and tiles["qweight"][0] == 16  # one tensor-core GEMV warp step: 16 rows
     twin = copy.deepcopy(module)
     twin.store_tiled(tiles)
     assert not torch.equal(twin.qweight, module.qweight)  # really permuted in place
@@ -56,9 +56,22 @@ def test_tiled_module_is_the_same_function(spec: str) -> None:
         twin.store_tiled(tiles)
 
 
-def test_tiling_skips_shapes_that_do_not_divide() -> None:
-    assert tiling_for(_module("nf4:block=64", n=200)) is None  # 200 rows: no 128-row tiles
-    assert tiling_for(_module("int4:group=128")) is None  # the engine keeps symmetric int4 row-major
+def test_tile_choice_per_format_and_shapes_that_do_not_divide() -> None:
+    """Tiles of one tensor-core GEMV step (16 rows x 4 lanes x V words) by default; the half2 GEMV's own
+    tiles when batch 1 keeps that kernel (symmetric int4 then stays row-major); none when rows do not
+    divide."""
+    from quantbench.engine.kernels.layouts import MMA_POLICY
+
+    assert tiling_for(_module("int4:group=128"))["qweight"] == (16, 64)  # 16 words (64 bytes) per row
+    assert tiling_for(_module("nf4:block=64"))["qweight"] == (16, 32)  # 64-weight blocks: 8 words per step
+    assert tiling_for(_module("int8"))["qweight"] == (16, 64)
+    assert tiling_for(_module("nf4:block=64", n=200)) is None  # 200 rows: no 16-row tiles
+    MMA_POLICY["b1"] = False
+    try:
+        assert tiling_for(_module("int4:group=128")) is None
+        assert tiling_for(_module("nf4:block=64"))["qweight"] == (128, 32)
+    finally:
+        MMA_POLICY["b1"] = True
 
 
 def test_engine_tiles_fused_layers_once() -> None:
@@ -93,8 +106,8 @@ def test_engine_tiles_fused_layers_once() -> None:
 
 @pytest.mark.parametrize("spec", ["int4:group=128", "nf4:block=64"])
 def test_checkpoint_after_engine_is_unchanged(spec: str, tmp_path) -> None:
-    """Saving after an engine fused (int4: row-major views) or tiled (nf4) the layers writes the same
-    tensors as saving before it."""
+    """Saving after an engine fused and tiled the layers (views of the fused, tile-major storage) writes
+    the same tensors as saving before it."""
     from safetensors.torch import load_file
 
     from quantbench.engine import EngineModel
