@@ -174,9 +174,8 @@ def _mma_gemv_kernel(
     s_hi = tl.minimum(n_steps, s_lo + steps_per_split)
     n_iter = tl.cdiv(s_hi - s_lo, NW)
 
-    # Code addresses advance by a constant per step when the codes are row-major or tiled in this
-    # kernel's own steps (LINEAR); otherwise each step's address comes from word_off.
-    LINEAR: tl.constexpr = TN == 0 or TKV == 4 * V
+    # Codes are row-major or tiled in this kernel's own steps (mma_supported), so a warp's code addresses
+    # advance by a constant per step.
     STEP_BYTES: tl.constexpr = 4 * (4 * V if TN == 0 else TN * TKV)
     s = s_lo + warp
     wcol = s * (4 * V) + t * V
@@ -186,16 +185,8 @@ def _mma_gemv_kernel(
     w0, w1, w2, w3, w4, w5, w6, w7 = _load_step(ptr_g, ptr_h, (s < s_hi) & ok_g, (s < s_hi) & ok_h, LOAD_ASM)
     if DEPTH == 2:
         s1 = s + NW
-        if LINEAR:
-            p1g = ptr_g + NW * STEP_BYTES
-            p1h = ptr_h + NW * STEP_BYTES
-        else:
-            p1g = (w_ptr + word_off(row_g, s1 * (4 * V) + t * V, stride_wn, KW, TN, TKV)).to(
-                tl.int64, bitcast=True
-            )
-            p1h = (w_ptr + word_off(row_h, s1 * (4 * V) + t * V, stride_wn, KW, TN, TKV)).to(
-                tl.int64, bitcast=True
-            )
+        p1g = ptr_g + NW * STEP_BYTES
+        p1h = ptr_h + NW * STEP_BYTES
         u0, u1, u2, u3, u4, u5, u6, u7 = _load_step(
             p1g, p1h, (s1 < s_hi) & ok_g, (s1 < s_hi) & ok_h, LOAD_ASM
         )
@@ -249,15 +240,10 @@ def _mma_gemv_kernel(
     for _ in range(n_iter):
         live = s < s_hi
         s_pre = s + DEPTH * NW  # the step requested now, used DEPTH iterations later
-        if LINEAR:
-            ptr_g += NW * STEP_BYTES
-            ptr_h += NW * STEP_BYTES
-            pre_g = ptr_g + (DEPTH - 1) * NW * STEP_BYTES
-            pre_h = ptr_h + (DEPTH - 1) * NW * STEP_BYTES
-        else:
-            wcol_pre = s_pre * (4 * V) + t * V
-            pre_g = (w_ptr + word_off(row_g, wcol_pre, stride_wn, KW, TN, TKV)).to(tl.int64, bitcast=True)
-            pre_h = (w_ptr + word_off(row_h, wcol_pre, stride_wn, KW, TN, TKV)).to(tl.int64, bitcast=True)
+        ptr_g += NW * STEP_BYTES
+        ptr_h += NW * STEP_BYTES
+        pre_g = ptr_g + (DEPTH - 1) * NW * STEP_BYTES
+        pre_h = ptr_h + (DEPTH - 1) * NW * STEP_BYTES
         n0, n1, n2, n3, n4, n5, n6, n7 = _load_step(pre_g, pre_h, (s_pre < s_hi) & ok_g, (s_pre < s_hi) & ok_h,
                                                     LOAD_ASM)  # fmt: skip
         if GROUP > 0:
@@ -383,8 +369,8 @@ def mma_supported(x: torch.Tensor, layout: WQLayout) -> bool:
     need = (8, 9) if kind == D_FP8 else (8, 0)  # cvt.f16x2.e4m3x2: sm_89; mma.sync bf16 / f16: sm_80
     if torch.cuda.get_device_capability(x.device) < need:
         return False
-    if layout.tile_n and layout.tile_kv % words:
-        return False
+    if layout.tile_n and layout.tile_kv != 4 * words:
+        return False  # a step would straddle tile columns (codes tiled for another kernel): wq_matmul
     align = 4 * words
     return (
         layout.w32.data_ptr() % align == 0
