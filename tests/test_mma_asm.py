@@ -205,3 +205,28 @@ def test_step_asm_quantizes_activations(mode: str, dtype: str) -> None:
         got[g] = np.array([lanes.regs[lane]["$0"]], dtype=np.uint32).view(np.float32)[0]
         got[g + 8] = np.array([lanes.regs[lane]["$2"]], dtype=np.uint32).view(np.float32)[0]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "k", "words"),
+    [
+        (4, 128, 4096, 4),  # int4 g128: 128-column steps, one 16-byte load per row and lane
+        (4, 64, 4096, 2),  # NF4 block 64: a step must stay inside one block
+        (4, 32, 4096, 1),
+        (4, 0, 4096, 4),  # one scale per row
+        (8, 0, 4096, 4),  # 8-bit: 64-column steps
+        (8, 64, 4096, 4),
+        (8, 32, 4096, 2),
+        (4, 16, 4096, 0),  # no step fits a 16-column group
+        (4, 128, 4000, 0),  # K not a whole number of steps
+    ],
+)
+def test_words_per_lane_keep_steps_inside_groups(bits: int, group: int, k: int, words: int) -> None:
+    from quantbench.engine.kernels.layouts import MODE_INT, WQLayout, mma_tile, mma_words_per_lane
+
+    layout = WQLayout(
+        in_features=k, out_features=64, bits=bits, mode=MODE_INT, w32=torch.zeros(1, dtype=torch.int32),
+        scales=torch.zeros(1), scale_stride=1, group=group,
+    )  # fmt: skip
+    assert mma_words_per_lane(layout) == words
+    assert mma_tile(layout) == ((16, 4 * words) if words else None)
