@@ -15,7 +15,7 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``slab12`` / ``slab48``: 12 / 48 MiB slabs instead of 24;
 * ``nomma``: batches 1-16 through the half2 GEMV / ``wq_matmul`` instead of the tensor-core GEMV (the
   codes keep the tiles the first variant's engine chose: put it first to time the older engine);
-* ``mmab1off``: the tensor-core GEMV for batches 2-16 only;
+* ``mmab1off``: the tensor-core GEMV for batches 2-16 only (where the codes' tiles hold whole steps of it);
 * ``actall`` / ``actnone``: every / no W8A8 kind quantizes one token inside the GEMV (default: e4m3);
 * ``cfg:KEY=V,...``: the half2 GEMV with launch-config keys replaced (``gemv_override``);
 * ``mcfg:NW=8,DEPTH=2,split=2``: the tensor-core GEMV with launch keys replaced / its split multiplied.
