@@ -17,7 +17,7 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
   codes keep the tiles the first variant's engine chose: put it first to time the older engine);
 * ``mmab1off``: the tensor-core GEMV for batches 2-16 only (where the codes' tiles hold whole steps of it);
 * ``actall`` / ``actnone``: every / no W8A8 kind quantizes one token inside the GEMV (default: e4m3);
-* ``cfg:KEY=V,...``: the half2 GEMV with launch-config keys replaced (``gemv_override``);
+* ``cfg:KEY=V,...``: the half2 GEMV with launch-config keys replaced (``config_override``);
 * ``mcfg:NW=8,DEPTH=2,split=2``: the tensor-core GEMV with launch keys replaced / its split multiplied.
 
 ``--ncu`` instead runs 6 eager decode steps of the first method and exits: the target for
@@ -55,55 +55,36 @@ VARIANTS = {
 }
 
 
-def gemv_override(text: str) -> list:
-    """Variant ``cfg:num_warps=4,STAGES=3,split=2``: the half2 GEMV's launch config with these keys
-    replaced (``split`` multiplies the chosen SPLIT_K; powers of two, or 0.5 to halve it)."""
+def config_override(module, text: str, fixed: tuple[str, ...] = ()) -> list:
+    """Wrap ``module._config`` (called as ``(..., layout, device)``) so that the keys of ``text``
+    (``KEY=V,...``) replace what it chooses; ``split`` multiplies the chosen SPLIT_K (powers of two, or
+    0.5 to halve it). Keys in ``fixed`` are left alone for tile-major codes (the tiles fix them)."""
     changes = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
         changes[key] = float(value) if key == "split" else int(value)
-    original = gemv_h2._config
+    original = module._config
 
-    def config(n, k, layout, device):
-        cfg = original(n, k, layout, device)
+    def config(*args):
+        cfg = original(*args)
+        layout = args[-2]
         for key, value in changes.items():
-            if layout.tile_n and key in ("BN", "BKV"):
-                continue  # tile-major codes fix the block shape
+            if layout.tile_n and key in fixed:
+                continue
             if key == "split":
                 cfg["SPLIT_K"] = max(1, int(cfg["SPLIT_K"] * value))
             else:
                 cfg[key] = value
         return cfg
 
-    return [(gemv_h2, "_config", config)]
-
-
-def mma_override(text: str) -> list:
-    """Variant ``mcfg:NW=8,DEPTH=2,split=2``: the tensor-core GEMV's launch keys (warps per program, steps
-    prefetched) replaced, its split-K multiplied."""
-    changes = {}
-    for item in text.split(","):
-        key, _, value = item.partition("=")
-        changes[key] = float(value)
-    original = mma_gemv._config
-
-    def config(m, n, k, layout, device):
-        cfg = original(m, n, k, layout, device)
-        for key, value in changes.items():
-            if key == "split":
-                cfg["SPLIT_K"] = max(1, int(cfg["SPLIT_K"] * value))
-            else:
-                cfg[key] = int(value)
-        return cfg
-
-    return [(mma_gemv, "_config", config)]
+    return [(module, "_config", config)]
 
 
 def variant_changes(name: str) -> list:
-    if name.startswith("cfg:"):
-        return gemv_override(name[4:])
-    if name.startswith("mcfg:"):
-        return mma_override(name[5:])
+    if name.startswith("cfg:"):  # the half2 GEMV: cfg:num_warps=4,STAGES=3,split=2
+        return config_override(gemv_h2, name[4:], fixed=("BN", "BKV"))
+    if name.startswith("mcfg:"):  # the tensor-core GEMV: mcfg:NW=8,DEPTH=2,split=2
+        return config_override(mma_gemv, name[5:])
     return VARIANTS[name]
 
 

@@ -181,9 +181,7 @@ class Lanes:
             self.set(lane, d, _e4m3_to_f16(v) | (_e4m3_to_f16(v >> 8) << 16))
         elif op.startswith("ld.global"):
             m = re.fullmatch(r"\[(\$\d+|[a-z0-9]+)(?:\+(\d+))?\]", args[1])
-            addr = self.get(lane, m.group(1)) if m.group(1).startswith("$") else self.regs[lane][m.group(1)]
-            addr = self.regs[lane][m.group(1)] if m.group(1) in self.regs[lane] else addr
-            addr += int(m.group(2) or 0)
+            addr = self.regs[lane][m.group(1)] + int(m.group(2) or 0)
             dsts = [s.strip() for s in d.strip("{}").split(",")]
             for i, name in enumerate(dsts):
                 self.set(lane, name, self.load32(addr + 4 * i))

@@ -144,16 +144,21 @@ def test_w8a8_kernel_cuda(spec: str, m: int) -> None:
 
 
 @contextlib.contextmanager
-def _mma_off():
-    """Route batches 1-16 to the older kernels (the half2 GEMV / wq_matmul) for their own tests."""
+def _mma_policy(key: str, value):
+    """``layouts.MMA_POLICY[key] = value`` for the block."""
     from quantbench.engine.kernels.layouts import MMA_POLICY
 
-    saved = MMA_POLICY["off"]
-    MMA_POLICY["off"] = True
+    saved = MMA_POLICY[key]
+    MMA_POLICY[key] = value
     try:
         yield
     finally:
-        MMA_POLICY["off"] = saved
+        MMA_POLICY[key] = saved
+
+
+def _mma_off():
+    """Route batches 1-16 to the older kernels (the half2 GEMV / wq_matmul) for their own tests."""
+    return _mma_policy("off", True)
 
 
 @pytest.mark.cuda
@@ -194,19 +199,15 @@ def test_mma_gemv_cuda(spec: str, m: int, tiled: bool) -> None:
 def test_mma_gemv_quantizes_token_cuda(spec: str, dtype: torch.dtype) -> None:
     """One token of a W8A8 layer quantized inside the tensor-core GEMV against fused.act_quant + the same
     GEMV: equal up to exact rounding ties (the GEMV multiplies by 1 / scale where act_quant divides)."""
-    from quantbench.engine.kernels.layouts import ACT_FP8, ACT_INT8_TOKEN, ACT_LLM_INT8, MMA_POLICY
+    from quantbench.engine.kernels.layouts import ACT_FP8, ACT_INT8_TOKEN, ACT_LLM_INT8
 
     torch.manual_seed(len(spec))
     module = _module(spec, 1008, 4096, bias=True, device="cuda", dtype=dtype)
     x = _x(1, 4096, "cuda", dtype, outliers=True)
-    saved = MMA_POLICY["act"]
-    try:
-        MMA_POLICY["act"] = {ACT_LLM_INT8, ACT_FP8, ACT_INT8_TOKEN}
+    with _mma_policy("act", {ACT_LLM_INT8, ACT_FP8, ACT_INT8_TOKEN}):
         out = _run_wq(module, x)
-        MMA_POLICY["act"] = set()
+    with _mma_policy("act", set()):
         ref = _run_wq(module, x)
-    finally:
-        MMA_POLICY["act"] = saved
     assert _rel(out, ref) < 2e-2
 
 

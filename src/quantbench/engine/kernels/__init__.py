@@ -69,15 +69,11 @@ def linear(
         return dense_matmul(xe, layout, row_factor=rf, out=out)
     if layout.act_quant == ACT_NONE:
         return wq_matmul(x, layout, act_silu_mul=act_silu_mul, out=out)
-    if x.shape[0] == 1 and not MMA_POLICY["off"] and layout.act_quant in MMA_POLICY["act"]:
+    if x.shape[0] == 1 and layout.act_quant in MMA_POLICY["act"]:
         from quantbench.engine.kernels.mma_gemv import mma_gemv, mma_supported
 
         if mma_supported(x, layout):  # one token: the GEMV quantizes the activations itself
-            if act_silu_mul:
-                from quantbench.engine.kernels.fused import silu_mul
-
-                x = silu_mul(x)
-            return mma_gemv(x, layout, out=out, quantize_act=True)
+            return mma_gemv(x, layout, act_silu_mul=act_silu_mul, out=out, quantize_act=True)
     from quantbench.engine.kernels.fused import act_quant
 
     xe, rf = act_quant(x, layout.act_quant, layout.threshold, act_silu_mul, layout.in_features)

@@ -54,6 +54,7 @@ from quantbench.engine.kernels.layouts import (
     ACT_FP8,
     ACT_INT8_TOKEN,
     ACT_LLM_INT8,
+    ACT_NONE,
     MODE_FP8,
     MODE_INT,
     MODE_TABLE,
@@ -77,7 +78,7 @@ from quantbench.engine.kernels.mma_ptx import (
     table_planes,
 )
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
-from quantbench.engine.kernels.wq_matmul import WS_FLOATS, WS_TILES, _num_sms, _workspace, or_dummy, word_off
+from quantbench.engine.kernels.wq_matmul import _num_sms, _store_out, or_dummy, plan_split, word_off
 
 __all__ = ["mma_gemv", "mma_supported"]
 
@@ -316,23 +317,8 @@ def _mma_gemv_kernel(
         vals = vals * rfv
     o_off = toks.to(tl.int64) * stride_om + rows
     ws_off = toks.to(tl.int64) * N + rows
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            vals += tl.load(b_ptr + rows, mask=omask, other=0.0).to(tl.float32)
-        tl.store(o_ptr + o_off, vals.to(o_ptr.dtype.element_ty), mask=omask)
-    else:
-        plane = M * N
-        tl.store(ws_ptr + ks * plane + ws_off, vals, mask=omask)
-        tl.debug_barrier()  # every thread's partial is written before the counter is released
-        done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if done == SPLIT_K - 1:  # the last split of this tile sums all partials in split order
-            total = tl.load(ws_ptr + ws_off, mask=omask, other=0.0, cache_modifier=".cg")
-            for sp in range(1, SPLIT_K):
-                total += tl.load(ws_ptr + sp * plane + ws_off, mask=omask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(b_ptr + rows, mask=omask, other=0.0).to(tl.float32)
-            tl.store(o_ptr + o_off, total.to(o_ptr.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
+    _store_out(vals, omask, o_off, ws_off, M * N, rows, omask, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks, HAS_BIAS,
+               SPLIT_K)  # fmt: skip
 
 
 def _kind(layout: WQLayout, dtype: torch.dtype) -> int | None:
@@ -361,7 +347,7 @@ def mma_supported(x: torch.Tensor, layout: WQLayout) -> bool:
     kind = _kind(layout, x.dtype)
     if kind is None or layout.out_features % 16:
         return False
-    if kind == D_FP8 and x.dtype == torch.bfloat16 and layout.act_quant == 0:
+    if kind == D_FP8 and x.dtype == torch.bfloat16 and layout.act_quant == ACT_NONE:
         return False  # bf16 activations reach fp16 exactly only when quantized to e4m3 first
     words = mma_words_per_lane(layout)
     if not words:
@@ -382,8 +368,9 @@ def mma_supported(x: torch.Tensor, layout: WQLayout) -> bool:
 
 
 _ASM: dict[tuple, tuple[str, str]] = {}
-# the kernel's XQ per layout.act_quant (layouts.ACT_*): 2 e4m3, 3 SmoothQuant int8, 4 LLM.int8
-_XQ = {ACT_FP8: 2, ACT_INT8_TOKEN: 3, ACT_LLM_INT8: 4}
+# per layout.act_quant (layouts.ACT_*): the kernel's XQ (2 e4m3, 3 SmoothQuant int8, 4 LLM.int8) and the
+# step's activation mode when the GEMV quantizes one token itself
+_XQ = {ACT_FP8: (2, X_FP8), ACT_INT8_TOKEN: (3, X_INT8), ACT_LLM_INT8: (4, X_LLM)}
 
 
 def _config(m: int, n: int, k: int, layout: WQLayout, device: torch.device) -> dict:
@@ -406,15 +393,22 @@ def mma_gemv(
     x: torch.Tensor,
     layout: WQLayout,
     *,
+    act_silu_mul: bool = False,
     row_factor: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
     quantize_act: bool = False,
 ) -> torch.Tensor:
-    """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` for M <= 16 (see the module doc).
+    """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` for M <= 16 (see the module doc);
+    ``x [M, 2K]`` gate/up when ``act_silu_mul`` (``fused.silu_mul`` first: the GEMV's activation loads
+    take the product as it is).
 
     ``quantize_act`` (one token, a W8A8 layout): ``x`` is the raw activation row; the kernel quantizes it
     as ``fused.act_quant`` does and applies the per-token factor itself (no ``row_factor``)."""
+    if act_silu_mul:
+        from quantbench.engine.kernels.fused import silu_mul
+
+        x = silu_mul(x)
     m = x.shape[0]
     if quantize_act and (m != 1 or row_factor is not None or not layout.act_quant):
         raise ValueError("quantize_act needs one token, a W8A8 layout and no row_factor")
@@ -427,11 +421,10 @@ def mma_gemv(
     nw, split, depth = cfg.pop("NW"), cfg.pop("SPLIT_K"), cfg.pop("DEPTH", 1)
     dt = "bf16" if x.dtype == torch.bfloat16 else "f16"
     blocks = 1 if m <= 8 else 2
-    xq = _XQ[layout.act_quant] if quantize_act else 0
-    if xq:
-        x_mode = {2: X_FP8, 3: X_INT8, 4: X_LLM}[xq]
+    if quantize_act:
+        xq, x_mode = _XQ[layout.act_quant]
     else:
-        x_mode = X_F16 if kind == D_FP8 and dt == "bf16" else X_KEEP
+        xq, x_mode = 0, X_F16 if kind == D_FP8 and dt == "bf16" else X_KEEP
     key = (kind, layout.bits, words, blocks, dt, layout.signed8, x_mode)
     if key not in _ASM:
         _ASM[key] = (step_asm(kind, layout.bits, words, blocks, dt, x_mode, layout.signed8), load_asm(words))
@@ -439,17 +432,12 @@ def mma_gemv(
     planes = table_planes(layout.table, x.dtype) if kind == D_TABLE else [0] * 8
     step = 4 * words * (32 // layout.bits)
     tiles = n // 16
-    n_steps = k // step
-    if split > 1 and (split * m * n > WS_FLOATS or tiles > WS_TILES):
-        split = 1
-    per_split = triton.cdiv(n_steps, split)
-    split = triton.cdiv(n_steps, per_split)
-    ws, cnt = _workspace(x.device) if split > 1 else (out, out)
+    split, k_split, ws, cnt = plan_split(split, tiles, m * n, k, step, out)
     _mma_gemv_kernel[(tiles * split,)](
         x, layout.w32, layout.scales,
         *or_dummy(layout, layout.zeros, layout.dq_code, layout.dq_nested, layout.dq_offset, layout.bias, row_factor),
         out, ws, cnt,
-        m, n, k, x.stride(0), out.stride(0), layout.w32.stride(0), layout.scale_stride, layout.n_groups, per_split,
+        m, n, k, x.stride(0), out.stride(0), layout.w32.stride(0), layout.scale_stride, layout.n_groups, k_split // step,
         float(layout.threshold) if layout.threshold > 0 else float("inf"), *planes,
         STEP_ASM=step_text, LOAD_ASM=load_text, KIND=kind, DT=0 if dt == "bf16" else 1,
         TN=layout.tile_n, TKV=layout.tile_kv, GROUP=layout.group, BITS=layout.bits,

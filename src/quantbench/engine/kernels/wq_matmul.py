@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from quantbench.engine.kernels.layouts import MODE_FP8, MODE_INT, MODE_TABLE, WQLayout
+from quantbench.engine.kernels.mma_ptx import table_planes
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
 
 __all__ = ["MODE_FP8", "MODE_INT", "MODE_TABLE", "pick_config", "wq_matmul"]
@@ -175,8 +176,11 @@ def _load_scale(s_ptr, z_ptr, rows, mask_n, k0, k_hi, offs_j, stride_sn, n_group
 
 @triton.jit
 def _bias_like(out, b_ptr, offs_n, mask_n):
-    """The bias [BN] broadcast to ``out``'s shape ([BN] or [BN, BM])."""
+    """The bias broadcast to ``out``'s shape: ``offs_n`` indexes ``out``'s rows ([BN], for [BN] or [BN, BM])
+    or, with ``out``'s own shape, each element."""
     b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if len(offs_n.shape) == len(out.shape):
+        return b + tl.zeros_like(out)
     return tl.reshape(b, (out.shape[0],) + (1,) * (len(out.shape) - 1)) + tl.zeros_like(out)
 
 
@@ -500,32 +504,11 @@ def table_asm(table: torch.Tensor) -> dict:
     code (spread to a byte mask by a sign-replicating ``prmt``) picks the half, two more ``prmt``
     interleave low / high bytes into fp16 pairs, ``cvt`` makes fp32. The table values are rounded to
     fp16 (relative error <= 2**-11, below the bf16 rounding of the weights)."""
-    bits = [int(v) & 0xFFFF for v in table.float().cpu().half().view(torch.int16).tolist()]
-
-    def plane(shift: int, first: int) -> int:
-        word = 0
-        for b in range(4):
-            word |= ((bits[first + b] >> shift) & 0xFF) << (8 * b)
-        return word
-
-    planes = [
-        plane(0, 0),
-        plane(0, 4),
-        plane(0, 8),
-        plane(0, 12),
-        plane(8, 0),
-        plane(8, 4),
-        plane(8, 8),
-        plane(8, 12),
-    ]
     asm = _ASM_TEMPLATE
     for i, name in enumerate(("L0", "L1", "L2", "L3", "H0", "H1", "H2", "H3")):
         asm = asm.replace(name, f"${9 + i}")
     # as int32 constants (Triton constexpr ints become i32 / i64 by value)
-    return {
-        "TABLE_ASM": asm,
-        **{f"TP{i}": p - (1 << 32) if p >= 1 << 31 else p for i, p in enumerate(planes)},
-    }
+    return {"TABLE_ASM": asm, **{f"TP{i}": p for i, p in enumerate(table_planes(table, torch.float16))}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,11 +648,7 @@ def wq_matmul(
         from quantbench.engine.kernels.mma_gemv import mma_gemv, mma_supported
 
         if mma_supported(x, layout):
-            if act_silu_mul:
-                from quantbench.engine.kernels.fused import silu_mul
-
-                x = silu_mul(x)
-            return mma_gemv(x, layout, row_factor=row_factor, out=out)
+            return mma_gemv(x, layout, act_silu_mul=act_silu_mul, row_factor=row_factor, out=out)
     if config is None and M == 1:
         from quantbench.engine.kernels.gemv_h2 import gemv_h2, h2_supported
 
