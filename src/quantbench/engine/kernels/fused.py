@@ -17,7 +17,7 @@ import triton.language as tl
 
 from quantbench.engine.kernels.layouts import ACT_LLM_INT8
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
-from quantbench.engine.kernels.wq_matmul import WS_TILES, _num_sms, _workspace
+from quantbench.engine.kernels.wq_matmul import WS_FLOATS, WS_TILES, _num_sms, _workspace
 
 
 @triton.jit
@@ -323,16 +323,14 @@ def decode_attention(
     cache = k_cache.shape[2]
     if splits is None:
         splits = attention_splits(batch, n_kv, cache, qkv.device)
-    if batch * n_kv > WS_TILES:  # one split counter per (sequence, kv head)
-        splits = 1
+    gp = max(16, triton.next_power_of_2(group))
+    if batch * n_kv > WS_TILES or batch * n_kv * splits * gp * (head_dim + 2) > WS_FLOATS:
+        splits = 1  # one split counter per (sequence, kv head); the split records fit the workspace
     chunk = triton.cdiv(triton.cdiv(cache, splits), block) * block
     splits = triton.cdiv(cache, chunk)
-    gp = max(16, triton.next_power_of_2(group))
-    if splits > 1:
-        ws = torch.empty(batch * n_kv * splits * gp * (head_dim + 2), device=qkv.device, dtype=torch.float32)
-        cnt = _workspace(qkv.device)[1]  # the split-K tile counters: kernels leave them at zero
-    else:
-        ws = cnt = out
+    # the split records and counters live in the split-K workspace the GEMVs keep (kernels in one stream,
+    # each writing only after wait_prior: no two use it at once)
+    ws, cnt = _workspace(qkv.device) if splits > 1 else (out, out)
     _decode_attention_kernel[(batch, n_kv, splits)](
         qkv,
         k_cache,
