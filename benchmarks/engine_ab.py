@@ -9,10 +9,11 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``base``: everything on;
 * ``nopdl``: kernels launched without programmatic dependent launch (``kernels/pdl.py``);
 * ``noh2``: batch 1 through ``wq_matmul``'s fp32 path instead of the half2 GEMV;
-* ``nodense``: prompts through ``wq_matmul`` instead of dequantized slabs + cuBLAS;
+* ``nodense``: prompts through ``wq_matmul`` instead of the fused prompt GEMM / slabs;
+* ``slab``: prompts through dequantized L2 slabs + cuBLAS instead of the fused prompt GEMM;
 * ``noattsplit``: decode attention one program per (sequence, kv head), the cache not split;
-* ``noover``: prompt slabs dequantized on the main stream (no overlap with the products);
-* ``slab12`` / ``slab48``: 12 / 48 MiB slabs instead of 24;
+* ``noover``: (slab path) prompt slabs dequantized on the main stream (no overlap with the products);
+* ``slab12`` / ``slab48``: the slab path with 12 / 48 MiB slabs instead of 24;
 * ``nomma``: batches 1-16 through the half2 GEMV / ``wq_matmul`` instead of the tensor-core GEMV (the
   codes keep the tiles the first variant's engine chose: put it first to time the older engine);
 * ``mmab1off``: the tensor-core GEMV for batches 2-16 only (where the codes' tiles hold whole steps of it);
@@ -36,7 +37,7 @@ import torch
 import quantbench
 from quantbench.bench.runner import device_name, measure_copy_bandwidth, split_methods
 from quantbench.engine import Engine, kernels
-from quantbench.engine.kernels import dequant, fused, gemv_h2, mma_gemv, pdl
+from quantbench.engine.kernels import dequant, fused, gemv_h2, mma_gemv, pdl, prompt_gemm
 from quantbench.engine.kernels.layouts import MMA_POLICY
 
 VARIANTS = {
@@ -48,10 +49,19 @@ VARIANTS = {
     "actall": [(MMA_POLICY, "act", {1, 2, 3})],
     "actnone": [(MMA_POLICY, "act", set())],
     "nodense": [(kernels.DENSE_DISABLED, "off", True)],
-    "noover": [(dequant.OVERLAP, "on", False)],
+    "slab": [(prompt_gemm.PROMPT_PATH, "path", "slab")],
+    "noover": [(prompt_gemm.PROMPT_PATH, "path", "slab"), (dequant.OVERLAP, "on", False)],
     "noattsplit": [(fused.ATTN_SPLIT, "on", False)],
-    "slab12": [(dequant, "SCRATCH_ELEMS", 6 << 20), (dequant, "_SCRATCH", {})],
-    "slab48": [(dequant, "SCRATCH_ELEMS", 24 << 20), (dequant, "_SCRATCH", {})],
+    "slab12": [
+        (prompt_gemm.PROMPT_PATH, "path", "slab"),
+        (dequant, "SCRATCH_ELEMS", 6 << 20),
+        (dequant, "_SCRATCH", {}),
+    ],
+    "slab48": [
+        (prompt_gemm.PROMPT_PATH, "path", "slab"),
+        (dequant, "SCRATCH_ELEMS", 24 << 20),
+        (dequant, "_SCRATCH", {}),
+    ],
 }
 
 

@@ -54,19 +54,24 @@ def linear(
     """Kernel forward of a quantized layer on 2-D ``x`` (``[M, 2K]`` gate/up when ``act_silu_mul``)."""
     from quantbench.engine.kernels.wq_matmul import wq_matmul
 
-    if dense_enabled(x, layout):  # prompt sizes: L2-resident dequantized slabs + cuBLAS
+    if dense_enabled(x, layout):  # prompt sizes: fused dequantize-GEMM, or L2 slabs + cuBLAS
         from quantbench.engine.kernels.dequant import dense_matmul
+        from quantbench.engine.kernels.prompt_gemm import PROMPT_PATH, prompt_config, prompt_gemm
 
         if act_silu_mul:
             from quantbench.engine.kernels.fused import silu_mul
 
             x = silu_mul(x)
-        if layout.act_quant == ACT_NONE:
-            return dense_matmul(x, layout, out=out)
-        from quantbench.engine.kernels.fused import act_quant
+        rf = None
+        if layout.act_quant != ACT_NONE:
+            from quantbench.engine.kernels.fused import act_quant
 
-        xe, rf = act_quant(x, layout.act_quant, layout.threshold, False, layout.in_features)
-        return dense_matmul(xe, layout, row_factor=rf, out=out)
+            x, rf = act_quant(x, layout.act_quant, layout.threshold, False, layout.in_features)
+        if PROMPT_PATH["path"] == "fused" and prompt_config(
+            x.shape[0], layout.out_features, layout.in_features, layout.bits, layout.group
+        ):
+            return prompt_gemm(x, layout, row_factor=rf, out=out)
+        return dense_matmul(x, layout, row_factor=rf, out=out)
     if layout.act_quant == ACT_NONE:
         return wq_matmul(x, layout, act_silu_mul=act_silu_mul, out=out)
     if x.shape[0] == 1 and layout.act_quant in MMA_POLICY["act"]:
