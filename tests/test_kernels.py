@@ -391,6 +391,43 @@ def test_prompt_slabs_on_two_streams_cuda(spec: str) -> None:
         assert torch.equal(value, outs[False, False]), key
 
 
+def _prompt_case(spec: str, m: int, n: int, k: int, device: str, dtype: torch.dtype, tiled: bool):
+    """A module (tile-major like the engine's when ``tiled``), its input and the reference output:
+    float64 ``x @ dequantize().T + bias`` (weight-only) or the module's own CPU forward (W8A8)."""
+    from quantbench.engine.kernels import act_quant_torch, layout_for
+
+    torch.manual_seed(m + len(spec))
+    module = _module(spec, n, k, bias=True, device=device, dtype=dtype)
+    if tiled:
+        module = _tiled_twin(module)
+    layout = layout_for(module)
+    x = _x(m, k, device, dtype, outliers=True)
+    rf = None
+    if layout.act_quant:
+        ref = copy.deepcopy(module).cpu()(x.cpu())
+        x, rf = act_quant_torch(x, layout.act_quant, layout.threshold, False, k)
+    else:
+        ref = x.double() @ module.dequantize().double().t() + module.bias.double()
+    return layout, x, rf, ref
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec", WEIGHT_ONLY + W8A8)
+@pytest.mark.parametrize("m", [64, 128, 300])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_prompt_gemm_cuda(spec: str, m: int, tiled: bool) -> None:
+    """The fused prompt GEMM (default config, split-K where the tiles are few) against the reference; W8A8
+    against the module's own forward (same bounds as the other kernel tests)."""
+    from quantbench.engine.kernels.prompt_gemm import prompt_gemm
+
+    if tiled and spec not in TILED_SPECS:
+        pytest.skip("kept row-major by the engine")
+    layout, x, rf, ref = _prompt_case(spec, m, 1024, 4096, "cuda", torch.bfloat16, tiled)
+    out = torch.full((m, 1024), float("nan"), device="cuda", dtype=torch.bfloat16)
+    prompt_gemm(x, layout, row_factor=rf, out=out)
+    assert _rel(out.cpu(), ref.cpu()) < (2e-2 if layout.act_quant else 1e-2)
+
+
 # ------------------------------------------------------------------------------------------------------
 # CPU, Triton interpreter
 
@@ -458,6 +495,39 @@ def test_dense_prefill_interpreter(spec: str, dtype: torch.dtype) -> None:
             assert _rel(out, ref) < 1e-2
     finally:
         dq.SCRATCH_ELEMS, dq._SCRATCH = old, {}
+
+
+@interp
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "int4:group=128",
+        "int4:group=32,asym",
+        "int4:group=-1",
+        "int8",
+        "int8:group=64",
+        "nf4:block=64,dq=1",
+        "fp4:block=128",
+        "fp8:compute=fp16",
+        "llm.int8:threshold=6.0,compute=fp16",
+        "smoothquant:compute=fp16",
+    ],
+)
+@pytest.mark.parametrize("tiled", [False, True])
+def test_prompt_gemm_interpreter(spec: str, tiled: bool) -> None:
+    """The fused prompt GEMM: slots joined back into column order, group / row scales, split-K partials
+    (two splits, token tiles smaller than M, row tiles not dividing N), tile-major codes."""
+    from quantbench.engine.kernels.prompt_gemm import prompt_gemm
+
+    spec = spec.replace(",compute=fp16", "").replace(":compute=fp16", "")
+    if tiled and spec not in TILED_SPECS:
+        pytest.skip("kept row-major by the engine")
+    layout, x, rf, ref = _prompt_case(spec, 70, 80, 256, "cpu", torch.float16, tiled)
+    bk = 128 if layout.bits == 4 else 64
+    for cfg in ({"BM": 64, "BN": 32, "BK": 64, "SPLIT_K": 1}, {"BM": 32, "BN": 64, "BK": bk, "SPLIT_K": 2}):
+        out = torch.full((70, 80), float("nan"), dtype=torch.float16)
+        prompt_gemm(x, layout, row_factor=rf, out=out, config=cfg)
+        assert _rel(out, ref) < (2e-2 if layout.act_quant else 1e-2), cfg
 
 
 def _tiled_twin(module):
