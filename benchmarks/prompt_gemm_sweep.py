@@ -4,7 +4,8 @@ slabs + cuBLAS and against bf16 cuBLAS on weights of the same shape.
 
     python benchmarks/prompt_gemm_sweep.py --methods "int4:group=128;nf4:block=64" --m 128 --json out.json
 
-Each product is timed with ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median).
+Each shape is timed on ``--copies`` distinct weights called in turn inside one CUDA graph (median of 5
+replays, after a spin that raises the clocks), so codes come from HBM as they do in a prompt pass.
 The "layer ms" column is the four products of one decoder layer summed, times 32 layers: the linear
 part of one prompt pass. Every configuration is checked against the slab path (relative error).
 """
@@ -12,10 +13,10 @@ part of one prompt pass. Every configuration is checked against the slab path (r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import torch
-import triton
 
 import quantbench
 from quantbench.bench.runner import device_name, split_methods
@@ -28,13 +29,33 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 LAYERS = 32
 
 
-def timed(fn, *args, **kwargs) -> float:
-    """Median ms of ``fn(*args, **kwargs)`` (dict arguments copied per call: launchers pop from them)."""
-    return triton.testing.do_bench(
-        lambda: fn(*args, **{k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}),
-        warmup=10,
-        rep=40,
-    )
+def timed(calls: list) -> float:
+    """ms per call of ``calls`` (distinct weights, so the codes come from HBM as in a prompt pass), replayed
+    as one CUDA graph after a spin that brings the clocks up; median of 5 replays."""
+    for call in calls:  # compiles, allocates the split-K workspace / slab buffers outside the capture
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    spin = torch.randn(4096, 4096, device="cuda")
+    for _ in range(200):
+        spin @ spin
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(calls))
+    del graph
+    return sorted(times)[2]
+
+
+def _call(x, lay, rf, cfg):
+    return lambda: prompt_gemm(x, lay, row_factor=rf, config=dict(cfg))
 
 
 def parse_configs(text: str) -> list[tuple[str, dict]]:
@@ -67,6 +88,7 @@ def main() -> None:
     ap.add_argument("--methods", default="int4:group=128;nf4:block=64;int8;fp8;llm.int8:compute=bf16")
     ap.add_argument("--m", type=int, default=128, help="tokens (rows of x)")
     ap.add_argument("--configs", default="auto;BN=64;num_stages=2;num_stages=4;num_warps=4;split=2;split=0.5")
+    ap.add_argument("--copies", type=int, default=4, help="distinct weights per shape, called in turn")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     configs = parse_configs(args.configs)
@@ -75,24 +97,26 @@ def main() -> None:
     totals: dict[tuple[str, str], float] = {}
     for name, (n, k) in SHAPES.items():
         x = torch.randn(args.m, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        ms = timed(torch.mm, x, w.t())
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(args.copies)]
+        ms = timed([functools.partial(torch.mm, x, w.t()) for w in ws])
         totals["bf16", "cuBLAS"] = totals.get(("bf16", "cuBLAS"), 0.0) + ms
         rows.append({"method": "bf16", "shape": name, "path": "cuBLAS", "ms": ms})
-        del w
+        print(f"{'bf16':24s} {name:8s} {'cuBLAS':28s} {ms * 1e3:8.1f} us", flush=True)
+        del ws
     for spec in split_methods([args.methods]):
         for name, (n, k) in SHAPES.items():
-            module = layer(spec, n, k)
-            lay = layout_for(module)
+            lays = [layout_for(layer(spec, n, k)) for _ in range(args.copies)]
+            lay = lays[0]
             x = torch.randn(args.m, k, device="cuda", dtype=torch.bfloat16)
             rf = None
             if lay.act_quant != ACT_NONE:
                 x, rf = act_quant(x, lay.act_quant, lay.threshold, False, k)
             ref = dequant.dense_matmul(x, lay, row_factor=rf)
-            ms = timed(dequant.dense_matmul, x, lay, row_factor=rf)
+            ms = timed([functools.partial(dequant.dense_matmul, x, la, row_factor=rf) for la in lays])
             rows.append({"method": spec, "shape": name, "path": "slab", "ms": ms})
             totals[spec, "slab"] = totals.get((spec, "slab"), 0.0) + ms
-            base = prompt_config(args.m, n, k, lay.bits, lay.group)
+            print(f"{spec:24s} {name:8s} {'slab':28s} {ms * 1e3:8.1f} us", flush=True)
+            base = prompt_config(args.m, n, k, lay.bits, lay.mode, lay.group)
             for label, over in configs:
                 cfg = {**base, **{key: v for key, v in over.items() if key != "split"}}
                 if "split" in over:
@@ -100,7 +124,7 @@ def main() -> None:
                 try:
                     out = prompt_gemm(x, lay, row_factor=rf, config=dict(cfg))
                     err = float((out.double() - ref.double()).norm() / ref.double().norm())
-                    ms = timed(prompt_gemm, x, lay, row_factor=rf, config=cfg)
+                    ms = timed([_call(x, la, rf, cfg) for la in lays])
                 except Exception as exc:  # a configuration that does not compile (shared memory, registers)
                     print(f"{spec} {name} {label}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
                     ms, err = float("nan"), float("nan")
@@ -111,7 +135,7 @@ def main() -> None:
                 print(
                     f"{spec:24s} {name:8s} {label:28s} {ms * 1e3:8.1f} us  err {err:.1e}  {cfg}", flush=True
                 )
-            del module, lay
+            del lays, lay
     print(f"\nlinears of one prompt pass ({LAYERS} layers, M = {args.m}) on {gpu}:")
     for (spec, label), ms in totals.items():
         print(f"{spec:24s} {label:28s} {ms * LAYERS:7.2f} ms")

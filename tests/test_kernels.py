@@ -370,6 +370,7 @@ def test_prompt_slabs_on_two_streams_cuda(spec: str) -> None:
     import quantbench
     from quantbench.engine import Engine
     from quantbench.engine.kernels import dequant
+    from quantbench.engine.kernels.prompt_gemm import PROMPT_PATH
 
     model = quantbench.random_model(
         "mistral-7b", dtype="bf16", device="cuda", num_hidden_layers=2, vocab_size=1024
@@ -377,6 +378,7 @@ def test_prompt_slabs_on_two_streams_cuda(spec: str) -> None:
     quantbench.quantize(model, spec)
     ids = torch.randint(0, 1024, (2, 100), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
     outs = {}
+    saved, PROMPT_PATH["path"] = PROMPT_PATH["path"], "slab"
     try:
         for overlap in (False, True):
             dequant.OVERLAP["on"] = overlap
@@ -387,6 +389,7 @@ def test_prompt_slabs_on_two_streams_cuda(spec: str) -> None:
                     assert engine._prefill_graphs, engine.path
     finally:
         dequant.OVERLAP["on"] = not os.environ.get("QUANTBENCH_NO_SLAB_OVERLAP")
+        PROMPT_PATH["path"] = saved
     for key, value in outs.items():
         assert torch.equal(value, outs[False, False]), key
 
@@ -516,7 +519,8 @@ def test_dense_prefill_interpreter(spec: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("tiled", [False, True])
 def test_prompt_gemm_interpreter(spec: str, tiled: bool) -> None:
     """The fused prompt GEMM: slots joined back into column order, group / row scales, split-K partials
-    (two splits, token tiles smaller than M, row tiles not dividing N), tile-major codes."""
+    (two splits, token tiles smaller than M, row tiles not dividing N), tile-major codes, both operand
+    orders, codes prefetched by hand or not."""
     from quantbench.engine.kernels.prompt_gemm import prompt_gemm
 
     spec = spec.replace(",compute=fp16", "").replace(":compute=fp16", "")
@@ -524,7 +528,11 @@ def test_prompt_gemm_interpreter(spec: str, tiled: bool) -> None:
         pytest.skip("kept row-major by the engine")
     layout, x, rf, ref = _prompt_case(spec, 70, 80, 256, "cpu", torch.float16, tiled)
     bk = 128 if layout.bits == 4 else 64
-    for cfg in ({"BM": 64, "BN": 32, "BK": 64, "SPLIT_K": 1}, {"BM": 32, "BN": 64, "BK": bk, "SPLIT_K": 2}):
+    for cfg in (
+        {"BM": 64, "BN": 32, "BK": 64, "SPLIT_K": 1, "W_AS_B": 0, "PREFETCH": 1},
+        {"BM": 32, "BN": 64, "BK": bk, "SPLIT_K": 2, "W_AS_B": 1, "PREFETCH": 1},
+        {"BM": 32, "BN": 64, "BK": 64, "SPLIT_K": 2, "W_AS_B": 1, "PREFETCH": 0},
+    ):
         out = torch.full((70, 80), float("nan"), dtype=torch.float16)
         prompt_gemm(x, layout, row_factor=rf, out=out, config=cfg)
         assert _rel(out, ref) < (2e-2 if layout.act_quant else 1e-2), cfg

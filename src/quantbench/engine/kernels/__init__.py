@@ -68,7 +68,7 @@ def linear(
 
             x, rf = act_quant(x, layout.act_quant, layout.threshold, False, layout.in_features)
         if PROMPT_PATH["path"] == "fused" and prompt_config(
-            x.shape[0], layout.out_features, layout.in_features, layout.bits, layout.group
+            x.shape[0], layout.out_features, layout.in_features, layout.bits, layout.mode, layout.group
         ):
             return prompt_gemm(x, layout, row_factor=rf, out=out)
         return dense_matmul(x, layout, row_factor=rf, out=out)

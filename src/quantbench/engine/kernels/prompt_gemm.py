@@ -135,6 +135,8 @@ def _prompt_gemm_kernel(
     TABLE_ASM: tl.constexpr, TP0: tl.constexpr, TP1: tl.constexpr, TP2: tl.constexpr, TP3: tl.constexpr,
     TP4: tl.constexpr, TP5: tl.constexpr, TP6: tl.constexpr, TP7: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    W_AS_B: tl.constexpr,  # weights as the dot's second operand (acc [BM, BN], staged in shared memory)
+    PREFETCH: tl.constexpr,  # request the next step's codes by hand (else leave it to Triton's pipeliner)
 ):  # fmt: skip
     """``out[M, N] = x[M, K] @ dequant(W)[N, K].T (* row scale, * rf[m]) + bias``; program = (tile, split)."""
     VALS: tl.constexpr = 32 // BITS
@@ -161,7 +163,10 @@ def _prompt_gemm_kernel(
     offs_k = tl.arange(0, BK)
     KW = K // VALS
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    if W_AS_B:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
 
     row_sub = 0.0
     if GROUP == 0:
@@ -169,68 +174,112 @@ def _prompt_gemm_kernel(
         if HAS_ZERO:
             row_sub = tl.load(z_ptr + rows * stride_sn, mask=mask_n, other=0).to(tl.float32) + MAGIC
     # the next step's codes (and raw scales) are requested before this step is decoded
-    words_n = tl.load(
-        w_ptr + word_off(rows[:, None], (k_lo // VALS + offs_j)[None, :], stride_wn, KW, TN, TKV),
-        mask=mask_n[:, None] & ((k_lo + offs_j * 0) < k_hi)[None, :],
-        other=0,
-    )
-    if GROUP > 0:
-        raw_n, sub_n = _load_scale(s_ptr, z_ptr, rows, mask_n, k_lo, k_hi, offs_j, stride_sn, n_groups, GROUP, VALS,
-                                   TILE_SCALE, MODE == _INT and HAS_ZERO, TN)  # fmt: skip
-    for k0 in range(k_lo, k_hi, BK):
-        words = words_n
-        k_next = k0 + BK
+    if PREFETCH:
         words_n = tl.load(
-            w_ptr + word_off(rows[:, None], (k_next // VALS + offs_j)[None, :], stride_wn, KW, TN, TKV),
-            mask=mask_n[:, None] & ((k_next + offs_j * 0) < k_hi)[None, :],
+            w_ptr + word_off(rows[:, None], (k_lo // VALS + offs_j)[None, :], stride_wn, KW, TN, TKV),
+            mask=mask_n[:, None] & ((k_lo + offs_j * 0) < k_hi)[None, :],
             other=0,
         )
+        if GROUP > 0:
+            raw_n, sub_n = _load_scale(s_ptr, z_ptr, rows, mask_n, k_lo, k_hi, offs_j, stride_sn, n_groups, GROUP,
+                                       VALS, TILE_SCALE, MODE == _INT and HAS_ZERO, TN)  # fmt: skip
+    for k0 in range(k_lo, k_hi, BK):
+        if PREFETCH:
+            words = words_n
+            k_next = k0 + BK
+            words_n = tl.load(
+                w_ptr + word_off(rows[:, None], (k_next // VALS + offs_j)[None, :], stride_wn, KW, TN, TKV),
+                mask=mask_n[:, None] & ((k_next + offs_j * 0) < k_hi)[None, :],
+                other=0,
+            )
+        else:
+            words = tl.load(
+                w_ptr + word_off(rows[:, None], (k0 // VALS + offs_j)[None, :], stride_wn, KW, TN, TKV),
+                mask=mask_n[:, None],
+                other=0,
+            )
         if SIGNED8:
             words = words ^ -2139062144  # 0x80808080: int8 two's complement -> offset binary
         words = words.to(tl.uint32, bitcast=True)
         scale = 1.0
         sub = 0.0
         if GROUP > 0:
-            raw = raw_n
-            sub = sub_n
-            raw_n, sub_n = _load_scale(s_ptr, z_ptr, rows, mask_n, k_next, k_hi, offs_j, stride_sn, n_groups, GROUP,
-                                       VALS, TILE_SCALE, MODE == _INT and HAS_ZERO, TN)  # fmt: skip
+            if PREFETCH:
+                raw = raw_n
+                sub = sub_n
+                raw_n, sub_n = _load_scale(s_ptr, z_ptr, rows, mask_n, k_next, k_hi, offs_j, stride_sn, n_groups,
+                                           GROUP, VALS, TILE_SCALE, MODE == _INT and HAS_ZERO, TN)  # fmt: skip
+            else:
+                raw, sub = _load_scale(s_ptr, z_ptr, rows, mask_n, k0, k_hi, offs_j, stride_sn, n_groups, GROUP, VALS,
+                                       TILE_SCALE, MODE == _INT and HAS_ZERO, TN)  # fmt: skip
             scale = group_scale(raw, rows, mask_n, k0, offs_j, stride_sn, dqc_ptr, dqn_ptr, dqo_ptr, GROUP, VALS,
                                 TILE_SCALE, NESTED, SCALE_MUL)  # fmt: skip
         w = _decode_tile(words, t_ptr, scale, sub, row_sub, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, TABLE_ASM,
                          TP0, TP1, TP2, TP3, TP4, TP5, TP6, TP7, DT, BN, BK)  # fmt: skip
         xt = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
-        acc = tl.dot(w, tl.trans(xt), acc)
+        if W_AS_B:
+            acc = tl.dot(xt, tl.trans(w), acc)
+        else:
+            acc = tl.dot(w, tl.trans(xt), acc)
 
     out = acc
-    if GROUP == 0:
-        out = out * row_scale[:, None]
-    if HAS_ROWF:
-        out = out * tl.load(rf_ptr + offs_m, mask=mask_m, other=0.0)[None, :]
-    omask = mask_n[:, None] & mask_m[None, :]
-    o_off = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-    ws_off = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
-    _store_out(out, omask, o_off, ws_off, M * N, offs_n, mask_n, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks, HAS_BIAS,
-               SPLIT_K)  # fmt: skip
+    if W_AS_B:  # [BM, BN]; the bias is indexed per element (same-shape offsets)
+        if GROUP == 0:
+            out = out * row_scale[None, :]
+        if HAS_ROWF:
+            out = out * tl.load(rf_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+        omask = mask_m[:, None] & mask_n[None, :]
+        cols = offs_n[None, :] + offs_m[:, None] * 0
+        o_off = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        ws_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        _store_out(out, omask, o_off, ws_off, M * N, cols, omask, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks, HAS_BIAS,
+                   SPLIT_K)  # fmt: skip
+    else:  # [BN, BM]
+        if GROUP == 0:
+            out = out * row_scale[:, None]
+        if HAS_ROWF:
+            out = out * tl.load(rf_ptr + offs_m, mask=mask_m, other=0.0)[None, :]
+        omask = mask_n[:, None] & mask_m[None, :]
+        o_off = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+        ws_off = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+        _store_out(out, omask, o_off, ws_off, M * N, offs_n, mask_n, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks, HAS_BIAS,
+                   SPLIT_K)  # fmt: skip
 
 
-def prompt_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132) -> dict:
-    """Tile sizes, warps and split-K for one product (H200 sweep: benchmarks/prompt_gemm_sweep.py)."""
+def prompt_config(m: int, n: int, k: int, bits: int, mode: int, group: int, sms: int = 132) -> dict:
+    """Tile sizes, operand order, warps and split-K for one product, from the H200 sweep of the Mistral-7B
+    shapes at 128 tokens (``benchmarks/prompt_gemm_sweep.py``, docs/bench.md):
+
+    * one program per SM (shared memory and registers allow no second), so K is split into the most
+      pieces that still fit one wave: a second, partly empty wave cost more than the split saved
+      (o_proj int4: 8 splits 40.6 us, 4 splits 24.0);
+    * weights as the second dot operand except for int4 (8-bit / NF4 qkv 36 -> 35-40 us, int4 worse);
+    * layers with a wave of tiles and no split (gate/up): int4 steps of 64 columns (114 -> 89 us) and
+      8-bit codes left to Triton's pipeliner (111 -> 91 us).
+    """
     vals = 32 // bits
+    int4 = bits == 4 and mode == MODE_INT
     bm = 128 if m > 64 else 64
     bn = 128
     bk = 128 if bits == 4 else 64
     if 0 < group < bk:
         bk = max(group, 32)  # one scale per row per step where the group allows it
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = 1
+    while tiles * split * 2 <= sms and (k // bk) // (split * 2) >= 4 and split < 16:
+        split *= 2
+    prefetch = 1
+    if split == 1:
+        if int4:
+            bk = 64
+        elif bits == 8:
+            prefetch = 0
     while bk > 16 and k % bk:
         bk //= 2
     if k % bk or bk < 2 * vals:
         return {}
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    split = 1
-    while tiles * split < sms and (k // bk) // (split * 2) >= 4 and split < 16:
-        split *= 2
-    return {"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": 8, "num_stages": 3}
+    return {"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": 8, "num_stages": 3,
+            "W_AS_B": 0 if int4 else 1, "PREFETCH": prefetch}  # fmt: skip
 
 
 def prompt_gemm(
@@ -249,9 +298,10 @@ def prompt_gemm(
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     sms = _num_sms(x.device)
-    cfg = dict(config or prompt_config(m, n, k, layout.bits, layout.group, sms))
+    cfg = dict(config or prompt_config(m, n, k, layout.bits, layout.mode, layout.group, sms))
     if not cfg:
         raise ValueError(f"no prompt kernel configuration for K={k}, bits={layout.bits}")
+    cfg = {"W_AS_B": 0, "PREFETCH": 1, **cfg}
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     split, k_split, ws, cnt = plan_split(cfg.pop("SPLIT_K", 1), tiles, m * n, k, bk, out)

@@ -180,8 +180,10 @@ def _bias_like(out, b_ptr, offs_n, mask_n):
     or, with ``out``'s own shape, each element."""
     b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if len(offs_n.shape) == len(out.shape):
-        return b + tl.zeros_like(out)
-    return tl.reshape(b, (out.shape[0],) + (1,) * (len(out.shape) - 1)) + tl.zeros_like(out)
+        full = b + tl.zeros_like(out)
+    else:  # (no early return: Triton 3.6 still compiles the statements after one)
+        full = tl.reshape(b, (out.shape[0],) + (1,) * (len(out.shape) - 1)) + tl.zeros_like(out)
+    return full
 
 
 @triton.jit
