@@ -67,7 +67,8 @@ def linear(
             from quantbench.engine.kernels.fused import act_quant
 
             x, rf = act_quant(x, layout.act_quant, layout.threshold, False, layout.in_features)
-        if PROMPT_PATH["path"] == "fused" and prompt_config(
+        fused = PROMPT_PATH["path"] == "fused" and x.shape[0] <= PROMPT_PATH["max_m"]
+        if fused and prompt_config(
             x.shape[0], layout.out_features, layout.in_features, layout.bits, layout.mode, layout.group
         ):
             return prompt_gemm(x, layout, row_factor=rf, out=out)

@@ -44,8 +44,11 @@ __all__ = ["PROMPT_PATH", "prompt_config", "prompt_gemm"]
 _INT = tl.constexpr(MODE_INT)
 _TABLE = tl.constexpr(MODE_TABLE)
 
-# "fused" (this kernel) or "slab" (dequantized L2 slabs + cuBLAS) for prompt-sized products
-PROMPT_PATH = {"path": os.environ.get("QUANTBENCH_PROMPT_PATH", "fused")}
+# "fused" (this kernel) or "slab" (dequantized L2 slabs + cuBLAS) for prompt-sized products, and the most
+# tokens the fused kernel takes: it decodes each weight tile once per 128 tokens, so for long prompts the
+# slabs (decoded once, then cuBLAS) win (H200, int4 first token: 128 tokens 11.4 -> 7.2 ms fused;
+# 8 x 128 tokens 28.9 ms with slabs, 37.6 fused)
+PROMPT_PATH = {"path": os.environ.get("QUANTBENCH_PROMPT_PATH", "fused"), "max_m": 256}
 
 
 @triton.jit
@@ -253,7 +256,9 @@ def prompt_config(m: int, n: int, k: int, bits: int, mode: int, group: int, sms:
     * one program per SM (shared memory and registers allow no second), so K is split into the most
       pieces that still fit one wave: a second, partly empty wave cost more than the split saved
       (o_proj int4: 8 splits 40.6 us, 4 splits 24.0);
-    * weights as the second dot operand except for int4 (8-bit / NF4 qkv 36 -> 35-40 us, int4 worse);
+    * weights as the second dot operand (8-bit / NF4 qkv 36 -> 35-40 us). For int4 the first operand
+      was up to 10 % faster, but with tile-major codes, split K and a partial last token tile it gave
+      wrong sums on the H200 (cause not found; ``W_AS_B=0`` stays available for experiments);
     * layers with a wave of tiles and no split (gate/up): int4 steps of 64 columns (114 -> 89 us) and
       8-bit codes left to Triton's pipeliner (111 -> 91 us).
     """
@@ -279,7 +284,7 @@ def prompt_config(m: int, n: int, k: int, bits: int, mode: int, group: int, sms:
     if k % bk or bk < 2 * vals:
         return {}
     return {"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": 8, "num_stages": 3,
-            "W_AS_B": 0 if int4 else 1, "PREFETCH": prefetch}  # fmt: skip
+            "W_AS_B": 1, "PREFETCH": prefetch}  # fmt: skip
 
 
 def prompt_gemm(
