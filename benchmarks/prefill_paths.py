@@ -1,5 +1,6 @@
-"""First-token time of the engine's prompt pass on a random-weight 7B, by path: fused dequantize-GEMM
-(Triton) vs dequantized L2 slabs + cuBLAS, CUDA graph vs eager; plus the top kernels of one pass.
+"""First-token time of the engine's prompt pass on a random-weight 7B, by path: the fused prompt GEMM
+(``kernels/prompt_gemm.py``), dequantized L2 slabs + cuBLAS, or ``wq_matmul``; CUDA graph vs eager; plus
+the top kernels of one pass.
 
     python benchmarks/prefill_paths.py --method int4:group=128 --prompt 128
 """
@@ -16,6 +17,7 @@ import quantbench
 from quantbench.engine import Engine
 from quantbench.engine.kernels import DENSE_DISABLED
 from quantbench.engine.kernels import dequant as dq
+from quantbench.engine.kernels.prompt_gemm import PROMPT_PATH
 
 
 def first_token_ms(engine: Engine, ids: torch.Tensor, repeats: int) -> list[float]:
@@ -42,29 +44,33 @@ def main() -> None:
     quantbench.quantize(model, args.method)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt), device="cuda")
     rows = []
-    for dense in (True, False):
-        DENSE_DISABLED["off"] = not dense
+    default_path = PROMPT_PATH["path"]
+    for path in ("fused", "slab", "wq_matmul"):
+        DENSE_DISABLED["off"] = path == "wq_matmul"
+        PROMPT_PATH["path"] = path if path != "wq_matmul" else default_path
         for graphs in (True, False):
             engine = Engine(model, cuda_graphs=graphs)
             t = first_token_ms(engine, ids, args.repeats)
-            row = {"dense": dense, "graphs": graphs, "first_token_ms": round(statistics.median(t), 2),
+            row = {"prompt_path": path, "graphs": graphs, "first_token_ms": round(statistics.median(t), 2),
                    "all": [round(v, 2) for v in t], "path": engine.path,
                    "prefill_graphs": len(engine._prefill_graphs)}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
             del engine
     DENSE_DISABLED["off"] = False
+    PROMPT_PATH["path"] = "slab"  # the slab sizes below
     default_elems = dq.SCRATCH_ELEMS
     for mib in [int(v) for v in args.slab_mib.split(",") if v]:
         dq.SCRATCH_ELEMS, dq._SCRATCH = mib << 19, {}  # bf16 elements
         engine = Engine(model, cuda_graphs=True)
         t = first_token_ms(engine, ids, args.repeats)
-        row = {"dense": True, "graphs": True, "slab_mib": mib, "first_token_ms": round(statistics.median(t), 2),
+        row = {"prompt_path": "slab", "graphs": True, "slab_mib": mib, "first_token_ms": round(statistics.median(t), 2),
                "all": [round(v, 2) for v in t]}  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
         del engine
     dq.SCRATCH_ELEMS, dq._SCRATCH = default_elems, {}
+    PROMPT_PATH["path"] = default_path
     engine = Engine(model, cuda_graphs=False)
     engine.generate(ids, max_new_tokens=2, ignore_eos=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
