@@ -395,8 +395,9 @@ def test_prompt_slabs_on_two_streams_cuda(spec: str) -> None:
 
 
 def _prompt_case(spec: str, m: int, n: int, k: int, device: str, dtype: torch.dtype, tiled: bool):
-    """A module (tile-major like the engine's when ``tiled``), its input and the reference output:
-    float64 ``x @ dequantize().T + bias`` (weight-only) or the module's own CPU forward (W8A8)."""
+    """A module (tile-major like the engine's when ``tiled``), its layout, its input (quantized, with the
+    per-token factors, for W8A8) and the reference output: float64 ``x @ dequantize().T + bias``
+    (weight-only) or the module's own CPU forward on the unquantized input (W8A8)."""
     from quantbench.engine.kernels import act_quant_torch, layout_for
 
     torch.manual_seed(m + len(spec))
@@ -411,7 +412,7 @@ def _prompt_case(spec: str, m: int, n: int, k: int, device: str, dtype: torch.dt
         x, rf = act_quant_torch(x, layout.act_quant, layout.threshold, False, k)
     else:
         ref = x.double() @ module.dequantize().double().t() + module.bias.double()
-    return layout, x, rf, ref
+    return module, layout, x, rf, ref
 
 
 @pytest.mark.cuda
@@ -425,7 +426,7 @@ def test_prompt_gemm_cuda(spec: str, m: int, tiled: bool) -> None:
 
     if tiled and spec not in TILED_SPECS:
         pytest.skip("kept row-major by the engine")
-    layout, x, rf, ref = _prompt_case(spec, m, 1024, 4096, "cuda", torch.bfloat16, tiled)
+    _, layout, x, rf, ref = _prompt_case(spec, m, 1024, 4096, "cuda", torch.bfloat16, tiled)
     out = torch.full((m, 1024), float("nan"), device="cuda", dtype=torch.bfloat16)
     prompt_gemm(x, layout, row_factor=rf, out=out)
     assert _rel(out.cpu(), ref.cpu()) < (2e-2 if layout.act_quant else 1e-2)
@@ -468,34 +469,18 @@ def test_weight_only_kernel_interpreter(spec: str, m: int) -> None:
 def test_dense_prefill_interpreter(spec: str, dtype: torch.dtype) -> None:
     """Prompt path: dequantized slabs (a slab smaller than the layer, so several) + matmul; in bf16 the
     per-row-scaled layouts multiply the scale after the product."""
-    from quantbench.engine.kernels import act_quant_torch, layout_for
     from quantbench.engine.kernels import dequant as dq
 
-    torch.manual_seed(len(spec))
-    module = _module(
-        spec.replace(",compute=fp16", "").replace(":compute=fp16", ""),
-        80,
-        256,
-        bias=True,
-        device="cpu",
-        dtype=dtype,
-    )
-    layout = layout_for(module)
+    spec = spec.replace(",compute=fp16", "").replace(":compute=fp16", "")
+    module, layout, x, rf, ref = _prompt_case(spec, 70, 80, 256, "cpu", dtype, False)
     w = torch.full((80, 256), float("nan"), dtype=dtype)
     dq.dequantize_rows(layout, 0, 80, w)
     assert _rel(w, module.dequantize().to(dtype)) < (1e-3 if dtype == torch.float16 else 1e-2)  # one ulp
-    x = _x(70, 256, "cpu", dtype, outliers=True)
     old = dq.SCRATCH_ELEMS
     dq.SCRATCH_ELEMS, dq._SCRATCH = 64 * 256, {}  # 64-row slabs: two for 80 rows
     try:
-        if layout.act_quant:
-            xe, rf = act_quant_torch(x, layout.act_quant, layout.threshold, False, 256)
-            out, ref = dq.dense_matmul(xe, layout, row_factor=rf), module(x)
-            assert _rel(out, ref) < 2e-2
-        else:
-            out = dq.dense_matmul(x, layout)
-            ref = x.double() @ module.dequantize().double().t() + module.bias.double()
-            assert _rel(out, ref) < 1e-2
+        out = dq.dense_matmul(x, layout, row_factor=rf)
+        assert _rel(out, ref) < (2e-2 if layout.act_quant else 1e-2)
     finally:
         dq.SCRATCH_ELEMS, dq._SCRATCH = old, {}
 
@@ -526,7 +511,7 @@ def test_prompt_gemm_interpreter(spec: str, tiled: bool) -> None:
     spec = spec.replace(",compute=fp16", "").replace(":compute=fp16", "")
     if tiled and spec not in TILED_SPECS:
         pytest.skip("kept row-major by the engine")
-    layout, x, rf, ref = _prompt_case(spec, 70, 80, 256, "cpu", torch.float16, tiled)
+    _, layout, x, rf, ref = _prompt_case(spec, 70, 80, 256, "cpu", torch.float16, tiled)
     bk = 128 if layout.bits == 4 else 64
     for cfg in (
         {"BM": 64, "BN": 32, "BK": 64, "SPLIT_K": 1, "W_AS_B": 0, "PREFETCH": 1},
