@@ -34,9 +34,10 @@ from quantbench.engine.kernels.wq_matmul import (
     _store_out,
     _table_prmt,
     group_scale,
+    load_words,
     or_dummy,
     plan_split,
-    word_off,
+    split_tile,
 )
 
 __all__ = ["PROMPT_PATH", "prompt_config", "prompt_gemm"]
@@ -148,14 +149,7 @@ def _prompt_gemm_kernel(
     DT: tl.constexpr = x_ptr.dtype.element_ty
     MAGIC: tl.constexpr = 8388608.0
 
-    pid = tl.program_id(0)
-    tile = pid // SPLIT_K
-    ks = pid % SPLIT_K
-    num_m = tl.cdiv(M, BM)
-    pid_m = tile % num_m  # token tiles of one weight tile run side by side: its codes are read once from HBM
-    pid_n = tile // num_m
-    k_lo = ks * k_split
-    k_hi = tl.minimum(K, k_lo + k_split)
+    tile, ks, pid_m, pid_n, k_lo, k_hi = split_tile(M, K, k_split, BM, SPLIT_K)
 
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < N
@@ -178,11 +172,7 @@ def _prompt_gemm_kernel(
             row_sub = tl.load(z_ptr + rows * stride_sn, mask=mask_n, other=0).to(tl.float32) + MAGIC
     # the next step's codes (and raw scales) are requested before this step is decoded
     if PREFETCH:
-        words_n = tl.load(
-            w_ptr + word_off(rows[:, None], (k_lo // VALS + offs_j)[None, :], stride_wn, KW, TN, TKV),
-            mask=mask_n[:, None] & ((k_lo + offs_j * 0) < k_hi)[None, :],
-            other=0,
-        )
+        words_n = load_words(w_ptr, rows, mask_n, k_lo, k_hi, offs_j, stride_wn, KW, VALS, TN, TKV)
         if GROUP > 0:
             raw_n, sub_n = _load_scale(s_ptr, z_ptr, rows, mask_n, k_lo, k_hi, offs_j, stride_sn, n_groups, GROUP,
                                        VALS, TILE_SCALE, MODE == _INT and HAS_ZERO, TN)  # fmt: skip
@@ -190,17 +180,9 @@ def _prompt_gemm_kernel(
         if PREFETCH:
             words = words_n
             k_next = k0 + BK
-            words_n = tl.load(
-                w_ptr + word_off(rows[:, None], (k_next // VALS + offs_j)[None, :], stride_wn, KW, TN, TKV),
-                mask=mask_n[:, None] & ((k_next + offs_j * 0) < k_hi)[None, :],
-                other=0,
-            )
+            words_n = load_words(w_ptr, rows, mask_n, k_next, k_hi, offs_j, stride_wn, KW, VALS, TN, TKV)
         else:
-            words = tl.load(
-                w_ptr + word_off(rows[:, None], (k0 // VALS + offs_j)[None, :], stride_wn, KW, TN, TKV),
-                mask=mask_n[:, None],
-                other=0,
-            )
+            words = load_words(w_ptr, rows, mask_n, k0, k_hi, offs_j, stride_wn, KW, VALS, TN, TKV)
         if SIGNED8:
             words = words ^ -2139062144  # 0x80808080: int8 two's complement -> offset binary
         words = words.to(tl.uint32, bitcast=True)

@@ -134,6 +134,29 @@ def word_off(rows, wcols, stride_wn, KW, TN: tl.constexpr, TKV: tl.constexpr):
 
 
 @triton.jit
+def split_tile(M, K, k_split, BM: tl.constexpr, SPLIT_K: tl.constexpr):
+    """``(tile, split, token tile, row tile, k_lo, k_hi)`` of this program. Programs are (tile, split) with
+    a tile's splits adjacent and the token tiles of one row tile side by side (its codes read once)."""
+    pid = tl.program_id(0)
+    tile = pid // SPLIT_K
+    ks = pid % SPLIT_K
+    num_m = tl.cdiv(M, BM)
+    k_lo = ks * k_split
+    return tile, ks, tile % num_m, tile // num_m, k_lo, tl.minimum(K, k_lo + k_split)
+
+
+@triton.jit
+def load_words(w_ptr, rows, mask_n, k, k_hi, offs_j, stride_wn, KW, VALS: tl.constexpr, TN: tl.constexpr,
+               TKV: tl.constexpr):  # fmt: skip
+    """Code words ``[BN, BKV]`` of the step at column ``k``; zeros from ``k_hi`` on (a prefetch past the end)."""
+    return tl.load(
+        w_ptr + word_off(rows[:, None], (k // VALS + offs_j)[None, :], stride_wn, KW, TN, TKV),
+        mask=mask_n[:, None] & ((k + offs_j * 0) < k_hi)[None, :],
+        other=0,
+    )
+
+
+@triton.jit
 def group_off(rows, g, stride_sn, n_groups, TN: tl.constexpr):
     """Offsets of per-(row, group) scales / zeros: row-major, or ``[N / TN, groups, TN]`` when tiled."""
     if TN == 0:
@@ -231,14 +254,7 @@ def _wq_matmul_kernel(
     MAGIC: tl.constexpr = 8388608.0  # 2**23: bits(u | 0x4B000000) == 2**23 + u as fp32
 
     wait_prior(PDL)
-    pid = tl.program_id(0)
-    tile = pid // SPLIT_K
-    ks = pid % SPLIT_K
-    num_m = tl.cdiv(M, BM)
-    pid_m = tile % num_m
-    pid_n = tile // num_m
-    k_lo = ks * k_split
-    k_hi = tl.minimum(K, k_lo + k_split)
+    tile, ks, pid_m, pid_n, k_lo, k_hi = split_tile(M, K, k_split, BM, SPLIT_K)
 
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < N
@@ -263,22 +279,14 @@ def _wq_matmul_kernel(
 
     # Software pipelining by hand: the words (and raw scales) of step k0 + BK are requested before step
     # k0 is computed, so every program keeps one tile of HBM reads in flight while it does the ALU work.
-    words_n = tl.load(
-        w_ptr + word_off(rows[:, None], (k_lo // VALS + offs_j)[None, :], stride_wn, KW, TN, TKV),
-        mask=mask_n[:, None] & ((k_lo + offs_j * 0) < k_hi)[None, :],
-        other=0,
-    )
+    words_n = load_words(w_ptr, rows, mask_n, k_lo, k_hi, offs_j, stride_wn, KW, VALS, TN, TKV)
     if GROUP > 0:
         raw_n, sub_n = _load_scale(s_ptr, z_ptr, rows, mask_n, k_lo, k_hi, offs_j, stride_sn, n_groups, GROUP, VALS,
                                    TILE_SCALE, MODE == _INT and HAS_ZERO, TN)  # fmt: skip
     for k0 in range(k_lo, k_hi, BK):
         words = words_n
         k_next = k0 + BK
-        words_n = tl.load(
-            w_ptr + word_off(rows[:, None], (k_next // VALS + offs_j)[None, :], stride_wn, KW, TN, TKV),
-            mask=mask_n[:, None] & ((k_next + offs_j * 0) < k_hi)[None, :],
-            other=0,
-        )
+        words_n = load_words(w_ptr, rows, mask_n, k_next, k_hi, offs_j, stride_wn, KW, VALS, TN, TKV)
         if SIGNED8:
             words = words ^ -2139062144  # 0x80808080: int8 two's complement -> offset binary
         words = words.to(tl.uint32, bitcast=True)  # logical shifts
