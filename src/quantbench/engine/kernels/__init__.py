@@ -56,7 +56,7 @@ def linear(
 
     if dense_enabled(x, layout):  # prompt sizes: fused dequantize-GEMM, or L2 slabs + cuBLAS
         from quantbench.engine.kernels.dequant import dense_matmul
-        from quantbench.engine.kernels.prompt_gemm import PROMPT_PATH, prompt_config, prompt_gemm
+        from quantbench.engine.kernels.prompt_gemm import PROMPT_PATH, prompt_gemm, prompt_supported
 
         if act_silu_mul:
             from quantbench.engine.kernels.fused import silu_mul
@@ -68,9 +68,7 @@ def linear(
 
             x, rf = act_quant(x, layout.act_quant, layout.threshold, False, layout.in_features)
         fused = PROMPT_PATH["path"] == "fused" and x.shape[0] <= PROMPT_PATH["max_m"]
-        if fused and prompt_config(
-            x.shape[0], layout.out_features, layout.in_features, layout.bits, layout.mode, layout.group
-        ):
+        if fused and prompt_supported(layout, x):
             return prompt_gemm(x, layout, row_factor=rf, out=out)
         return dense_matmul(x, layout, row_factor=rf, out=out)
     if layout.act_quant == ACT_NONE:

@@ -40,7 +40,7 @@ from quantbench.engine.kernels.wq_matmul import (
     split_tile,
 )
 
-__all__ = ["PROMPT_PATH", "prompt_config", "prompt_gemm"]
+__all__ = ["PROMPT_PATH", "prompt_config", "prompt_gemm", "prompt_supported"]
 
 _INT = tl.constexpr(MODE_INT)
 _TABLE = tl.constexpr(MODE_TABLE)
@@ -267,6 +267,16 @@ def prompt_config(m: int, n: int, k: int, bits: int, mode: int, group: int, sms:
         return {}
     return {"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": 8, "num_stages": 3,
             "W_AS_B": 1, "PREFETCH": prefetch}  # fmt: skip
+
+
+def prompt_supported(layout: WQLayout, x: torch.Tensor) -> bool:
+    """Whether the fused kernel takes this product. NF4 / FP4 need the PTX table decoder on CUDA: the
+    L1-lookup decode (``QUANTBENCH_NO_PRMT=1``) does not compile for sm_90 with Triton 3.6 ("Illegal
+    shared layout"), so those prompts keep the slab path."""
+    m, n, k = x.shape[0], layout.out_features, layout.in_features
+    if not prompt_config(m, n, k, layout.bits, layout.mode, layout.group):
+        return False
+    return not (x.is_cuda and layout.mode == MODE_TABLE and not _asm_for(layout, x.device)["TABLE_ASM"])
 
 
 def prompt_gemm(
