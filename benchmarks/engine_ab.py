@@ -11,6 +11,8 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``noh2``: batch 1 through ``wq_matmul``'s fp32 path instead of the half2 GEMV;
 * ``nodense``: prompts through ``wq_matmul`` instead of the fused prompt GEMM / slabs;
 * ``slab``: prompts through dequantized L2 slabs + cuBLAS instead of the fused prompt GEMM;
+* ``actwide``: W8A8 prompt activations quantized with the decode's statistics tiles (1024 columns x 64
+  tokens per program) instead of 256 x 16;
 * ``noattsplit``: decode attention one program per (sequence, kv head), the cache not split;
 * ``noover``: (slab path) prompt slabs dequantized on the main stream (no overlap with the products);
 * ``slab12`` / ``slab48``: the slab path with 12 / 48 MiB slabs instead of 24;
@@ -52,6 +54,7 @@ VARIANTS = {
     "slab": [(prompt_gemm.PROMPT_PATH, "path", "slab")],
     "noover": [(prompt_gemm.PROMPT_PATH, "path", "slab"), (dequant.OVERLAP, "on", False)],
     "noattsplit": [(fused.ATTN_SPLIT, "on", False)],
+    "actwide": [(fused.ACT_TILES, "prompt", (1024, 64))],
     "slab12": [
         (prompt_gemm.PROMPT_PATH, "path", "slab"),
         (dequant, "SCRATCH_ELEMS", 6 << 20),

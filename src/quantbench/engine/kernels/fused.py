@@ -538,6 +538,7 @@ def _rint(x):
     return (x + big) - big
 
 
+ACT_TILES = {"decode": (1024, 64), "prompt": (256, 16)}  # (columns, tokens) per statistics program
 ROW_TILE_MAX = 32768  # one-token rows up to this many columns are quantized from one register tile
 
 
@@ -559,7 +560,9 @@ def act_quant(
             x, xe, rf, k, thr, KIND=kind, ACT=act_silu_mul, BK=row, num_warps=max(4, min(16, row // 1024)), **pdl,
         )  # fmt: skip
         return xe, rf
-    chunk, rows = 1024, 64  # statistics programs: one column chunk x up to 64 tokens each
+    # statistics programs: one column chunk x a block of tokens each; prompts take smaller ones so that
+    # the passes spread over the SMs (128 tokens x 4096 columns: 8 programs of 1024 x 64, 128 of 256 x 16)
+    chunk, rows = ACT_TILES["decode" if m <= 64 else "prompt"]
     n_chunks, n_rb = triton.cdiv(k, chunk), triton.cdiv(m, rows)
     bm = min(16, triton.next_power_of_2(m))
     flags = torch.empty((k,), device=x.device, dtype=torch.int8)
