@@ -75,6 +75,17 @@ def _slot(words, vals, t_ptr, scale, sub, row_sub, i: tl.constexpr, MODE: tl.con
 
 
 @triton.jit
+def _pair(words, vals, t_ptr, scale, sub, row_sub, i: tl.constexpr, j: tl.constexpr, MODE: tl.constexpr,
+          BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP: tl.constexpr, ZERO_CONST: tl.constexpr,
+          ASM: tl.constexpr, DT: tl.constexpr):  # fmt: skip
+    """Slots ``i`` and ``j`` stacked on a new last axis (``[BN, BKV, 2]``)."""
+    return tl.join(
+        _slot(words, vals, t_ptr, scale, sub, row_sub, i, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT),
+        _slot(words, vals, t_ptr, scale, sub, row_sub, j, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT),
+    )
+
+
+@triton.jit
 def _decode_tile(words, t_ptr, scale, sub, row_sub, MODE: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
                  GROUP: tl.constexpr, ZERO_CONST: tl.constexpr, ASM: tl.constexpr, P0: tl.constexpr,
                  P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr, P5: tl.constexpr,
@@ -87,45 +98,21 @@ def _decode_tile(words, t_ptr, scale, sub, row_sub, MODE: tl.constexpr, BITS: tl
     if MODE == _TABLE and ASM != "":
         vals = _table_prmt(words, ASM, P0, P1, P2, P3, P4, P5, P6, P7)
     if BITS == 4:
-        s0 = _slot(
-            words, vals, t_ptr, scale, sub, row_sub, 0, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT
-        )
-        s1 = _slot(
-            words, vals, t_ptr, scale, sub, row_sub, 1, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT
-        )
-        s2 = _slot(
-            words, vals, t_ptr, scale, sub, row_sub, 2, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT
-        )
-        s3 = _slot(
-            words, vals, t_ptr, scale, sub, row_sub, 3, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT
-        )
-        s4 = _slot(
-            words, vals, t_ptr, scale, sub, row_sub, 4, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT
-        )
-        s5 = _slot(
-            words, vals, t_ptr, scale, sub, row_sub, 5, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT
-        )
-        s6 = _slot(
-            words, vals, t_ptr, scale, sub, row_sub, 6, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT
-        )
-        s7 = _slot(
-            words, vals, t_ptr, scale, sub, row_sub, 7, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT
-        )
-        w = tl.join(tl.join(tl.join(s0, s4), tl.join(s2, s6)), tl.join(tl.join(s1, s5), tl.join(s3, s7)))
+        w = tl.join(
+            tl.join(
+                _pair(words, vals, t_ptr, scale, sub, row_sub, 0, 4, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT),
+                _pair(words, vals, t_ptr, scale, sub, row_sub, 2, 6, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT),
+            ),
+            tl.join(
+                _pair(words, vals, t_ptr, scale, sub, row_sub, 1, 5, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT),
+                _pair(words, vals, t_ptr, scale, sub, row_sub, 3, 7, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT),
+            ),
+        )  # fmt: skip
     else:
-        s0 = _slot(
-            words, vals, t_ptr, scale, sub, row_sub, 0, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT
-        )
-        s1 = _slot(
-            words, vals, t_ptr, scale, sub, row_sub, 1, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT
-        )
-        s2 = _slot(
-            words, vals, t_ptr, scale, sub, row_sub, 2, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT
-        )
-        s3 = _slot(
-            words, vals, t_ptr, scale, sub, row_sub, 3, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT
-        )
-        w = tl.join(tl.join(s0, s2), tl.join(s1, s3))
+        w = tl.join(
+            _pair(words, vals, t_ptr, scale, sub, row_sub, 0, 2, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT),
+            _pair(words, vals, t_ptr, scale, sub, row_sub, 1, 3, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, ASM, DT),
+        )  # fmt: skip
     return tl.reshape(w, (BN, BK))
 
 
