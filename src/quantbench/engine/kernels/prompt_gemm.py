@@ -37,6 +37,7 @@ from quantbench.engine.kernels.wq_matmul import (
     load_words,
     or_dummy,
     plan_split,
+    row_stats,
     split_tile,
 )
 
@@ -134,7 +135,6 @@ def _prompt_gemm_kernel(
     BKV: tl.constexpr = BK // VALS
     TILE_SCALE: tl.constexpr = GROUP > 0 and GROUP % BK == 0  # one scale per row for the whole step
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    MAGIC: tl.constexpr = 8388608.0
 
     tile, ks, pid_m, pid_n, k_lo, k_hi = split_tile(M, K, k_split, BM, SPLIT_K)
 
@@ -152,11 +152,7 @@ def _prompt_gemm_kernel(
     else:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
 
-    row_sub = 0.0
-    if GROUP == 0:
-        row_scale = tl.load(s_ptr + rows * stride_sn, mask=mask_n, other=0.0).to(tl.float32) * SCALE_MUL
-        if HAS_ZERO:
-            row_sub = tl.load(z_ptr + rows * stride_sn, mask=mask_n, other=0).to(tl.float32) + MAGIC
+    row_scale, row_sub = row_stats(s_ptr, z_ptr, rows, mask_n, stride_sn, GROUP, HAS_ZERO, SCALE_MUL)
     # the next step's codes (and raw scales) are requested before this step is decoded
     if PREFETCH:
         words_n = load_words(w_ptr, rows, mask_n, k_lo, k_hi, offs_j, stride_wn, KW, VALS, TN, TKV)

@@ -157,6 +157,20 @@ def load_words(w_ptr, rows, mask_n, k, k_hi, offs_j, stride_wn, KW, VALS: tl.con
 
 
 @triton.jit
+def row_stats(s_ptr, z_ptr, rows, mask_n, stride_sn, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+              SCALE_MUL: tl.constexpr):  # fmt: skip
+    """One scale per output row (GROUP == 0): the fp32 scale and, for MODE_INT with zeros, zero + 2**23
+    (what ``_codes_slot`` subtracts); ``(1.0, 0.0)`` for group-wise layouts."""
+    row_scale = 1.0
+    row_sub = 0.0
+    if GROUP == 0:
+        row_scale = tl.load(s_ptr + rows * stride_sn, mask=mask_n, other=0.0).to(tl.float32) * SCALE_MUL
+        if HAS_ZERO:
+            row_sub = tl.load(z_ptr + rows * stride_sn, mask=mask_n, other=0).to(tl.float32) + 8388608.0
+    return row_scale, row_sub
+
+
+@triton.jit
 def group_off(rows, g, stride_sn, n_groups, TN: tl.constexpr):
     """Offsets of per-(row, group) scales / zeros: row-major, or ``[N / TN, groups, TN]`` when tiled."""
     if TN == 0:
@@ -251,7 +265,6 @@ def _wq_matmul_kernel(
     # bf16; NF4/FP4 code values are rounded to bf16 first, then scaled in fp32)
     POST_SCALE: tl.constexpr = TILE_SCALE or GROUP == 0
     XS_ON_X: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16  # bf16 has fp32's exponent range
-    MAGIC: tl.constexpr = 8388608.0  # 2**23: bits(u | 0x4B000000) == 2**23 + u as fp32
 
     wait_prior(PDL)
     tile, ks, pid_m, pid_n, k_lo, k_hi = split_tile(M, K, k_split, BM, SPLIT_K)
@@ -271,11 +284,7 @@ def _wq_matmul_kernel(
         x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
         acc2 = tl.zeros((BN, BKV), dtype=tl.float32)
 
-    row_sub = 0.0
-    if GROUP == 0:
-        row_scale = tl.load(s_ptr + rows * stride_sn, mask=mask_n, other=0.0).to(tl.float32) * SCALE_MUL
-        if HAS_ZERO:
-            row_sub = tl.load(z_ptr + rows * stride_sn, mask=mask_n, other=0).to(tl.float32) + MAGIC
+    row_scale, row_sub = row_stats(s_ptr, z_ptr, rows, mask_n, stride_sn, GROUP, HAS_ZERO, SCALE_MUL)
 
     # Software pipelining by hand: the words (and raw scales) of step k0 + BK are requested before step
     # k0 is computed, so every program keeps one tile of HBM reads in flight while it does the ALU work.
