@@ -504,8 +504,8 @@ def test_dense_prefill_interpreter(spec: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("tiled", [False, True])
 def test_prompt_gemm_interpreter(spec: str, tiled: bool) -> None:
     """The fused prompt GEMM: slots joined back into column order, group / row scales, split-K partials
-    (two splits, token tiles smaller than M, row tiles not dividing N), tile-major codes, both operand
-    orders, codes prefetched by hand or not."""
+    (two splits, token tiles smaller than M, row tiles not dividing N), tile-major codes, codes
+    prefetched by hand or not."""
     from quantbench.engine.kernels.prompt_gemm import prompt_gemm
 
     spec = spec.replace(",compute=fp16", "").replace(":compute=fp16", "")
@@ -514,9 +514,9 @@ def test_prompt_gemm_interpreter(spec: str, tiled: bool) -> None:
     _, layout, x, rf, ref = _prompt_case(spec, 70, 80, 256, "cpu", torch.float16, tiled)
     bk = 128 if layout.bits == 4 else 64
     for cfg in (
-        {"BM": 64, "BN": 32, "BK": 64, "SPLIT_K": 1, "W_AS_B": 0, "PREFETCH": 1},
-        {"BM": 32, "BN": 64, "BK": bk, "SPLIT_K": 2, "W_AS_B": 1, "PREFETCH": 1},
-        {"BM": 32, "BN": 64, "BK": 64, "SPLIT_K": 2, "W_AS_B": 1, "PREFETCH": 0},
+        {"BM": 64, "BN": 32, "BK": 64, "SPLIT_K": 1, "PREFETCH": 1},
+        {"BM": 32, "BN": 64, "BK": bk, "SPLIT_K": 2, "PREFETCH": 1},
+        {"BM": 32, "BN": 64, "BK": 64, "SPLIT_K": 2, "PREFETCH": 0},
     ):
         out = torch.full((70, 80), float("nan"), dtype=torch.float16)
         prompt_gemm(x, layout, row_factor=rf, out=out, config=cfg)

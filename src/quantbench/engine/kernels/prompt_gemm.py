@@ -127,7 +127,6 @@ def _prompt_gemm_kernel(
     TABLE_ASM: tl.constexpr, TP0: tl.constexpr, TP1: tl.constexpr, TP2: tl.constexpr, TP3: tl.constexpr,
     TP4: tl.constexpr, TP5: tl.constexpr, TP6: tl.constexpr, TP7: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    W_AS_B: tl.constexpr,  # weights as the dot's second operand (acc [BM, BN], staged in shared memory)
     PREFETCH: tl.constexpr,  # request the next step's codes by hand (else leave it to Triton's pipeliner)
 ):  # fmt: skip
     """``out[M, N] = x[M, K] @ dequant(W)[N, K].T (* row scale, * rf[m]) + bias``; program = (tile, split)."""
@@ -147,10 +146,7 @@ def _prompt_gemm_kernel(
     offs_k = tl.arange(0, BK)
     KW = K // VALS
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    if W_AS_B:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
 
     row_scale, row_sub = row_stats(s_ptr, z_ptr, rows, mask_n, stride_sn, GROUP, HAS_ZERO, SCALE_MUL)
     # the next step's codes (and raw scales) are requested before this step is decoded
@@ -185,33 +181,19 @@ def _prompt_gemm_kernel(
         w = _decode_tile(words, t_ptr, scale, sub, row_sub, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST, TABLE_ASM,
                          TP0, TP1, TP2, TP3, TP4, TP5, TP6, TP7, DT, BN, BK)  # fmt: skip
         xt = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
-        if W_AS_B:
-            acc = tl.dot(xt, tl.trans(w), acc)
-        else:
-            acc = tl.dot(w, tl.trans(xt), acc)
+        acc = tl.dot(xt, tl.trans(w), acc)  # the weights as the second operand: stored once to shared memory
 
-    out = acc
-    if W_AS_B:  # [BM, BN]; the bias is indexed per element (same-shape offsets)
-        if GROUP == 0:
-            out = out * row_scale[None, :]
-        if HAS_ROWF:
-            out = out * tl.load(rf_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
-        omask = mask_m[:, None] & mask_n[None, :]
-        cols = offs_n[None, :] + offs_m[:, None] * 0
-        o_off = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        ws_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        _store_out(out, omask, o_off, ws_off, M * N, cols, omask, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks, HAS_BIAS,
-                   SPLIT_K)  # fmt: skip
-    else:  # [BN, BM]
-        if GROUP == 0:
-            out = out * row_scale[:, None]
-        if HAS_ROWF:
-            out = out * tl.load(rf_ptr + offs_m, mask=mask_m, other=0.0)[None, :]
-        omask = mask_n[:, None] & mask_m[None, :]
-        o_off = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-        ws_off = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
-        _store_out(out, omask, o_off, ws_off, M * N, offs_n, mask_n, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks, HAS_BIAS,
-                   SPLIT_K)  # fmt: skip
+    out = acc  # [BM, BN]; the bias is indexed per element (same-shape offsets)
+    if GROUP == 0:
+        out = out * row_scale[None, :]
+    if HAS_ROWF:
+        out = out * tl.load(rf_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+    omask = mask_m[:, None] & mask_n[None, :]
+    cols = offs_n[None, :] + offs_m[:, None] * 0
+    o_off = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    ws_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    _store_out(out, omask, o_off, ws_off, M * N, cols, omask, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks, HAS_BIAS,
+               SPLIT_K)  # fmt: skip
 
 
 def prompt_config(m: int, n: int, k: int, bits: int, mode: int, group: int, sms: int = 132) -> dict:
@@ -221,9 +203,10 @@ def prompt_config(m: int, n: int, k: int, bits: int, mode: int, group: int, sms:
     * one program per SM (shared memory and registers allow no second), so K is split into the most
       pieces that still fit one wave: a second, partly empty wave cost more than the split saved
       (o_proj int4: 8 splits 40.6 us, 4 splits 24.0);
-    * weights as the second dot operand (8-bit / NF4 qkv 36 -> 35-40 us). For int4 the first operand
-      was up to 10 % faster, but with tile-major codes, split K and a partial last token tile it gave
-      wrong sums on the H200 (cause not found; ``W_AS_B=0`` stays available for experiments);
+    * weights as the dot's second operand, stored once to shared memory (8-bit / NF4 qkv 36 -> 35-40
+      us). As the first operand (converted to the wgmma register layout) int4 was up to 10 % faster, but
+      with tile-major codes, split K and a partial last token tile it summed wrongly on the H200 (cause
+      not found), so that variant was removed;
     * layers with a wave of tiles and no split (gate/up): int4 steps of 64 columns (114 -> 89 us) and
       8-bit codes left to Triton's pipeliner (111 -> 91 us).
     """
@@ -249,7 +232,7 @@ def prompt_config(m: int, n: int, k: int, bits: int, mode: int, group: int, sms:
     if k % bk or bk < 2 * vals:
         return {}
     return {"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": 8, "num_stages": 3,
-            "W_AS_B": 1, "PREFETCH": prefetch}  # fmt: skip
+            "PREFETCH": prefetch}  # fmt: skip
 
 
 def prompt_supported(layout: WQLayout, x: torch.Tensor) -> bool:
@@ -281,7 +264,7 @@ def prompt_gemm(
     cfg = dict(config or prompt_config(m, n, k, layout.bits, layout.mode, layout.group, sms))
     if not cfg:
         raise ValueError(f"no prompt kernel configuration for K={k}, bits={layout.bits}")
-    cfg = {"W_AS_B": 0, "PREFETCH": 1, **cfg}
+    cfg = {"PREFETCH": 1, **cfg}
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     split, k_split, ws, cnt = plan_split(cfg.pop("SPLIT_K", 1), tiles, m * n, k, bk, out)
