@@ -48,8 +48,8 @@ _TABLE = tl.constexpr(MODE_TABLE)
 
 # "fused" (this kernel) or "slab" (dequantized L2 slabs + cuBLAS) for prompt-sized products, and the most
 # tokens the fused kernel takes: it decodes each weight tile once per 128 tokens, so for long prompts the
-# slabs (decoded once, then cuBLAS) win (H200, int4 first token: 128 tokens 11.4 -> 7.2 ms fused;
-# 8 x 128 tokens 28.9 ms with slabs, 37.6 fused)
+# slabs (decoded once, then cuBLAS) win (H200, int4 first token: 128 tokens 11.4 ms with slabs, 7.4 fused;
+# 8 x 128 tokens 28.1 ms with slabs, 37.6 fused)
 PROMPT_PATH = {"path": os.environ.get("QUANTBENCH_PROMPT_PATH", "fused"), "max_m": 256}
 
 
@@ -197,16 +197,16 @@ def _prompt_gemm_kernel(
 
 
 def prompt_config(m: int, n: int, k: int, bits: int, mode: int, group: int, sms: int = 132) -> dict:
-    """Tile sizes, operand order, warps and split-K for one product, from the H200 sweep of the Mistral-7B
+    """Tile sizes, warps, prefetching and split-K for one product, from the H200 sweep of the Mistral-7B
     shapes at 128 tokens (``benchmarks/prompt_gemm_sweep.py``, docs/bench.md):
 
     * one program per SM (shared memory and registers allow no second), so K is split into the most
       pieces that still fit one wave: a second, partly empty wave cost more than the split saved
       (o_proj int4: 8 splits 40.6 us, 4 splits 24.0);
-    * weights as the dot's second operand, stored once to shared memory (8-bit / NF4 qkv 36 -> 35-40
-      us). As the first operand (converted to the wgmma register layout) int4 was up to 10 % faster, but
-      with tile-major codes, split K and a partial last token tile it summed wrongly on the H200 (cause
-      not found), so that variant was removed;
+    * (the kernel takes the weights as the dot's second operand, stored once to shared memory: faster
+      for 8-bit and NF4; as the first operand int4 was up to 10 % faster, but with tile-major codes,
+      split K and a partial last token tile it summed wrongly on the H200, cause not found, so that
+      variant was removed);
     * layers with a wave of tiles and no split (gate/up): int4 steps of 64 columns (114 -> 89 us) and
       8-bit codes left to Triton's pipeliner (111 -> 91 us).
     """
