@@ -1,10 +1,13 @@
-"""Prompt-sized products (M >= ``DENSE_MIN_M``): dequantize a slab of rows into an L2-sized 16-bit scratch
-buffer, multiply it with cuBLAS, next slab.
+"""Long prompts (more than ``prompt_gemm.PROMPT_PATH["max_m"]`` tokens, or with
+``QUANTBENCH_PROMPT_PATH=slab``): dequantize a slab of rows into an L2-sized 16-bit scratch buffer,
+multiply it with cuBLAS, next slab. Shorter prompts (from ``DENSE_MIN_M`` tokens) take the fused
+``prompt_gemm`` kernel, which decodes each weight tile once per 128 tokens; the slabs decode each weight
+once, so past a few hundred tokens cuBLAS's speed wins (H200, int4 linears of a 512-token pass: 16.8 ms
+here, 18.9 fused; 128 tokens: 10.5 here, 6.6 fused).
 
-Why: at prompt sizes the product is compute-bound, and cuBLAS on Hopper is far faster than a Triton
-dequantize-in-the-loop GEMM. Dequantizing a whole layer first would write and re-read a 16-bit copy of it
-(4x the int4 bytes) through HBM; slabs of at most ``SCRATCH_ELEMS`` weights reuse one buffer that stays in
-the 50 MB L2 between the dequantize kernel and the GEMM, so HBM sees little more than the packed codes.
+Why slabs: dequantizing a whole layer first would write and re-read a 16-bit copy of it (4x the int4
+bytes) through HBM; slabs of at most ``SCRATCH_ELEMS`` weights reuse one buffer that stays in the 50 MB
+L2 between the dequantize kernel and the GEMM, so HBM sees little more than the packed codes.
 
 Per-output-row scales (int8 / fp8 / LLM.int8 / SmoothQuant) are not applied to the slab: the slab holds the
 exact integer (or e4m3) code values and the scale multiplies the product afterwards, so ``code * scale`` is
