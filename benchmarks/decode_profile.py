@@ -1,99 +1,142 @@
-"""Per-token decode time and the top kernels of one decode pass, row-major vs tile-major weights.
+"""Where a prompt pass and a decode step spend their time: the top kernels of each, per method.
 
-    python benchmarks/decode_profile.py --method int4:group=128 --variants row,tiled,tiled-lowsplit
+    python benchmarks/decode_profile.py --methods "int4:group=128;llm.int8:compute=bf16" --json prof.json
 
-Each variant quantizes a fresh random-weight model (the engine tiles weights in place), times CUDA-graph
-decoding (128 prompt + 64 new tokens, median of 3) and profiles one eager generation of 9 tokens (the
-prompt pass and 8 decode steps; kernel names, calls, mean microseconds; "us/step" divides totals by 8). ``tiled-lowsplit`` / ``tiled-w2`` override the tiled GEMV's K-split / warps to the
-row-major choices, to separate the layout from the launch configuration.
+Each method quantizes a fresh random-weight model, times CUDA-graph generation (``--input`` prompt +
+64 new tokens, median of 3: first token and per token, with programmatic dependent launch on and off) and profiles two eager generations with
+programmatic dependent launch off (with it on, a kernel's time would include its wait for the one
+before): one new token (the prompt pass) and ``1 + --steps`` new tokens. Kernels of the prompt pass are
+the first profile's; those of one decode step are the difference of the two, divided by ``--steps``.
+Kernel times are device time; the graph timings include the gaps between kernels. The captured prompt
+pass is profiled too (``graph_prompt_pdl`` / ``_nopdl``): with PDL on, a kernel's time there includes
+its early start (waiting for the one before), so its sum can exceed the pass.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
+from collections import Counter
 
 import torch
 
 import quantbench
+from quantbench.bench.runner import split_methods
 from quantbench.engine import Engine
-from quantbench.engine.kernels import gemv_h2
-from quantbench.engine.kernels import layouts as lay
+from quantbench.engine.kernels import pdl
+
+GEMVS = ("qkv", "o", "gate_up", "down")  # a layer's products in the order the decode step runs them
 
 
-def _patched_config(variant: str):
-    original = gemv_h2._config
-
-    def config(n, k, layout, device):
-        cfg = original(n, k, layout, device)
-        if layout.tile_n and variant in ("tiled-lowsplit", "tiled-w2"):
-            cfg["num_warps"] = 2
-            if variant == "tiled-lowsplit":
-                cfg["SPLIT_K"] = max(1, cfg["SPLIT_K"] // 2)
-        return cfg
-
-    return original, config
-
-
-def run_variant(args, variant: str) -> dict:
-    os.environ.pop("QUANTBENCH_NO_TILE", None)
-    if variant == "row":
-        os.environ["QUANTBENCH_NO_TILE"] = "1"
-    original, config = _patched_config(variant)
-    gemv_h2._config = config
-    torch.manual_seed(0)
-    model = quantbench.random_model(args.arch, dtype="bf16", device="cuda")
-    quantbench.quantize(model, args.method)
-    engine_tile = lay.gemv_tile
-    if variant != "row":  # the engine keeps some formats row-major: force 128 x 16-word tiles for them
-        lay.gemv_tile = lambda layout: engine_tile(layout) or (128, 16)
-    ids = torch.randint(0, model.config.vocab_size, (1, 128), device="cuda")
-    engine = Engine(model, cuda_graphs=True)
-    per_token = []
-    for _ in range(4):
-        engine.generate(ids, max_new_tokens=64, ignore_eos=True)
-        per_token.append(engine.timing.per_token_ms)
-    eager = Engine(model, cuda_graphs=False)
-    eager.generate(ids, max_new_tokens=4, ignore_eos=True)
+def kernel_totals(engine: Engine, ids: torch.Tensor, new_tokens: int, by_layer: dict | None = None) -> tuple:
+    """Device microseconds and calls per kernel name over one eager ``generate``; with ``by_layer``,
+    also each tensor-core GEMV call's microseconds under its product's name (``GEMVS`` in turn)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        eager.generate(ids, max_new_tokens=9, ignore_eos=True)
-    kernels = []
+        engine.generate(ids, max_new_tokens=new_tokens, ignore_eos=True)
+    if by_layer is not None:
+        gemvs = sorted(
+            (ev.time_range.start, ev.time_range.elapsed_us())
+            for ev in prof.events()
+            if ev.device_type == torch.autograd.DeviceType.CUDA and ev.name == "_mma_gemv_kernel"
+        )
+        for i, (_, us) in enumerate(gemvs):
+            by_layer.setdefault(GEMVS[i % 4], []).append(us)
+    us, calls = Counter(), Counter()
     for ev in prof.key_averages():
         if ev.device_type == torch.autograd.DeviceType.CUDA and ev.count:
-            total = ev.device_time_total
-            kernels.append({"name": ev.key[:90], "calls": ev.count, "mean_us": round(total / ev.count, 2),
-                            "total_us": round(total, 1)})  # fmt: skip
-    kernels.sort(key=lambda r: -r["total_us"])
-    gemv_h2._config = original
-    lay.gemv_tile = engine_tile
-    os.environ.pop("QUANTBENCH_NO_TILE", None)
-    del engine, eager, model
+            us[ev.key[:80]] += ev.device_time_total
+            calls[ev.key[:80]] += ev.count
+    return us, calls
+
+
+def table(us: Counter, calls: Counter, per: float, top: int) -> list[dict]:
+    rows = [
+        {
+            "name": name,
+            "us": round(t / per, 1),
+            "calls": round(calls[name] / per, 1),
+            "mean_us": round(t / max(calls[name], 1), 2),
+        }  # fmt: skip
+        for name, t in us.items()
+        if t / per >= 0.05
+    ]
+    rows.sort(key=lambda r: -r["us"])
+    return rows[:top]
+
+
+def profile_method(args, method: str) -> dict:
+    torch.manual_seed(0)
+    model = quantbench.random_model(args.arch, dtype="bf16", device="cuda")
+    quantbench.quantize(model, method)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.input), device="cuda")
+    first, per_token, graph_prompt = {}, {}, {}
+    for pdl_off in (False, True):  # CUDA graphs, PDL on (the default) and off
+        pdl.DISABLED["off"] = pdl_off
+        engine = Engine(model, cuda_graphs=True)
+        firsts, steps = [], []
+        for _ in range(4):  # the first run captures the graphs
+            engine.generate(ids, max_new_tokens=64, ignore_eos=True)
+            firsts.append(engine.timing.first_token_ms)
+            steps.append(engine.timing.per_token_ms)
+        key = "nopdl" if pdl_off else "pdl"
+        first[key] = round(statistics.median(firsts[1:]), 3)
+        per_token[key] = round(statistics.median(steps[1:]), 4)
+        graph_prompt[key] = kernel_totals(engine, ids, 1)  # the captured prompt pass, kernel by kernel
+        del engine
+    eager = Engine(model, cuda_graphs=False)  # (PDL still off)
+    eager.generate(ids, max_new_tokens=args.steps + 1, ignore_eos=True)  # compile every kernel
+    prompt_us, prompt_calls = kernel_totals(eager, ids, 1)
+    by_layer: dict[str, list[float]] = {}
+    all_us, all_calls = kernel_totals(eager, ids, args.steps + 1, by_layer)
+    pdl.DISABLED["off"] = False
+    step_us, step_calls = all_us - prompt_us, all_calls - prompt_calls
+    del eager, model
     torch.cuda.empty_cache()
-    return {"variant": variant, "per_token_ms": round(statistics.median(per_token[1:]), 4),
-            "all_ms": [round(v, 4) for v in per_token[1:]], "kernels": kernels[:10]}  # fmt: skip
+    return {
+        "method": method,
+        "first_token_ms": first,
+        "per_token_ms": per_token,
+        "prompt_kernel_ms": round(sum(prompt_us.values()) / 1e3, 3),
+        "step_kernel_ms": round(sum(step_us.values()) / 1e3 / args.steps, 4),
+        **{
+            f"graph_prompt_{k}_kernel_ms": round(sum(v[0].values()) / 1e3, 3) for k, v in graph_prompt.items()
+        },
+        **{f"graph_prompt_{k}": table(*v, 1, args.top) for k, v in graph_prompt.items()},
+        "prompt": table(prompt_us, prompt_calls, 1, args.top),
+        "step": table(step_us, step_calls, args.steps, args.top),
+        "step_gemv_us": {k: round(statistics.median(v), 2) for k, v in by_layer.items()},
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="mistral-7b")
-    ap.add_argument("--method", default="int4:group=128")
-    ap.add_argument("--variants", default="row,tiled,tiled-w2,tiled-lowsplit")
+    ap.add_argument("--methods", default="int4:group=128")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--input", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []
-    for variant in args.variants.split(","):
-        row = run_variant(args, variant)
+    for method in split_methods([args.methods]):
+        row = profile_method(args, method)
         rows.append(row)
-        print(f"{args.method} {variant:15s} {row['per_token_ms']:.3f} ms/token {row['all_ms']}", flush=True)
-        for kern in row["kernels"]:
-            print(
-                f"    {kern['total_us'] / 8:8.1f} us/step  {kern['calls']:5d} calls  {kern['mean_us']:7.2f} us  {kern['name']}"
-            )
+        print(f"\n{method}: first token {row['first_token_ms']} ms, {row['per_token_ms']} ms/token (graphs)")
+        for part in ("prompt", "step", "graph_prompt_pdl", "graph_prompt_nopdl"):
+            print(f"  {part}: kernels {row[part + '_kernel_ms']} ms")
+            if part == "step":
+                print(f"    tensor-core GEMV, median us per call: {row['step_gemv_us']}")
+            for k in row[part]:
+                print(
+                    f"    {k['us']:8.1f} us  {k['calls']:6.1f} calls  {k['mean_us']:7.2f} us/call  {k['name']}"
+                )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"method": args.method, "rows": rows}, fh, indent=1)
+            json.dump(
+                {"arch": args.arch, "batch": args.batch, "input": args.input, "rows": rows}, fh, indent=1
+            )
 
 
 if __name__ == "__main__":

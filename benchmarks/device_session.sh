@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session on the lent GPU: correctness, kernel bandwidth, engine latency (see docs/bench.md).
-# usage: bash benchmarks/device_session.sh STAGES   (STAGES: comma list of env,tests,pdltest,ab,ncu,kernels,bench,hf,check)
+# usage: bash benchmarks/device_session.sh STAGES   (STAGES: comma list of env,tests,pdltest,ab,profile,ncu,kernels,bench,hf,check)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -25,6 +25,10 @@ fi
 if has ab; then
   timeout ${T_AB:-300} python3 benchmarks/engine_ab.py --methods "${AB_METHODS:-int4:group=128;nf4:block=64;int8;fp8}" \
     --variants "${AB_VARIANTS:-base;nopdl}" --batch ${AB_BATCH:-1,8} --input ${AB_INPUT:-128} --output ${AB_OUTPUT:-128} --json "$OUT/engine_ab.json" 2>&1 | tee "$OUT/engine_ab.txt" | tail -30
+fi
+if has profile; then  # top kernels of a prompt pass and of a decode step, per method
+  timeout ${T_PROFILE:-300} python3 benchmarks/decode_profile.py --methods "${PROF_METHODS:-int4:group=128;nf4:block=64;int8;fp8;llm.int8:compute=bf16}" \
+    --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.txt" | tail -${PROF_TAIL:-150}
 fi
 if has ncu; then  # hardware counters of the four GEMVs of one layer, in their real sequence (eager decode)
   for m in ${NCU_METHODS:-int4:group=128}; do

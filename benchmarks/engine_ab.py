@@ -13,6 +13,9 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``slab``: prompts through dequantized L2 slabs + cuBLAS instead of the fused prompt GEMM;
 * ``actwide``: W8A8 prompt activations quantized with the decode's statistics tiles (1024 columns x 64
   tokens per program) instead of 256 x 16;
+* ``colmax``: LLM.int8 prompt activations with statistics per 256 columns x 16 tokens after a
+  column-maxima pass (as the sixth session did), instead of 64 columns x all tokens in one load;
+* ``actpdl``: prompt-sized activation quantization launched with programmatic dependent launch;
 * ``noattsplit``: decode attention one program per (sequence, kv head), the cache not split;
 * ``noover``: (slab path) prompt slabs dequantized on the main stream (no overlap with the products);
 * ``slab12`` / ``slab48``: the slab path with 12 / 48 MiB slabs instead of 24;
@@ -54,7 +57,9 @@ VARIANTS = {
     "slab": [(prompt_gemm.PROMPT_PATH, "path", "slab")],
     "noover": [(prompt_gemm.PROMPT_PATH, "path", "slab"), (dequant.OVERLAP, "on", False)],
     "noattsplit": [(fused.ATTN_SPLIT, "on", False)],
-    "actwide": [(fused.ACT_TILES, "prompt", (1024, 64))],
+    "actwide": [(fused.ACT_TILES, "prompt", (1024, 64, 16, 1024))],
+    "colmax": [(fused.ACT_TILES, "outlier", (256, 16, 16, 1024))],
+    "actpdl": [(fused.ACT_PDL, "prompt", True)],
     "slab12": [
         (prompt_gemm.PROMPT_PATH, "path", "slab"),
         (dequant, "SCRATCH_ELEMS", 6 << 20),

@@ -538,7 +538,19 @@ def _rint(x):
     return (x + big) - big
 
 
-ACT_TILES = {"decode": (1024, 64), "prompt": (256, 16)}  # (columns, tokens) per statistics program
+# Per statistics program: columns, tokens, tokens per load; columns per apply program. LLM.int8 prompts
+# ("outlier") take every token of a narrow column chunk in one load, so the column maxima need no pass of
+# their own. H200, one 128-token Mistral-7B pass of LLM.int8 quantization (benchmarks/act_quant_sweep.py):
+# a column-maxima pass + 256 x 16 statistics 1490 us, 64 x 128 in one load 832 us, with 1024-column apply
+# programs 730 us; fp8 with 1024-column apply programs 635 -> 529 us.
+ACT_TILES = {
+    "decode": (1024, 64, 16, 1024),
+    "prompt": (256, 16, 16, 1024),
+    "outlier": (64, 256, 256, 1024),
+}
+# Prompt-sized quantization launches without programmatic dependent launch (the same pass: LLM.int8 832 us
+# without, 960 with; fp8 635 / 746)
+ACT_PDL = {"prompt": False}
 ROW_TILE_MAX = 32768  # one-token rows up to this many columns are quantized from one register tile
 
 
@@ -547,8 +559,9 @@ def act_quant(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantized activations ``[M, K]`` (model dtype) and per-token factors ``[M]`` fp32, as
     ``kernels.act_quant_torch`` computes them. One token: one program holding the whole row. More:
-    (LLM.int8: column maxima per block of tokens, then) per-chunk token maxima and outlier flags, then
-    one program per (token, chunk); every step is parallel over column chunks and blocks of tokens."""
+    (LLM.int8 over more than one block of tokens: column maxima per block, then) per-chunk token maxima
+    and outlier flags, then one program per (token, chunk); every step is parallel over column chunks
+    and blocks of tokens."""
     m = x.shape[0]
     pdl = launch_args(x.device)
     xe = torch.empty((m, k), device=x.device, dtype=x.dtype)
@@ -561,10 +574,14 @@ def act_quant(
         )  # fmt: skip
         return xe, rf
     # statistics programs: one column chunk x a block of tokens each; prompts take smaller ones so that
-    # the passes spread over the SMs (128 tokens x 4096 columns: 8 programs of 1024 x 64, 128 of 256 x 16)
-    chunk, rows = ACT_TILES["decode" if m <= 64 else "prompt"]
+    # the passes spread over the SMs (128 tokens x 4096 columns: 8 programs of 1024 x 64, 128 of 256 x 16;
+    # LLM.int8: 64 of 64 columns x every token, loaded at once). Prompts launch them without PDL (ACT_PDL).
+    tiles = "decode" if m <= 64 else "outlier" if kind == ACT_LLM_INT8 else "prompt"
+    chunk, rows, load_rows, apply_chunk = ACT_TILES[tiles]
+    if m > 64 and not ACT_PDL["prompt"]:
+        pdl = {"PDL": False}
     n_chunks, n_rb = triton.cdiv(k, chunk), triton.cdiv(m, rows)
-    bm = min(16, triton.next_power_of_2(m))
+    bm = min(load_rows, triton.next_power_of_2(m))
     flags = torch.empty((k,), device=x.device, dtype=torch.int8)
     part = torch.empty((m, n_chunks), device=x.device, dtype=torch.float32)
     colmax, brb = flags, 0  # BRB = 0: no column-maxima pass (one block of tokens, or no outliers to find)
@@ -579,8 +596,8 @@ def act_quant(
         KIND=kind, ACT=act_silu_mul, RB=rows, BM=bm, BC=chunk, BRB=brb,
         num_warps=8, **pdl,
     )  # fmt: skip
-    _act_apply_kernel[(m, n_chunks)](
+    _act_apply_kernel[(m, triton.cdiv(k, apply_chunk))](
         x, xe, rf, flags, part, k, x.stride(0), xe.stride(0), n_chunks,
-        KIND=kind, ACT=act_silu_mul, BC=chunk, BCH=max(2, triton.next_power_of_2(n_chunks)), num_warps=4, **pdl,
+        KIND=kind, ACT=act_silu_mul, BC=apply_chunk, BCH=max(2, triton.next_power_of_2(n_chunks)), num_warps=4, **pdl,
     )  # fmt: skip
     return xe, rf

@@ -1,0 +1,102 @@
+"""W8A8 activation quantization of one prompt pass, by tile configuration (needs a CUDA GPU).
+
+    python benchmarks/act_quant_sweep.py --kinds llm.int8,fp8 --m 128 \
+        --configs "base;outlier=256,16,16,256;outlier=32,256,256,256+pdl" --json sweep.json
+
+One pass is Mistral-7B's 32 layers x the inputs of qkv, o and gate/up (4096 columns) and down (14336),
+each ``fused.act_quant`` call captured in one CUDA graph; the time is the median of ``--repeats``
+replays. A configuration replaces ``fused.ACT_TILES`` entries (``NAME=columns,tokens,load_tokens,
+apply_columns``; items joined by ``+``); ``pdl`` launches the prompt-sized kernels with programmatic
+dependent launch. The activations are normal with a few columns past the LLM.int8 threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from quantbench.bench.runner import device_name
+from quantbench.engine.kernels import fused
+from quantbench.engine.kernels.layouts import ACT_FP8, ACT_INT8_TOKEN, ACT_LLM_INT8
+
+KINDS = {"llm.int8": ACT_LLM_INT8, "fp8": ACT_FP8, "smoothquant": ACT_INT8_TOKEN}
+WIDTHS = (4096, 4096, 4096, 14336)  # inputs of qkv, o, gate/up, down
+
+
+def apply_config(text: str) -> dict:
+    """Set the switches of configuration ``text``; returns what to restore."""
+    saved = {"tiles": dict(fused.ACT_TILES), "pdl": dict(fused.ACT_PDL)}
+    for item in text.split(";"):
+        if item == "pdl":
+            fused.ACT_PDL["prompt"] = True
+        elif "=" in item:
+            name, _, values = item.partition("=")
+            fused.ACT_TILES[name] = tuple(int(v) for v in values.split(","))
+    return saved
+
+
+def time_pass(kind: int, m: int, layers: int, repeats: int) -> float:
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    inputs = []
+    for k in WIDTHS:
+        x = torch.randn((m, k), device="cuda", dtype=torch.bfloat16, generator=gen)
+        x[:, :: k // 6] *= 40.0  # six outlier columns
+        inputs.append(x)
+    for x in inputs:  # compile outside the capture
+        fused.act_quant(x, kind, 6.0, False, x.shape[1])
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        for _ in range(layers):
+            for x in inputs:
+                fused.act_quant(x, kind, 6.0, False, x.shape[1])
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kinds", default="llm.int8,fp8")
+    ap.add_argument("--m", default="128")
+    ap.add_argument("--configs", default="base")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = []
+    print(device_name(torch.device("cuda")))
+    for kind_name in args.kinds.split(","):
+        for m in [int(v) for v in args.m.split(",")]:
+            for config in args.configs.split(";"):
+                saved = apply_config(config.replace("+", ";"))
+                try:
+                    us = time_pass(KINDS[kind_name], m, args.layers, args.repeats)
+                finally:
+                    fused.ACT_TILES.update(saved["tiles"])
+                    fused.ACT_PDL.update(saved["pdl"])
+                row = {"kind": kind_name, "m": m, "config": config, "pass_us": round(us, 1),
+                       "per_product_us": round(us / (args.layers * len(WIDTHS)), 2)}  # fmt: skip
+                rows.append(row)
+                print(
+                    f"{kind_name:10s} m={m:4d} {config:36s} {us:9.1f} us/pass {row['per_product_us']:6.2f} us/product"
+                )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": device_name(torch.device("cuda")), "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
