@@ -2,14 +2,15 @@
 
     python benchmarks/decode_profile.py --methods "int4:group=128;llm.int8:compute=bf16" --json prof.json
 
-Each method quantizes a fresh random-weight model, times CUDA-graph generation (``--input`` prompt +
-64 new tokens, median of 3: first token and per token, with programmatic dependent launch on and off) and profiles two eager generations with
-programmatic dependent launch off (with it on, a kernel's time would include its wait for the one
-before): one new token (the prompt pass) and ``1 + --steps`` new tokens. Kernels of the prompt pass are
-the first profile's; those of one decode step are the difference of the two, divided by ``--steps``.
+Each method quantizes a fresh random-weight model and times CUDA-graph generation (``--input`` prompt +
+64 new tokens, median of 3: first token and per token) with programmatic dependent launch (PDL) on and
+off. It then profiles, with PDL off (with it on, a kernel's time would include its wait for the one
+before), two eager generations: one new token (the prompt pass) and ``1 + --steps`` new tokens. Kernels
+of the prompt pass are the first profile's; those of one decode step are the difference of the two,
+divided by ``--steps``; the tensor-core GEMV calls are also listed per product (qkv, o, gate/up, down).
 Kernel times are device time; the graph timings include the gaps between kernels. The captured prompt
 pass is profiled too (``graph_prompt_pdl`` / ``_nopdl``): with PDL on, a kernel's time there includes
-its early start (waiting for the one before), so its sum can exceed the pass.
+its early start (waiting for the one before), so the sum can exceed the pass.
 """
 
 from __future__ import annotations
