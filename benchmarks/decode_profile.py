@@ -58,7 +58,7 @@ def table(us: Counter, calls: Counter, per: float, top: int) -> list[dict]:
             "us": round(t / per, 1),
             "calls": round(calls[name] / per, 1),
             "mean_us": round(t / max(calls[name], 1), 2),
-        }  # fmt: skip
+        }
         for name, t in us.items()
         if t / per >= 0.05
     ]
