@@ -200,6 +200,32 @@ def test_mma_gemv_cuda(spec: str, m: int, tiled: bool) -> None:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("spec", WEIGHT_ONLY + W8A8)
+@pytest.mark.parametrize("m", [1, 8])
+def test_mma_gemv_carried_activations_cuda(spec: str, m: int) -> None:
+    """``X_CARRY`` (activations loaded an iteration ahead) gives the same bits as loading them in the step."""
+    from quantbench.engine.kernels import layout_for
+    from quantbench.engine.kernels.layouts import mma_tile, tile_buffers
+    from quantbench.engine.kernels.mma_gemv import X_CARRY, mma_supported
+
+    torch.manual_seed(len(spec) + m)
+    module = _module(spec, 1008, 4096, bias=True, device="cuda", dtype=torch.bfloat16)
+    tile = mma_tile(layout_for(module))
+    module.store_tiled(tile_buffers(module, layout_for(module), *tile))
+    x = _x(m, 4096, "cuda", torch.bfloat16, outliers=True)
+    assert mma_supported(x, layout_for(module))
+    saved = X_CARRY["on"]
+    try:
+        X_CARRY["on"] = False
+        ref = _run_wq(module, x)
+        X_CARRY["on"] = True
+        out = _run_wq(module, x)
+    finally:
+        X_CARRY["on"] = saved
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("spec", W8A8)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mma_gemv_quantizes_token_cuda(spec: str, dtype: torch.dtype) -> None:

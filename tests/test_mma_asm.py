@@ -51,13 +51,16 @@ def _f32_bits(value: float) -> int:
 
 
 def _run_step(asm: str, packed: np.ndarray, words: int, vals: int, row_bytes: int, tokens: int, memory: dict,
-              zero_word: int, planes: list[int], inv: float = 1.0, thr: float = 0.0) -> Lanes:  # fmt: skip
+              zero_word: int, planes: list[int], inv: float = 1.0, thr: float = 0.0,
+              x_words: list | None = None) -> Lanes:  # fmt: skip
     """Run one step's PTX with the operands the kernel passes lane (g, t): its words of rows g and g + 8,
     the addresses of its activation columns for tokens g and g + 8 (loaded if below ``tokens``)."""
     operands = []
     for lane in range(32):
         g, t = lane // 4, lane % 4
-        ops = [0] * 32
+        ops = [0] * (32 + mg.X_REGS)
+        if x_words is not None:
+            ops[mg._XIN : mg._XIN + mg.X_REGS] = x_words[lane]
         for j in range(words):
             ops[mg._WG + j] = int(packed[g, t * words + j])
             ops[mg._WH + j] = int(packed[g + 8, t * words + j])
@@ -230,3 +233,41 @@ def test_words_per_lane_keep_steps_inside_groups(bits: int, group: int, k: int, 
     )  # fmt: skip
     assert mma_words_per_lane(layout) == words
     assert mma_tile(layout) == ((16, 4 * words) if words else None)
+
+
+@pytest.mark.parametrize("tokens", [1, 8])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c[1] != mg.D_FP8], ids=[c[0] for c in CASES if c[1] != mg.D_FP8]
+)
+def test_step_asm_with_preloaded_activations(case: tuple, tokens: int) -> None:
+    """``x_regs``: the activation words come in as operands ($32..) loaded by ``x_load_asm``; the same
+    results as loading them inside the step."""
+    name, kind, bits, dt, signed8 = case
+    rng = np.random.default_rng([len(name), tokens])
+    words = 4 if bits == 4 else 4
+    vals = 32 // bits
+    step = 4 * words * vals
+    codes = rng.integers(0, 16 if bits == 4 else 256, (16, step))
+    packed = _pack_words(codes ^ 0x80 if signed8 else codes, bits, high_first=kind == mg.D_TABLE)
+    x = (torch.randn(16, step) * 3).to(torch.bfloat16 if dt == "bf16" else torch.float16)
+    x_bytes = x.contiguous().view(torch.uint8).numpy().reshape(-1)
+    memory = {X_BASE + i: int(b) for i, b in enumerate(x_bytes)}
+    row_bytes = step * 2
+    table = bnb4.code_table("nf4" if name.startswith("nf4") else "fp4").float()
+    planes = mg.table_planes(table, x.dtype) if kind == mg.D_TABLE else [0] * 8
+    zw = _zero_operand(kind, 3.0, dt) if kind in (mg.D_INT4, mg.D_INT8_F32, mg.D_INT8_F16) else 0
+    want = _run_step(mg.step_asm(kind, bits, words, 1, dt, mg.X_KEEP, signed8), packed, words, vals, row_bytes,
+                     tokens, memory, zw, planes)  # fmt: skip
+    # the caller's load: x_load_asm per lane, then its outputs as the step's $32..
+    xregs = words * vals // 2
+    loads = Lanes(
+        [[0] * mg.X_REGS + [X_BASE + (lane // 4) * row_bytes + (lane % 4) * words * vals * 2, int(lane // 4 < tokens)]
+         for lane in range(32)],
+        memory,
+    )  # fmt: skip
+    loads.run(mg.x_load_asm(xregs))
+    got = _run_step(mg.step_asm(kind, bits, words, 1, dt, mg.X_KEEP, signed8, x_regs=True), packed, words, vals,
+                    row_bytes, tokens, {}, zw, planes, x_words=[[loads.regs[lane][f"${r}"] for r in range(mg.X_REGS)]
+                                                              for lane in range(32)])  # fmt: skip
+    for lane in range(32):
+        assert [got.regs[lane][f"${i}"] for i in range(4)] == [want.regs[lane][f"${i}"] for i in range(4)]

@@ -73,9 +73,11 @@ from quantbench.engine.kernels.mma_ptx import (
     X_INT8,
     X_KEEP,
     X_LLM,
+    X_REGS,
     load_asm,
     step_asm,
     table_planes,
+    x_load_asm,
 )
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
 from quantbench.engine.kernels.wq_matmul import _num_sms, _store_out, or_dummy, plan_split, word_off
@@ -90,6 +92,19 @@ def _load_step(addr_g, addr_h, ok_g, ok_h, ASM: tl.constexpr):
         constraints="=r,=r,=r,=r,=r,=r,=r,=r,l,l,r,r",
         args=[addr_g, addr_h, ok_g.to(tl.int32), ok_h.to(tl.int32)],
         dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32),
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def _load_x(addr, ok, ASM: tl.constexpr):
+    """The 16 activation words of one lane's step (zeros where ``ok`` is false)."""
+    return tl.inline_asm_elementwise(
+        asm=ASM,
+        constraints="=r," * 16 + "l,r",
+        args=[addr, ok.to(tl.int32)],
+        dtype=(tl.int32,) * 16,
         is_pure=False,
         pack=1,
     )
@@ -152,7 +167,8 @@ def _mma_gemv_kernel(
     TN: tl.constexpr, TKV: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
     ZERO_CONST: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_MUL: tl.constexpr,
     HAS_ROWF: tl.constexpr, SPLIT_K: tl.constexpr, V: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr,
-    XQ: tl.constexpr, BX: tl.constexpr, DEPTH: tl.constexpr, PDL: tl.constexpr,
+    XQ: tl.constexpr, BX: tl.constexpr, DEPTH: tl.constexpr, XC: tl.constexpr, X_ASM: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     VALS: tl.constexpr = 32 // BITS
     STEP: tl.constexpr = 4 * V * VALS  # columns per warp step
@@ -238,8 +254,20 @@ def _mma_gemv_kernel(
     acc5 = tl.zeros((32 * NW,), tl.float32)
     acc6 = tl.zeros((32 * NW,), tl.float32)
     acc7 = tl.zeros((32 * NW,), tl.float32)
+    # XC: each step's activation words are loaded one iteration ahead, all four 16-byte loads together
+    # (inside the step asm, ptxas sinks each load next to its mma: four L2 round trips in a row)
+    c0, c1, c2, c3, c4, c5, c6, c7 = zg * 0, zg * 0, zg * 0, zg * 0, zg * 0, zg * 0, zg * 0, zg * 0
+    c8, c9, c10, c11, c12, c13, c14, c15 = c0, c0, c0, c0, c0, c0, c0, c0
+    if XC:
+        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = _load_x(
+            x_addr0, (s < s_hi) & (tok0 < M), X_ASM
+        )
     for _ in range(n_iter):
         live = s < s_hi
+        if XC:
+            e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15 = _load_x(
+                x_addr0 + X_INC, (s + NW < s_hi) & (tok0 < M), X_ASM
+            )
         s_pre = s + DEPTH * NW  # the step requested now, used DEPTH iterations later
         ptr_g += NW * STEP_BYTES
         ptr_h += NW * STEP_BYTES
@@ -261,12 +289,13 @@ def _mma_gemv_kernel(
             sh = sg
         d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
             asm=STEP_ASM,
-            constraints="=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,r,r,l,l,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            constraints="=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,r,r,l,l,r,r,r,r,r,r,r,r,r,r,r,r,r,r" + ",r" * 16,
             args=[w0, w1, w2, w3, w4, w5, w6, w7, x_addr0, x_addr1,
                   (live & (tok0 < M)).to(tl.int32), (live & (tok1 < M)).to(tl.int32), zg, zh,
                   zg * 0 + P0, zg * 0 + P1, zg * 0 + P2, zg * 0 + P3, zg * 0 + P4, zg * 0 + P5, zg * 0 + P6,
                   zg * 0 + P7, (zg * 0 + inv).to(tl.int32, bitcast=True),
-                  (zg * 0 + THR).to(tl.int32, bitcast=True)],
+                  (zg * 0 + THR).to(tl.int32, bitcast=True), c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12,
+                  c13, c14, c15],
             dtype=(tl.float32,) * 8,
             is_pure=False,
             pack=1,
@@ -285,6 +314,25 @@ def _mma_gemv_kernel(
             u0, u1, u2, u3, u4, u5, u6, u7 = n0, n1, n2, n3, n4, n5, n6, n7
         else:
             w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
+        if XC:
+            c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = (
+                e0,
+                e1,
+                e2,
+                e3,
+                e4,
+                e5,
+                e6,
+                e7,
+                e8,
+                e9,
+                e10,
+                e11,
+                e12,
+                e13,
+                e14,
+                e15,
+            )
         s += NW
         x_addr0 += X_INC
         x_addr1 += X_INC
@@ -373,6 +421,10 @@ _ASM: dict[tuple, tuple[str, str]] = {}
 _XQ = {ACT_FP8: (2, X_FP8), ACT_INT8_TOKEN: (3, X_INT8), ACT_LLM_INT8: (4, X_LLM)}
 
 
+# activations loaded an iteration ahead, outside the step asm (4-bit formats, 1-8 tokens); unmeasured
+X_CARRY = {"on": os.environ.get("QUANTBENCH_MMA_XCARRY", "0") == "1"}
+
+
 def _config(m: int, n: int, k: int, layout: WQLayout, device: torch.device) -> dict:
     """Warps per program and K-splits: about four 4-warp programs per SM, each split keeping at least
     two steps per warp."""
@@ -425,9 +477,13 @@ def mma_gemv(
         xq, x_mode = _XQ[layout.act_quant]
     else:
         xq, x_mode = 0, X_F16 if kind == D_FP8 and dt == "bf16" else X_KEEP
-    key = (kind, layout.bits, words, blocks, dt, layout.signed8, x_mode)
+    xc = X_CARRY["on"] and blocks == 1 and words * (32 // layout.bits) // 2 <= X_REGS
+    key = (kind, layout.bits, words, blocks, dt, layout.signed8, x_mode, xc)
     if key not in _ASM:
-        _ASM[key] = (step_asm(kind, layout.bits, words, blocks, dt, x_mode, layout.signed8), load_asm(words))
+        _ASM[key] = (
+            step_asm(kind, layout.bits, words, blocks, dt, x_mode, layout.signed8, x_regs=xc),
+            load_asm(words),
+        )
     step_text, load_text = _ASM[key]
     planes = table_planes(layout.table, x.dtype) if kind == D_TABLE else [0] * 8
     step = 4 * words * (32 // layout.bits)
@@ -443,7 +499,7 @@ def mma_gemv(
         TN=layout.tile_n, TKV=layout.tile_kv, GROUP=layout.group, BITS=layout.bits,
         HAS_ZERO=layout.zeros is not None, ZERO_CONST=float(layout.zero_const), NESTED=layout.dq_code is not None,
         HAS_BIAS=layout.bias is not None, SCALE_MUL=float(layout.scale_mul), HAS_ROWF=row_factor is not None,
-        SPLIT_K=split, V=words, NB=blocks, NW=nw, XQ=xq, DEPTH=depth, BX=min(4096, triton.next_power_of_2(k)), num_warps=nw,
+        SPLIT_K=split, V=words, NB=blocks, NW=nw, XQ=xq, DEPTH=depth, XC=xc, X_ASM=x_load_asm(X_REGS) if xc else "", BX=min(4096, triton.next_power_of_2(k)), num_warps=nw,
         **cfg, **launch_args(x.device),
     )  # fmt: skip
     return out

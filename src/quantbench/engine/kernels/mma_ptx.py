@@ -34,6 +34,8 @@ _ZH = 21
 _TP = 22  # $22..$29: table byte planes
 _XINV = 30  # $30: the activation quantization's 1 / scale (fp32 bits; token 0 only)
 _XTHR = 31  # $31: LLM.int8's outlier threshold (fp32 bits)
+_XIN = 32  # $32..$47: the step's activation words when loaded by the caller (``x_regs``)
+X_REGS = 16  # activation words per lane per step of a 4-bit format (words = 4, one token block)
 
 # what the step does to the loaded activation pairs (bf16 in memory)
 X_KEEP = 0
@@ -133,12 +135,17 @@ def _x_convert(reg: str, mode: int, dt: str) -> list[str]:
     return lines + [f"cvt.rn.{dt}x2.f32 {reg}, rh, rl;"]
 
 
-def step_asm(kind: int, bits: int, words: int, blocks: int, dt: str, x_mode: int, signed8: bool) -> str:
+def step_asm(
+    kind: int, bits: int, words: int, blocks: int, dt: str, x_mode: int, signed8: bool, x_regs: bool = False
+) -> str:
     """PTX of one warp step: load the activations (and convert or quantize them, ``x_mode``), decode
     ``words`` code words of rows g and g + 8 and run the mmas of ``blocks`` token blocks; writes the
-    step's fp32 results to $0..$7."""
+    step's fp32 results to $0..$7. ``x_regs`` (one token block): the activation words arrive in
+    $32.. (loaded by ``x_load_asm`` an iteration earlier) instead of being loaded here."""
     vals = 32 // bits
     xregs = words * vals // 2  # 32-bit activation pairs per token block
+    if x_regs and (blocks != 1 or xregs > X_REGS):
+        raise ValueError("x_regs takes one token block of at most X_REGS words")
     lines = [
         "{",
         ".reg .b32 s4, y, sa, sb, ya, tt, mm, ma, a0, a1, lo, hi, kmask, kmag, kone, kff, w, v, cl, ch;",
@@ -162,10 +169,13 @@ def step_asm(kind: int, bits: int, words: int, blocks: int, dt: str, x_mode: int
         lines.append(f"mov.f32 ${r}, 0f00000000;")
     # activations of each token block: zero unless the block's token exists
     for b in range(blocks):
-        lines.append(f"setp.ne.b32 q{b}, ${_XV + b}, 0;")
-        for r in range(xregs):
-            lines.append(f"mov.b32 x{b * xregs + r}, 0;")
-        for c in range(0, xregs, 4):
+        if x_regs:
+            lines += [f"mov.b32 x{r}, ${_XIN + r};" for r in range(xregs)]
+        else:
+            lines.append(f"setp.ne.b32 q{b}, ${_XV + b}, 0;")
+            for r in range(xregs):
+                lines.append(f"mov.b32 x{b * xregs + r}, 0;")
+        for c in range(0, 0 if x_regs else xregs, 4):
             n = min(4, xregs - c)
             regs = ", ".join(f"x{b * xregs + c + i}" for i in range(n))
             vec = {4: ".v4", 2: ".v2", 1: ""}[n]
@@ -190,6 +200,18 @@ def step_asm(kind: int, bits: int, words: int, blocks: int, dt: str, x_mode: int
                 base = b * xregs + (4 * j + 2 * h if bits == 4 else 2 * j)
                 d = ", ".join(f"${4 * b + i}" for i in range(4))
                 lines.append(f"{mma} {{{d}}}, {a}, {{x{base}, x{base + 1}}}, {{{d}}};")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def x_load_asm(xregs: int) -> str:
+    """PTX loading ``xregs`` activation words at address $16 (flag $17) into $0..; every output of the
+    ``X_REGS`` is zero where not loaded."""
+    lines = ["{", ".reg .pred q;", f"setp.ne.b32 q, ${X_REGS + 1}, 0;"]
+    lines += [f"mov.b32 ${r}, 0;" for r in range(X_REGS)]
+    for c in range(0, xregs, 4):
+        regs = ", ".join(f"${c + i}" for i in range(4))
+        lines.append(f"@q ld.global.v4.b32 {{{regs}}}, [${X_REGS}+{4 * c}];")
     lines.append("}")
     return "\n".join(lines)
 
