@@ -16,7 +16,8 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``colmax``: LLM.int8 prompt activations with statistics per 256 columns x 16 tokens after a
   column-maxima pass (as the sixth session did), instead of 64 columns x all tokens in one load;
 * ``actpdl``: prompt-sized activation quantization launched with programmatic dependent launch;
-* ``xcarry``: the tensor-core GEMV loads each step's activations an iteration ahead (1-8 tokens);
+* ``noxcarry`` / ``xcarry``: no tensor-core GEMV loads its step's activations an iteration ahead / all do
+  (default: 4-bit and e4m3 codes, ``mma_gemv.X_CARRY``);
 * ``noattsplit``: decode attention one program per (sequence, kv head), the cache not split;
 * ``noover``: (slab path) prompt slabs dequantized on the main stream (no overlap with the products);
 * ``slab12`` / ``slab48``: the slab path with 12 / 48 MiB slabs instead of 24;
@@ -61,7 +62,8 @@ VARIANTS = {
     "actwide": [(fused.ACT_TILES, "prompt", (1024, 64, 16, 1024))],
     "colmax": [(fused.ACT_TILES, "outlier", (256, 16, 16, 1024))],
     "actpdl": [(fused.ACT_PDL, "prompt", True)],
-    "xcarry": [(mma_gemv.X_CARRY, "on", True)],
+    "noxcarry": [(mma_gemv.X_CARRY, "kinds", set())],
+    "xcarry": [(mma_gemv.X_CARRY, "kinds", set(range(5)))],
     "slab12": [
         (prompt_gemm.PROMPT_PATH, "path", "slab"),
         (dequant, "SCRATCH_ELEMS", 6 << 20),

@@ -214,14 +214,14 @@ def test_mma_gemv_carried_activations_cuda(spec: str, m: int) -> None:
     module.store_tiled(tile_buffers(module, layout_for(module), *tile))
     x = _x(m, 4096, "cuda", torch.bfloat16, outliers=True)
     assert mma_supported(x, layout_for(module))
-    saved = X_CARRY["on"]
+    saved = X_CARRY["kinds"]
     try:
-        X_CARRY["on"] = False
+        X_CARRY["kinds"] = set()
         ref = _run_wq(module, x)
-        X_CARRY["on"] = True
+        X_CARRY["kinds"] = set(range(5))
         out = _run_wq(module, x)
     finally:
-        X_CARRY["on"] = saved
+        X_CARRY["kinds"] = saved
     assert torch.equal(out, ref)
 
 

@@ -34,7 +34,9 @@ Decoders (PTX, one 32-bit word -> 16-bit pairs in column order):
 
 Pipelining: each iteration requests the codes of the step ``DEPTH`` iterations ahead (2 for 8-bit codes);
 the engine stores the codes in tiles of one warp step (``layouts.mma_tile``), so a step reads 1 KiB
-contiguous and the addresses advance by a constant. ``quantize_act`` (W8A8, one token) quantizes the
+contiguous and the addresses advance by a constant. For 4-bit and e4m3 codes (``X_CARRY``) the step's
+activation words are loaded one iteration ahead too, in loop-carried registers: inside the step asm
+ptxas would sink each 16-byte load next to its mma, four L2 round trips in a row. ``quantize_act`` (W8A8, one token) quantizes the
 activation row inside the kernel instead of a separate ``act_quant`` launch.
 
 Layout assumption (checked by the CUDA tests against the reference): a 1-D tensor of ``32 * NW``
@@ -421,8 +423,15 @@ _ASM: dict[tuple, tuple[str, str]] = {}
 _XQ = {ACT_FP8: (2, X_FP8), ACT_INT8_TOKEN: (3, X_INT8), ACT_LLM_INT8: (4, X_LLM)}
 
 
-# activations loaded an iteration ahead, outside the step asm (4-bit formats, 1-8 tokens); unmeasured
-X_CARRY = {"on": os.environ.get("QUANTBENCH_MMA_XCARRY", "0") == "1"}
+# Decoders whose steps load their activations an iteration ahead, outside the step asm (1-8 tokens).
+# H200 engine A/B (docs/bench.md), ms per token b1: int4 2.16 -> 2.09, fp8 2.90 -> 2.85, NF4 even (b8
+# 3.47 -> 3.42); int8 codes lost (2.74 -> 2.80: their steps are 32 words, loads already overlap).
+_XC_ENV = os.environ.get("QUANTBENCH_MMA_XCARRY", "")
+X_CARRY = {
+    "kinds": {"0": set(), "1": {D_INT4, D_TABLE, D_FP8, D_INT8_F32, D_INT8_F16}}.get(
+        _XC_ENV, {D_INT4, D_TABLE, D_FP8}
+    )
+}
 
 
 def _config(m: int, n: int, k: int, layout: WQLayout, device: torch.device) -> dict:
@@ -477,7 +486,7 @@ def mma_gemv(
         xq, x_mode = _XQ[layout.act_quant]
     else:
         xq, x_mode = 0, X_F16 if kind == D_FP8 and dt == "bf16" else X_KEEP
-    xc = X_CARRY["on"] and blocks == 1 and words * (32 // layout.bits) // 2 <= X_REGS
+    xc = kind in X_CARRY["kinds"] and blocks == 1 and words * (32 // layout.bits) // 2 <= X_REGS
     key = (kind, layout.bits, words, blocks, dt, layout.signed8, x_mode, xc)
     if key not in _ASM:
         _ASM[key] = (
