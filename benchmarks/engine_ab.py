@@ -16,6 +16,8 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``colmax``: LLM.int8 prompt activations with statistics per 256 columns x 16 tokens after a
   column-maxima pass (as the sixth session did), instead of 64 columns x all tokens in one load;
 * ``actpdl``: prompt-sized activation quantization launched with programmatic dependent launch;
+* ``lut0`` / ``lut8`` / ``lut16`` / ``lut32``: NF4 / FP4 tensor-core GEMV decoding with byte permutes / a shared
+  pair table of 8, 16 or 32 copies (``mma_gemv.LUT``);
 * ``noxcarry`` / ``xcarry``: no tensor-core GEMV loads its step's activations an iteration ahead / all do
   (default: 4-bit and e4m3 codes, ``mma_gemv.X_CARRY``);
 * ``noattsplit``: decode attention one program per (sequence, kv head), the cache not split;
@@ -63,6 +65,10 @@ VARIANTS = {
     "colmax": [(fused.ACT_TILES, "outlier", (256, 16, 16, 1024))],
     "actpdl": [(fused.ACT_PDL, "prompt", True)],
     "noxcarry": [(mma_gemv.X_CARRY, "kinds", set())],
+    "lut0": [(mma_gemv.LUT, "copies", 0)],
+    "lut8": [(mma_gemv.LUT, "copies", 8)],
+    "lut16": [(mma_gemv.LUT, "copies", 16)],
+    "lut32": [(mma_gemv.LUT, "copies", 32)],
     "xcarry": [(mma_gemv.X_CARRY, "kinds", set(range(5)))],
     "slab12": [
         (prompt_gemm.PROMPT_PATH, "path", "slab"),

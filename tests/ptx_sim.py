@@ -179,12 +179,21 @@ class Lanes:
         elif op == "cvt.rn.f16x2.e4m3x2":
             v = g(1)
             self.set(lane, d, _e4m3_to_f16(v) | (_e4m3_to_f16(v >> 8) << 16))
-        elif op.startswith("ld.global"):
+        elif op == "mad.lo.u32":
+            self.set(lane, d, g(1) * g(2) + g(3))
+        elif op.startswith(("ld.global", "ld.shared")):
             m = re.fullmatch(r"\[(\$\d+|[a-z0-9]+)(?:\+(\d+))?\]", args[1])
             addr = self.regs[lane][m.group(1)] + int(m.group(2) or 0)
             dsts = [s.strip() for s in d.strip("{}").split(",")]
             for i, name in enumerate(dsts):
                 self.set(lane, name, self.load32(addr + 4 * i))
+        elif op.startswith("st.shared"):
+            m = re.fullmatch(r"\[(\$\d+|[a-z0-9]+)(?:\+(\d+))?\]", args[0])
+            addr = self.regs[lane][m.group(1)] + int(m.group(2) or 0)
+            for i, src in enumerate(s.strip() for s in args[1].strip("{}").split(",")):
+                value = self.get(lane, src)
+                for byte in range(4):
+                    self.memory[addr + 4 * i + byte] = (value >> (8 * byte)) & 0xFF
         else:
             raise NotImplementedError(op)
 

@@ -226,6 +226,34 @@ def test_mma_gemv_carried_activations_cuda(spec: str, m: int) -> None:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("spec", ["nf4:block=64", "nf4:block=64,dq=1", "fp4:block=128"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 8, 16])
+def test_mma_gemv_pair_table_cuda(spec: str, dtype: torch.dtype, m: int) -> None:
+    """NF4 / FP4 decoded through the shared pair table (any number of copies) give the same bits as the
+    byte-permute decoder."""
+    from quantbench.engine.kernels import layout_for
+    from quantbench.engine.kernels.layouts import mma_tile, tile_buffers
+    from quantbench.engine.kernels.mma_gemv import LUT, mma_supported
+
+    torch.manual_seed(len(spec) + m)
+    module = _module(spec, 1008, 4096, bias=True, device="cuda", dtype=dtype)
+    tile = mma_tile(layout_for(module))
+    module.store_tiled(tile_buffers(module, layout_for(module), *tile))
+    x = _x(m, 4096, "cuda", dtype, outliers=True)
+    assert mma_supported(x, layout_for(module))
+    saved = LUT["copies"]
+    try:
+        LUT["copies"] = 0
+        ref = _run_wq(module, x)
+        for copies in (4, 8, 16, 32):
+            LUT["copies"] = copies
+            assert torch.equal(_run_wq(module, x), ref), copies
+    finally:
+        LUT["copies"] = saved
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("spec", W8A8)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mma_gemv_quantizes_token_cuda(spec: str, dtype: torch.dtype) -> None:

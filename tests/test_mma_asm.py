@@ -52,7 +52,7 @@ def _f32_bits(value: float) -> int:
 
 def _run_step(asm: str, packed: np.ndarray, words: int, vals: int, row_bytes: int, tokens: int, memory: dict,
               zero_word: int, planes: list[int], inv: float = 1.0, thr: float = 0.0,
-              x_words: list | None = None) -> Lanes:  # fmt: skip
+              x_words: list | None = None, lut: tuple[int, int] | None = None) -> Lanes:  # fmt: skip
     """Run one step's PTX with the operands the kernel passes lane (g, t): its words of rows g and g + 8,
     the addresses of its activation columns for tokens g and g + 8 (loaded if below ``tokens``)."""
     operands = []
@@ -72,6 +72,8 @@ def _run_step(asm: str, packed: np.ndarray, words: int, vals: int, row_bytes: in
         ops[mg._ZG] = ops[mg._ZH] = zero_word
         for i, p in enumerate(planes):
             ops[mg._TP + i] = p & 0xFFFFFFFF
+        if lut is not None:  # (table address, copies): the lane's copy
+            ops[mg._TP] = lut[0] + (lane % lut[1]) * 4
         ops[mg._XINV] = _f32_bits(inv)
         ops[mg._XTHR] = _f32_bits(thr)
         operands.append(ops)
@@ -269,5 +271,36 @@ def test_step_asm_with_preloaded_activations(case: tuple, tokens: int) -> None:
     got = _run_step(mg.step_asm(kind, bits, words, 1, dt, mg.X_KEEP, signed8, x_regs=True), packed, words, vals,
                     row_bytes, tokens, {}, zw, planes, x_words=[[loads.regs[lane][f"${r}"] for r in range(mg.X_REGS)]
                                                               for lane in range(32)])  # fmt: skip
+    for lane in range(32):
+        assert [got.regs[lane][f"${i}"] for i in range(4)] == [want.regs[lane][f"${i}"] for i in range(4)]
+
+
+@pytest.mark.parametrize("copies", [4, 8, 32])
+@pytest.mark.parametrize("words", [4, 2])
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] == mg.D_TABLE], ids=lambda c: c[0])
+def test_step_asm_shared_pair_table_matches_permutes(case: tuple, words: int, copies: int) -> None:
+    """``lut_copies``: NF4 / FP4 code pairs looked up in the shared pair table (laid out as the kernel
+    fills it, ``lut_store_asm``) give the same bits as the byte-permute decoder."""
+    name, kind, bits, dt, _ = case
+    rng = np.random.default_rng([len(name), words, copies])
+    vals = 8
+    step = 4 * words * vals
+    codes = rng.integers(0, 16, (16, step))
+    packed = _pack_words(codes, bits, high_first=True)
+    x = (torch.randn(16, step) * 3).to(torch.bfloat16 if dt == "bf16" else torch.float16)
+    memory = {X_BASE + i: int(b) for i, b in enumerate(x.contiguous().view(torch.uint8).numpy().reshape(-1))}
+    table = bnb4.code_table("nf4" if name.startswith("nf4") else "fp4").float()
+    pairs = mg.lut_pairs(table, x.dtype)
+    # fill as the kernel does: thread v stores entry v's copies at table + v * copies * 4
+    lut_at = 1 << 12
+    for first in range(0, 256, 32):
+        Lanes([[0, pairs[v], lut_at + v * copies * 4] for v in range(first, first + 32)], memory).run(
+            mg.lut_store_asm(copies)
+        )
+    planes = mg.table_planes(table, x.dtype)
+    want = _run_step(mg.step_asm(kind, bits, words, 1, dt, mg.X_KEEP, False), packed, words, vals, step * 2, 8,
+                     memory, 0, planes)  # fmt: skip
+    got = _run_step(mg.step_asm(kind, bits, words, 1, dt, mg.X_KEEP, False, lut_copies=copies), packed, words, vals,
+                    step * 2, 8, memory, 0, [0] * 8, lut=(lut_at, copies))  # fmt: skip
     for lane in range(32):
         assert [got.regs[lane][f"${i}"] for i in range(4)] == [want.regs[lane][f"${i}"] for i in range(4)]

@@ -4,7 +4,8 @@ the CPU through a PTX simulator).
 Operands of the step (``step_asm``): $0..$7 the step's fp32 results (token blocks 0 / 1, c0..c3 each);
 $8..$11 the lane's code words of row g, $12..$15 of row g + 8; $16 / $17 the activation addresses of
 token blocks 0 / 1 and $18 / $19 their load flags; $20 / $21 the zero operands of rows g / g + 8;
-$22..$29 the 16-bit table's byte planes (NF4 / FP4).
+$22..$29 the 16-bit table's byte planes (NF4 / FP4), or in $22 the lane's shared-memory pair table
+(``lut_copies``).
 """
 
 from __future__ import annotations
@@ -45,8 +46,18 @@ X_INT8 = 3  # quantize: round(x / scale) clamped to +-127 (SmoothQuant), as bf16
 X_LLM = 4  # LLM.int8: round(x * 127 / amax) clamped, outlier columns (|x| >= threshold) keep x * 127 / amax
 
 
-def _decode(kind: int, word: str, pre: str, zero: str, dt: str) -> list[str]:
+def _decode(kind: int, word: str, pre: str, zero: str, dt: str, lut_copies: int = 0) -> list[str]:
     """PTX lines decoding register ``word`` into pairs ``{pre}0..`` (column order, low half first)."""
+    if kind == D_TABLE and lut_copies:
+        # byte i of the word is a code pair: its 16-bit pair is entry (byte, copy) of the shared table
+        lines = []
+        for i in range(4):
+            lines += [
+                f"prmt.b32 y, {word}, 0, {hex(0x4440 | i)};",
+                f"mad.lo.u32 y, y, {4 * lut_copies}, ${_TP};",
+                f"ld.shared.b32 {pre}{i}, [y];",
+            ]
+        return lines
     if kind == D_INT4:
         lines = [f"shr.u32 s4, {word}, 4;"]
         for i in range(4):
@@ -136,7 +147,15 @@ def _x_convert(reg: str, mode: int, dt: str) -> list[str]:
 
 
 def step_asm(
-    kind: int, bits: int, words: int, blocks: int, dt: str, x_mode: int, signed8: bool, x_regs: bool = False
+    kind: int,
+    bits: int,
+    words: int,
+    blocks: int,
+    dt: str,
+    x_mode: int,
+    signed8: bool,
+    x_regs: bool = False,
+    lut_copies: int = 0,
 ) -> str:
     """PTX of one warp step: load the activations (and convert or quantize them, ``x_mode``), decode
     ``words`` code words of rows g and g + 8 and run the mmas of ``blocks`` token blocks; writes the
@@ -192,7 +211,7 @@ def step_asm(
             if signed8:  # two's complement -> offset binary (zero 128)
                 lines.append(f"xor.b32 w, {src}, 0x80808080;")
                 src = "w"
-            lines += _decode(kind, src, pre, zero, dt)
+            lines += _decode(kind, src, pre, zero, dt, lut_copies)
         halves = 2 if bits == 4 else 1
         for h in range(halves):
             a = f"{{pg{2 * h}, ph{2 * h}, pg{2 * h + 1}, ph{2 * h + 1}}}"
@@ -233,6 +252,31 @@ def load_asm(words: int) -> str:
 
 
 _PLANES: dict[tuple, list[int]] = {}
+_PAIRS: dict[tuple, list[int]] = {}
+
+
+def lut_alloc_asm(copies: int) -> str:
+    """PTX declaring the kernel's shared pair table (``copies`` copies of 256 words, entry ``(byte, copy)``
+    at word ``byte * copies + copy``: lane l reads copy ``l % copies``, so lanes of different copies never
+    share a bank) and writing its address to $0. Function scope: the kernel must use it once."""
+    return f".shared .align 16 .b8 qb_pair_lut[{1024 * copies}];\nmov.u32 $0, qb_pair_lut;"
+
+
+def lut_store_asm(copies: int) -> str:
+    """PTX storing word $1 as every copy of one table entry, at shared address $2 ($0: a dummy output)."""
+    stores = [f"st.shared.v4.b32 [$2+{16 * i}], {{$1, $1, $1, $1}};" for i in range(copies // 4)]
+    return "\n".join([*stores, "mov.b32 $0, 0;"])
+
+
+def lut_pairs(table: torch.Tensor, dtype: torch.dtype) -> list[int]:
+    """The 256 code-pair entries: for byte ``b`` (first code in the high nibble, as bitsandbytes packs),
+    the table values of ``b >> 4`` (low half) and ``b & 15`` (high half) in ``dtype``, as int32."""
+    key = (table.data_ptr(), dtype)
+    if key not in _PAIRS:
+        bits = [int(v) & 0xFFFF for v in table.float().cpu().to(dtype).view(torch.int16).tolist()]
+        words = [bits[b >> 4] | (bits[b & 15] << 16) for b in range(256)]
+        _PAIRS[key] = [w - (1 << 32) if w >= 1 << 31 else w for w in words]
+    return _PAIRS[key]
 
 
 def table_planes(table: torch.Tensor, dtype: torch.dtype) -> list[int]:
