@@ -18,6 +18,10 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``actpdl``: prompt-sized activation quantization launched with programmatic dependent launch;
 * ``lut0`` / ``lut8`` / ``lut16`` / ``lut32``: NF4 / FP4 tensor-core GEMV decoding with byte permutes / a shared
   pair table of 8, 16 or 32 copies (``mma_gemv.LUT``);
+* ``depth2``: 4-bit tensor-core GEMVs keep two steps of codes in flight instead of one;
+* ``perm1`` / ``perm2`` / ``perm4``: with the shared pair table, that many code words of each NF4 / FP4 step
+  decoded by byte permutes instead (ALU against the L1 data pipe);
+* ``nosubs``: NF4 / FP4 tensor-core GEMV steps of one quantization group instead of two;
 * ``noxcarry`` / ``xcarry``: no tensor-core GEMV loads its step's activations an iteration ahead / all do
   (default: 4-bit and e4m3 codes, ``mma_gemv.X_CARRY``);
 * ``noattsplit``: decode attention one program per (sequence, kv head), the cache not split;
@@ -66,6 +70,11 @@ VARIANTS = {
     "actpdl": [(fused.ACT_PDL, "prompt", True)],
     "noxcarry": [(mma_gemv.X_CARRY, "kinds", set())],
     "lut0": [(mma_gemv.LUT, "copies", 0)],
+    "nosubs": [(mma_gemv.SUBS, "on", False)],
+    "perm1": [(mma_gemv.LUT, "permute", 1)],
+    "perm2": [(mma_gemv.LUT, "permute", 2)],
+    "perm4": [(mma_gemv.LUT, "permute", 4)],
+    "depth2": [(mma_gemv.DEPTH, 4, 2)],
     "lut8": [(mma_gemv.LUT, "copies", 8)],
     "lut16": [(mma_gemv.LUT, "copies", 16)],
     "lut32": [(mma_gemv.LUT, "copies", 32)],

@@ -254,6 +254,39 @@ def test_mma_gemv_pair_table_cuda(spec: str, dtype: torch.dtype, m: int) -> None
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize(
+    "spec", ["nf4:block=64", "nf4:block=64,dq=1", "fp4:block=32", "nf4:block=64,tiles=0"]
+)
+@pytest.mark.parametrize("m", [1, 5, 8])
+def test_mma_gemv_two_group_steps_cuda(spec: str, m: int) -> None:
+    """Warp steps of two consecutive NF4 / FP4 groups (``mma_gemv.SUBS``, tiled or row-major codes) against
+    the float64 product and against one group per step (only the fp32 summation order differs)."""
+    from quantbench.engine.kernels import layout_for
+    from quantbench.engine.kernels.layouts import mma_tile, tile_buffers
+    from quantbench.engine.kernels.mma_gemv import SUBS, _kind, _subs, mma_supported
+
+    spec, _, tiles = spec.partition(",tiles=")
+    torch.manual_seed(len(spec) + m)
+    module = _module(spec, 1008, 4096, bias=True, device="cuda", dtype=torch.bfloat16)
+    if tiles != "0":
+        module.store_tiled(tile_buffers(module, layout_for(module), *mma_tile(layout_for(module))))
+    layout = layout_for(module)
+    x = _x(m, 4096, "cuda", torch.bfloat16, outliers=True)
+    assert mma_supported(x, layout) and _subs(_kind(layout, x.dtype), layout, m) == 2
+    saved = SUBS["on"]
+    try:
+        SUBS["on"] = False
+        one = _run_wq(module, x)
+        SUBS["on"] = True
+        two = _run_wq(module, x)
+    finally:
+        SUBS["on"] = saved
+    ref = x.double() @ module.dequantize().double().t() + module.bias.double()
+    assert _rel(two, ref) < 1e-2
+    assert _rel(two, one.double()) < 2e-3
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("spec", W8A8)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mma_gemv_quantizes_token_cuda(spec: str, dtype: torch.dtype) -> None:

@@ -52,7 +52,8 @@ def _f32_bits(value: float) -> int:
 
 def _run_step(asm: str, packed: np.ndarray, words: int, vals: int, row_bytes: int, tokens: int, memory: dict,
               zero_word: int, planes: list[int], inv: float = 1.0, thr: float = 0.0,
-              x_words: list | None = None, lut: tuple[int, int] | None = None) -> Lanes:  # fmt: skip
+              x_words: list | None = None, lut: tuple[int, int] | None = None,
+              lane_cols: int | None = None) -> Lanes:  # fmt: skip
     """Run one step's PTX with the operands the kernel passes lane (g, t): its words of rows g and g + 8,
     the addresses of its activation columns for tokens g and g + 8 (loaded if below ``tokens``)."""
     operands = []
@@ -64,7 +65,7 @@ def _run_step(asm: str, packed: np.ndarray, words: int, vals: int, row_bytes: in
         for j in range(words):
             ops[mg._WG + j] = int(packed[g, t * words + j])
             ops[mg._WH + j] = int(packed[g + 8, t * words + j])
-        col = t * words * vals
+        col = t * (words * vals if lane_cols is None else lane_cols)
         ops[mg._XA] = X_BASE + g * row_bytes + col * 2
         ops[mg._XA + 1] = X_BASE + (g + 8) * row_bytes + col * 2
         ops[mg._XV] = int(g < tokens)
@@ -73,7 +74,7 @@ def _run_step(asm: str, packed: np.ndarray, words: int, vals: int, row_bytes: in
         for i, p in enumerate(planes):
             ops[mg._TP + i] = p & 0xFFFFFFFF
         if lut is not None:  # (table address, copies): the lane's copy
-            ops[mg._TP] = lut[0] + (lane % lut[1]) * 4
+            ops.append(lut[0] + (lane % lut[1]) * 4)
         ops[mg._XINV] = _f32_bits(inv)
         ops[mg._XTHR] = _f32_bits(thr)
         operands.append(ops)
@@ -304,3 +305,95 @@ def test_step_asm_shared_pair_table_matches_permutes(case: tuple, words: int, co
                     step * 2, 8, memory, 0, [0] * 8, lut=(lut_at, copies))  # fmt: skip
     for lane in range(32):
         assert [got.regs[lane][f"${i}"] for i in range(4)] == [want.regs[lane][f"${i}"] for i in range(4)]
+
+
+@pytest.mark.parametrize("x_regs", [False, True])
+@pytest.mark.parametrize("copies,permute", [(0, 0), (16, 0), (16, 3), (8, 8)])
+@pytest.mark.parametrize("tokens", [1, 8])
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] == mg.D_TABLE], ids=lambda c: c[0])
+def test_step_asm_two_groups_matches_float64(
+    case: tuple, tokens: int, copies: int, permute: int, x_regs: bool
+) -> None:
+    """``subs=2``: a step of two consecutive 64-column groups (2 words per lane each; lane t holds words
+    2t, 2t + 1 of each group) writes each group's products to its own four results; with the shared
+    pair table, ``permute`` of its words by the byte-permute decoder."""
+    name, kind, bits, dt, _ = case
+    rng = np.random.default_rng([len(name), tokens, copies, permute, x_regs])
+    codes = rng.integers(0, 16, (16, 128))
+    packed = _pack_words(codes, bits, high_first=True)  # [16, 16]: words 0-7 group 0, 8-15 group 1
+    lane_words = np.zeros((16, 16), dtype=np.int64)  # lane t's four words, as the kernel loads them
+    for t in range(4):
+        for j in range(4):
+            lane_words[:, 4 * t + j] = packed[:, (j // 2) * 8 + 2 * t + j % 2]
+    x = (torch.randn(16, 128) * 3).to(torch.bfloat16 if dt == "bf16" else torch.float16)
+    memory = {X_BASE + i: int(b) for i, b in enumerate(x.contiguous().view(torch.uint8).numpy().reshape(-1))}
+    table = bnb4.code_table("nf4" if name.startswith("nf4") else "fp4").float()
+    weights = table.to(x.dtype).double().numpy()[codes]
+    lut = None
+    planes = mg.table_planes(table, x.dtype)
+    if copies:
+        lut = (1 << 12, copies)
+        pairs = mg.lut_pairs(table, x.dtype)
+        for first in range(0, 256, 32):
+            Lanes([[0, pairs[v], lut[0] + v * copies * 4] for v in range(first, first + 32)], memory).run(
+                mg.lut_store_asm(copies)
+            )
+    sub_x = mg.sub_x_bytes(2, bits)
+    assert sub_x == 64 * 2
+    x_words = None
+    if x_regs:
+        loads = Lanes(
+            [[0] * mg.X_REGS + [X_BASE + (lane // 4) * 256 + (lane % 4) * 32, int(lane // 4 < tokens)]
+             for lane in range(32)],
+            memory,
+        )  # fmt: skip
+        loads.run(mg.x_load_asm(16, subs=2, sub_x=sub_x))
+        x_words = [[loads.regs[lane][f"${r}"] for r in range(mg.X_REGS)] for lane in range(32)]
+    asm = mg.step_asm(kind, bits, 4, 1, dt, mg.X_KEEP, False, x_regs=x_regs, lut_copies=copies, subs=2,
+                      lut_permute=permute)  # fmt: skip
+    assert asm.count("ld.shared") == 4 * (8 - permute) if copies else "ld.shared" not in asm
+    lanes = _run_step(asm, lane_words, 4, 8, 256, tokens, memory, 0, planes, x_words=x_words, lut=lut,
+                      lane_cols=16)  # fmt: skip
+    xs = x.double().numpy()
+    for u in range(2):
+        want = weights[:, 64 * u : 64 * (u + 1)] @ xs[:tokens, 64 * u : 64 * (u + 1)].T
+        got = np.zeros((16, 8))
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            out = [
+                np.array([lanes.regs[lane][f"${4 * u + i}"]], dtype=np.uint32).view(np.float32)[0]
+                for i in range(4)
+            ]
+            got[g, 2 * t], got[g, 2 * t + 1], got[g + 8, 2 * t], got[g + 8, 2 * t + 1] = out
+        np.testing.assert_allclose(got[:, :tokens], want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+        assert not got[:, tokens:].any()
+
+
+def test_load_asm_two_groups_reads_both_tiles() -> None:
+    """``load_asm(4, subs=2, sub_bytes)``: two words at each address and two ``sub_bytes`` further on."""
+    memory = {a: (a * 7 + 3) & 0xFF for a in range(4096)}
+    ops = [[0] * 8 + [64 + lane * 8, 2048 + lane * 8, 1, int(lane % 2 == 0)] for lane in range(32)]
+    lanes = Lanes(ops, memory)
+    lanes.run(mg.load_asm(4, subs=2, sub_bytes=512))
+    for lane in range(32):
+        got = [lanes.regs[lane][f"${r}"] for r in range(8)]
+        g_at, h_at = 64 + lane * 8, 2048 + lane * 8
+        want = [lanes.load32(a) for a in (g_at, g_at + 4, g_at + 512, g_at + 516)]
+        want += (
+            [lanes.load32(a) for a in (h_at, h_at + 4, h_at + 512, h_at + 516)] if lane % 2 == 0 else [0] * 4
+        )
+        assert got == want
+
+
+@pytest.mark.parametrize("xregs,subs,sub_x", [(16, 1, 0), (8, 1, 0), (16, 2, 128), (8, 2, 64), (4, 2, 32)])
+def test_x_load_asm_reads_each_sub_step(xregs: int, subs: int, sub_x: int) -> None:
+    """``x_load_asm``: exactly ``xregs`` words, ``xregs / subs`` at each of ``subs`` addresses ``sub_x`` apart;
+    the other outputs zero, and all zero when the flag is 0."""
+    memory = {a: (a * 13 + 5) & 0xFF for a in range(1024)}
+    lanes = Lanes([[0] * mg.X_REGS + [64 + 4 * lane, int(lane != 3)] for lane in range(32)], memory)
+    lanes.run(mg.x_load_asm(xregs, subs, sub_x))
+    per = xregs // subs
+    for lane in range(32):
+        want = [lanes.load32(64 + 4 * lane + (r // per) * sub_x + 4 * (r % per)) for r in range(xregs)]
+        want = (want if lane != 3 else [0] * xregs) + [0] * (mg.X_REGS - xregs)
+        assert [lanes.regs[lane][f"${r}"] for r in range(mg.X_REGS)] == want

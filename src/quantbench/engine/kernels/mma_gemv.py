@@ -81,6 +81,7 @@ from quantbench.engine.kernels.mma_ptx import (
     lut_pairs,
     lut_store_asm,
     step_asm,
+    sub_x_bytes,
     table_planes,
     x_load_asm,
 )
@@ -181,10 +182,10 @@ def _mma_gemv_kernel(
     ZERO_CONST: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_MUL: tl.constexpr,
     HAS_ROWF: tl.constexpr, SPLIT_K: tl.constexpr, V: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr,
     XQ: tl.constexpr, BX: tl.constexpr, DEPTH: tl.constexpr, XC: tl.constexpr, X_ASM: tl.constexpr,
-    LUT_R: tl.constexpr, LUT_ALLOC: tl.constexpr, LUT_STORE: tl.constexpr, PDL: tl.constexpr,
+    LUT_R: tl.constexpr, LUT_ALLOC: tl.constexpr, LUT_STORE: tl.constexpr, SUBS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     VALS: tl.constexpr = 32 // BITS
-    STEP: tl.constexpr = 4 * V * VALS  # columns per warp step
+    STEP: tl.constexpr = SUBS * 4 * V * VALS  # columns per warp step (SUBS groups of V words per lane)
     KW = K // VALS
     pid = tl.program_id(0)
     tile = pid // SPLIT_K
@@ -206,9 +207,9 @@ def _mma_gemv_kernel(
 
     # Codes are row-major or tiled in this kernel's own steps (mma_supported), so a warp's code addresses
     # advance by a constant per step.
-    STEP_BYTES: tl.constexpr = 4 * (4 * V if TN == 0 else TN * TKV)
+    STEP_BYTES: tl.constexpr = SUBS * 4 * (4 * V if TN == 0 else TN * TKV)
     s = s_lo + warp
-    wcol = s * (4 * V) + t * V
+    wcol = s * (4 * V * SUBS) + t * V
     ptr_g = (w_ptr + word_off(row_g, wcol, stride_wn, KW, TN, TKV)).to(tl.int64, bitcast=True)
     ptr_h = (w_ptr + word_off(row_h, wcol, stride_wn, KW, TN, TKV)).to(tl.int64, bitcast=True)
     # the first DEPTH steps' codes are requested before waiting on the previous kernel (they are constant)
@@ -220,15 +221,14 @@ def _mma_gemv_kernel(
         u0, u1, u2, u3, u4, u5, u6, u7 = _load_step(
             p1g, p1h, (s1 < s_hi) & ok_g, (s1 < s_hi) & ok_h, LOAD_ASM
         )
-    tp0 = tid * 0 + P0
-    if (
-        LUT_R > 0
-    ):  # NF4 / FP4: the shared pair table (a constant: filled before waiting on the previous kernel)
+    # NF4 / FP4: the shared pair table (a constant: filled before waiting on the previous kernel)
+    lut_lane = tid * 0
+    if LUT_R > 0:
         lut_at = _asm_i32(tid, tid, LUT_ALLOC)
         for v0 in tl.static_range(0, 256, 32 * NW):
             _asm_i32(tl.load(lut_ptr + v0 + tid), lut_at + (v0 + tid) * (4 * LUT_R), LUT_STORE)
         tl.debug_barrier()
-        tp0 = lut_at + (lane % LUT_R) * 4
+        lut_lane = lut_at + (lane % LUT_R) * 4
     wait_prior(PDL)
 
     # XQ > 0 (one token): quantize the activations here, as fused.act_quant would (the per-token scale from
@@ -306,18 +306,23 @@ def _mma_gemv_kernel(
             if HAS_ZERO:
                 zg = _zero_word(_zero_at(z_ptr, row_g, grp, live & ok_g, stride_sn, n_groups, TN), KIND, DT)
                 zh = _zero_word(_zero_at(z_ptr, row_h, grp, live & ok_h, stride_sn, n_groups, TN), KIND, DT)
+            if SUBS == 2:  # the step's second group (no zero points: mma_gemv's choice)
+                sg2 = _scale_at(s_ptr, dqc_ptr, dqn_ptr, dqo_ptr, row_g, grp + 1, live & ok_g, stride_sn, n_groups,
+                                TN, NESTED, SCALE_MUL)  # fmt: skip
+                sh2 = _scale_at(s_ptr, dqc_ptr, dqn_ptr, dqo_ptr, row_h, grp + 1, live & ok_h, stride_sn, n_groups,
+                                TN, NESTED, SCALE_MUL)  # fmt: skip
         else:
             sg = live.to(tl.float32)  # a dead step's zero activations already give 0; keep it exact
             sh = sg
         d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
             asm=STEP_ASM,
-            constraints="=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,r,r,l,l,r,r,r,r,r,r,r,r,r,r,r,r,r,r" + ",r" * 16,
+            constraints="=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,r,r,l,l,r,r,r,r,r,r,r,r,r,r,r,r,r,r" + ",r" * 17,
             args=[w0, w1, w2, w3, w4, w5, w6, w7, x_addr0, x_addr1,
                   (live & (tok0 < M)).to(tl.int32), (live & (tok1 < M)).to(tl.int32), zg, zh,
-                  tp0, zg * 0 + P1, zg * 0 + P2, zg * 0 + P3, zg * 0 + P4, zg * 0 + P5, zg * 0 + P6,
+                  zg * 0 + P0, zg * 0 + P1, zg * 0 + P2, zg * 0 + P3, zg * 0 + P4, zg * 0 + P5, zg * 0 + P6,
                   zg * 0 + P7, (zg * 0 + inv).to(tl.int32, bitcast=True),
                   (zg * 0 + THR).to(tl.int32, bitcast=True), c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12,
-                  c13, c14, c15],
+                  c13, c14, c15, lut_lane],
             dtype=(tl.float32,) * 8,
             is_pure=False,
             pack=1,
@@ -326,7 +331,12 @@ def _mma_gemv_kernel(
         acc1 += d1 * sg
         acc2 += d2 * sh
         acc3 += d3 * sh
-        if NB == 2:
+        if SUBS == 2:
+            acc0 += d4 * sg2
+            acc1 += d5 * sg2
+            acc2 += d6 * sh2
+            acc3 += d7 * sh2
+        elif NB == 2:
             acc4 += d4 * sg
             acc5 += d5 * sg
             acc6 += d6 * sh
@@ -458,7 +468,10 @@ X_CARRY = {
 # copies interleaved so lanes of different copies never share a bank; 0: the byte-permute decoder.
 # H200 engine A/B, NF4 block 64 ms per token b1 / b8: permutes 3.37 / 3.44, 8 copies 2.80 / 3.34,
 # 16 copies 2.61 / 3.14, 32 copies (32 KiB per program: fewer programs per SM) 3.84 / 4.16.
-LUT = {"copies": int(os.environ.get("QUANTBENCH_MMA_LUT", "16"))}
+# ``permute``: code words per step decoded by byte permutes anyway: ncu of the NF4 gate/up GEMV (16 copies) has
+# the L1 data pipe 91 % busy (two shared wavefronts per lookup) and the ALU pipe 32 %; one of a step's
+# eight words moved over: b1 2.52 -> 2.45 ms/token, b8 3.07 -> 2.95 (two: 2.54 / 2.88; four: 2.82 / 2.91).
+LUT = {"copies": int(os.environ.get("QUANTBENCH_MMA_LUT", "16")), "permute": 1}
 _LUTS: dict[tuple, torch.Tensor] = {}
 
 
@@ -469,11 +482,27 @@ def _lut_tensor(table: torch.Tensor, dtype: torch.dtype, device: torch.device) -
     return _LUTS[key]
 
 
+# NF4 / FP4 groups of 64 (32) columns at 1-8 tokens: a warp step takes two consecutive groups (the codes of
+# two consecutive tiles), halving the per-step work (addresses, flags, loads issued) per code.
+SUBS = {"on": os.environ.get("QUANTBENCH_MMA_SUBS", "1") != "0"}
+
+
+def _subs(kind: int, layout: WQLayout, m: int) -> int:
+    """Sub-steps (quantization groups) per warp step of this call."""
+    words = mma_words_per_lane(layout)
+    two = 2 * 4 * words * (32 // layout.bits)
+    ok = SUBS["on"] and kind == D_TABLE and m <= 8 and words <= 2 and layout.in_features % two == 0
+    return 2 if ok and layout.group > 0 and layout.zeros is None else 1
+
+
+DEPTH = {4: 1, 8: 2}  # steps of codes in flight per code width (see _config)
+
+
 def _config(m: int, n: int, k: int, layout: WQLayout, device: torch.device) -> dict:
     """Warps per program and K-splits: about four 4-warp programs per SM, each split keeping at least
     two steps per warp."""
     words = mma_words_per_lane(layout)
-    step = 4 * words * (32 // layout.bits)
+    step = 4 * words * (32 // layout.bits) * _subs(_kind(layout, torch.bfloat16), layout, m)
     nw = 4
     tiles = n // 16
     steps = k // step
@@ -482,7 +511,7 @@ def _config(m: int, n: int, k: int, layout: WQLayout, device: torch.device) -> d
         split *= 2
     # two steps of codes in flight for 8-bit codes (H200, ms per token b1 / b8: fp8 2.98 / 3.66 -> 2.89 / 3.23,
     # LLM.int8 3.13 / 3.88 -> 3.08 / 3.62); one for 4-bit (int4 2.16 -> 2.23, NF4 3.36 -> 3.47 at b1)
-    return {"NW": nw, "SPLIT_K": split, "DEPTH": 2 if layout.bits == 8 else 1}
+    return {"NW": nw, "SPLIT_K": split, "DEPTH": DEPTH[layout.bits]}
 
 
 def mma_gemv(
@@ -521,20 +550,39 @@ def mma_gemv(
         xq, x_mode = _XQ[layout.act_quant]
     else:
         xq, x_mode = 0, X_F16 if kind == D_FP8 and dt == "bf16" else X_KEEP
-    xc = kind in X_CARRY["kinds"] and blocks == 1 and words * (32 // layout.bits) // 2 <= X_REGS
+    subs = _subs(kind, layout, m)
+    x_words = words * subs * (32 // layout.bits) // 2  # activation words per lane and step (one token block)
+    xc = kind in X_CARRY["kinds"] and blocks == 1 and x_words <= X_REGS
     copies = LUT["copies"] if kind == D_TABLE and 32 * nw <= 256 else 0
-    key = (kind, layout.bits, words, blocks, dt, layout.signed8, x_mode, xc, copies)
+    permute = min(LUT["permute"], 2 * words * subs) if copies else 0
+    # bytes from one group's codes to the next one's: the next tile, or the next words of the row
+    sub_bytes = 4 * (layout.tile_n * layout.tile_kv if layout.tile_n else 4 * words)
+    sub_x = sub_x_bytes(words, layout.bits)
+    key = (
+        kind,
+        layout.bits,
+        words,
+        blocks,
+        dt,
+        layout.signed8,
+        x_mode,
+        xc,
+        copies,
+        subs,
+        sub_bytes,
+        x_words,
+        permute,
+    )
     if key not in _ASM:
         _ASM[key] = (
-            step_asm(
-                kind, layout.bits, words, blocks, dt, x_mode, layout.signed8, x_regs=xc, lut_copies=copies
-            ),
-            load_asm(words),
-        )
+            step_asm(kind, layout.bits, words * subs, blocks, dt, x_mode, layout.signed8, x_regs=xc,
+                     lut_copies=copies, subs=subs, lut_permute=permute),
+            load_asm(words * subs, subs, sub_bytes),
+        )  # fmt: skip
     step_text, load_text = _ASM[key]
-    planes = table_planes(layout.table, x.dtype) if kind == D_TABLE and not copies else [0] * 8
+    planes = table_planes(layout.table, x.dtype) if kind == D_TABLE else [0] * 8
     lut = _lut_tensor(layout.table, x.dtype, x.device) if copies else layout.w32
-    step = 4 * words * (32 // layout.bits)
+    step = 4 * words * (32 // layout.bits) * subs
     tiles = n // 16
     split, k_split, ws, cnt = plan_split(split, tiles, m * n, k, step, out)
     _mma_gemv_kernel[(tiles * split,)](
@@ -547,8 +595,8 @@ def mma_gemv(
         TN=layout.tile_n, TKV=layout.tile_kv, GROUP=layout.group, BITS=layout.bits,
         HAS_ZERO=layout.zeros is not None, ZERO_CONST=float(layout.zero_const), NESTED=layout.dq_code is not None,
         HAS_BIAS=layout.bias is not None, SCALE_MUL=float(layout.scale_mul), HAS_ROWF=row_factor is not None,
-        SPLIT_K=split, V=words, NB=blocks, NW=nw, XQ=xq, DEPTH=depth, XC=xc, X_ASM=x_load_asm(X_REGS) if xc else "",
-        LUT_R=copies, LUT_ALLOC=lut_alloc_asm(copies) if copies else "", LUT_STORE=lut_store_asm(copies) if copies else "", BX=min(4096, triton.next_power_of_2(k)), num_warps=nw,
+        SPLIT_K=split, V=words, NB=blocks, NW=nw, XQ=xq, DEPTH=depth, XC=xc, X_ASM=x_load_asm(x_words, subs, sub_x) if xc else "",
+        LUT_R=copies, LUT_ALLOC=lut_alloc_asm(copies) if copies else "", LUT_STORE=lut_store_asm(copies) if copies else "", SUBS=subs, BX=min(4096, triton.next_power_of_2(k)), num_warps=nw,
         **cfg, **launch_args(x.device),
     )  # fmt: skip
     return out

@@ -4,8 +4,8 @@ the CPU through a PTX simulator).
 Operands of the step (``step_asm``): $0..$7 the step's fp32 results (token blocks 0 / 1, c0..c3 each);
 $8..$11 the lane's code words of row g, $12..$15 of row g + 8; $16 / $17 the activation addresses of
 token blocks 0 / 1 and $18 / $19 their load flags; $20 / $21 the zero operands of rows g / g + 8;
-$22..$29 the 16-bit table's byte planes (NF4 / FP4), or in $22 the lane's shared-memory pair table
-(``lut_copies``).
+$22..$29 the 16-bit table's byte planes (NF4 / FP4); $48 the lane's copy of the shared-memory pair
+table (``lut_copies``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ _XINV = 30  # $30: the activation quantization's 1 / scale (fp32 bits; token 0 o
 _XTHR = 31  # $31: LLM.int8's outlier threshold (fp32 bits)
 _XIN = 32  # $32..$47: the step's activation words when loaded by the caller (``x_regs``)
 X_REGS = 16  # activation words per lane per step of a 4-bit format (words = 4, one token block)
+_LUT = 48  # $48: the lane's copy of the shared pair table
 
 # what the step does to the loaded activation pairs (bf16 in memory)
 X_KEEP = 0
@@ -54,7 +55,7 @@ def _decode(kind: int, word: str, pre: str, zero: str, dt: str, lut_copies: int 
         for i in range(4):
             lines += [
                 f"prmt.b32 y, {word}, 0, {hex(0x4440 | i)};",
-                f"mad.lo.u32 y, y, {4 * lut_copies}, ${_TP};",
+                f"mad.lo.u32 y, y, {4 * lut_copies}, ${_LUT};",
                 f"ld.shared.b32 {pre}{i}, [y];",
             ]
         return lines
@@ -156,15 +157,26 @@ def step_asm(
     signed8: bool,
     x_regs: bool = False,
     lut_copies: int = 0,
+    subs: int = 1,
+    lut_permute: int = 0,
 ) -> str:
     """PTX of one warp step: load the activations (and convert or quantize them, ``x_mode``), decode
     ``words`` code words of rows g and g + 8 and run the mmas of ``blocks`` token blocks; writes the
     step's fp32 results to $0..$7. ``x_regs`` (one token block): the activation words arrive in
-    $32.. (loaded by ``x_load_asm`` an iteration earlier) instead of being loaded here."""
+    $32.. (loaded by ``x_load_asm`` an iteration earlier) instead of being loaded here.
+
+    ``subs`` = 2 (one token block): the step is two consecutive sub-steps of ``words / 2`` words each
+    (two quantization groups); sub-step u's activations lie ``sub_x_bytes`` further on and its
+    results go to $4u..$4u + 3, to be scaled apart. ``lut_permute``: that many of the step's code words
+    (last words first, row g + 8 before row g) take the byte-permute decoder (ALU) instead of the shared
+    table (the L1 data pipe), to balance the two."""
     vals = 32 // bits
     xregs = words * vals // 2  # 32-bit activation pairs per token block
     if x_regs and (blocks != 1 or xregs > X_REGS):
         raise ValueError("x_regs takes one token block of at most X_REGS words")
+    if subs not in (1, 2) or (subs == 2 and (blocks != 1 or words % 2)):
+        raise ValueError("two sub-steps take one token block and an even number of words")
+    sub_x = sub_x_bytes(words // subs, bits)
     lines = [
         "{",
         ".reg .b32 s4, y, sa, sb, ya, tt, mm, ma, a0, a1, lo, hi, kmask, kmag, kone, kff, w, v, cl, ch;",
@@ -194,59 +206,76 @@ def step_asm(
             lines.append(f"setp.ne.b32 q{b}, ${_XV + b}, 0;")
             for r in range(xregs):
                 lines.append(f"mov.b32 x{b * xregs + r}, 0;")
-        for c in range(0, 0 if x_regs else xregs, 4):
-            n = min(4, xregs - c)
-            regs = ", ".join(f"x{b * xregs + c + i}" for i in range(n))
-            vec = {4: ".v4", 2: ".v2", 1: ""}[n]
-            dst = f"{{{regs}}}" if n > 1 else regs
-            lines.append(f"@q{b} ld.global{vec}.b32 {dst}, [${_XA + b}+{4 * c}];")
+        for u in range(subs):
+            first, last = u * xregs // subs, (u + 1) * xregs // subs
+            for c in range(first, first if x_regs else last, 4):
+                n = min(4, last - c)
+                regs = ", ".join(f"x{b * xregs + c + i}" for i in range(n))
+                vec = {4: ".v4", 2: ".v2", 1: ""}[n]
+                dst = f"{{{regs}}}" if n > 1 else regs
+                lines.append(f"@q{b} ld.global{vec}.b32 {dst}, [${_XA + b}+{u * sub_x + 4 * (c - first)}];")
         if x_mode != X_KEEP:
             for r in range(xregs):
                 lines += _x_convert(f"x{b * xregs + r}", x_mode, dt)
     mma = _MMA["f16" if kind == D_FP8 else dt]
     zero_g, zero_h = ("zg", "zh") if kind == D_INT8_F32 else (f"${_ZG}", f"${_ZH}")
+    permuted = [(j, row) for j in reversed(range(words)) for row in ("h", "g")][:lut_permute]
     for j in range(words):
         for row, pre, zero in (("g", "pg", zero_g), ("h", "ph", zero_h)):
             src = f"${(_WG if row == 'g' else _WH) + j}"
             if signed8:  # two's complement -> offset binary (zero 128)
                 lines.append(f"xor.b32 w, {src}, 0x80808080;")
                 src = "w"
-            lines += _decode(kind, src, pre, zero, dt, lut_copies)
+            lines += _decode(kind, src, pre, zero, dt, 0 if (j, row) in permuted else lut_copies)
         halves = 2 if bits == 4 else 1
         for h in range(halves):
             a = f"{{pg{2 * h}, ph{2 * h}, pg{2 * h + 1}, ph{2 * h + 1}}}"
             for b in range(blocks):
                 base = b * xregs + (4 * j + 2 * h if bits == 4 else 2 * j)
-                d = ", ".join(f"${4 * b + i}" for i in range(4))
+                out = b if subs == 1 else j * subs // words  # token block, or sub-step
+                d = ", ".join(f"${4 * out + i}" for i in range(4))
                 lines.append(f"{mma} {{{d}}}, {a}, {{x{base}, x{base + 1}}}, {{{d}}};")
     lines.append("}")
     return "\n".join(lines)
 
 
-def x_load_asm(xregs: int) -> str:
+def sub_x_bytes(sub_words: int, bits: int) -> int:
+    """Bytes of 16-bit activations between two sub-steps of ``sub_words`` words per lane (4 lanes)."""
+    return 4 * sub_words * (32 // bits) * 2
+
+
+def x_load_asm(xregs: int, subs: int = 1, sub_x: int = 0) -> str:
     """PTX loading ``xregs`` activation words at address $16 (flag $17) into $0..; every output of the
-    ``X_REGS`` is zero where not loaded."""
+    ``X_REGS`` is zero where not loaded. ``subs`` = 2: the second half at ``sub_x`` bytes further on."""
     lines = ["{", ".reg .pred q;", f"setp.ne.b32 q, ${X_REGS + 1}, 0;"]
     lines += [f"mov.b32 ${r}, 0;" for r in range(X_REGS)]
-    for c in range(0, xregs, 4):
-        regs = ", ".join(f"${c + i}" for i in range(4))
-        lines.append(f"@q ld.global.v4.b32 {{{regs}}}, [${X_REGS}+{4 * c}];")
+    per_sub = xregs // subs
+    for u in range(subs):
+        for c in range(0, per_sub, 4):
+            n = min(4, per_sub - c)
+            regs = ", ".join(f"${u * per_sub + c + i}" for i in range(n))
+            vec = {4: ".v4", 2: ".v2", 1: ""}[n]
+            dst = f"{{{regs}}}" if n > 1 else regs
+            lines.append(f"@q ld.global{vec}.b32 {dst}, [${X_REGS}+{u * sub_x + 4 * c}];")
     lines.append("}")
     return "\n".join(lines)
 
 
-def load_asm(words: int) -> str:
+def load_asm(words: int, subs: int = 1, sub_bytes: int = 0) -> str:
     """PTX loading ``words`` consecutive code words at each of two addresses ($16, $17; flags $18, $19)
     into $0..$3 (row g) and $4..$7 (row g + 8); zeros where the flag is 0. The codes are read once: no L1
-    allocation."""
-    vec = {4: ".v4", 2: ".v2", 1: ""}[words]
+    allocation. ``subs`` = 2: ``words / 2`` words at each address and as many ``sub_bytes`` further on."""
+    per = words // subs
+    vec = {4: ".v4", 2: ".v2", 1: ""}[per]
     lines = ["{", ".reg .pred q0, q1;", "setp.ne.b32 q0, $10, 0;", "setp.ne.b32 q1, $11, 0;"]
     for r in range(8):
         lines.append(f"mov.b32 ${r}, 0;")
     for half, addr, flag in ((0, "$8", "q0"), (4, "$9", "q1")):
-        regs = ", ".join(f"${half + i}" for i in range(words))
-        dst = f"{{{regs}}}" if words > 1 else regs
-        lines.append(f"@{flag} ld.global.nc.L1::no_allocate{vec}.b32 {dst}, [{addr}];")
+        for u in range(subs):
+            regs = ", ".join(f"${half + u * per + i}" for i in range(per))
+            dst = f"{{{regs}}}" if per > 1 else regs
+            at = f"{addr}+{u * sub_bytes}" if u else addr
+            lines.append(f"@{flag} ld.global.nc.L1::no_allocate{vec}.b32 {dst}, [{at}];")
     lines.append("}")
     return "\n".join(lines)
 
