@@ -14,7 +14,9 @@ order is free as long as A and B agree, so each word's codes feed the lane's k s
 decoded pair ``(2i, 2i + 1)`` of a word is one A register, and the matching B register is the
 activation pair at the same columns, a plain 32-bit piece of the activation row (no shuffles). With
 ``N`` rows per lane group ``g`` = the token index, the B fragment holds token ``g`` (tokens 8-15: a
-second mma per A fragment).
+second mma per A fragment). NF4 / FP4 in blocks of 32 / 64 at 1-8 tokens (``SUBS``): a step takes two
+consecutive blocks, each lane the same words of two consecutive tiles, and the step's asm keeps the two
+blocks' results apart for their scales.
 
 Scales. A step lies in one quantization group (``GROUP % STEP == 0``) or the scale is per row, so the
 step's fp32 mma result is scaled once per (row, step): codes enter the tensor cores as exact small
@@ -25,8 +27,10 @@ Decoders (PTX, one 32-bit word -> 16-bit pairs in column order):
 * int4, bf16: ``prmt`` puts bytes ``i`` of ``w`` and ``w >> 4`` in the two halves, ``lop3`` masks the low
   nibble and ORs 128.0 (``0x4300``), one ``fma`` subtracts 128 + zero (exact): 13 instructions per word;
   fp16 the same with 1024.0 (``0x6400``).
-* NF4 / FP4: the byte-permute table decoder of ``wq_matmul.table_asm`` with the 16-bit table values of
-  the compute dtype.
+* NF4 / FP4: each byte (a code pair) indexes a shared-memory table of 16-bit value pairs of the compute
+  dtype (``LUT``: ``prmt`` + ``mad`` + ``ld.shared`` per pair), filled by every program in 16
+  interleaved copies against bank conflicts; one word per step takes the byte-permute decoder of
+  ``wq_matmul.table_asm`` instead (the same values), which balances the ALU against the L1 data pipe.
 * int8, bf16: ``prmt`` of each byte under 2**23 (fp32), subtract 2**23 + zero, ``cvt.rn.bf16x2.f32``;
   fp16: ``prmt`` under 1024.0 and one ``add.f16x2`` per pair.
 * e4m3: ``cvt.rn.f16x2.e4m3x2`` and an f16 mma; bf16 activations (W8A8: already e4m3 values, exact in
@@ -36,8 +40,9 @@ Pipelining: each iteration requests the codes of the step ``DEPTH`` iterations a
 the engine stores the codes in tiles of one warp step (``layouts.mma_tile``), so a step reads 1 KiB
 contiguous and the addresses advance by a constant. For 4-bit and e4m3 codes (``X_CARRY``) the step's
 activation words are loaded one iteration ahead too, in loop-carried registers: inside the step asm
-ptxas would sink each 16-byte load next to its mma, four L2 round trips in a row. ``quantize_act`` (W8A8, one token) quantizes the
-activation row inside the kernel instead of a separate ``act_quant`` launch.
+ptxas would sink each 16-byte load next to its mma, four L2 round trips in a row. ``quantize_act``
+(W8A8, one token) quantizes the activation row inside the kernel instead of a separate ``act_quant``
+launch.
 
 Layout assumption (checked by the CUDA tests against the reference): a 1-D tensor of ``32 * NW``
 elements places element ``i`` in thread ``i`` (Triton's default blocked layout), so the lane
