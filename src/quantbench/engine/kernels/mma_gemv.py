@@ -353,23 +353,7 @@ def _mma_gemv_kernel(
             w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
         if XC:
             c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = (
-                e0,
-                e1,
-                e2,
-                e3,
-                e4,
-                e5,
-                e6,
-                e7,
-                e8,
-                e9,
-                e10,
-                e11,
-                e12,
-                e13,
-                e14,
-                e15,
-            )
+                e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15)  # fmt: skip
         s += NW
         x_addr0 += X_INC
         x_addr1 += X_INC
@@ -559,25 +543,16 @@ def mma_gemv(
     x_words = words * subs * (32 // layout.bits) // 2  # activation words per lane and step (one token block)
     xc = kind in X_CARRY["kinds"] and blocks == 1 and x_words <= X_REGS
     copies = LUT["copies"] if kind == D_TABLE and 32 * nw <= 256 else 0
+    if copies % 4:
+        raise ValueError(
+            f"the pair table takes 0 or a multiple of 4 copies, not {copies} (QUANTBENCH_MMA_LUT)"
+        )
     permute = min(LUT["permute"], 2 * words * subs) if copies else 0
     # bytes from one group's codes to the next one's: the next tile, or the next words of the row
     sub_bytes = 4 * (layout.tile_n * layout.tile_kv if layout.tile_n else 4 * words)
     sub_x = sub_x_bytes(words, layout.bits)
-    key = (
-        kind,
-        layout.bits,
-        words,
-        blocks,
-        dt,
-        layout.signed8,
-        x_mode,
-        xc,
-        copies,
-        subs,
-        sub_bytes,
-        x_words,
-        permute,
-    )
+    key = (kind, layout.bits, words, blocks, dt, layout.signed8, x_mode, xc, copies, subs, sub_bytes, x_words,
+           permute)  # fmt: skip
     if key not in _ASM:
         _ASM[key] = (
             step_asm(kind, layout.bits, words * subs, blocks, dt, x_mode, layout.signed8, x_regs=xc,
