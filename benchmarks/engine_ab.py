@@ -21,6 +21,8 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``depth2``: 4-bit tensor-core GEMVs keep two steps of codes in flight instead of one;
 * ``perm1`` / ``perm2`` / ``perm4``: with the shared pair table, that many code words of each NF4 / FP4 step
   decoded by byte permutes instead (ALU against the L1 data pipe);
+* ``w8lut32`` / ``w8lut32p0``: NF4 / FP4 tensor-core GEMV programs of 8 warps with a 32-copy pair table
+  (conflict-free lookups), with one / no permuted word per step;
 * ``nosubs``: NF4 / FP4 tensor-core GEMV steps of one quantization group instead of two;
 * ``noxcarry`` / ``xcarry``: no tensor-core GEMV loads its step's activations an iteration ahead / all do
   (default: 4-bit and e4m3 codes, ``mma_gemv.X_CARRY``);
@@ -71,6 +73,12 @@ VARIANTS = {
     "noxcarry": [(mma_gemv.X_CARRY, "kinds", set())],
     "lut0": [(mma_gemv.LUT, "copies", 0)],
     "nosubs": [(mma_gemv.SUBS, "on", False)],
+    "w8lut32": [(mma_gemv.TABLE_WARPS, "warps", 8), (mma_gemv.LUT, "copies", 32)],
+    "w8lut32p0": [
+        (mma_gemv.TABLE_WARPS, "warps", 8),
+        (mma_gemv.LUT, "copies", 32),
+        (mma_gemv.LUT, "permute", 0),
+    ],
     "perm1": [(mma_gemv.LUT, "permute", 1)],
     "perm2": [(mma_gemv.LUT, "permute", 2)],
     "perm4": [(mma_gemv.LUT, "permute", 4)],

@@ -485,6 +485,9 @@ def _subs(kind: int, layout: WQLayout, m: int) -> int:
 
 
 DEPTH = {4: 1, 8: 2}  # steps of codes in flight per code width (see _config)
+# warps per program for NF4 / FP4 codes; 8 (with 32 table copies: conflict-free lookups, four programs per
+# SM) is the next thing to measure against the L1-bound 4 x 16 copies (docs/bench.md, eighth session)
+TABLE_WARPS = {"warps": 4}
 
 
 def _config(m: int, n: int, k: int, layout: WQLayout, device: torch.device) -> dict:
@@ -492,7 +495,7 @@ def _config(m: int, n: int, k: int, layout: WQLayout, device: torch.device) -> d
     two steps per warp."""
     words = mma_words_per_lane(layout)
     step = 4 * words * (32 // layout.bits) * _subs(_kind(layout, torch.bfloat16), layout, m)
-    nw = 4
+    nw = TABLE_WARPS["warps"] if _kind(layout, torch.bfloat16) == D_TABLE else 4
     tiles = n // 16
     steps = k // step
     split = 1
