@@ -276,6 +276,16 @@ def test_step_asm_with_preloaded_activations(case: tuple, tokens: int) -> None:
         assert [got.regs[lane][f"${i}"] for i in range(4)] == [want.regs[lane][f"${i}"] for i in range(4)]
 
 
+def _fill_pair_table(memory: dict, table: torch.Tensor, dtype: torch.dtype, at: int, copies: int) -> None:
+    """Write the shared pair table as the kernel fills it: thread v stores entry v's copies at
+    ``at + v * copies * 4`` (``lut_store_asm``)."""
+    pairs = mg.lut_pairs(table, dtype)
+    for first in range(0, 256, 32):
+        Lanes([[0, pairs[v], at + v * copies * 4] for v in range(first, first + 32)], memory).run(
+            mg.lut_store_asm(copies)
+        )
+
+
 @pytest.mark.parametrize("copies", [4, 8, 32])
 @pytest.mark.parametrize("words", [4, 2])
 @pytest.mark.parametrize("case", [c for c in CASES if c[1] == mg.D_TABLE], ids=lambda c: c[0])
@@ -291,13 +301,8 @@ def test_step_asm_shared_pair_table_matches_permutes(case: tuple, words: int, co
     x = (torch.randn(16, step) * 3).to(torch.bfloat16 if dt == "bf16" else torch.float16)
     memory = {X_BASE + i: int(b) for i, b in enumerate(x.contiguous().view(torch.uint8).numpy().reshape(-1))}
     table = bnb4.code_table("nf4" if name.startswith("nf4") else "fp4").float()
-    pairs = mg.lut_pairs(table, x.dtype)
-    # fill as the kernel does: thread v stores entry v's copies at table + v * copies * 4
     lut_at = 1 << 12
-    for first in range(0, 256, 32):
-        Lanes([[0, pairs[v], lut_at + v * copies * 4] for v in range(first, first + 32)], memory).run(
-            mg.lut_store_asm(copies)
-        )
+    _fill_pair_table(memory, table, x.dtype, lut_at, copies)
     planes = mg.table_planes(table, x.dtype)
     want = _run_step(mg.step_asm(kind, bits, words, 1, dt, mg.X_KEEP, False), packed, words, vals, step * 2, 8,
                      memory, 0, planes)  # fmt: skip
@@ -333,11 +338,7 @@ def test_step_asm_two_groups_matches_float64(
     planes = mg.table_planes(table, x.dtype)
     if copies:
         lut = (1 << 12, copies)
-        pairs = mg.lut_pairs(table, x.dtype)
-        for first in range(0, 256, 32):
-            Lanes([[0, pairs[v], lut[0] + v * copies * 4] for v in range(first, first + 32)], memory).run(
-                mg.lut_store_asm(copies)
-            )
+        _fill_pair_table(memory, table, x.dtype, lut[0], copies)
     sub_x = mg.sub_x_bytes(2, bits)
     assert sub_x == 64 * 2
     x_words = None

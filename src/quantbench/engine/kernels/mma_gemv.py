@@ -494,8 +494,9 @@ def _config(m: int, n: int, k: int, layout: WQLayout, device: torch.device) -> d
     """Warps per program and K-splits: about four 4-warp programs per SM, each split keeping at least
     two steps per warp."""
     words = mma_words_per_lane(layout)
-    step = 4 * words * (32 // layout.bits) * _subs(_kind(layout, torch.bfloat16), layout, m)
-    nw = TABLE_WARPS["warps"] if _kind(layout, torch.bfloat16) == D_TABLE else 4
+    kind = _kind(layout, torch.bfloat16)  # the dtype only picks between int8 decoders
+    step = 4 * words * (32 // layout.bits) * _subs(kind, layout, m)
+    nw = TABLE_WARPS["warps"] if kind == D_TABLE else 4
     tiles = n // 16
     steps = k // step
     split = 1
@@ -554,8 +555,7 @@ def mma_gemv(
     # bytes from one group's codes to the next one's: the next tile, or the next words of the row
     sub_bytes = 4 * (layout.tile_n * layout.tile_kv if layout.tile_n else 4 * words)
     sub_x = sub_x_bytes(words, layout.bits)
-    key = (kind, layout.bits, words, blocks, dt, layout.signed8, x_mode, xc, copies, subs, sub_bytes, x_words,
-           permute)  # fmt: skip
+    key = (kind, layout.bits, words, blocks, dt, layout.signed8, x_mode, xc, copies, subs, sub_bytes, permute)
     if key not in _ASM:
         _ASM[key] = (
             step_asm(kind, layout.bits, words * subs, blocks, dt, x_mode, layout.signed8, x_regs=xc,

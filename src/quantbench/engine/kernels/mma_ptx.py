@@ -206,14 +206,8 @@ def step_asm(
             lines.append(f"setp.ne.b32 q{b}, ${_XV + b}, 0;")
             for r in range(xregs):
                 lines.append(f"mov.b32 x{b * xregs + r}, 0;")
-        for u in range(subs):
-            first, last = u * xregs // subs, (u + 1) * xregs // subs
-            for c in range(first, first if x_regs else last, 4):
-                n = min(4, last - c)
-                regs = ", ".join(f"x{b * xregs + c + i}" for i in range(n))
-                vec = {4: ".v4", 2: ".v2", 1: ""}[n]
-                dst = f"{{{regs}}}" if n > 1 else regs
-                lines.append(f"@q{b} ld.global{vec}.b32 {dst}, [${_XA + b}+{u * sub_x + 4 * (c - first)}];")
+            regs = [f"x{b * xregs + r}" for r in range(xregs)]
+            lines += _activation_loads(regs, f"q{b}", f"${_XA + b}", subs, sub_x)
         if x_mode != X_KEEP:
             for r in range(xregs):
                 lines += _x_convert(f"x{b * xregs + r}", x_mode, dt)
@@ -239,6 +233,20 @@ def step_asm(
     return "\n".join(lines)
 
 
+def _activation_loads(regs: list[str], pred: str, addr: str, subs: int, sub_x: int) -> list[str]:
+    """Predicated vector loads of activation words into ``regs`` (column order): ``len(regs) / subs``
+    consecutive words per sub-step, the sub-steps ``sub_x`` bytes apart from ``addr``."""
+    per_sub = len(regs) // subs
+    lines = []
+    for u in range(subs):
+        for c in range(0, per_sub, 4):
+            chunk = regs[u * per_sub + c : u * per_sub + min(c + 4, per_sub)]
+            vec = {4: ".v4", 2: ".v2", 1: ""}[len(chunk)]
+            dst = f"{{{', '.join(chunk)}}}" if len(chunk) > 1 else chunk[0]
+            lines.append(f"@{pred} ld.global{vec}.b32 {dst}, [{addr}+{u * sub_x + 4 * c}];")
+    return lines
+
+
 def sub_x_bytes(sub_words: int, bits: int) -> int:
     """Bytes of 16-bit activations between two sub-steps of ``sub_words`` words per lane (4 lanes)."""
     return 4 * sub_words * (32 // bits) * 2
@@ -249,14 +257,7 @@ def x_load_asm(xregs: int, subs: int = 1, sub_x: int = 0) -> str:
     ``X_REGS`` is zero where not loaded. ``subs`` = 2: the second half at ``sub_x`` bytes further on."""
     lines = ["{", ".reg .pred q;", f"setp.ne.b32 q, ${X_REGS + 1}, 0;"]
     lines += [f"mov.b32 ${r}, 0;" for r in range(X_REGS)]
-    per_sub = xregs // subs
-    for u in range(subs):
-        for c in range(0, per_sub, 4):
-            n = min(4, per_sub - c)
-            regs = ", ".join(f"${u * per_sub + c + i}" for i in range(n))
-            vec = {4: ".v4", 2: ".v2", 1: ""}[n]
-            dst = f"{{{regs}}}" if n > 1 else regs
-            lines.append(f"@q ld.global{vec}.b32 {dst}, [${X_REGS}+{u * sub_x + 4 * c}];")
+    lines += _activation_loads([f"${r}" for r in range(xregs)], "q", f"${X_REGS}", subs, sub_x)
     lines.append("}")
     return "\n".join(lines)
 
@@ -284,6 +285,11 @@ _PLANES: dict[tuple, list[int]] = {}
 _PAIRS: dict[tuple, list[int]] = {}
 
 
+def _table_bits(table: torch.Tensor, dtype: torch.dtype) -> list[int]:
+    """The 16 table values rounded to ``dtype``, as 16-bit patterns."""
+    return [int(v) & 0xFFFF for v in table.float().cpu().to(dtype).view(torch.int16).tolist()]
+
+
 def lut_alloc_asm(copies: int) -> str:
     """PTX declaring the kernel's shared pair table (``copies`` copies of 256 words, entry ``(byte, copy)``
     at word ``byte * copies + copy``: lane l reads copy ``l % copies``, so lanes of different copies never
@@ -302,7 +308,7 @@ def lut_pairs(table: torch.Tensor, dtype: torch.dtype) -> list[int]:
     the table values of ``b >> 4`` (low half) and ``b & 15`` (high half) in ``dtype``, as int32."""
     key = (table.data_ptr(), dtype)
     if key not in _PAIRS:
-        bits = [int(v) & 0xFFFF for v in table.float().cpu().to(dtype).view(torch.int16).tolist()]
+        bits = _table_bits(table, dtype)
         words = [bits[b >> 4] | (bits[b & 15] << 16) for b in range(256)]
         _PAIRS[key] = [w - (1 << 32) if w >= 1 << 31 else w for w in words]
     return _PAIRS[key]
@@ -312,7 +318,7 @@ def table_planes(table: torch.Tensor, dtype: torch.dtype) -> list[int]:
     """The 16 table values in ``dtype`` as 8 byte planes (low / high byte of entries 0-3, 4-7, ...)."""
     key = (table.data_ptr(), dtype)
     if key not in _PLANES:
-        bits = [int(v) & 0xFFFF for v in table.float().cpu().to(dtype).view(torch.int16).tolist()]
+        bits = _table_bits(table, dtype)
         planes = []
         for shift in (0, 8):
             for first in (0, 4, 8, 12):
