@@ -27,6 +27,10 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``noxcarry`` / ``xcarry``: no tensor-core GEMV loads its step's activations an iteration ahead / all do
   (default: 4-bit and e4m3 codes, ``mma_gemv.X_CARRY``);
 * ``noattsplit``: decode attention one program per (sequence, kv head), the cache not split;
+* ``attblk64`` / ``attblk128`` / ``attw16``: decode attention in blocks of at most 64 / 128 positions (256 by
+  default), or 16 warps per 256-position block (8 by default);
+* ``nopartials``: every decode GEMV sums its split-K partials itself (a fenced counter elects the last split)
+  instead of leaving them to the next kernel (``kernels/partials.py``);
 * ``noover``: (slab path) prompt slabs dequantized on the main stream (no overlap with the products);
 * ``slab12`` / ``slab48``: the slab path with 12 / 48 MiB slabs instead of 24;
 * ``nomma``: batches 1-16 through the half2 GEMV / ``wq_matmul`` instead of the tensor-core GEMV (the
@@ -67,6 +71,10 @@ VARIANTS = {
     "slab": [(prompt_gemm.PROMPT_PATH, "path", "slab")],
     "noover": [(prompt_gemm.PROMPT_PATH, "path", "slab"), (dequant.OVERLAP, "on", False)],
     "noattsplit": [(fused.ATTN_SPLIT, "on", False)],
+    "attblk64": [(fused.ATTN_BLOCK, "max", 64)],
+    "attblk128": [(fused.ATTN_BLOCK, "max", 128)],
+    "attw16": [(fused.ATTN_BLOCK, "warps", 16)],
+    "nopartials": [(mma_gemv.PARTIALS, "on", False)],
     "actwide": [(fused.ACT_TILES, "prompt", (1024, 64, 16, 1024))],
     "colmax": [(fused.ACT_TILES, "outlier", (256, 16, 16, 1024))],
     "actpdl": [(fused.ACT_PDL, "prompt", True)],

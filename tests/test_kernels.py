@@ -769,3 +769,77 @@ def _check_fused_ops(
         outs.append((out, kc, vc))
     for a, b in zip(*outs, strict=True):
         assert _rel(a, b) < 1e-2
+
+
+def _check_partials_consumers(device: str, dtype: torch.dtype) -> None:
+    """The kernels that read a product's split-K partials (RMSNorm's residual, SiLU-gate, decode attention)
+    give exactly what they give for the partials summed in split order and rounded (``Partials.sum``)."""
+    from quantbench.engine.kernels import fused
+    from quantbench.engine.kernels.partials import Partials
+
+    torch.manual_seed(3)
+    batch, hidden, heads, kv, d, s_max = 2, 64, 4, 2, 32, 40
+
+    def parts(n: int) -> Partials:
+        return Partials(torch.randn(3, batch, n, device=device), dtype)
+
+    res = parts(hidden)
+    h = torch.randn(batch, hidden, device=device).to(dtype)
+    w = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype)
+    outs = []
+    for r in (res, res.sum()):
+        hh, o = h.clone(), torch.empty_like(h)
+        fused.add_rmsnorm(hh, r, w, 1e-5, o)
+        outs.append((hh, o))
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+    gate_up = parts(2 * hidden)
+    assert torch.equal(fused.silu_mul(gate_up), fused.silu_mul(gate_up.sum()))
+    qkv = parts((heads + 2 * kv) * d)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=device).float() / d))
+    ang = torch.arange(s_max, device=device).float()[:, None] * inv[None, :]
+    cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
+    start = torch.tensor([0, 5], dtype=torch.int32, device=device)
+    length = torch.tensor([21], dtype=torch.int32, device=device)
+    kc0 = torch.randn((batch, kv, s_max, d), device=device).to(dtype)
+    results = []
+    for q in (qkv, qkv.sum()):
+        kc, vc = kc0.clone(), kc0.flip(-1).clone()
+        out = torch.empty((batch, heads * d), device=device, dtype=dtype)
+        fused.decode_attention(q, kc, vc, cos, sin, length, start, out, heads, kv, d, d**-0.5)
+        results.append((out, kc, vc))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+@interp
+def test_partials_consumers_interpreter() -> None:
+    _check_partials_consumers("cpu", torch.float16)
+
+
+@pytest.mark.cuda
+def test_partials_consumers_cuda() -> None:
+    _check_partials_consumers("cuda", torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec", WEIGHT_ONLY + W8A8)
+@pytest.mark.parametrize("m", [1, 8])
+def test_mma_gemv_partials_cuda(spec: str, m: int) -> None:
+    """The tensor-core GEMV's split-K partials summed in split order (``Partials.sum``) are bit-identical to
+    the product the GEMV sums itself (no bias; with a bias, split 0 carries it: equal to fp32 rounding)."""
+    from quantbench.engine.kernels import layout_for, linear
+    from quantbench.engine.kernels.layouts import ACT_FP8, ACT_INT8_TOKEN, ACT_LLM_INT8
+    from quantbench.engine.kernels.partials import Partials
+
+    torch.manual_seed(m + len(spec))
+    for bias in (False, True):
+        module = _module(spec, 1024, 4096, bias=bias, device="cuda", dtype=torch.bfloat16)
+        layout = layout_for(module)
+        x = _x(m, 4096, "cuda", torch.bfloat16, outliers=True)
+        with _mma_policy("act", {ACT_LLM_INT8, ACT_FP8, ACT_INT8_TOKEN}):
+            parts = linear(layout, x, partials=True)
+            whole = linear(layout, x)
+        assert isinstance(parts, Partials) and parts.parts.shape[0] > 1
+        if bias:
+            assert _rel(parts.sum(), whole.double()) < 1e-2
+        else:
+            assert torch.equal(parts.sum(), whole)

@@ -83,7 +83,15 @@ class LinearOp:
                 total += t.numel() * t.element_size()
         return total
 
-    def __call__(self, x: torch.Tensor, act_silu_mul: bool = False) -> torch.Tensor:
+    def __call__(self, x, act_silu_mul: bool = False, partials: bool = False):
+        """The product of ``x`` (a tensor, or the previous product's split-K partials); ``partials``: the
+        result may be left as split-K partials too (one module, a tensor-core GEMV: ``kernels/partials.py``),
+        for a consumer that takes them."""
+        if not isinstance(x, torch.Tensor):  # Partials: SiLU-gate them, or sum them, before any other path
+            from quantbench.engine.kernels.fused import silu_mul
+
+            x = silu_mul(x) if act_silu_mul else x.sum()
+            act_silu_mul = False
         if act_silu_mul and not self.fuses_act:
             from quantbench.engine.ops import silu_mul_ref
 
@@ -94,14 +102,18 @@ class LinearOp:
             else:
                 x = silu_mul_ref(x)
             act_silu_mul = False
-        outs = [self._one(m, lay, x, act_silu_mul) for m, lay in zip(self.modules, self.layouts, strict=True)]
+        partials = partials and len(self.modules) == 1
+        outs = [
+            self._one(m, lay, x, act_silu_mul, partials)
+            for m, lay in zip(self.modules, self.layouts, strict=True)
+        ]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
-    def _one(self, module: nn.Module, layout, x: torch.Tensor, act: bool) -> torch.Tensor:
+    def _one(self, module: nn.Module, layout, x: torch.Tensor, act: bool, partials: bool):
         if layout is not None:
             from quantbench.engine.kernels import linear
 
-            return linear(layout, x, act_silu_mul=act)
+            return linear(layout, x, act_silu_mul=act, partials=partials)
         if isinstance(module, QuantLinear):
             return module(x)
         return F.linear(x, module.weight, module.bias)
@@ -383,9 +395,11 @@ class EngineModel:
         x = torch.empty_like(h)
         attn = torch.empty((h.shape[0], self.n_heads * self.head_dim), device=self.device, dtype=self.dtype)
         pending = None
+        # products stay split-K partials for the kernel that reads them next (kernels/partials.py)
+        part = self.use_kernels
         for i, layer in enumerate(self.layers):
             ops.add_rmsnorm(h, pending, layer.ln1, self.eps, x)
-            qkv = layer.qkv(x)
+            qkv = layer.qkv(x, partials=part)
             ops.decode_attention(
                 qkv,
                 self.k_cache[i],
@@ -400,8 +414,8 @@ class EngineModel:
                 self.head_dim,
                 self.sm_scale,
             )
-            o = layer.o(attn)
+            o = layer.o(attn, partials=part)
             ops.add_rmsnorm(h, o, layer.ln2, self.eps, x)
-            pending = layer.down(layer.gate_up(x), act_silu_mul=True)
+            pending = layer.down(layer.gate_up(x, partials=part), act_silu_mul=True, partials=part)
         ops.add_rmsnorm(h, pending, self.norm_w, self.eps, x)
         return self.lm_head(x)

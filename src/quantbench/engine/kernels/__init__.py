@@ -49,9 +49,16 @@ DENSE_DISABLED = {"off": bool(os.environ.get("QUANTBENCH_NO_DENSE"))}
 
 
 def linear(
-    layout: WQLayout, x: torch.Tensor, act_silu_mul: bool = False, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Kernel forward of a quantized layer on 2-D ``x`` (``[M, 2K]`` gate/up when ``act_silu_mul``)."""
+    layout: WQLayout,
+    x: torch.Tensor,
+    act_silu_mul: bool = False,
+    out: torch.Tensor | None = None,
+    partials: bool = False,
+):
+    """Kernel forward of a quantized layer on 2-D ``x`` (``[M, 2K]`` gate/up when ``act_silu_mul``).
+
+    ``partials`` (no ``out``): a tensor-core GEMV may return its split-K partials (``kernels/partials.py``)
+    instead of the summed tensor."""
     from quantbench.engine.kernels.wq_matmul import wq_matmul
 
     if dense_enabled(x, layout):  # prompt sizes: fused dequantize-GEMM, or L2 slabs + cuBLAS
@@ -72,18 +79,20 @@ def linear(
             return prompt_gemm(x, layout, row_factor=rf, out=out)
         return dense_matmul(x, layout, row_factor=rf, out=out)
     if layout.act_quant == ACT_NONE:
-        return wq_matmul(x, layout, act_silu_mul=act_silu_mul, out=out)
+        return wq_matmul(x, layout, act_silu_mul=act_silu_mul, out=out, partials=partials)
     if x.shape[0] == 1 and layout.act_quant in MMA_POLICY["act"]:
         from quantbench.engine.kernels.mma_gemv import mma_gemv, mma_supported
 
         if mma_supported(x, layout):  # one token: the GEMV quantizes the activations itself
-            return mma_gemv(x, layout, act_silu_mul=act_silu_mul, out=out, quantize_act=True)
+            return mma_gemv(
+                x, layout, act_silu_mul=act_silu_mul, out=out, quantize_act=True, partials=partials
+            )
     from quantbench.engine.kernels.fused import act_quant
 
     xe, rf = act_quant(x, layout.act_quant, layout.threshold, act_silu_mul, layout.in_features)
-    if out is None:
+    if out is None and not partials:
         out = torch.empty((x.shape[0], layout.out_features), device=x.device, dtype=x.dtype)
-    return wq_matmul(xe, layout, row_factor=rf, out=out)
+    return wq_matmul(xe, layout, row_factor=rf, out=out, partials=partials)
 
 
 def act_quant_torch(

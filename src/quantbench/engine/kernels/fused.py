@@ -16,14 +16,15 @@ import triton
 import triton.language as tl
 
 from quantbench.engine.kernels.layouts import ACT_LLM_INT8
+from quantbench.engine.kernels.partials import Partials, load_summed, parts_args
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
 from quantbench.engine.kernels.wq_matmul import WS_FLOATS, WS_TILES, _num_sms, _workspace
 
 
 @triton.jit
 def _add_rmsnorm_kernel(
-    h_ptr, r_ptr, w_ptr, o_ptr, D, stride_h, stride_r, stride_o, eps,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    h_ptr, r_ptr, w_ptr, o_ptr, D, stride_h, stride_r, stride_o, eps, r_plane,
+    HAS_RES: tl.constexpr, R_PARTS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -32,7 +33,7 @@ def _add_rmsnorm_kernel(
     wait_prior(PDL)
     h = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0)
     if HAS_RES:
-        r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        r = load_summed(r_ptr, row * stride_r + offs, mask, r_plane, R_PARTS, h_ptr.dtype.element_ty)
         h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
         tl.store(h_ptr + row * stride_h + offs, h, mask=mask)
     hf = h.to(tl.float32)
@@ -42,21 +43,29 @@ def _add_rmsnorm_kernel(
 
 
 def add_rmsnorm(
-    h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, out: torch.Tensor
+    h: torch.Tensor,
+    residual: torch.Tensor | Partials | None,
+    weight: torch.Tensor,
+    eps: float,
+    out: torch.Tensor,
 ) -> torch.Tensor:
-    """``h += residual`` (in place, rounded to h's dtype), then ``out = rmsnorm(h) * weight``; 2-D tensors."""
+    """``h += residual`` (in place, rounded to h's dtype), then ``out = rmsnorm(h) * weight``; 2-D tensors
+    (the residual may be a GEMV's split-K partials)."""
     rows, d = h.shape
+    res, stride_r, r_parts, r_plane = parts_args(residual if residual is not None else h)
     _add_rmsnorm_kernel[(rows,)](
         h,
-        residual if residual is not None else h,
+        res,
         weight,
         out,
         d,
         h.stride(0),
-        residual.stride(0) if residual is not None else 0,
+        stride_r,
         out.stride(0),
         eps,
+        r_plane,
         HAS_RES=residual is not None,
+        R_PARTS=r_parts,
         BLOCK=triton.next_power_of_2(d),
         num_warps=8 if d >= 4096 else 4,
         **launch_args(h.device),
@@ -65,28 +74,33 @@ def add_rmsnorm(
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, o_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _silu_mul_kernel(x_ptr, o_ptr, inter, stride_x, stride_o, x_plane, X_PARTS: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):  # fmt: skip
     wait_prior(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
-    g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    u = tl.load(x_ptr + row * stride_x + inter + offs, mask=mask, other=0.0)
+    dt = o_ptr.dtype.element_ty
+    g = load_summed(x_ptr, row * stride_x + offs, mask, x_plane, X_PARTS, dt)
+    u = load_summed(x_ptr, row * stride_x + inter + offs, mask, x_plane, X_PARTS, dt)
     g32 = g.to(tl.float32)
     s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)
     tl.store(o_ptr + row * stride_o + offs, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``silu(gate) * up`` of a ``[M, 2I]`` gate/up output, rounded like HF's two bf16 ops."""
+def silu_mul(gate_up: torch.Tensor | Partials, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` of a ``[M, 2I]`` gate/up output (or its split-K partials), rounded like HF's two
+    bf16 ops."""
     rows, two_i = gate_up.shape
     inter = two_i // 2
     if out is None:
         out = torch.empty((rows, inter), device=gate_up.device, dtype=gate_up.dtype)
     block = 1024
+    x, stride_x, x_parts, x_plane = parts_args(gate_up)
     _silu_mul_kernel[(rows, triton.cdiv(inter, block))](
-        gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=block, **launch_args(gate_up.device)
-    )
+        x, out, inter, stride_x, out.stride(0), x_plane, X_PARTS=x_parts, BLOCK=block,
+        **launch_args(gate_up.device),
+    )  # fmt: skip
     return out
 
 
@@ -169,18 +183,47 @@ def rope_cache_prefill(
 
 
 @triton.jit
+def _kv_block(kbase, vbase, s0, s_hi, st, stride_ct, dh, dd, HALF: tl.constexpr, BS: tl.constexpr):
+    """Cached keys (two halves, transposed) and values of positions ``s0 .. s0 + BS`` in [st, s_hi)."""
+    offs_s = s0 + tl.arange(0, BS)
+    smask = (offs_s < s_hi) & (offs_s >= st)
+    kp = kbase + offs_s[None, :] * stride_ct
+    kt1 = tl.load(kp + dh[:, None], mask=smask[None, :], other=0.0)  # [HALF, BS]
+    kt2 = tl.load(kp + HALF + dh[:, None], mask=smask[None, :], other=0.0)
+    vt = tl.load(vbase + offs_s[:, None] * stride_ct + dd[None, :], mask=smask[:, None], other=0.0)
+    return smask, kt1, kt2, vt
+
+
+@triton.jit
+def _attend_block(q1r, q2r, kt1, kt2, vt, smask, m_i, l_i, acc, qk_scale):
+    """One block of the online softmax (base 2): the running max, sum and weighted values."""
+    qk = tl.dot(q1r, kt1) + tl.dot(q2r, kt2)
+    qk = tl.where(smask[None, :], qk * qk_scale, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a block with no valid position: no NaN
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_attention_kernel(
     qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, len_ptr, start_ptr, o_ptr, ws_ptr, cnt_ptr,
-    stride_qkv_row, stride_cb, stride_ch, stride_ct, stride_o_row, sm_scale, chunk,
+    stride_qkv_row, stride_cb, stride_ch, stride_ct, stride_o_row, sm_scale, chunk, qkv_plane,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr,
-    SPLITS: tl.constexpr, PDL: tl.constexpr,
+    SPLITS: tl.constexpr, QKV_PARTS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (sequence, kv head, split of the cache): RoPE for the new q/k, attention over the
     split's cached positions in [start, L) with an online softmax; the last split also takes the new
     token (kept in registers) and writes it to the cache. With SPLITS > 1 each split leaves its (max,
     sum, weighted values) in ``ws`` and the last one to finish (atomic counter) combines them: at batch 1
-    a few kv heads alone would leave most of the GPU idle while they walk the whole cache."""
-    wait_prior(PDL)
+    a few kv heads alone would leave most of the GPU idle while they walk the whole cache.
+
+    Before waiting on the qkv product, a program loads what no kernel of this step writes: the cache
+    length, the RoPE row and its first block of cached keys / values (positions < L, written by earlier
+    steps), so its first DRAM round trip overlaps the product instead of following it."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -193,25 +236,32 @@ def _decode_attention_kernel(
     gmask = g < G
     dh = tl.arange(0, HALF)
     dd = tl.arange(0, D)
-    row = qkv_ptr + b.to(tl.int64) * stride_qkv_row
     c = tl.load(cos_ptr + pos * HALF + dh)
     s = tl.load(sin_ptr + pos * HALF + dh)
+    cache_off = b.to(tl.int64) * stride_cb + kvh * stride_ch
+    kbase = k_ptr + cache_off
+    vbase = v_ptr + cache_off
+    s_hi = tl.minimum(L, sp * chunk + chunk)
+    s_lo = tl.maximum(sp * chunk, (st // BS) * BS)  # blocks that are all left padding are skipped
+    smask0, kt1_0, kt2_0, vt_0 = _kv_block(kbase, vbase, s_lo, s_hi, st, stride_ct, dh, dd, HALF, BS)
+    wait_prior(PDL)
+
+    dtype = k_ptr.dtype.element_ty
+    row = b.to(tl.int64) * stride_qkv_row
     # q heads of this group, rotated and rounded to the model dtype
-    q_off = (kvh * G + g)[:, None] * D + dh[None, :]
-    q1 = tl.load(row + q_off, mask=gmask[:, None], other=0.0)
-    q2 = tl.load(row + q_off + HALF, mask=gmask[:, None], other=0.0)
-    dtype = q1.dtype
+    q_off = row + (kvh * G + g)[:, None] * D + dh[None, :]
+    q1 = load_summed(qkv_ptr, q_off, gmask[:, None], qkv_plane, QKV_PARTS, dtype)
+    q2 = load_summed(qkv_ptr, q_off + HALF, gmask[:, None], qkv_plane, QKV_PARTS, dtype)
     q1r, q2r = _rope_rows(q1.to(tl.float32), q2.to(tl.float32), c[None, :], s[None, :])
     q1r = q1r.to(dtype)
     q2r = q2r.to(dtype)
     # the new k / v
-    k1 = tl.load(row + (H + kvh) * D + dh)
-    k2 = tl.load(row + (H + kvh) * D + HALF + dh)
+    k1 = load_summed(qkv_ptr, row + (H + kvh) * D + dh, dh < HALF, qkv_plane, QKV_PARTS, dtype)
+    k2 = load_summed(qkv_ptr, row + (H + kvh) * D + HALF + dh, dh < HALF, qkv_plane, QKV_PARTS, dtype)
     k1r, k2r = _rope_rows(k1.to(tl.float32), k2.to(tl.float32), c, s)
     k1r = k1r.to(dtype)
     k2r = k2r.to(dtype)
-    vn = tl.load(row + (H + HKV + kvh) * D + dd)
-    cache_off = b.to(tl.int64) * stride_cb + kvh * stride_ch
+    vn = load_summed(qkv_ptr, row + (H + HKV + kvh) * D + dd, dd < D, qkv_plane, QKV_PARTS, dtype)
     last = sp == SPLITS - 1
     if last:  # one writer; no split reads position L from the cache
         tl.store(k_ptr + cache_off + L * stride_ct + dh, k1r)
@@ -222,26 +272,10 @@ def _decode_attention_kernel(
     m_i = tl.full((GP,), -float("inf"), dtype=tl.float32)
     l_i = tl.zeros((GP,), dtype=tl.float32)
     acc = tl.zeros((GP, D), dtype=tl.float32)
-    kbase = k_ptr + cache_off
-    vbase = v_ptr + cache_off
-    s_hi = tl.minimum(L, sp * chunk + chunk)
-    s_lo = tl.maximum(sp * chunk, (st // BS) * BS)  # blocks that are all left padding are skipped
-    for s0 in range(s_lo, s_hi, BS):
-        offs_s = s0 + tl.arange(0, BS)
-        smask = (offs_s < s_hi) & (offs_s >= st)
-        kp = kbase + offs_s[None, :] * stride_ct
-        kt1 = tl.load(kp + dh[:, None], mask=smask[None, :], other=0.0)  # [HALF, BS]
-        kt2 = tl.load(kp + HALF + dh[:, None], mask=smask[None, :], other=0.0)
-        qk = tl.dot(q1r, kt1) + tl.dot(q2r, kt2)
-        qk = tl.where(smask[None, :], qk * qk_scale, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a block with no valid position: no NaN
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(vbase + offs_s[:, None] * stride_ct + dd[None, :], mask=smask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), vt)
-        m_i = m_new
+    m_i, l_i, acc = _attend_block(q1r, q2r, kt1_0, kt2_0, vt_0, smask0, m_i, l_i, acc, qk_scale)
+    for s0 in range(s_lo + BS, s_hi, BS):
+        smask, kt1, kt2, vt = _kv_block(kbase, vbase, s0, s_hi, st, stride_ct, dh, dd, HALF, BS)
+        m_i, l_i, acc = _attend_block(q1r, q2r, kt1, kt2, vt, smask, m_i, l_i, acc, qk_scale)
     # the new token itself (last split only)
     qk_n = (
         tl.sum(q1r.to(tl.float32) * k1r.to(tl.float32)[None, :], axis=1)
@@ -285,6 +319,10 @@ def _decode_attention_kernel(
 
 
 ATTN_SPLIT = {"on": not os.environ.get("QUANTBENCH_NO_ATTN_SPLIT")}
+# Positions per block of decode attention (a split of up to ``max`` positions is one block, all of it loaded
+# before the wait) and warps for blocks of 256. The loop over later blocks is not software-pipelined: three
+# stages of 256 positions would take 270 KB of shared memory, over an SM's 227.
+ATTN_BLOCK = {"max": int(os.environ.get("QUANTBENCH_ATTN_BLOCK", "256")), "warps": 8}
 SPLIT_MIN_POSITIONS = 512
 
 
@@ -302,7 +340,7 @@ def attention_splits(batch: int, n_kv: int, cache: int, device: torch.device) ->
 
 
 def decode_attention(
-    qkv: torch.Tensor,
+    qkv: torch.Tensor | Partials,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     cos: torch.Tensor,
@@ -316,23 +354,26 @@ def decode_attention(
     sm_scale: float,
     splits: int | None = None,
 ) -> torch.Tensor:
-    """One decode step for all sequences: qkv ``[B, (H+2HKV)*D]`` -> ``out [B, H*D]``; writes the cache."""
+    """One decode step for all sequences: qkv ``[B, (H+2HKV)*D]`` (or the qkv GEMV's split-K partials) ->
+    ``out [B, H*D]``; writes the cache."""
     batch = qkv.shape[0]
     group = n_heads // n_kv
-    block = 64
     cache = k_cache.shape[2]
     if splits is None:
         splits = attention_splits(batch, n_kv, cache, qkv.device)
     gp = max(16, triton.next_power_of_2(group))
     if batch * n_kv > WS_TILES or batch * n_kv * splits * gp * (head_dim + 2) > WS_FLOATS:
         splits = 1  # one split counter per (sequence, kv head); the split records fit the workspace
-    chunk = triton.cdiv(triton.cdiv(cache, splits), block) * block
+    chunk = triton.cdiv(triton.cdiv(cache, splits), 64) * 64
     splits = triton.cdiv(cache, chunk)
+    # positions per block: a split of up to ATTN_BLOCK positions is one block, loaded before the wait
+    block = max(64, min(ATTN_BLOCK["max"], triton.next_power_of_2(chunk)))
     # the split records and counters live in the split-K workspace the GEMVs keep (kernels in one stream,
     # each writing only after wait_prior: no two use it at once)
     ws, cnt = _workspace(qkv.device) if splits > 1 else (out, out)
+    src, stride_row, parts, plane = parts_args(qkv)
     _decode_attention_kernel[(batch, n_kv, splits)](
-        qkv,
+        src,
         k_cache,
         v_cache,
         cos,
@@ -342,20 +383,23 @@ def decode_attention(
         out,
         ws,
         cnt,
-        qkv.stride(0),
+        stride_row,
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
         out.stride(0),
         sm_scale,
         chunk,
+        plane,
         H=n_heads,
         HKV=n_kv,
         D=head_dim,
         GP=gp,
         BS=block,
         SPLITS=splits,
-        num_warps=4,
+        QKV_PARTS=parts,
+        num_warps=ATTN_BLOCK["warps"] if block >= 256 else 4,
+        num_stages=1,
         **launch_args(qkv.device),
     )
     return out

@@ -90,8 +90,16 @@ from quantbench.engine.kernels.mma_ptx import (
     table_planes,
     x_load_asm,
 )
+from quantbench.engine.kernels.partials import Partials
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
-from quantbench.engine.kernels.wq_matmul import _num_sms, _store_out, or_dummy, plan_split, word_off
+from quantbench.engine.kernels.wq_matmul import (
+    _bias_like,
+    _num_sms,
+    _store_out,
+    or_dummy,
+    plan_split,
+    word_off,
+)
 
 __all__ = ["mma_gemv", "mma_supported"]
 
@@ -187,7 +195,7 @@ def _mma_gemv_kernel(
     ZERO_CONST: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_MUL: tl.constexpr,
     HAS_ROWF: tl.constexpr, SPLIT_K: tl.constexpr, V: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr,
     XQ: tl.constexpr, BX: tl.constexpr, DEPTH: tl.constexpr, XC: tl.constexpr, X_ASM: tl.constexpr,
-    LUT_R: tl.constexpr, LUT_ALLOC: tl.constexpr, LUT_STORE: tl.constexpr, SUBS: tl.constexpr, PDL: tl.constexpr,
+    LUT_R: tl.constexpr, LUT_ALLOC: tl.constexpr, LUT_STORE: tl.constexpr, SUBS: tl.constexpr, PARTIAL: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     VALS: tl.constexpr = 32 // BITS
     STEP: tl.constexpr = SUBS * 4 * V * VALS  # columns per warp step (SUBS groups of V words per lane)
@@ -386,8 +394,13 @@ def _mma_gemv_kernel(
         vals = vals * rfv
     o_off = toks.to(tl.int64) * stride_om + rows
     ws_off = toks.to(tl.int64) * N + rows
-    _store_out(vals, omask, o_off, ws_off, M * N, rows, omask, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks, HAS_BIAS,
-               SPLIT_K)  # fmt: skip
+    if PARTIAL:  # each split's fp32 partial to its own plane of the output: the consumer sums them
+        if HAS_BIAS:
+            vals += tl.where(ks == 0, _bias_like(vals, b_ptr, rows, omask), 0.0)
+        tl.store(o_ptr + ks * (M * N) + ws_off, vals, mask=omask)
+    else:
+        _store_out(vals, omask, o_off, ws_off, M * N, rows, omask, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks,
+                   HAS_BIAS, SPLIT_K)  # fmt: skip
 
 
 def _kind(layout: WQLayout, dtype: torch.dtype) -> int | None:
@@ -488,6 +501,8 @@ DEPTH = {4: 1, 8: 2}  # steps of codes in flight per code width (see _config)
 # warps per program for NF4 / FP4 codes; 8 (with 32 table copies: conflict-free lookups, four programs per
 # SM) is the next thing to measure against the L1-bound 4 x 16 copies (docs/bench.md, eighth session)
 TABLE_WARPS = {"warps": 4}
+# the decode step's products left as split-K partials for their consumers (kernels/partials.py)
+PARTIALS = {"on": not os.environ.get("QUANTBENCH_NO_PARTIALS")}
 
 
 def _config(m: int, n: int, k: int, layout: WQLayout, device: torch.device) -> dict:
@@ -516,13 +531,17 @@ def mma_gemv(
     out: torch.Tensor | None = None,
     config: dict | None = None,
     quantize_act: bool = False,
-) -> torch.Tensor:
+    partials: bool = False,
+) -> torch.Tensor | Partials:
     """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` for M <= 16 (see the module doc);
     ``x [M, 2K]`` gate/up when ``act_silu_mul`` (``fused.silu_mul`` first: the GEMV's activation loads
     take the product as it is).
 
     ``quantize_act`` (one token, a W8A8 layout): ``x`` is the raw activation row; the kernel quantizes it
-    as ``fused.act_quant`` does and applies the per-token factor itself (no ``row_factor``)."""
+    as ``fused.act_quant`` does and applies the per-token factor itself (no ``row_factor``).
+
+    ``partials`` (the engine's decode step, when ``PARTIALS["on"]``): no ``out``; each K-split stores its fp32
+    partial and the result is a :class:`Partials` for a consumer that sums them (``kernels/partials.py``)."""
     if act_silu_mul:
         from quantbench.engine.kernels.fused import silu_mul
 
@@ -531,7 +550,8 @@ def mma_gemv(
     if quantize_act and (m != 1 or row_factor is not None or not layout.act_quant):
         raise ValueError("quantize_act needs one token, a W8A8 layout and no row_factor")
     n, k = layout.out_features, layout.in_features
-    if out is None:
+    partials = partials and PARTIALS["on"] and out is None
+    if out is None and not partials:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     kind = _kind(layout, x.dtype)
     words = mma_words_per_lane(layout)
@@ -567,7 +587,13 @@ def mma_gemv(
     lut = _lut_tensor(layout.table, x.dtype, x.device) if copies else layout.w32
     step = 4 * words * (32 // layout.bits) * subs
     tiles = n // 16
-    split, k_split, ws, cnt = plan_split(split, tiles, m * n, k, step, out)
+    if partials:
+        k_split = triton.cdiv(k // step, split) * step
+        split = triton.cdiv(k, k_split)
+        out = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+        ws = cnt = out
+    else:
+        split, k_split, ws, cnt = plan_split(split, tiles, m * n, k, step, out)
     _mma_gemv_kernel[(tiles * split,)](
         x, layout.w32, layout.scales,
         *or_dummy(layout, layout.zeros, layout.dq_code, layout.dq_nested, layout.dq_offset, layout.bias, row_factor),
@@ -579,7 +605,7 @@ def mma_gemv(
         HAS_ZERO=layout.zeros is not None, ZERO_CONST=float(layout.zero_const), NESTED=layout.dq_code is not None,
         HAS_BIAS=layout.bias is not None, SCALE_MUL=float(layout.scale_mul), HAS_ROWF=row_factor is not None,
         SPLIT_K=split, V=words, NB=blocks, NW=nw, XQ=xq, DEPTH=depth, XC=xc, X_ASM=x_load_asm(x_words, subs, sub_x) if xc else "",
-        LUT_R=copies, LUT_ALLOC=lut_alloc_asm(copies) if copies else "", LUT_STORE=lut_store_asm(copies) if copies else "", SUBS=subs, BX=min(4096, triton.next_power_of_2(k)), num_warps=nw,
+        LUT_R=copies, LUT_ALLOC=lut_alloc_asm(copies) if copies else "", LUT_STORE=lut_store_asm(copies) if copies else "", SUBS=subs, PARTIAL=partials, BX=min(4096, triton.next_power_of_2(k)), num_warps=nw,
         **cfg, **launch_args(x.device),
     )  # fmt: skip
-    return out
+    return Partials(out, x.dtype) if partials else out

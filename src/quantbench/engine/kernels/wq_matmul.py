@@ -654,12 +654,13 @@ def wq_matmul(
     row_factor: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
-) -> torch.Tensor:
+    partials: bool = False,
+):
     """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` (``x [M, 2K]`` gate/up when ``act_silu_mul``).
 
     ``out`` is ``[M, N]`` in x's dtype. Layers with activation quantization (``layout.act_quant``) are
     handled by :func:`quantbench.engine.kernels.linear`, which quantizes x first and passes the scales
-    as ``row_factor``.
+    as ``row_factor``. ``partials``: the tensor-core GEMV may return its split-K partials (``mma_gemv``).
     """
     M = x.shape[0]
     N, K = layout.out_features, layout.in_features
@@ -667,7 +668,9 @@ def wq_matmul(
         from quantbench.engine.kernels.mma_gemv import mma_gemv, mma_supported
 
         if mma_supported(x, layout):
-            return mma_gemv(x, layout, act_silu_mul=act_silu_mul, row_factor=row_factor, out=out)
+            return mma_gemv(
+                x, layout, act_silu_mul=act_silu_mul, row_factor=row_factor, out=out, partials=partials
+            )
     if config is None and M == 1:
         from quantbench.engine.kernels.gemv_h2 import gemv_h2, h2_supported
 
