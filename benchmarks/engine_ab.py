@@ -29,8 +29,11 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``noattsplit``: decode attention one program per (sequence, kv head), the cache not split;
 * ``attblk64`` / ``attblk128`` / ``attw16``: decode attention in blocks of at most 64 / 128 positions (256 by
   default), or 16 warps per 256-position block (8 by default);
+* ``attmin64`` / ``attmin128``: decode attention splits the cache from 64 / 128 positions per split (512 by
+  default);
 * ``nopartials``: every decode GEMV sums its split-K partials itself (a fenced counter elects the last split)
   instead of leaving them to the next kernel (``kernels/partials.py``);
+* ``nopick``: the greedy step's argmax and token writes as torch ops instead of one Triton kernel;
 * ``noover``: (slab path) prompt slabs dequantized on the main stream (no overlap with the products);
 * ``slab12`` / ``slab48``: the slab path with 12 / 48 MiB slabs instead of 24;
 * ``nomma``: batches 1-16 through the half2 GEMV / ``wq_matmul`` instead of the tensor-core GEMV (the
@@ -55,7 +58,7 @@ import torch
 
 import quantbench
 from quantbench.bench.runner import device_name, measure_copy_bandwidth, split_methods
-from quantbench.engine import Engine, kernels
+from quantbench.engine import Engine, generate, kernels
 from quantbench.engine.kernels import dequant, fused, gemv_h2, mma_gemv, pdl, prompt_gemm
 from quantbench.engine.kernels.layouts import MMA_POLICY
 
@@ -74,7 +77,10 @@ VARIANTS = {
     "attblk64": [(fused.ATTN_BLOCK, "max", 64)],
     "attblk128": [(fused.ATTN_BLOCK, "max", 128)],
     "attw16": [(fused.ATTN_BLOCK, "warps", 16)],
+    "attmin64": [(fused, "SPLIT_MIN_POSITIONS", 64)],
+    "attmin128": [(fused, "SPLIT_MIN_POSITIONS", 128)],
     "nopartials": [(mma_gemv.PARTIALS, "on", False)],
+    "nopick": [(generate.FUSED_PICK, "on", False)],
     "actwide": [(fused.ACT_TILES, "prompt", (1024, 64, 16, 1024))],
     "colmax": [(fused.ACT_TILES, "outlier", (256, 16, 16, 1024))],
     "actpdl": [(fused.ACT_PDL, "prompt", True)],

@@ -843,3 +843,34 @@ def test_mma_gemv_partials_cuda(spec: str, m: int) -> None:
             assert _rel(parts.sum(), whole.double()) < 1e-2
         else:
             assert torch.equal(parts.sum(), whole)
+
+
+def _check_greedy_pick(device: str, dtype: torch.dtype) -> None:
+    """The fused greedy tail picks ``torch.argmax``'s index (the first of tied maxima, also across the
+    kernel's 32768-logit blocks) and writes it as the next token and into the output at ``len - base``."""
+    from quantbench.engine.kernels.fused import greedy_pick
+
+    torch.manual_seed(5)
+    for vocab in (1000, 70000):
+        logits = torch.randn(4, vocab, device=device).to(dtype)
+        logits[1, [7, 40000 % vocab, vocab - 1]] = 9.0  # tied maxima (across blocks for 70000)
+        logits[2, :] = -float("inf")
+        logits[3, vocab // 2] = float("nan")
+        tokens = torch.zeros(4, dtype=torch.long, device=device)
+        out = torch.full((4, 12), -1, dtype=torch.long, device=device)
+        cache_len = torch.tensor([9], dtype=torch.int32, device=device)
+        base = torch.tensor([4], dtype=torch.int32, device=device)
+        greedy_pick(logits, tokens, out, cache_len, base)
+        want = logits.argmax(dim=-1)
+        assert torch.equal(tokens, want), vocab
+        assert torch.equal(out[:, 5], want) and bool((out[:, :5] == -1).all() and (out[:, 6:] == -1).all())
+
+
+@interp
+def test_greedy_pick_interpreter() -> None:
+    _check_greedy_pick("cpu", torch.float16)
+
+
+@pytest.mark.cuda
+def test_greedy_pick_cuda() -> None:
+    _check_greedy_pick("cuda", torch.bfloat16)

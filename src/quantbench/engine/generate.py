@@ -19,6 +19,7 @@ from torch import nn
 
 from quantbench.engine.model import EngineModel, sliding_window, unsupported_reason
 
+FUSED_PICK = {"on": True}  # the greedy step's argmax and token writes as one Triton kernel
 CACHE_ROUND = 64  # cache lengths are rounded up so graphs serve nearby lengths
 
 
@@ -290,7 +291,11 @@ class Engine:
 
         def step() -> None:
             logits = em.decode(state.tokens, state.cache_len, state.start)
-            if greedy:
+            if greedy and em.use_kernels and FUSED_PICK["on"]:  # one kernel instead of five small ones
+                from quantbench.engine.kernels.fused import greedy_pick
+
+                greedy_pick(logits, state.tokens, state.out, state.cache_len, state.base)
+            elif greedy:
                 nxt = logits.argmax(dim=-1)
                 state.tokens.copy_(nxt)
                 col = (state.cache_len - state.base).long().expand(batch)[:, None]

@@ -406,6 +406,41 @@ def decode_attention(
 
 
 @triton.jit
+def _greedy_pick_kernel(logits_ptr, tok_ptr, out_ptr, len_ptr, base_ptr, V, stride_l, stride_out,
+                        BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    """One program per sequence: the first index of the largest logit (NaN counts as the largest, as in
+    ``torch.argmax``), written as the next input token and into the output row at ``len - base``."""
+    wait_prior(PDL)
+    b = tl.program_id(0).to(tl.int64)
+    best = -float("inf")
+    best_i = 0
+    for v0 in range(0, V, BLOCK):
+        offs = v0 + tl.arange(0, BLOCK)
+        v = tl.load(logits_ptr + b * stride_l + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
+        v = tl.where(v != v, float("inf"), v)
+        m = tl.max(v, axis=0)
+        i = tl.min(tl.where(v == m, offs, V), axis=0)
+        take = (m > best) | ((v0 == 0) & (m == best))  # a later block only wins with a larger value
+        best_i = tl.where(take, i, best_i)
+        best = tl.where(take, m, best)
+    tl.store(tok_ptr + b, best_i.to(tl.int64))
+    col = tl.load(len_ptr) - tl.load(base_ptr)
+    tl.store(out_ptr + b * stride_out + col, best_i.to(tl.int64))
+
+
+def greedy_pick(
+    logits: torch.Tensor, tokens: torch.Tensor, out: torch.Tensor, cache_len: torch.Tensor, base: torch.Tensor
+) -> None:
+    """The decode step's greedy tail in one kernel: ``tokens = logits.argmax(-1)`` and
+    ``out[:, cache_len - base] = tokens`` (int64 ``tokens [B]``, ``out [B, S]``; int32 device scalars)."""
+    batch, vocab = logits.shape
+    _greedy_pick_kernel[(batch,)](
+        logits, tokens, out, cache_len, base, vocab, logits.stride(0), out.stride(0),
+        BLOCK=min(32768, triton.next_power_of_2(vocab)), num_warps=8, **launch_args(logits.device),
+    )  # fmt: skip
+
+
+@triton.jit
 def _silu_mul_tile(x_ptr, rows, cols, mask, K):
     g = tl.load(x_ptr + rows + cols, mask=mask, other=0.0)
     u = tl.load(x_ptr + rows + K + cols, mask=mask, other=0.0)
