@@ -6,8 +6,9 @@ fenced atomic counter elects the last one, which reloads all partials and stores
 round trips after the last multiply). Every product of the decode step feeds one small kernel that
 reads the whole output anyway (RMSNorm's residual add, decode attention, SiLU-gate), so the GEMV just
 stores its partials and that kernel sums them as it loads them: in split order, rounded once to the
-model dtype, the same value the tail computed (H200, int4 g128 batch 1: 2.09 -> 1.95 ms per token with
-an atomic-add stand-in for the tail, ``benchmarks/engine_ab.py``; docs/bench.md).
+model dtype, the same value the tail computed (H200, random Mistral-7B, ms per token b1 / b8 without ->
+with: int4 g128 1.96 / 2.28 -> 1.90 / 2.30, NF4 2.35 / 2.86 -> 2.29 / 2.76, fp8 2.72 / 3.12 -> 2.68 / 3.04;
+``benchmarks/engine_ab.py`` variant ``nopartials``, docs/bench.md).
 """
 
 from __future__ import annotations
