@@ -498,8 +498,8 @@ def _subs(kind: int, layout: WQLayout, m: int) -> int:
 
 
 DEPTH = {4: 1, 8: 2}  # steps of codes in flight per code width (see _config)
-# warps per program for NF4 / FP4 codes; 8 (with 32 table copies: conflict-free lookups, four programs per
-# SM) is the next thing to measure against the L1-bound 4 x 16 copies (docs/bench.md, eighth session)
+# warps per program for NF4 / FP4 codes; 8 with 32 table copies (conflict-free lookups, four programs per SM)
+# lost to 4 x 16 copies: NF4 ms per token b1 / b8 3.50 / 3.83 against 2.45 / 2.95 (H200, ninth session)
 TABLE_WARPS = {"warps": 4}
 # the decode step's products left as split-K partials for their consumers (kernels/partials.py)
 PARTIALS = {"on": not os.environ.get("QUANTBENCH_NO_PARTIALS")}

@@ -6,8 +6,12 @@ their first tile of weight codes), then waits in ``griddepcontrol.wait`` until t
 finished and its writes are visible. The tail of one kernel and the start of the next overlap, and the
 small kernels (RMSNorm, attention) run while the next layer's weights are already streaming in.
 
-Rule for every kernel launched this way: nothing written by an earlier kernel is read, and nothing
-is written, before :func:`wait_prior`. Weights are never written, so they may be read before it.
+Rule for every kernel launched this way: nothing the previous kernel in the stream may write is read,
+and nothing is written, before :func:`wait_prior`. What kernels further back wrote is complete and
+visible by then: the previous kernel lets this one start only after its own wait returned, i.e. after
+the one before it finished. Weights are never written, so they may be read before the wait; decode
+attention also reads the cache length, the RoPE row and the KV cache of earlier positions there (in
+the decode step their writers run at least three kernels earlier).
 ``QUANTBENCH_NO_PDL=1`` (or ``DISABLED["off"] = True`` before an engine captures its graphs) turns
 PDL off for A/B runs.
 """
