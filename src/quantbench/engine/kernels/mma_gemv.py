@@ -98,6 +98,7 @@ from quantbench.engine.kernels.wq_matmul import (
     _store_out,
     or_dummy,
     plan_split,
+    split_columns,
     word_off,
 )
 
@@ -449,7 +450,7 @@ def mma_supported(x: torch.Tensor, layout: WQLayout) -> bool:
     )
 
 
-_ASM: dict[tuple, tuple[str, str]] = {}
+_ASM: dict[tuple, tuple[str, ...]] = {}
 # per layout.act_quant (layouts.ACT_*): the kernel's XQ (2 e4m3, 3 SmoothQuant int8, 4 LLM.int8) and the
 # step's activation mode when the GEMV quantizes one token itself
 _XQ = {ACT_FP8: (2, X_FP8), ACT_INT8_TOKEN: (3, X_INT8), ACT_LLM_INT8: (4, X_LLM)}
@@ -581,15 +582,17 @@ def mma_gemv(
             step_asm(kind, layout.bits, words * subs, blocks, dt, x_mode, layout.signed8, x_regs=xc,
                      lut_copies=copies, subs=subs, lut_permute=permute),
             load_asm(words * subs, subs, sub_bytes),
+            x_load_asm(x_words, subs, sub_x) if xc else "",
+            lut_alloc_asm(copies) if copies else "",
+            lut_store_asm(copies) if copies else "",
         )  # fmt: skip
-    step_text, load_text = _ASM[key]
+    step_text, load_text, x_text, alloc_text, store_text = _ASM[key]
     planes = table_planes(layout.table, x.dtype) if kind == D_TABLE else [0] * 8
     lut = _lut_tensor(layout.table, x.dtype, x.device) if copies else layout.w32
     step = 4 * words * (32 // layout.bits) * subs
     tiles = n // 16
     if partials:
-        k_split = triton.cdiv(k // step, split) * step
-        split = triton.cdiv(k, k_split)
+        split, k_split = split_columns(split, k, step)
         out = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
         ws = cnt = out
     else:
@@ -604,8 +607,8 @@ def mma_gemv(
         TN=layout.tile_n, TKV=layout.tile_kv, GROUP=layout.group, BITS=layout.bits,
         HAS_ZERO=layout.zeros is not None, ZERO_CONST=float(layout.zero_const), NESTED=layout.dq_code is not None,
         HAS_BIAS=layout.bias is not None, SCALE_MUL=float(layout.scale_mul), HAS_ROWF=row_factor is not None,
-        SPLIT_K=split, V=words, NB=blocks, NW=nw, XQ=xq, DEPTH=depth, XC=xc, X_ASM=x_load_asm(x_words, subs, sub_x) if xc else "",
-        LUT_R=copies, LUT_ALLOC=lut_alloc_asm(copies) if copies else "", LUT_STORE=lut_store_asm(copies) if copies else "", SUBS=subs, PARTIAL=partials, BX=min(4096, triton.next_power_of_2(k)), num_warps=nw,
+        SPLIT_K=split, V=words, NB=blocks, NW=nw, XQ=xq, DEPTH=depth, XC=xc, X_ASM=x_text,
+        LUT_R=copies, LUT_ALLOC=alloc_text, LUT_STORE=store_text, SUBS=subs, PARTIAL=partials, BX=min(4096, triton.next_power_of_2(k)), num_warps=nw,
         **cfg, **launch_args(x.device),
     )  # fmt: skip
     return Partials(out, x.dtype) if partials else out

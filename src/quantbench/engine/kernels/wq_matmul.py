@@ -567,6 +567,12 @@ def or_dummy(layout: WQLayout, *tensors: torch.Tensor | None) -> tuple[torch.Ten
     return tuple(layout.w32 if t is None else t for t in tensors)
 
 
+def split_columns(split: int, k: int, bk: int) -> tuple[int, int]:
+    """``(split, columns per split)`` for about ``split`` K-splits of whole ``bk`` steps, empty ones dropped."""
+    k_split = triton.cdiv(k // bk, split) * bk
+    return triton.cdiv(k, k_split), k_split
+
+
 def plan_split(
     split: int, tiles: int, out_elems: int, k: int, bk: int, out: torch.Tensor
 ) -> tuple[int, int, torch.Tensor, torch.Tensor]:
@@ -575,8 +581,7 @@ def plan_split(
     splits (each covers a whole number of ``bk`` steps)."""
     if split > 1 and (split * out_elems > WS_FLOATS or tiles > WS_TILES):
         split = 1
-    k_split = triton.cdiv(k // bk, split) * bk
-    split = triton.cdiv(k, k_split)
+    split, k_split = split_columns(split, k, bk)
     ws, cnt = _workspace(out.device) if split > 1 else (out, out)
     return split, k_split, ws, cnt
 
