@@ -34,6 +34,8 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``nopartials``: every decode GEMV sums its split-K partials itself (a fenced counter elects the last split)
   instead of leaving them to the next kernel (``kernels/partials.py``);
 * ``nopick``: the greedy step's argmax and token writes as torch ops instead of one Triton kernel;
+* ``cublas`` / ``plainall``: plain bf16 / fp16 linears through cuBLAS only / through the tensor-core GEMV at
+  every size and 1-16 tokens (default, ``mma_gemv.PLAIN``: products of at most 8192 outputs at one token);
 * ``noover``: (slab path) prompt slabs dequantized on the main stream (no overlap with the products);
 * ``slab12`` / ``slab48``: the slab path with 12 / 48 MiB slabs instead of 24;
 * ``nomma``: batches 1-16 through the half2 GEMV / ``wq_matmul`` instead of the tensor-core GEMV (the
@@ -81,6 +83,8 @@ VARIANTS = {
     "attmin128": [(fused, "SPLIT_MIN_POSITIONS", 128)],
     "nopartials": [(mma_gemv.PARTIALS, "on", False)],
     "nopick": [(generate.FUSED_PICK, "on", False)],
+    "cublas": [(mma_gemv.PLAIN, "on", False)],
+    "plainall": [(mma_gemv.PLAIN, "max_out", 0), (mma_gemv.PLAIN, "max_m", 16)],
     "actwide": [(fused.ACT_TILES, "prompt", (1024, 64, 16, 1024))],
     "colmax": [(fused.ACT_TILES, "outlier", (256, 16, 16, 1024))],
     "actpdl": [(fused.ACT_PDL, "prompt", True)],

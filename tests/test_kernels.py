@@ -200,6 +200,65 @@ def test_mma_gemv_cuda(spec: str, m: int, tiled: bool) -> None:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("k", [4096, 14336])
+def test_mma_gemv_plain_cuda(dtype: torch.dtype, m: int, k: int) -> None:
+    """Plain 16-bit linears through the tensor-core GEMV (``MODE_PLAIN``) against float64; its split-K
+    partials summed in split order equal its own sum bit for bit."""
+    from quantbench.engine.kernels.layouts import plain_layout_for
+    from quantbench.engine.kernels.mma_gemv import mma_gemv, mma_supported
+    from quantbench.engine.kernels.partials import Partials
+
+    torch.manual_seed(m + k)
+    for bias in (True, False):
+        lin = torch.nn.Linear(k, 1008, bias=bias, device="cuda", dtype=dtype)
+        layout = plain_layout_for(lin)
+        x = _x(m, k, "cuda", dtype, outliers=True)
+        assert layout is not None and mma_supported(x, layout)
+        out = torch.full((m, 1008), float("nan"), device="cuda", dtype=dtype)
+        mma_gemv(x, layout, out=out)
+        ref = x.double() @ lin.weight.double().t() + (lin.bias.double() if bias else 0.0)
+        assert _rel(out, ref) < 1e-2
+        parts = mma_gemv(x, layout, partials=True)
+        assert isinstance(parts, Partials) and parts.parts.shape[0] > 1
+        if not bias:
+            assert torch.equal(parts.sum(), out)
+    assert not mma_supported(
+        x, plain_layout_for(lin.to(torch.float16 if dtype == torch.bfloat16 else torch.bfloat16))
+    )
+
+
+@pytest.mark.cuda
+def test_engine_plain_gemv_matches_cublas_cuda() -> None:
+    """A bf16 model's decode through the tensor-core GEMV (``mma_gemv.PLAIN``, every product and the LM head)
+    against cuBLAS: the same logits up to fp32 summation order."""
+    import quantbench
+    from quantbench.engine import EngineModel
+    from quantbench.engine.kernels.mma_gemv import PLAIN
+
+    model = quantbench.random_model(
+        "mistral-7b", dtype="bf16", device="cuda", num_hidden_layers=2, vocab_size=1024
+    )
+    ids = torch.randint(0, 1024, (1, 12), device="cuda")  # one token per decode step: the GEMV's batch
+    start = torch.zeros(1, dtype=torch.int32, device="cuda")
+    logits = []
+    saved = dict(PLAIN)
+    for on in (True, False):
+        PLAIN.update(on=on, max_out=0)
+        try:
+            em = EngineModel(model, use_kernels=True)
+            em.allocate_cache(1, 32)
+            first = em.prefill(ids, start, True)
+            logits.append(
+                em.decode(first.argmax(-1), torch.tensor([12], dtype=torch.int32, device="cuda"), start)
+            )
+        finally:
+            PLAIN.update(saved)
+    assert _rel(logits[0].float(), logits[1].float()) < 1e-2
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("spec", WEIGHT_ONLY + W8A8)
 @pytest.mark.parametrize("m", [1, 8])
 def test_mma_gemv_carried_activations_cuda(spec: str, m: int) -> None:
@@ -424,7 +483,7 @@ def test_engine_graph_matches_eager_cuda(arch: str) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.parametrize(
-    "spec", ["int4:group=128", "nf4:block=64,dq=1", "int8", "fp8", "llm.int8:compute=bf16"]
+    "spec", ["bf16", "int4:group=128", "nf4:block=64,dq=1", "int8", "fp8", "llm.int8:compute=bf16"]
 )
 def test_pdl_launch_changes_no_output_cuda(spec: str) -> None:
     """Kernels launched as programmatic dependents (prefetching weights before they wait for the previous

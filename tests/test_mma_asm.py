@@ -398,3 +398,52 @@ def test_x_load_asm_reads_each_sub_step(xregs: int, subs: int, sub_x: int) -> No
         want = [lanes.load32(64 + 4 * lane + (r // per) * sub_x + 4 * (r % per)) for r in range(xregs)]
         want = (want if lane != 3 else [0] * xregs) + [0] * (mg.X_REGS - xregs)
         assert [lanes.regs[lane][f"${r}"] for r in range(mg.X_REGS)] == want
+
+
+@pytest.mark.parametrize("x_regs", [False, True])
+@pytest.mark.parametrize("words", [4, 2])
+@pytest.mark.parametrize("tokens", [1, 8, 13])
+@pytest.mark.parametrize("dt", ["bf16", "f16"])
+def test_step_asm_plain_weights_match_float64(dt: str, tokens: int, words: int, x_regs: bool) -> None:
+    """``D_PLAIN``: 16-bit weights go into the mma as they are (two words of rows g and g + 8 per A
+    fragment); the step against the float64 product (16-bit x 16-bit products are exact in fp32)."""
+    if x_regs and tokens > 8:
+        pytest.skip("preloaded activations take one token block")
+    torch.manual_seed(tokens * 10 + words + (dt == "f16"))
+    dtype = torch.bfloat16 if dt == "bf16" else torch.float16
+    step = 4 * words * 2
+    blocks = 1 if tokens <= 8 else 2
+    w = (torch.randn(16, step) * 2).to(dtype)
+    codes = w.view(torch.int16).numpy().astype(np.int64) & 0xFFFF
+    packed = _pack_words(codes, 16, high_first=False)
+    x = (torch.randn(16, step) * 3).to(dtype)
+    x_bytes = x.contiguous().view(torch.uint8).numpy().reshape(-1)
+    memory = {X_BASE + i: int(b) for i, b in enumerate(x_bytes)}
+    row_bytes = step * 2
+    x_words = None
+    if x_regs:  # the caller's load (x_load_asm), its outputs as the step's $32..
+        loads = Lanes(
+            [[0] * mg.X_REGS + [X_BASE + (lane // 4) * row_bytes + (lane % 4) * words * 4, int(lane // 4 < tokens)]
+             for lane in range(32)],
+            memory,
+        )  # fmt: skip
+        loads.run(mg.x_load_asm(words))
+        x_words = [[loads.regs[lane][f"${r}"] for r in range(mg.X_REGS)] for lane in range(32)]
+    asm = mg.step_asm(mg.D_PLAIN, 16, words, blocks, dt, mg.X_KEEP, False, x_regs=x_regs)
+    lanes = _run_step(asm, packed, words, 2, row_bytes, tokens, {} if x_regs else memory, 0, [0] * 8,
+                      x_words=x_words)  # fmt: skip
+    want = w.double().numpy() @ x.double().numpy()[:tokens].T
+    got = np.zeros((16, 16))
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        out = [np.array([lanes.regs[lane][f"${i}"]], dtype=np.uint32).view(np.float32)[0] for i in range(8)]
+        for b in range(blocks):
+            got[g, 8 * b + 2 * t], got[g, 8 * b + 2 * t + 1] = out[4 * b], out[4 * b + 1]
+            got[g + 8, 8 * b + 2 * t], got[g + 8, 8 * b + 2 * t + 1] = out[4 * b + 2], out[4 * b + 3]
+    np.testing.assert_allclose(got[:, :tokens], want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    assert not got[:, tokens:].any()
+
+
+def test_step_asm_plain_weights_need_word_pairs() -> None:
+    with pytest.raises(ValueError, match="even number of words"):
+        mg.step_asm(mg.D_PLAIN, 16, 1, 1, "bf16", mg.X_KEEP, False)

@@ -67,10 +67,14 @@ class LinearOp:
         self.layouts: list = []
         if use_kernels:
             from quantbench.engine.kernels import layout_for
+            from quantbench.engine.kernels.layouts import plain_layout_for
 
             self.layouts = [layout_for(m) if isinstance(m, QuantLinear) else None for m in modules]
+            # plain bf16 / fp16 linears: the tensor-core GEMV at 1-16 tokens (mma_gemv.PLAIN), else cuBLAS
+            self.plain = [plain_layout_for(m) if type(m) is nn.Linear else None for m in modules]
         else:
             self.layouts = [None] * len(modules)
+            self.plain = [None] * len(modules)
         # The down projection reads silu(gate) * up on the fly when every part has a kernel.
         self.fuses_act = use_kernels and all(lay is not None for lay in self.layouts)
         self.out_features = sum(m.out_features for m in modules)
@@ -104,18 +108,23 @@ class LinearOp:
             act_silu_mul = False
         partials = partials and len(self.modules) == 1
         outs = [
-            self._one(m, lay, x, act_silu_mul, partials)
-            for m, lay in zip(self.modules, self.layouts, strict=True)
+            self._one(m, lay, plain, x, act_silu_mul, partials)
+            for m, lay, plain in zip(self.modules, self.layouts, self.plain, strict=True)
         ]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
-    def _one(self, module: nn.Module, layout, x: torch.Tensor, act: bool, partials: bool):
+    def _one(self, module: nn.Module, layout, plain, x: torch.Tensor, act: bool, partials: bool):
         if layout is not None:
             from quantbench.engine.kernels import linear
 
             return linear(layout, x, act_silu_mul=act, partials=partials)
         if isinstance(module, QuantLinear):
             return module(x)
+        if plain is not None:  # act is False here: a plain part means the caller applied SiLU-gate already
+            from quantbench.engine.kernels.mma_gemv import mma_gemv, plain_supported
+
+            if plain_supported(x, plain):
+                return mma_gemv(x, plain, partials=partials)
         return F.linear(x, module.weight, module.bias)
 
 

@@ -17,6 +17,7 @@ from torch import nn
 MODE_INT = 0  # w = (u - zero) * scale          (RTN int4 / int8)
 MODE_TABLE = 1  # w = code[u] * absmax[block]     (bitsandbytes NF4 / FP4)
 MODE_FP8 = 2  # w = float8_e4m3(u) * scale      (fp8)
+MODE_PLAIN = 3  # w = u, 16-bit weights of the compute dtype (an unquantized nn.Linear; mma_gemv only)
 
 # Activation quantization done before the matmul (W8A8 methods), reproducing each method's math.
 ACT_NONE = 0
@@ -53,6 +54,7 @@ class WQLayout:
     tile_kv: int = 0
     group_buffers: tuple[str, ...] = ()  # the module's per-(row, group) buffers (tiled with the codes)
     key: tuple = ()
+    plain_dtype: torch.dtype | None = None  # MODE_PLAIN: the weights' dtype (the activations' too)
 
     @property
     def n_groups(self) -> int:
@@ -183,6 +185,35 @@ def layout_for(module: nn.Module) -> WQLayout | None:
         layout = _apply_tiling(layout, module)
         layout.key = key
         module._qb_layout = layout
+    return layout
+
+
+def plain_layout_for(module: nn.Module) -> WQLayout | None:
+    """A plain bf16 / fp16 ``nn.Linear`` as a :class:`WQLayout` for the tensor-core GEMV (``MODE_PLAIN``:
+    the weights are the codes, row-major, viewed as int32 pairs; per-row scales of one), or None when its
+    weight is not a contiguous 16-bit ``[N, K]`` with K a multiple of 16. Cached on the module."""
+    w = module.weight
+    key = (w.data_ptr(), tuple(w.shape), w.dtype, None if module.bias is None else module.bias.data_ptr())
+    cached = getattr(module, "_qb_plain_layout", None)
+    if cached is not None and cached.key == key:
+        return cached
+    n, k = w.shape
+    if w.dtype not in (torch.bfloat16, torch.float16) or not w.is_contiguous() or k % 16 or w.data_ptr() % 16:
+        return None
+    layout = WQLayout(
+        in_features=k,
+        out_features=n,
+        bits=16,
+        mode=MODE_PLAIN,
+        w32=w.detach().view(torch.int32),
+        scales=_on(w.device, f"ones{n}", lambda: torch.ones(n)),
+        scale_stride=1,
+        group=0,
+        bias=None if module.bias is None else module.bias.detach(),
+        key=key,
+        plain_dtype=w.dtype,
+    )
+    module._qb_plain_layout = layout
     return layout
 
 

@@ -35,6 +35,8 @@ Decoders (PTX, one 32-bit word -> 16-bit pairs in column order):
   fp16: ``prmt`` under 1024.0 and one ``add.f16x2`` per pair.
 * e4m3: ``cvt.rn.f16x2.e4m3x2`` and an f16 mma; bf16 activations (W8A8: already e4m3 values, exact in
   fp16) are converted to fp16 in the load.
+* plain bf16 / fp16 weights (an unquantized ``nn.Linear``, ``layouts.plain_layout_for``, row-major): no
+  decoder, each word is a column pair and two words of rows g and g + 8 are one A fragment (``PLAIN``).
 
 Pipelining: each iteration requests the codes of the step ``DEPTH`` iterations ahead (2 for 8-bit codes);
 the engine stores the codes in tiles of one warp step (``layouts.mma_tile``), so a step reads 1 KiB
@@ -64,6 +66,7 @@ from quantbench.engine.kernels.layouts import (
     ACT_NONE,
     MODE_FP8,
     MODE_INT,
+    MODE_PLAIN,
     MODE_TABLE,
     WQLayout,
     mma_words_per_lane,
@@ -74,6 +77,7 @@ from quantbench.engine.kernels.mma_ptx import (
     D_INT4,
     D_INT8_F16,
     D_INT8_F32,
+    D_PLAIN,
     D_TABLE,
     X_F16,
     X_FP8,
@@ -102,7 +106,7 @@ from quantbench.engine.kernels.wq_matmul import (
     word_off,
 )
 
-__all__ = ["mma_gemv", "mma_supported"]
+__all__ = ["mma_gemv", "mma_supported", "plain_supported"]
 
 
 @triton.jit
@@ -405,6 +409,8 @@ def _mma_gemv_kernel(
 
 
 def _kind(layout: WQLayout, dtype: torch.dtype) -> int | None:
+    if layout.mode == MODE_PLAIN:
+        return D_PLAIN if dtype == layout.plain_dtype else None
     if layout.mode == MODE_TABLE and layout.bits == 4:
         return D_TABLE
     if layout.mode == MODE_INT and layout.bits == 4:
@@ -433,7 +439,7 @@ def mma_supported(x: torch.Tensor, layout: WQLayout) -> bool:
     if kind == D_FP8 and x.dtype == torch.bfloat16 and layout.act_quant == ACT_NONE:
         return False  # bf16 activations reach fp16 exactly only when quantized to e4m3 first
     words = mma_words_per_lane(layout)
-    if not words:
+    if not words or (kind == D_PLAIN and words % 2):
         return False
     need = (8, 9) if kind == D_FP8 else (8, 0)  # cvt.f16x2.e4m3x2: sm_89; mma.sync bf16 / f16: sm_80
     if torch.cuda.get_device_capability(x.device) < need:
@@ -461,8 +467,8 @@ _XQ = {ACT_FP8: (2, X_FP8), ACT_INT8_TOKEN: (3, X_INT8), ACT_LLM_INT8: (4, X_LLM
 # 3.47 -> 3.42); int8 codes lost (2.74 -> 2.80: their steps are 32 words, loads already overlap).
 _XC_ENV = os.environ.get("QUANTBENCH_MMA_XCARRY", "")
 X_CARRY = {
-    "kinds": {"0": set(), "1": {D_INT4, D_TABLE, D_FP8, D_INT8_F32, D_INT8_F16}}.get(
-        _XC_ENV, {D_INT4, D_TABLE, D_FP8}
+    "kinds": {"0": set(), "1": {D_INT4, D_TABLE, D_FP8, D_INT8_F32, D_INT8_F16, D_PLAIN}}.get(
+        _XC_ENV, {D_INT4, D_TABLE, D_FP8, D_PLAIN}
     )
 }
 
@@ -498,10 +504,27 @@ def _subs(kind: int, layout: WQLayout, m: int) -> int:
     return 2 if ok and layout.group > 0 and layout.zeros is None else 1
 
 
-DEPTH = {4: 1, 8: 2}  # steps of codes in flight per code width (see _config)
+DEPTH = {4: 1, 8: 2, 16: 2}  # steps of codes in flight per code width (see _config)
 # warps per program for NF4 / FP4 codes; 8 with 32 table copies (conflict-free lookups, four programs per SM)
 # lost to 4 x 16 copies: NF4 ms per token b1 / b8 3.50 / 3.83 against 2.45 / 2.95 (H200, ninth session)
 TABLE_WARPS = {"warps": 4}
+# Plain bf16 / fp16 linears (``layouts.plain_layout_for``) through this GEMV instead of cuBLAS: it starts early
+# under programmatic dependent launch and leaves split-K partials to the next kernel. Only products of at
+# most "max_out" outputs (0: any) at up to "max_m" tokens. H200, bf16 Mistral-7B, ms per token b1 / b8:
+# cuBLAS 4.40 / 4.48; every product here 4.32 / 4.91; qkv, o and down here (gate/up and the LM head in
+# cuBLAS) 4.20 / 4.61: batch 1 only.
+PLAIN = {"on": os.environ.get("QUANTBENCH_PLAIN_MMA", "1") != "0", "max_out": 8192, "max_m": 1}
+
+
+def plain_supported(x: torch.Tensor, layout: WQLayout) -> bool:
+    """Whether a plain 16-bit linear's product of ``x`` runs here (``PLAIN``) rather than in cuBLAS."""
+    if not PLAIN["on"] or x.shape[0] > PLAIN["max_m"]:
+        return False
+    if PLAIN["max_out"] and layout.out_features > PLAIN["max_out"]:
+        return False
+    return mma_supported(x, layout)
+
+
 # the decode step's products left as split-K partials for their consumers (kernels/partials.py)
 PARTIALS = {"on": not os.environ.get("QUANTBENCH_NO_PARTIALS")}
 

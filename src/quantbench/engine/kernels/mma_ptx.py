@@ -18,6 +18,7 @@ D_TABLE = 1
 D_INT8_F32 = 2  # int8 codes through fp32 into bf16 pairs
 D_INT8_F16 = 3
 D_FP8 = 4
+D_PLAIN = 5  # plain 16-bit weights of the compute dtype: the code words are the mma's A registers as they are
 
 _MMA = {
     "bf16": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
@@ -212,6 +213,17 @@ def step_asm(
             for r in range(xregs):
                 lines += _x_convert(f"x{b * xregs + r}", x_mode, dt)
     mma = _MMA["f16" if kind == D_FP8 else dt]
+    if kind == D_PLAIN:  # word j of a row is one column pair: two words of rows g and g + 8 make one A
+        if words % 2 or subs != 1:
+            raise ValueError("16-bit weights take an even number of words per lane and one group per step")
+        for j in range(0, words, 2):
+            a = f"{{${_WG + j}, ${_WH + j}, ${_WG + j + 1}, ${_WH + j + 1}}}"
+            for b in range(blocks):
+                d = ", ".join(f"${4 * b + i}" for i in range(4))
+                base = b * xregs + j
+                lines.append(f"{mma} {{{d}}}, {a}, {{x{base}, x{base + 1}}}, {{{d}}};")
+        lines.append("}")
+        return "\n".join(lines)
     zero_g, zero_h = ("zg", "zh") if kind == D_INT8_F32 else (f"${_ZG}", f"${_ZH}")
     permuted = [(j, row) for j in reversed(range(words)) for row in ("h", "g")][:lut_permute]
     for j in range(words):
