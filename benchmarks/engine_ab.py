@@ -34,6 +34,9 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``nopartials``: every decode GEMV sums its split-K partials itself (a fenced counter elects the last split)
   instead of leaving them to the next kernel (``kernels/partials.py``);
 * ``nopick``: the greedy step's argmax and token writes as torch ops instead of one Triton kernel;
+* ``loadonly``: (timing only: the tokens are wrong) tensor-core GEMV steps that load their codes and
+  activations but decode and multiply nothing: the bound a faster decoder could reach in whole decode steps
+  (``gemv_load_pattern.py`` measures it per product);
 * ``cublas`` / ``plainall``: plain bf16 / fp16 linears through cuBLAS only / through the tensor-core GEMV at
   every size and 1-16 tokens (default, ``mma_gemv.PLAIN``: products of at most 8192 outputs at one token);
 * ``noover``: (slab path) prompt slabs dequantized on the main stream (no overlap with the products);
@@ -116,6 +119,18 @@ VARIANTS = {
         (dequant, "_SCRATCH", {}),
     ],
 }
+
+
+def _load_only_step(*args, **kwargs) -> str:
+    """A tensor-core GEMV step that decodes and multiplies nothing: its code and activation words are only
+    XORed into one output (so their loads stay), the others zero (``loadonly``: timing only, wrong tokens)."""
+    words = [f"${i}" for i in range(8, 16)] + [f"${i}" for i in range(32, 48)]
+    lines = ["{", ".reg .b32 t;", f"xor.b32 t, {words[0]}, {words[1]};"]
+    lines += [f"xor.b32 t, t, {w};" for w in words[2:]]
+    return "\n".join([*lines, "mov.b32 $0, t;", *(f"mov.b32 ${i}, 0;" for i in range(1, 8)), "}"])
+
+
+VARIANTS["loadonly"] = [(mma_gemv, "step_asm", _load_only_step), (mma_gemv, "_ASM", {})]
 
 
 def config_override(module, text: str, fixed: tuple[str, ...] = ()) -> list:
