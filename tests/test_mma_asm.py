@@ -83,6 +83,20 @@ def _run_step(asm: str, packed: np.ndarray, words: int, vals: int, row_bytes: in
     return lanes
 
 
+def _check_product(lanes: Lanes, blocks: int, tokens: int, want: np.ndarray) -> None:
+    """The step's fp32 results ($0..$7: lane (g, t) holds rows g / g + 8, tokens 2t, 2t + 1 of each token
+    block) against ``want [16 rows, tokens]``; columns of tokens that do not exist stay zero."""
+    got = np.zeros((16, 16))
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        out = [np.array([lanes.regs[lane][f"${i}"]], dtype=np.uint32).view(np.float32)[0] for i in range(8)]
+        for b in range(blocks):
+            got[g, 8 * b + 2 * t], got[g, 8 * b + 2 * t + 1] = out[4 * b], out[4 * b + 1]
+            got[g + 8, 8 * b + 2 * t], got[g + 8, 8 * b + 2 * t + 1] = out[4 * b + 2], out[4 * b + 3]
+    np.testing.assert_allclose(got[:, :tokens], want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    assert not got[:, tokens:].any()
+
+
 CASES = [
     # (name, kind, bits, dtype, signed8)
     ("int4-bf16", mg.D_INT4, 4, "bf16", False),
@@ -143,15 +157,7 @@ def test_step_asm_matches_float64(case: tuple, tokens: int, words: int) -> None:
     zw = _zero_operand(kind, zero, dt) if kind in (mg.D_INT4, mg.D_INT8_F32, mg.D_INT8_F16) else 0
     lanes = _run_step(asm, packed, words, vals, row_bytes, tokens, memory, zw, planes)
     want = weights @ x.double().numpy()[:tokens].T  # [16 rows, tokens]
-    got = np.zeros((16, 16))
-    for lane in range(32):
-        g, t = lane // 4, lane % 4
-        out = [np.array([lanes.regs[lane][f"${i}"]], dtype=np.uint32).view(np.float32)[0] for i in range(8)]
-        for b in range(blocks):
-            got[g, 8 * b + 2 * t], got[g, 8 * b + 2 * t + 1] = out[4 * b], out[4 * b + 1]
-            got[g + 8, 8 * b + 2 * t], got[g + 8, 8 * b + 2 * t + 1] = out[4 * b + 2], out[4 * b + 3]
-    np.testing.assert_allclose(got[:, :tokens], want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
-    assert not got[:, tokens:].any()
+    _check_product(lanes, blocks, tokens, want)
 
 
 def _e4m3(values: np.ndarray) -> np.ndarray:
@@ -433,15 +439,7 @@ def test_step_asm_plain_weights_match_float64(dt: str, tokens: int, words: int, 
     lanes = _run_step(asm, packed, words, 2, row_bytes, tokens, {} if x_regs else memory, 0, [0] * 8,
                       x_words=x_words)  # fmt: skip
     want = w.double().numpy() @ x.double().numpy()[:tokens].T
-    got = np.zeros((16, 16))
-    for lane in range(32):
-        g, t = lane // 4, lane % 4
-        out = [np.array([lanes.regs[lane][f"${i}"]], dtype=np.uint32).view(np.float32)[0] for i in range(8)]
-        for b in range(blocks):
-            got[g, 8 * b + 2 * t], got[g, 8 * b + 2 * t + 1] = out[4 * b], out[4 * b + 1]
-            got[g + 8, 8 * b + 2 * t], got[g + 8, 8 * b + 2 * t + 1] = out[4 * b + 2], out[4 * b + 3]
-    np.testing.assert_allclose(got[:, :tokens], want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
-    assert not got[:, tokens:].any()
+    _check_product(lanes, blocks, tokens, want)
 
 
 def test_step_asm_plain_weights_need_word_pairs() -> None:
