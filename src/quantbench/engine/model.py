@@ -70,7 +70,7 @@ class LinearOp:
             from quantbench.engine.kernels.layouts import plain_layout_for
 
             self.layouts = [layout_for(m) if isinstance(m, QuantLinear) else None for m in modules]
-            # plain bf16 / fp16 linears: the tensor-core GEMV at 1-16 tokens (mma_gemv.PLAIN), else cuBLAS
+            # plain bf16 / fp16 linears: the tensor-core GEMV where mma_gemv.PLAIN allows it, else cuBLAS
             self.plain = [plain_layout_for(m) if type(m) is nn.Linear else None for m in modules]
         else:
             self.layouts = [None] * len(modules)
