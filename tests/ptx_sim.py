@@ -93,6 +93,11 @@ class Lanes:
     def set(self, lane: int, name: str, value: int) -> None:
         self.regs[lane][name.strip()] = value & 0xFFFFFFFF
 
+    def _address(self, lane: int, operand: str) -> int:
+        """The byte address of a memory operand ``[reg]`` or ``[reg+offset]``."""
+        m = re.fullmatch(r"\[(\$\d+|[a-z0-9]+)(?:\+(\d+))?\]", operand)
+        return self.regs[lane][m.group(1)] + int(m.group(2) or 0)
+
     def load32(self, addr: int) -> int:
         return sum(self.memory.get(addr + i, 0) << (8 * i) for i in range(4))
 
@@ -182,14 +187,12 @@ class Lanes:
         elif op == "mad.lo.u32":
             self.set(lane, d, g(1) * g(2) + g(3))
         elif op.startswith(("ld.global", "ld.shared")):
-            m = re.fullmatch(r"\[(\$\d+|[a-z0-9]+)(?:\+(\d+))?\]", args[1])
-            addr = self.regs[lane][m.group(1)] + int(m.group(2) or 0)
+            addr = self._address(lane, args[1])
             dsts = [s.strip() for s in d.strip("{}").split(",")]
             for i, name in enumerate(dsts):
                 self.set(lane, name, self.load32(addr + 4 * i))
         elif op.startswith("st.shared"):
-            m = re.fullmatch(r"\[(\$\d+|[a-z0-9]+)(?:\+(\d+))?\]", args[0])
-            addr = self.regs[lane][m.group(1)] + int(m.group(2) or 0)
+            addr = self._address(lane, args[0])
             for i, src in enumerate(s.strip() for s in args[1].strip("{}").split(",")):
                 value = self.get(lane, src)
                 for byte in range(4):

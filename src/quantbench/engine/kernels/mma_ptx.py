@@ -245,6 +245,12 @@ def step_asm(
     return "\n".join(lines)
 
 
+def _vector(regs: list[str]) -> tuple[str, str]:
+    """The vector suffix and destination operand of one load into 1, 2 or 4 consecutive registers."""
+    vec = {4: ".v4", 2: ".v2", 1: ""}[len(regs)]
+    return vec, f"{{{', '.join(regs)}}}" if len(regs) > 1 else regs[0]
+
+
 def _activation_loads(regs: list[str], pred: str, addr: str, subs: int, sub_x: int) -> list[str]:
     """Predicated vector loads of activation words into ``regs`` (column order): ``len(regs) / subs``
     consecutive words per sub-step, the sub-steps ``sub_x`` bytes apart from ``addr``."""
@@ -252,9 +258,7 @@ def _activation_loads(regs: list[str], pred: str, addr: str, subs: int, sub_x: i
     lines = []
     for u in range(subs):
         for c in range(0, per_sub, 4):
-            chunk = regs[u * per_sub + c : u * per_sub + min(c + 4, per_sub)]
-            vec = {4: ".v4", 2: ".v2", 1: ""}[len(chunk)]
-            dst = f"{{{', '.join(chunk)}}}" if len(chunk) > 1 else chunk[0]
+            vec, dst = _vector(regs[u * per_sub + c : u * per_sub + min(c + 4, per_sub)])
             lines.append(f"@{pred} ld.global{vec}.b32 {dst}, [{addr}+{u * sub_x + 4 * c}];")
     return lines
 
@@ -279,14 +283,12 @@ def load_asm(words: int, subs: int = 1, sub_bytes: int = 0) -> str:
     into $0..$3 (row g) and $4..$7 (row g + 8); zeros where the flag is 0. The codes are read once: no L1
     allocation. ``subs`` = 2: ``words / 2`` words at each address and as many ``sub_bytes`` further on."""
     per = words // subs
-    vec = {4: ".v4", 2: ".v2", 1: ""}[per]
     lines = ["{", ".reg .pred q0, q1;", "setp.ne.b32 q0, $10, 0;", "setp.ne.b32 q1, $11, 0;"]
     for r in range(8):
         lines.append(f"mov.b32 ${r}, 0;")
     for half, addr, flag in ((0, "$8", "q0"), (4, "$9", "q1")):
         for u in range(subs):
-            regs = ", ".join(f"${half + u * per + i}" for i in range(per))
-            dst = f"{{{regs}}}" if per > 1 else regs
+            vec, dst = _vector([f"${half + u * per + i}" for i in range(per)])
             at = f"{addr}+{u * sub_bytes}" if u else addr
             lines.append(f"@{flag} ld.global.nc.L1::no_allocate{vec}.b32 {dst}, [{at}];")
     lines.append("}")
