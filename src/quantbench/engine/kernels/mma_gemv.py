@@ -533,7 +533,8 @@ def _config(m: int, n: int, k: int, layout: WQLayout, device: torch.device) -> d
     """Warps per program and K-splits: about four 4-warp programs per SM, each split keeping at least
     two steps per warp."""
     words = mma_words_per_lane(layout)
-    kind = _kind(layout, torch.bfloat16)  # the dtype only picks between int8 decoders
+    # the activation dtype only picks between int8 decoders, except that plain layouts take their own
+    kind = _kind(layout, layout.plain_dtype or torch.bfloat16)
     step = 4 * words * (32 // layout.bits) * _subs(kind, layout, m)
     nw = TABLE_WARPS["warps"] if kind == D_TABLE else 4
     tiles = n // 16
