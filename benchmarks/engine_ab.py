@@ -107,7 +107,7 @@ VARIANTS = {
     "lut8": [(mma_gemv.LUT, "copies", 8)],
     "lut16": [(mma_gemv.LUT, "copies", 16)],
     "lut32": [(mma_gemv.LUT, "copies", 32)],
-    "xcarry": [(mma_gemv.X_CARRY, "kinds", set(range(5)))],
+    "xcarry": [(mma_gemv.X_CARRY, "kinds", set(range(mma_gemv.D_PLAIN + 1)))],  # every decoder kind
     "slab12": [
         (prompt_gemm.PROMPT_PATH, "path", "slab"),
         (dequant, "SCRATCH_ELEMS", 6 << 20),
