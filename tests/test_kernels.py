@@ -92,6 +92,16 @@ def _x(m: int, k: int, device: str, dtype: torch.dtype, outliers: bool = False) 
     return x.to(dtype)
 
 
+def _store_mma_tiles(module) -> None:
+    """Store ``module``'s codes in the tensor-core GEMV's own tiles (``layouts.mma_tile``)."""
+    from quantbench.engine.kernels import layout_for
+    from quantbench.engine.kernels.layouts import mma_tile, tile_buffers
+
+    tile = mma_tile(layout_for(module))
+    assert tile is not None
+    module.store_tiled(tile_buffers(module, layout_for(module), *tile))
+
+
 def _run_wq(module, x):
     from quantbench.engine.kernels import layout_for, linear
 
@@ -176,16 +186,13 @@ def test_mma_gemv_cuda(spec: str, m: int, tiled: bool) -> None:
     (weight-only) or the fp32-path kernel on the same quantized activations (W8A8). 1008 rows: 63
     row tiles, an odd number of them per split."""
     from quantbench.engine.kernels import layout_for
-    from quantbench.engine.kernels.layouts import mma_tile, tile_buffers
     from quantbench.engine.kernels.mma_gemv import mma_supported
 
     torch.manual_seed(len(spec) * 7 + m)
     n, k = 1008, 4096
     module = _module(spec, n, k, bias=m != 2, device="cuda", dtype=torch.bfloat16)
     if tiled:
-        tile = mma_tile(layout_for(module))
-        assert tile is not None
-        module.store_tiled(tile_buffers(module, layout_for(module), *tile))
+        _store_mma_tiles(module)
     x = _x(m, k, "cuda", torch.bfloat16, outliers=True)
     assert mma_supported(x, layout_for(module))
     out = _run_wq(module, x)
@@ -264,13 +271,11 @@ def test_engine_plain_gemv_matches_cublas_cuda() -> None:
 def test_mma_gemv_carried_activations_cuda(spec: str, m: int) -> None:
     """``X_CARRY`` (activations loaded an iteration ahead) gives the same bits as loading them in the step."""
     from quantbench.engine.kernels import layout_for
-    from quantbench.engine.kernels.layouts import mma_tile, tile_buffers
     from quantbench.engine.kernels.mma_gemv import X_CARRY, mma_supported
 
     torch.manual_seed(len(spec) + m)
     module = _module(spec, 1008, 4096, bias=True, device="cuda", dtype=torch.bfloat16)
-    tile = mma_tile(layout_for(module))
-    module.store_tiled(tile_buffers(module, layout_for(module), *tile))
+    _store_mma_tiles(module)
     x = _x(m, 4096, "cuda", torch.bfloat16, outliers=True)
     assert mma_supported(x, layout_for(module))
     saved = X_CARRY["kinds"]
@@ -292,13 +297,11 @@ def test_mma_gemv_pair_table_cuda(spec: str, dtype: torch.dtype, m: int) -> None
     """NF4 / FP4 decoded through the shared pair table (any number of copies) give the same bits as the
     byte-permute decoder."""
     from quantbench.engine.kernels import layout_for
-    from quantbench.engine.kernels.layouts import mma_tile, tile_buffers
     from quantbench.engine.kernels.mma_gemv import LUT, mma_supported
 
     torch.manual_seed(len(spec) + m)
     module = _module(spec, 1008, 4096, bias=True, device="cuda", dtype=dtype)
-    tile = mma_tile(layout_for(module))
-    module.store_tiled(tile_buffers(module, layout_for(module), *tile))
+    _store_mma_tiles(module)
     x = _x(m, 4096, "cuda", dtype, outliers=True)
     assert mma_supported(x, layout_for(module))
     saved = LUT["copies"]
@@ -321,14 +324,13 @@ def test_mma_gemv_two_group_steps_cuda(spec: str, m: int) -> None:
     """Warp steps of two consecutive NF4 / FP4 groups (``mma_gemv.SUBS``, tiled or row-major codes) against
     the float64 product and against one group per step (only the fp32 summation order differs)."""
     from quantbench.engine.kernels import layout_for
-    from quantbench.engine.kernels.layouts import mma_tile, tile_buffers
     from quantbench.engine.kernels.mma_gemv import SUBS, _kind, _subs, mma_supported
 
     spec, _, tiles = spec.partition(",tiles=")
     torch.manual_seed(len(spec) + m)
     module = _module(spec, 1008, 4096, bias=True, device="cuda", dtype=torch.bfloat16)
     if tiles != "0":
-        module.store_tiled(tile_buffers(module, layout_for(module), *mma_tile(layout_for(module))))
+        _store_mma_tiles(module)
     layout = layout_for(module)
     x = _x(m, 4096, "cuda", torch.bfloat16, outliers=True)
     assert mma_supported(x, layout) and _subs(_kind(layout, x.dtype), layout, m) == 2
