@@ -4,12 +4,19 @@ operations, log-likelihood of continuations and greedy generation, with a shared
 Shared-prefix reuse: :meth:`HFLM.prefix_state` runs one or several prefixes (e.g. the few-shot prompts of
 several subjects) once, left-padded in one batch, and keeps their ``DynamicCache``. Each batch of rows then
 deep-copies that cache and selects, for every row, the prefix it continues (``batch_select_indices``), so
-only the rows' own tokens are run. Only the logits of the last positions are computed (``logits_to_keep``).
+only the rows' own tokens are run. The LM head runs only on the positions that are scored.
 
-Batching: rows are left-padded to one length. With a cache the layout of a row is
-``[pad][its prefix (cached)][pad ... pad][row tokens]``; without one, ``[pad ... pad][prefix + row]``. The 2-D
-attention mask is 1 exactly on real tokens and position ids are given explicitly (``cumsum(mask) - 1``), so
-every row sees the positions and keys it would see alone.
+Batching is exact: a row's answer never depends on the other rows of its batch, on the batch size or on
+padding. Every row's real tokens are contiguous: a row continues its prefix at once and is padded on the
+right, ``[pad][its prefix (cached)][row tokens][pad ... pad]`` (without a cache, ``[prefix + row][pad]``), and
+the logits are read at each row's own last tokens. The 2-D attention mask is 1 exactly on real tokens and
+position ids are given explicitly (``cumsum(mask) - 1``). Contiguity matters for sliding-window and chunked
+attention (Mistral, Gemma 2/3, Phi-3, ...): their masks compare column indices, so padding between a prefix
+and its row would move real tokens out of the window.
+
+Greedy generation appends every new token after the batch's longest row; for full attention the padding in
+between is masked and changes nothing, but under a sliding window it would, so for such models rows of
+different lengths are generated in separate batches (``HFLM.windowed`` says whether a model is one).
 """
 
 from __future__ import annotations
@@ -28,6 +35,29 @@ from torch import nn
 def _out_cache(out: Any) -> Any:
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _gather_hook(scored: torch.Tensor) -> Callable[..., Any]:
+    """A forward pre-hook for the LM head: keep, per row, the hidden states at ``scored`` ``[B, K]``."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]
+        index = scored[:, :, None].expand(-1, -1, hidden.shape[-1])
+        return (hidden.gather(1, index), *args[1:])
+
+    return hook
+
+
+def is_windowed(config: Any) -> bool:
+    """Whether some attention layer of a model with this config sees only a window of the past (sliding
+    window or chunked attention): then token columns, not only positions, decide what a token sees."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return any(t != "full_attention" for t in layer_types)
+    if getattr(config, "attention_chunk_size", None):
+        return True
+    window = getattr(config, "sliding_window", None)
+    return bool(window) and getattr(config, "use_sliding_window", True) is not False
 
 
 @dataclass
@@ -99,6 +129,11 @@ class HFLM:
         value = getattr(self.tokenizer, "model_max_length", None)
         return value if isinstance(value, int) and 0 < value < 10**7 else 2048
 
+    @property
+    def windowed(self) -> bool:
+        """Whether the model attends through a sliding window or chunks (see :func:`is_windowed`)."""
+        return is_windowed(getattr(self.model, "config", None))
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text).input_ids)
 
@@ -140,22 +175,35 @@ class HFLM:
         )
         return PrefixState(rows, _out_cache(out), width, mask)
 
-    def _call(self, **kwargs: Any) -> Any:
+    def _call(self, scored: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """One model forward. ``scored`` ``[B, K]``: the positions whose logits are wanted, per row; the LM
+        head then sees only those (``logits`` ``[B, K, V]``), else the model's ``logits_to_keep`` applies."""
         self.calls += 1
         self.tokens += int(kwargs["input_ids"].numel())
-        hook = None
+        hooks = []
+        if scored is not None:
+            if self._head is not None:
+                kwargs["logits_to_keep"] = 0  # every position reaches the head, which keeps the scored ones
+                hooks.append(self._head.register_forward_pre_hook(_gather_hook(scored.to(self.device))))
+            else:
+                kwargs.pop("logits_to_keep", None)
         if self._fp32_head is not False:
-            hook = self._head.register_forward_hook(self._capture_head_input)
+            hooks.append(self._head.register_forward_hook(self._capture_head_input))
         try:
-            return self.model(**kwargs)
-        except TypeError as exc:  # a model without logits_to_keep
-            if "logits_to_keep" not in str(exc):
-                raise
-            kwargs.pop("logits_to_keep")
-            return self.model(**kwargs)
+            try:
+                out = self.model(**kwargs)
+            except TypeError as exc:  # a model without logits_to_keep
+                if "logits_to_keep" not in str(exc):
+                    raise
+                kwargs.pop("logits_to_keep")
+                out = self.model(**kwargs)
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
+        if scored is not None and self._head is None:  # no head to hook: gather from the full logits
+            index = scored.to(out.logits.device)[:, :, None].expand(-1, -1, out.logits.shape[-1])
+            out.logits = out.logits.gather(1, index)
+        return out
 
     def _capture_head_input(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self._head_input = args[0] if args else None
@@ -200,11 +248,11 @@ class HFLM:
         use_cache: bool = False,
         which: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
-        """Logits ``[B, keep, V]`` (float32) of the last ``keep`` positions of each row after its prefix
+        """Logits ``[B, keep, V]`` (float32) of the last ``keep`` real positions of each row after its prefix
         (``which[i]``: index of row i's prefix in ``state``, default 0).
 
-        Returns the logits, the batch's KV cache (for generation), the attention mask and the last position
-        id of every row.
+        Returns the logits, the batch's KV cache (for generation), the attention mask and the position id of
+        every row's last real token.
         """
         which = [0] * len(rows) if which is None else list(which)
         cached = state.cache is not None
@@ -221,14 +269,16 @@ class HFLM:
         if cached:
             mask[:, :width] = state.mask[which]
         for i, seq in enumerate(seqs):
-            input_ids[i, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[i, width + length - len(seq) :] = 1
+            input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width : width + len(seq)] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ends = torch.tensor([len(seq) for seq in seqs])
+        # Row i's scored positions: the `keep` tokens that end at its last real one.
+        scored = (ends[:, None] - keep + torch.arange(keep)[None, :]).clamp(min=0)
         kwargs: dict[str, Any] = {
             "input_ids": input_ids.to(self.device),
             "attention_mask": mask.to(self.device),
             "position_ids": positions[:, width:].to(self.device),
-            "logits_to_keep": keep,
         }
         if cached:
             cache = copy.deepcopy(state.cache)
@@ -241,9 +291,10 @@ class HFLM:
             kwargs["use_cache"] = True
         else:
             kwargs["use_cache"] = use_cache
-        out = self._call(**kwargs)
+        out = self._call(scored=scored, **kwargs)
         logits = self._logits(out, keep)
-        return logits, _out_cache(out) if kwargs["use_cache"] else None, mask, positions[:, -1]
+        last_pos = positions[:, width:].gather(1, (ends - 1)[:, None])[:, 0]
+        return logits, _out_cache(out) if kwargs["use_cache"] else None, mask, last_pos
 
     # -- scoring ----------------------------------------------------------------------------------------------
 
@@ -290,7 +341,22 @@ class HFLM:
         """Greedy continuation of each ``prefix + suffix``, at most ``max_new_tokens`` tokens.
 
         A row stops at EOS or once ``done(text so far)`` is true; the loop ends when every row has stopped.
+        Under windowed attention, rows of different lengths run as separate batches (module docstring).
         """
+        which = [0] * len(suffixes) if which is None else list(which)
+        if max_new_tokens > 1 and self.windowed:
+            heads = [0] * len(state.prefixes) if state.cache is not None else [len(p) for p in state.prefixes]
+            lengths = [len(s) + (heads[w] if heads else 0) for s, w in zip(suffixes, which, strict=True)]
+            if len(set(lengths)) > 1:
+                texts: list[str] = [""] * len(suffixes)
+                for length in dict.fromkeys(lengths):
+                    rows = [i for i, n in enumerate(lengths) if n == length]
+                    part = self.greedy(
+                        state, [suffixes[i] for i in rows], max_new_tokens, done, [which[i] for i in rows]
+                    )
+                    for i, text in zip(rows, part, strict=True):
+                        texts[i] = text
+                return texts
         logits, cache, mask, last_pos = self._forward(
             state, suffixes, keep=1, use_cache=max_new_tokens > 1, which=which
         )
