@@ -77,7 +77,6 @@ def test_generate_answers_do_not_depend_on_batching(gemma_fp32):
 def _tiny_mistral(window: int):
     """A random 2-layer Mistral (real Qwen tokenizer's vocabulary) whose window is shorter than the rows."""
     import quantbench
-
     from tinyqwen import real_tokenizer
 
     tokenizer = real_tokenizer()
@@ -113,9 +112,9 @@ def test_sliding_window_mistral_rows_are_exact():
 
     alone = HFLM(model, tokenizer, prefix_reuse=False)
     want = torch.cat(
-        [alone.choice_logprobs(PrefixState([prefixes[w]]), [r], choices) for r, w in zip(rows, which)]
+        [alone.choice_logprobs(PrefixState([prefixes[w]]), [r], choices) for r, w in zip(rows, which, strict=True)]
     )
-    want_text = [alone.greedy(PrefixState([prefixes[w]]), [r], 5) for r, w in zip(rows, which)]
+    want_text = [alone.greedy(PrefixState([prefixes[w]]), [r], 5) for r, w in zip(rows, which, strict=True)]
     for reuse in (True, False):
         lm = HFLM(model, tokenizer, prefix_reuse=reuse)
         state = lm.prefix_state(prefixes)
@@ -124,7 +123,7 @@ def test_sliding_window_mistral_rows_are_exact():
         multi = [[362, 425], [356], [422, 425, 362]]  # multi-token continuations: one row per choice
         got_multi = lm.choice_logprobs(state, rows, multi, which=which)
         want_multi = torch.cat(
-            [alone.choice_logprobs(PrefixState([prefixes[w]]), [r], multi) for r, w in zip(rows, which)]
+            [alone.choice_logprobs(PrefixState([prefixes[w]]), [r], multi) for r, w in zip(rows, which, strict=True)]
         )
         torch.testing.assert_close(got_multi, want_multi, rtol=0, atol=1e-4)
         assert lm.greedy(state, rows, 5, which=which) == [t[0] for t in want_text]

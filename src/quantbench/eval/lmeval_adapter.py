@@ -13,9 +13,9 @@ Three ways in:
 * ``quantbench eval MODEL --tasks lmeval:TASK[,TASK...] [--lmeval-include DIR]``: the results go to the same
   SQLite store as quantbench's own tasks (see :func:`run_lmeval`).
 
-Scoring runs on quantbench's engine (:class:`quantbench.eval.lm.HFLM`): left-padded batches with explicit
-position ids, only the needed logits computed, and shared-prefix KV-cache reuse. Requests are arranged in a
-prefix tree of their token ids; a shared prefix (few-shot examples, the question in front of several answer
+Scoring runs on quantbench's engine (:class:`quantbench.eval.lm.HFLM`): exact batches (rows contiguous
+with their prefix, right-padded) with explicit position ids, only the needed logits computed, and shared-prefix
+KV-cache reuse. Requests are arranged in a prefix tree of their token ids; a shared prefix (few-shot examples, the question in front of several answer
 choices) is run once and its cache reused when that saves at least ``prefix_min_tokens`` tokens of compute.
 The numbers are lm-eval's ``hf`` model's: same tokenization (trailing context spaces move to the continuation,
 an empty context is replaced by the BOS/EOS prefix token), same left truncation to ``max_length``, same
@@ -707,7 +707,10 @@ class QuantbenchLM(_Base):  # type: ignore[misc,valid-type]
         if state.cache is not None and common >= least:
             if common < len(held):
                 cache = copy.deepcopy(state.cache)
-                cache.crop(common)
+                try:
+                    cache.crop(common)
+                except RuntimeError:  # a sliding-window layer past its window cannot be cropped back
+                    return self._extend(_new_state([]), shared)
                 state = _new_state(held[:common], cache)
             ext = shared[common:]
             return self._extend(state, ext) if len(ext) >= least else state
