@@ -122,7 +122,7 @@ def accuracy_table(t: AccTable) -> Table:
         note += f" With {n} questions the standard error of Avg is about {se:.1f} points."
     raw_columns = ["spec", *FIELD_COLUMNS, "Avg %", *cats, "Total Time s", "Weights GiB", "Questions"]
     return Table(
-        f"accuracy-{_slug(t.model)}-{t.task}-{t.shots}shot-{_slug(t.mode)}-{_slug(str(t.limit))}",
+        f"accuracy-{_slug(t.model)}-{t.task}-{t.shots}shot-{t.protocol}-{_slug(t.mode)}-{_slug(str(t.limit))}",
         f"Accuracy: {t.title}",
         columns,
         cells,
