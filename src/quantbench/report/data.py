@@ -4,7 +4,7 @@ Sources (all in the one SQLite file of :mod:`quantbench.eval.store`):
 
 * ``runs`` rows of a multiple-choice task (``quantbench eval`` / ``run`` / ``sweep``): accuracy, categories,
   compute time, weights, peak memory. Runs are grouped by evaluation setting (model, task, split, shots,
-  mode, subjects, limit); within a setting the latest run of each spec is used.
+  mode, protocol, subjects, limit); within a setting the latest run of each spec is used.
 * ``runs`` rows with ``task='bench'`` (``quantbench bench`` / ``sweep``): first-token and per-token latency
   per batch size (in ``extra``).
 * ``runs`` rows with ``task='ppl'`` (``sweep``): perplexity (in ``extra``).
@@ -69,6 +69,7 @@ class AccTable:
     split: str
     shots: int
     mode: str
+    protocol: str
     limit: int | None
     subjects: list[str] | None
     categories: list[str]
@@ -87,7 +88,10 @@ class AccTable:
         subj = "all subjects" if not self.subjects else f"{len(self.subjects)} subjects"
         lim = f", first {self.limit} questions each" if self.limit else ""
         n = max((r.questions for r in self.rows), default=0)
-        return f"{self.task} ({self.split}, {self.shots}-shot, {self.mode}; {subj}{lim}; {n} questions)"
+        return (
+            f"{self.task} ({self.split}, {self.shots}-shot, {self.protocol} {self.mode}; {subj}{lim}; "
+            f"{n} questions)"
+        )
 
 
 @dataclass
@@ -245,12 +249,13 @@ def collect(db: str | Path, model: str | None = None, sweep: str | None = None) 
             r.get("split"),
             r.get("shots"),
             r.get("mode"),
+            r.get("protocol") or "lmeval",  # stores older than protocols hold lmeval runs only
             r.get("limit_per_subject"),
             json.dumps(subjects),
         )
         groups.setdefault(key, {})[r["spec"]] = r  # later runs replace earlier ones
 
-    for (name, task, split, shots, mode, limit, subjects), by_spec in groups.items():
+    for (name, task, split, shots, mode, protocol, limit, subjects), by_spec in groups.items():
         categories = list(TASKS[task].categories)
         rows = [
             AccRow(
@@ -271,7 +276,9 @@ def collect(db: str | Path, model: str | None = None, sweep: str | None = None) 
         ]
         order = sort_specs({row.spec: row.weights_gib or 0.0 for row in rows})
         rows.sort(key=lambda row: order.index(row.spec))
-        table = AccTable(name, task, split, shots, mode, limit, json.loads(subjects), categories, rows)
+        table = AccTable(
+            name, task, split, shots, mode, protocol, limit, json.loads(subjects), categories, rows
+        )
         report_for(name).acc.append(table)
 
     latest: dict[tuple, BenchPoint] = {}

