@@ -118,7 +118,8 @@ def test_recommendation_with_too_few_questions_says_so(tmp_path):
     # 20 questions) is not shown within it, so int8 is the pick.
     assert any(f"**{INT8}**" in n and "lower 95% bound" in n for n in notes)
     wrong = {"bf16": {5, 6, 7, 8}, NF4: {0, 5, 6, 7, 8}}
-    db2, _ = _db(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path, 10, wrong)
+    (tmp_path / "second").mkdir()
+    db2, _ = _db(tmp_path / "second", 10, wrong)
     notes = recommendation(collect(db2).models[0])
     assert any(f"**{NF4}**" in n and "evaluate more questions" in n for n in notes)
 
