@@ -415,6 +415,7 @@ def test_report_command(fixture_db, tmp_path):
         "accuracy",
         "latency",
         "memory",
+        "stats",
     ]
     with pytest.raises(SystemExit) as exc:
         main(["report", "--db", str(fixture_db), "--format", "pdf", "--out", str(tmp_path / "r")])

@@ -52,6 +52,14 @@ def ppl(
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)"),
     threads: int = typer.Option(0, "--threads", help="CPU threads (0: auto, only the idle cores)"),
     json_out: Path = typer.Option(None, "--json", help="write the result as JSON to this file"),
+    kld_reference: str = typer.Option(
+        None,
+        "--kld-reference",
+        help="also KL divergence etc. against this spec's pass (e.g. bf16); its log-probs are kept beside --db",
+    ),
+    db: Path = typer.Option(
+        Path("quantbench.db"), "--db", help="results store (--kld-reference files beside it)"
+    ),
 ) -> None:
     """Sliding-window perplexity of MODEL on a text file or a packaged corpus."""
     from quantbench.eval.loading import configure_threads
@@ -65,6 +73,10 @@ def ppl(
     from quantbench.eval.loading import enable_dequant_cache
 
     enable_dequant_cache(model_obj, str(next(model_obj.parameters()).device))
+    reference = None
+    if kld_reference is not None:
+        reference = _kld_reference(model, kld_reference, model_obj, tokenizer, body, ctx, stride, max_tokens,
+                                   batch_size, device, db)  # fmt: skip
     result = perplexity(
         model_obj,
         tokenizer,
@@ -74,6 +86,7 @@ def ppl(
         batch_size=batch_size,
         max_tokens=max_tokens,
         progress=True,
+        reference=reference,
     )
     spec = model_obj.quantbench_config.spec
     console.print(
@@ -81,9 +94,47 @@ def ppl(
         f"{result.scored}/{result.tokens} tokens scored in {result.windows} windows "
         f"(ctx {result.ctx}, stride {result.stride}), {result.seconds:.1f}s"
     )
+    if result.kld is not None:
+        console.print("  " + result.kld_line(kld_reference), highlight=False)
     if json_out is not None:
         record = {"model": model, "spec": spec, "text": label, **result.to_dict()}
+        if result.kld is not None:
+            record["kld_reference"] = kld_reference
         json_out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _kld_reference(
+    model, ref_method, model_obj, tokenizer, body, ctx, stride, max_tokens, batch_size, device, db
+):
+    """The stored reference pass of ``ref_method`` on these tokens and windows; computed and saved first when
+    missing (one pass of the reference model), so every later quantized run is a single pass."""
+    from quantbench import parse_spec
+    from quantbench.eval.harness import model_identity
+    from quantbench.eval.loading import load_for_eval
+    from quantbench.eval.perplexity import (
+        DEFAULT_TOPK,
+        LogitReference,
+        encode_text,
+        perplexity,
+        reference_key,
+        reference_path,
+    )
+
+    ref_spec = parse_spec(ref_method).spec
+    ids = encode_text(tokenizer, body, max_tokens)
+    key = reference_key(model_identity(model_obj)[0], ref_spec, ids, ctx, ctx // 2 if stride is None else stride,
+                        DEFAULT_TOPK)  # fmt: skip
+    path = reference_path(db, key)
+    if path.is_file():
+        console.print(f"KLD reference ({ref_spec}): {path}")
+        return LogitReference.load(path)
+    ref_model, _ = load_for_eval(model, ref_spec, device)
+    res = perplexity(ref_model, tokenizer, ids, ctx=ctx, stride=stride, batch_size=batch_size, progress=True,
+                     record_topk=DEFAULT_TOPK)  # fmt: skip
+    del ref_model
+    res.logits_reference.save(path)
+    console.print(f"KLD reference ({ref_spec}): perplexity {res.ppl:.4f}; log-probs saved to {path}")
+    return res.logits_reference
 
 
 def _split_list(text: str | None) -> list[str] | None:
@@ -365,6 +416,30 @@ def comparison_rows(runs, task: str) -> list[list[str]]:
     return rows
 
 
+def _stat_rows(runs, task: str) -> list[list[str]]:
+    """Statistics of every method against the reference row (quantbench.report.compare)."""
+    from quantbench.report.compare import run_stat_rows
+    from quantbench.report.render import label
+
+    stats = run_stat_rows(runs, task)
+    return [[label(r.table_fields), *s] for r, s in zip(runs, stats, strict=True)]
+
+
+def _print_stat_table(runs, task: str) -> None:
+    from rich.table import Table
+
+    from quantbench.report.compare import STAT_COLUMNS
+
+    table = Table(
+        "config",
+        *STAT_COLUMNS,
+        title=f"{task}: 95% intervals, paired against the reference",
+    )
+    for row in _stat_rows(runs, task):
+        table.add_row(*row)
+    console.print(table)
+
+
 @app.command()
 def run(
     model: str = typer.Argument(
@@ -484,8 +559,11 @@ def run(
         for row in comparison_rows(runs, task.name):
             table.add_row(*row)
         console.print(table)
+        _print_stat_table(runs, task.name)
     console.print(f"total wall time {wall:.1f}s")
     if json_out is not None:
+        from quantbench.report.compare import STAT_COLUMNS
+
         payload = {
             "model": model,
             "split": split,
@@ -497,6 +575,8 @@ def run(
             "wall_s": wall,
             "columns": list(COLUMNS),
             "tables": {t.name: comparison_rows(runs, t.name) for t in task_list},
+            "stat_columns": ["config", *STAT_COLUMNS],
+            "stat_tables": {t.name: _stat_rows(runs, t.name) for t in task_list},
             "methods": [r.to_dict() for r in runs],
         }
         json_out.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")

@@ -71,7 +71,7 @@ def report(
 ) -> None:
     """Build the comparison tables (accuracy per category, latency, memory / size) and plots from the DB."""
     from quantbench.report.data import collect
-    from quantbench.report.render import SHORT_CATEGORY, label, recommendation, write_report
+    from quantbench.report.render import SHORT_CATEGORY, label, recommendation, table_stats, write_report
 
     formats = [f.strip().lower() for f in fmt.split(",") if f.strip()]
     data = collect(db, model=model, sweep=sweep_name)
@@ -82,13 +82,21 @@ def report(
         for t in m.acc:
             base = t.baseline
             cats = [SHORT_CATEGORY.get(c, c) for c in t.categories]
-            table = Table("config", "Avg %", *cats, "time s", "GiB", title=t.title)
+            table = Table("config", "Avg %", *cats, "time s", "GiB", "verdict", title=t.title)
+            stats = table_stats(t)
             for r in t.rows:
                 delta = "" if base is None or r is base else f" ({100 * (r.accuracy - base.accuracy):+.1f})"
                 cells = [f"{100 * r.categories[c]:.1f}" if c in r.categories else "-" for c in t.categories]
                 gib = f"{r.weights_gib:.3f}" if r.weights_gib else "-"
+                s = stats[r.spec]
+                verdict = "reference" if s.is_reference else (s.comparison.verdict if s.comparison else "-")
                 table.add_row(
-                    label(r.fields), f"{100 * r.accuracy:.1f}{delta}", *cells, f"{r.compute_s:.1f}", gib
+                    label(r.fields),
+                    f"{100 * r.accuracy:.1f}{delta}",
+                    *cells,
+                    f"{r.compute_s:.1f}",
+                    gib,
+                    verdict,
                 )
             console.print(table)
         for note in recommendation(m):

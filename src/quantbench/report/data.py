@@ -60,6 +60,9 @@ class AccRow:
     peak_mem_kind: str | None
     device: str | None
     created: float
+    # The run's per-question results from the store (None when they are not there, or do not add up to the
+    # run's question count): the report's paired statistics (quantbench.report.compare).
+    answers: list[Any] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -183,6 +186,26 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(value) else value
 
 
+def _stored_answers(path: Path, records: list[dict[str, Any]]) -> dict[int, list[Any]]:
+    """run id -> its per-question results, for the runs whose stored results add up to their count."""
+    from quantbench.report.compare import load_answers
+
+    out: dict[int, list[Any]] = {}
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        if not conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name='results'"
+        ).fetchone():
+            return out
+        for r in records:
+            rows = load_answers(conn, r)
+            if rows and sum(a.shots_used >= 0 for a in rows) == (r.get("questions") or 0):
+                out[r["id"]] = rows
+    finally:
+        conn.close()
+    return out
+
+
 def collect(db: str | Path, model: str | None = None, sweep: str | None = None) -> ReportData:
     """Everything the report shows, read from ``db`` (optionally one model / one sweep's runs only)."""
     path = Path(db)
@@ -255,6 +278,7 @@ def collect(db: str | Path, model: str | None = None, sweep: str | None = None) 
         )
         groups.setdefault(key, {})[r["spec"]] = r  # later runs replace earlier ones
 
+    answers = _stored_answers(path, [r for by_spec in groups.values() for r in by_spec.values()])
     for (name, task, split, shots, mode, protocol, limit, subjects), by_spec in groups.items():
         categories = list(TASKS[task].categories)
         rows = [
@@ -271,6 +295,7 @@ def collect(db: str | Path, model: str | None = None, sweep: str | None = None) 
                 peak_mem_kind=r.get("peak_mem_kind"),
                 device=r.get("device"),
                 created=r.get("created") or 0.0,
+                answers=answers.get(r["id"]),
             )
             for spec, r in by_spec.items()
         ]

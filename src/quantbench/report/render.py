@@ -137,6 +137,42 @@ def accuracy_table(t: AccTable) -> Table:
     )
 
 
+def table_stats(t: AccTable) -> dict[str, Any]:
+    """spec -> MethodStats of every row against the table's reference row (quantbench.report.compare)."""
+    from quantbench.report.compare import method_stats
+
+    ref = t.baseline.spec if t.baseline is not None else (t.rows[0].spec if t.rows else None)
+    counts = {r.spec: (round(r.accuracy * r.questions), r.questions) for r in t.rows}
+    return method_stats({r.spec: r.answers for r in t.rows}, ref, counts)
+
+
+def stats_table(t: AccTable) -> Table:
+    """The statistic columns of an accuracy table: intervals, paired comparison, verdict."""
+    from quantbench.report.compare import STAT_COLUMNS, STAT_RAW_COLUMNS, stat_cells, stat_raw
+
+    stats = table_stats(t)
+    ref = next((s.spec for s in stats.values() if s.is_reference), "-")
+    cells = [[*_field_cells(r.fields), *stat_cells(stats[r.spec])] for r in t.rows]
+    raw = [[r.spec, *_field_cells(r.fields), *stat_raw(stats[r.spec])] for r in t.rows]
+    note = (
+        f"Against the {ref} row, on the questions both answered. Avg: Wilson 95% interval. Δ: accuracy "
+        "difference in points with a paired bootstrap 95% interval (10,000 resamples over questions). flips: "
+        "right->wrong / wrong->right. agree: same predicted letter. KLD: mean KL(ref || method) of the "
+        "answer distribution over A-D (nats; loglikelihood mode only). p: exact McNemar test on the flips. "
+        "Verdict: a difference is shown when the interval excludes 0 and p < 0.05; otherwise "
+        "'indistinguishable', or 'too few questions to tell' when the interval is wider than ±5 points."
+    )
+    return Table(
+        f"stats-{_slug(t.model)}-{t.task}-{t.shots}shot-{_slug(t.mode)}-{_slug(str(t.limit))}",
+        f"Statistics against {ref}: {t.title}",
+        [*FIELD_COLUMNS, *STAT_COLUMNS],
+        cells,
+        raw,
+        ["spec", *FIELD_COLUMNS, *STAT_RAW_COLUMNS],
+        note,
+    )
+
+
 def latency_tables(m: ModelReport) -> list[Table]:
     groups: dict[tuple, list] = {}
     for p in m.bench:
@@ -283,6 +319,37 @@ def failures_table(m: ModelReport) -> Table | None:
     )
 
 
+def close_rows(t: AccTable) -> tuple[list[Any], str]:
+    """The rows "within CLOSE_PTS points of the reference" and how that was decided.
+
+    With per-question results the decision uses the paired 95 % interval of the difference
+    (:func:`quantbench.eval.stats.within_margin`): a row is in when its lower bound is >= -CLOSE_PTS (shown
+    within the margin). When no other row is shown within it, the rows whose upper bound is >= -CLOSE_PTS
+    (not shown worse than the margin) are used instead, and the pick says so. Without per-question results
+    the point estimates decide, and the pick says that too.
+    """
+    from quantbench.eval.stats import within_margin
+
+    base = t.baseline
+    if base is None:
+        return [], ""
+    stats = table_stats(t)
+    if any(r is not base and stats[r.spec].comparison is None for r in t.rows):
+        rows = [r for r in t.rows if 100 * (base.accuracy - r.accuracy) <= CLOSE_PTS]
+        return rows, "point estimates: no per-question results stored"
+    verdicts = {r.spec: within_margin(stats[r.spec].comparison, CLOSE_PTS) for r in t.rows if r is not base}
+    shown = [base] + [r for r in t.rows if verdicts.get(r.spec) == "shown"]
+    if len(shown) > 1:
+        return shown, "lower 95% bound of the difference >= -1 point"
+    maybe = [base] + [r for r in t.rows if verdicts.get(r.spec) == "not excluded"]
+    if len(maybe) > 1:
+        return (
+            maybe,
+            "not shown worse by more than 1 point, not shown within it either: evaluate more questions",
+        )
+    return shown, "no other configuration is shown within 1 point"
+
+
 def recommendation(m: ModelReport) -> list[str]:
     if not m.acc:
         return []
@@ -294,12 +361,13 @@ def recommendation(m: ModelReport) -> list[str]:
     best = max(t.rows, key=lambda r: r.accuracy)
     out.append(f"Most accurate on {t.task}: **{best.spec}** ({100 * best.accuracy:.1f}%).")
     if base is not None:
-        close = [r for r in t.rows if 100 * (base.accuracy - r.accuracy) <= CLOSE_PTS and r.weights_gib]
+        close, how = close_rows(t)
+        close = [r for r in close if r.weights_gib]
         if close:
             small = min(close, key=lambda r: r.weights_gib)
             out.append(
                 f"Smallest within {CLOSE_PTS:.0f} point of {base.spec}: **{small.spec}** "
-                f"({_f(small.weights_gib, 3)} GiB, {100 * small.accuracy:.1f}%)."
+                f"({_f(small.weights_gib, 3)} GiB, {100 * small.accuracy:.1f}%; {how})."
             )
         b1 = _latency_by_spec(m)
         fast = [r for r in close if r.spec in b1]
@@ -331,6 +399,11 @@ def _latency_by_spec(m: ModelReport) -> dict[str, tuple[float, str]]:
     }
 
 
+def _error_bars(stats: dict[str, Any], rows: list) -> list[tuple[float, float]]:
+    """Each row's Wilson 95 % accuracy interval, in points: the plots' error bars."""
+    return [(100 * stats[r.spec].accuracy.low, 100 * stats[r.spec].accuracy.high) for r in rows]
+
+
 def plots_for(m: ModelReport) -> list[Plot]:
     from quantbench.report.plots import category_bars, scatter
 
@@ -340,6 +413,8 @@ def plots_for(m: ModelReport) -> list[Plot]:
         base = t.baseline
         rows = [r for r in t.rows if r.weights_gib]
         tag = f"{_slug(m.model)}-{t.task}"
+        stats = table_stats(t)
+
         if rows:
             out.append(
                 Plot(
@@ -355,6 +430,7 @@ def plots_for(m: ModelReport) -> list[Plot]:
                         None if base is None else 100 * base.accuracy,
                         base.spec if base else "",
                         front=True,
+                        intervals=_error_bars(stats, rows),
                     ),
                 )
             )
@@ -375,6 +451,7 @@ def plots_for(m: ModelReport) -> list[Plot]:
                         None if base is None else 100 * base.accuracy,
                         base.spec if base else "",
                         front=True,
+                        intervals=_error_bars(stats, timed),
                     ),
                 )
             )
@@ -398,7 +475,8 @@ def build(data: ReportData, with_plots: bool = True) -> list[Section]:
     for m in data.models:
         s = Section(m.model)
         s.notes = recommendation(m)
-        s.tables += [accuracy_table(t) for t in m.acc]
+        for t in m.acc:
+            s.tables += [accuracy_table(t), stats_table(t)]
         s.tables += latency_tables(m)
         mem = memory_table(m)
         if mem is not None:
