@@ -74,6 +74,49 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ModelLoadError(f"unknown dtype '{dtype}'; allowed: bf16, fp16, fp32") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def has_tokenizer_files(model_dir: str | Path) -> bool:
+    """Whether ``model_dir`` holds a tokenizer's vocabulary (without one transformers builds an empty tokenizer)."""
+    folder = Path(model_dir)
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def read_hf_config(model_dir: str | Path, error: type[Exception] = ModelLoadError) -> Any:
+    """``AutoConfig`` of ``model_dir``, or one ``error`` line saying what is wrong with its config.json."""
+    from transformers import AutoConfig
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise error(f"{path} is missing")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise error(f"{path} is not valid JSON ({reason})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object")
+    if not isinstance(data.get("model_type"), str) or not data["model_type"]:
+        raise error(f"{path}: field 'model_type' is missing or not a string")
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any way a user's config.json is wrong is one line
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise error(f"{path} is not a usable model config: {first[:200]}") from None
+
+
+def check_gguf_file(path: Path) -> None:
+    """A cheap look at a .gguf file's header before the slow conversion."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(24)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror}") from None
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (no GGUF header)")
+
+
 def _package_dir(import_name: str) -> Path | None:
     # find_spec locates the package without importing it (some ship heavy __init__ imports).
     spec = importlib.util.find_spec(import_name)
@@ -118,11 +161,20 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_file(gguf_path)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
     try:
         folder, name = str(gguf_path.parent), gguf_path.name
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a truncated/corrupt GGUF fails anywhere in the reader
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise ModelLoadError(
+                f"{gguf_path} is truncated or not a valid GGUF model ({type(exc).__name__}: {first[:160]})"
+            ) from None
         # The converted weights are plain floats: drop the GGUF loader's settings from the config.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -204,16 +256,26 @@ def load_model(
 
         return load_adapter_model(path, device=device)
     model_dir = resolve_model_dir(str(path_or_spec))
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
+    read_hf_config(model_dir)  # a corrupt config.json: one line, before transformers trips over it
+    if not has_tokenizer_files(model_dir):
+        raise ModelLoadError(
+            f"{model_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): copy the tokenizer "
+            "of the base model there"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=torch_dtype, local_files_only=True, low_cpu_mem_usage=True
         )
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model from {model_dir}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"cannot load model from {model_dir}: {first}") from None
+    if len(tokenizer) == 0:
+        raise ModelLoadError(f"{model_dir}: the tokenizer files hold an empty vocabulary")
     model.to(device)
     model.eval()
     if tokenizer.pad_token is None:

@@ -3,6 +3,7 @@ itself on :data:`app`; :func:`main` turns every user error into one line on stde
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
@@ -36,21 +37,62 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def _click_classes(name: str) -> tuple[type[BaseException], ...]:
+    """``name`` from click and from typer's vendored copy of it (typer >= 0.29 raises its own classes)."""
+    classes: list[type[BaseException]] = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:  # older typer: plain click
+        vendored = None
+    if vendored is not None and hasattr(vendored, name):
+        classes.append(getattr(vendored, name))
+    for module in (typer, getattr(typer, "exceptions", None)):  # typer.Exit / typer.Abort
+        cls = getattr(module, name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException) and cls not in classes:
+            classes.append(cls)
+    return tuple(classes)
+
+
+_USAGE_ERRORS = _click_classes("UsageError")
+_CLICK_ERRORS = _click_classes("ClickException")
+_ABORT = _click_classes("Abort")
+_EXIT = _click_classes("Exit")
+
+
+def _usage_error(exc: BaseException) -> None:
+    """The usage line of the command and one ``error:`` line; exit 2."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError":  # `quantbench` / `quantbench GROUP` alone: the help
+        exc.show()  # type: ignore[attr-defined]
+        raise SystemExit(2)
+    if ctx is not None:
+        with contextlib.suppress(Exception):
+            usage = ctx.get_usage().strip().splitlines()
+            if usage:
+                typer.echo(usage[0], err=True)
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    if ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    fail(" ".join(message.split()) or type(exc).__name__, 2)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except QuantbenchError as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    except click.exceptions.Abort:
+    except _USAGE_ERRORS as exc:
+        _usage_error(exc)
+    except _ABORT:
         fail("aborted", 130)
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
+    except _CLICK_ERRORS as exc:
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        fail(" ".join(message.split()), getattr(exc, "exit_code", 1) or 1)
+    except _EXIT as exc:
+        raise SystemExit(getattr(exc, "exit_code", 0)) from None
     except KeyboardInterrupt:
         fail("interrupted", 130)
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         fail(f"{exc.strerror}: {exc.filename}")
     except torch_oom_types() as exc:
         fail(f"out of memory: {str(exc).splitlines()[0]}")

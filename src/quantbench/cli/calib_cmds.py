@@ -17,11 +17,17 @@ def export_cmd(
     ckpt: Path = typer.Argument(..., help="a quantbench checkpoint (int4, int8, gptq or awq)"),
     fmt: str = typer.Option("gptq", "--format", "-f", help="gptq or awq (AWQ GEMM packing)"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory (transformers / vLLM layout)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it holds an earlier export"),
 ) -> None:
     """Write CKPT in the GPTQ or AWQ format that transformers and vLLM load."""
-    from quantbench.quant.export import export_checkpoint
+    from quantbench.checkpoint import read_manifest
+    from quantbench.outputs import check_output_dir
+    from quantbench.quant.export import export_checkpoint, is_export_dir
 
-    path = export_checkpoint(ckpt, out, fmt.lower())
+    read_manifest(ckpt)
+    check_output_dir(out, overwrite=overwrite, inputs=[ckpt], is_own=is_export_dir, kind="GPTQ/AWQ export")
+
+    path = export_checkpoint(ckpt, out, fmt.lower(), overwrite=overwrite)
     size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
     console.print(f"exported {ckpt} as {fmt.lower()} -> {path} ({size / 2**20:.1f} MiB)")
 
@@ -30,12 +36,16 @@ def export_cmd(
 def import_cmd(
     src: Path = typer.Argument(..., help="a GPTQ or AWQ (GEMM) model directory"),
     out: Path = typer.Option(..., "--out", "-o", help="quantbench checkpoint directory to write"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace --out if it holds a quantbench checkpoint"
+    ),
 ) -> None:
     """Turn a GPTQ or AWQ directory into a quantbench checkpoint (weights bit-identical)."""
-    from quantbench.checkpoint import read_manifest
+    from quantbench.checkpoint import check_checkpoint_out, read_manifest
     from quantbench.quant.export import import_checkpoint
 
-    path = import_checkpoint(src, out)
+    check_checkpoint_out(out, overwrite=overwrite, inputs=[src])
+    path = import_checkpoint(src, out, overwrite=overwrite)
     manifest = read_manifest(path)
     console.print(
         f"imported {src} -> {path}: {manifest['spec']}, {len(manifest['quantized_layers'])} quantized layers"

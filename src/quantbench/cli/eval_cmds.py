@@ -27,7 +27,9 @@ def _read_text(source: str) -> tuple[str, str]:
 
     path = Path(source).expanduser()
     if path.is_file():
-        return path.read_text(encoding="utf-8", errors="replace"), str(path)
+        from quantbench.eval.checks import read_text_file
+
+        return read_text_file(path), str(path)
     if resolve_corpus(source) is not None:
         return load_corpus(source), source
     raise TextSourceError(f"--text '{source}' is neither a file nor a corpus; corpora: {', '.join(CORPORA)}")
@@ -62,6 +64,10 @@ def ppl(
     ),
 ) -> None:
     """Sliding-window perplexity of MODEL on a text file or a packaged corpus."""
+    from quantbench.eval.checks import check_method_args, check_ppl_args
+
+    check_ppl_args(ctx=ctx, stride=stride, max_tokens=max_tokens, batch_size=batch_size, threads=threads)
+    check_method_args(method, calib, json_out)
     from quantbench.eval.loading import configure_threads
 
     configure_threads(threads)
@@ -257,9 +263,13 @@ def eval_command(
     Under ``torchrun --nproc-per-node N -m quantbench eval ...`` (or with ``--gpus N``) every rank scores
     a shard of the questions and rank 0 writes them all to the DB.
     """
+    from quantbench.eval.checks import check_eval_args, check_method_args
     from quantbench.eval.distributed import init_from_env, relaunch_with_torchrun
     from quantbench.eval.loading import configure_threads
 
+    limits = dict(shots=shots, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    check_eval_args(**limits, threads=threads, gpus=gpus)
+    check_method_args(method, calib, json_out)
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         raise SystemExit(relaunch_with_torchrun(gpus, "--gpus"))
     rank, world, rank_device = init_from_env()
@@ -303,6 +313,7 @@ def eval_command(
     per_task = _subjects_per_task(task_list, _split_list(subjects))
     for task in task_list:
         task.check_split(split)
+    check_eval_args(**limits, split=split, tasks=task_list, subjects=per_task)
     if method is not None:
         from quantbench import parse_spec
 

@@ -181,7 +181,14 @@ def serve(
         256, "--default-max-tokens", help="chat replies without max_tokens"
     ),
     api_key: str = typer.Option(
-        None, "--api-key", envvar="QUANTBENCH_API_KEY", help="require this bearer token"
+        None,
+        "--api-key",
+        envvar="QUANTBENCH_API_KEY",
+        show_envvar=True,
+        help="require this bearer token; prefer setting $QUANTBENCH_API_KEY (a flag is visible in ps)",
+    ),
+    max_body_bytes: int = typer.Option(
+        4 * 2**20, "--max-body-bytes", help="larger request bodies are refused with 413"
     ),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on CUDA), bf16, fp16, fp32"),
@@ -199,6 +206,12 @@ def serve(
         raise GenerationError("--max-queue and --max-batch must be >= 1")
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise GenerationError("--max-prompt-tokens must be >= 1")
+    if max_body_bytes < 1024:
+        raise GenerationError(f"--max-body-bytes must be >= 1024, got {max_body_bytes}")
+    if default_max_tokens < 1:
+        raise GenerationError(f"--default-max-tokens must be >= 1, got {default_max_tokens}")
+    if api_key is not None and not api_key.strip():
+        raise GenerationError("--api-key / $QUANTBENCH_API_KEY is empty")
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning: binding {host}: the server is reachable from other machines[/]")
     generator = _load(model, method, device, dtype, backend)
@@ -218,6 +231,7 @@ def serve(
         max_prompt_tokens=max_prompt_tokens,
         default_max_tokens=default_max_tokens,
         api_key=api_key,
+        max_body_bytes=max_body_bytes,
     )
     err.print(
         f"serving '{model_name}' on http://{host}:{port}/v1 (context {generator.context_length} tokens, "

@@ -48,11 +48,27 @@ def finetune(
     from quantbench.train import qlora
     from quantbench.train.data import load_examples
 
+    qlora.require_peft()  # the `train` extra
     config = parse_spec(method)
     if merge_and_quantize:
         parse_spec(merge_and_quantize)
     if data is None:
         raise typer.BadParameter("--data is required")
+    qlora.check_settings(
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        warmup=warmup,
+        max_length=max_length,
+        save_every=save_every,
+        lora_r=lora_r,
+        lora_dropout=lora_dropout,
+    )
+    for path, option in ((data, "--data"), (eval_data, "--eval-data")):
+        if path is not None and not path.is_file():
+            raise qlora.FinetuneError(f"{option} {path} is not a file")
+    qlora.check_out_dir(out, base)
     model, tokenizer = load_model(base, dtype="fp32", device=device)
     examples = load_examples(data, tokenizer, max_length)
     held_out = load_examples(eval_data, tokenizer, max_length) if eval_data else None

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantbench.errors import QuantConfigError
 from quantbench.quant.base import QuantLinear
 from quantbench.quant.config import QuantConfig, parse_spec
 
@@ -118,6 +119,30 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 CALIBRATION_KWARGS = frozenset({"calib", "tokenizer", "device", "batch_size", "log"})
 
 
+def takes_calibration(config: str | QuantConfig) -> bool:
+    """Whether the method calibrates on data (GPTQ, AWQ, SmoothQuant)."""
+    from quantbench.quant import METHODS
+
+    return getattr(METHODS[parse_spec(config).method], "quantize_model", None) is not None
+
+
+def check_calib_option(config: str | QuantConfig, calib: object) -> None:
+    """``--calib`` given to a method without calibration is a mistake, not something to ignore."""
+    config = parse_spec(config)
+    if calib is not None and str(calib).strip() and not takes_calibration(config):
+        from quantbench.quant import METHODS
+
+        calibrated = ", ".join(name for name, m in METHODS.items() if getattr(m, "quantize_model", None))
+        raise QuantConfigError(
+            f"--calib is only for calibrated methods ({calibrated}); {config.method} takes no calibration data"
+        )
+
+
+def shape_skips(skipped: dict[str, str]) -> dict[str, str]:
+    """The layers left unquantized for a reason other than the ``skip`` pattern (their shape)."""
+    return {name: why for name, why in skipped.items() if not why.startswith("skipped by pattern")}
+
+
 def quantize(model: nn.Module, config: str | QuantConfig, **kwargs: Any) -> nn.Module:
     """Quantize ``model`` in place with a method spec (``"nf4:block=64,dq=1"``) and return it.
 
@@ -143,6 +168,10 @@ def quantize(model: nn.Module, config: str | QuantConfig, **kwargs: Any) -> nn.M
             targets.append((name, module))
         else:
             skipped[name] = reason
+    if not targets:
+        example = next(iter(shape_skips(skipped).items()), None) or next(iter(skipped.items()), None)
+        why = f" (e.g. {example[0]}: {example[1]})" if example else " (the model has no linear layers)"
+        raise QuantConfigError(f"{config.spec} quantizes no layer of this model: every one is skipped{why}")
     quantize_model = getattr(method, "quantize_model", None)
     if quantize_model is not None:
         # Calibrated methods (GPTQ, AWQ, SmoothQuant) walk the model block by block themselves;

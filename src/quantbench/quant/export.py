@@ -195,7 +195,9 @@ def _quantization_config(fmt: str, config: QuantConfig, group_sizes: set[int], b
     }
 
 
-def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, fmt: str = "gptq") -> Path:
+def export_checkpoint(
+    ckpt_dir: str | Path, out_dir: str | Path, fmt: str = "gptq", overwrite: bool = False
+) -> Path:
     """Write the quantbench checkpoint ``ckpt_dir`` to ``out_dir`` in ``fmt`` (``gptq`` or ``awq``)."""
     from safetensors.torch import save_file
 
@@ -239,20 +241,29 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, fmt: str = "gpt
             continue
         seen_ptrs.add(ptr)
         tensors[key] = value.detach().contiguous()
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    from quantbench.outputs import atomic_dir, check_output_dir
+
+    check_output_dir(out, overwrite=overwrite, inputs=[ckpt], is_own=is_export_dir, kind="GPTQ/AWQ export")
     qconf = _quantization_config(fmt, config, group_sizes, bits_seen.pop() if len(bits_seen) == 1 else 0)
     hf = json.loads((ckpt / "config.json").read_text())
     hf["quantization_config"] = qconf
     hf["torch_dtype"] = hf["dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
         config.compute_dtype, "float32"
     )
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    (out / "quantize_config.json").write_text(json.dumps(qconf, indent=2) + "\n")
-    for path in ckpt.iterdir():
-        if path.is_file() and path.name not in _SKIP_FILES:
-            shutil.copy2(path, out / path.name)
+    with atomic_dir(out) as tmp:  # a crash leaves an earlier export as it was
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        (tmp / "quantize_config.json").write_text(json.dumps(qconf, indent=2) + "\n")
+        for path in ckpt.iterdir():
+            if path.is_file() and path.name not in _SKIP_FILES:
+                shutil.copy2(path, tmp / path.name)
     return out
+
+
+def is_export_dir(path: str | Path) -> bool:
+    """A directory written by :func:`export_checkpoint` (what ``--overwrite`` may replace)."""
+    p = Path(path)
+    return all((p / name).is_file() for name in ("config.json", "quantize_config.json", "model.safetensors"))
 
 
 def _read_qconfig(src: Path) -> dict[str, Any]:
@@ -287,7 +298,7 @@ def _decode_layer(fmt: str, tensors: dict[str, torch.Tensor], bits: int, v1: boo
     return {"codes": codes, "zeros": zeros, "scales": scales, "g_idx": g_idx}
 
 
-def import_checkpoint(src_dir: str | Path, out_dir: str | Path) -> Path:
+def import_checkpoint(src_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Turn a GPTQ or AWQ (GEMM) directory into a quantbench checkpoint (method ``gptq`` / ``awq``)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -393,4 +404,4 @@ def import_checkpoint(src_dir: str | Path, out_dir: str | Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     except (OSError, ValueError):
         pass
-    return save_quantized(model, tokenizer, out_dir)
+    return save_quantized(model, tokenizer, out_dir, overwrite=overwrite)

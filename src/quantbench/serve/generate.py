@@ -59,6 +59,8 @@ class SamplingParams:
             raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
         if any(not s for s in self.stop):
             raise GenerationError("stop strings must not be empty")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise GenerationError(f"seed must be in 0..2**63-1, got {self.seed}")
 
 
 @dataclass
@@ -373,6 +375,20 @@ class Generator:
         with self.lock:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def check_sequence(self, s: Sequence) -> None:
+        """What :meth:`run` requires of one sequence (a server checks each request's before batching it)."""
+        s.params.check()
+        if not s.prompt_ids:
+            raise GenerationError("empty prompt")
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        if vocab is not None and any(not 0 <= int(i) < vocab for i in s.prompt_ids):
+            raise GenerationError(f"token ids must be in [0, {vocab})")
+        if len(s.prompt_ids) + s.params.max_new_tokens > self.context_length:
+            raise GenerationError(
+                f"prompt of {len(s.prompt_ids)} tokens + {s.params.max_new_tokens} new tokens exceeds the "
+                f"context of {self.context_length}"
+            )
+
     # -- decoding ----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, seqs: list[Sequence]) -> list[Sequence]:
@@ -380,14 +396,7 @@ class Generator:
         if not seqs:
             return seqs
         for s in seqs:
-            s.params.check()
-            if not s.prompt_ids:
-                raise GenerationError("empty prompt")
-            if len(s.prompt_ids) + s.params.max_new_tokens > self.context_length:
-                raise GenerationError(
-                    f"prompt of {len(s.prompt_ids)} tokens + {s.params.max_new_tokens} new tokens exceeds the "
-                    f"context of {self.context_length}"
-                )
+            self.check_sequence(s)
         start = time.perf_counter()
         batch = len(seqs)
         length = max(len(s.prompt_ids) for s in seqs)

@@ -10,7 +10,12 @@ batch (:class:`quantbench.serve.generate.Generator`). At most ``max_queue`` requ
 more are refused at once with 503 (and a ``Retry-After`` header), so a burst never exhausts memory or crashes
 the process. Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: malformed
 JSON, wrong or missing fields, unsupported options and prompts longer than the context (or
-``max_prompt_tokens``) are 400, an unknown model 404, a full queue 503.
+``max_prompt_tokens``) are 400, an unknown model 404, a body over ``max_body_bytes`` 413, a full queue 503.
+
+Hostile input stays with its request: every field is type- and range-checked at the door (strict types: no
+``true`` for an integer, no ``"5"`` for a number, no NaN; seeds within 0..2**63-1), bodies are read up to a
+size cap, tokenizing runs off the event loop (a huge prompt cannot stall ``/health``), and a request whose
+sequences make the generator fail is failed alone: the others of its batch are run again without it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 import queue
@@ -39,6 +45,8 @@ log = logging.getLogger("quantbench.serve")
 
 MAX_N = 16  # choices per request
 MAX_STOP = 4  # stop strings per request (as OpenAI)
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit value
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -46,20 +54,21 @@ MAX_STOP = 4  # stop strings per request (as OpenAI)
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: a JSON `true` is not the integer 1, "5" is not a number (OpenAI answers both with 400).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(default=0, ge=0)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    presence_penalty: float = Field(default=0.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(default=0.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool = False  # vLLM extension: benchmarks use it
@@ -74,13 +83,13 @@ class CompletionBody(_Body):
 
 
 class _TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[_TextPart] | None = None
     name: str | None = None
@@ -220,23 +229,60 @@ class Worker:
             jobs = self._take_batch()
             if jobs is None:
                 return
-            live = [j for j in jobs if not j.cancelled]
-            seqs = [s for j in live for s in j.seqs]
-            error: BaseException | None = None
-            if seqs:
-                try:
-                    self.generator.run(seqs)
-                except Exception as exc:  # noqa: BLE001 - answer 500 to these requests, keep serving
-                    log.exception("generation failed")
-                    error = exc
-                    self.stats["errors"] += 1
-                self.stats["batches"] += 1
-                self.stats["sequences"] += len(seqs)
-                self.stats["tokens"] += sum(len(s.token_ids) for s in seqs)
+            try:
+                self._run_jobs(jobs)
+            except Exception:  # noqa: BLE001 - never let the worker thread die
+                log.exception("worker error")
             for job in jobs:
-                job.end(error)  # no-op for jobs already ended
+                job.end(None)  # no-op for jobs already ended (each ends once, with its own outcome)
                 with self._lock:
                     self.pending -= 1
+
+    def _run_jobs(self, jobs: list[Job]) -> None:
+        """Run the live jobs as one batch. A job whose sequences the generator refuses fails alone, before the
+        batch starts; if the batch itself fails, each job that has not produced output yet is run again on its
+        own, so one request can only ever fail itself."""
+        live = []
+        for job in jobs:
+            if job.cancelled:
+                continue
+            try:
+                for seq in job.seqs:
+                    self.generator.check_sequence(seq)
+            except Exception as exc:  # noqa: BLE001 - answered as this request's error
+                job.end(exc)
+                continue
+            live.append(job)
+        if not live:
+            return
+        error = self._generate([s for j in live for s in j.seqs])
+        if error is None:
+            return
+        if len(live) == 1:
+            live[0].end(error)
+            return
+        for job in live:
+            if job.ended or job.cancelled:
+                continue
+            if any(s.token_ids or s.done and s.finish_reason != "error" for s in job.seqs):
+                job.end(error)  # it already streamed output: it cannot be restarted
+                continue
+            for seq in job.seqs:
+                seq.finish_reason = None
+            job.end(self._generate(job.seqs))
+
+    def _generate(self, seqs: list[Sequence]) -> BaseException | None:
+        error: BaseException | None = None
+        try:
+            self.generator.run(seqs)
+        except Exception as exc:  # noqa: BLE001 - answer 500 to these requests, keep serving
+            log.exception("generation failed")
+            error = exc
+            self.stats["errors"] += 1
+        self.stats["batches"] += 1
+        self.stats["sequences"] += len(seqs)
+        self.stats["tokens"] += sum(len(s.token_ids) for s in seqs)
+        return error
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,6 +296,7 @@ class ServeSettings:
     max_prompt_tokens: int | None = None
     default_max_tokens: int = 256  # chat requests without max_tokens (completions default to 16, as OpenAI)
     api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
 
 
 def _new_id(prefix: str) -> str:
@@ -263,11 +310,21 @@ def _sse(data: dict[str, Any] | str) -> bytes:
 
 def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
     err = exc.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if not isinstance(p, int)]
-    param = ".".join(loc) or None
+    loc = err.get("loc", ())
+    param = str(loc[0]) if loc else None  # the top-level field (OpenAI's `param`)
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    where = where.split(".str")[0].split(".list[")[0] or param  # drop pydantic's union-branch names
     if err.get("type") == "missing":
-        return f"'{param}' is a required property", param
-    return f"invalid value for '{param}': {err.get('msg')}", param
+        return f"'{where}' is a required property", param
+    return f"invalid value for '{where}': {err.get('msg')}", param
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _loads(raw: bytes) -> Any:
+    return json.loads(raw, parse_constant=_reject_constant)
 
 
 def create_app(generator: Generator, settings: ServeSettings, worker: Worker | None = None):
@@ -306,9 +363,38 @@ def create_app(generator: Generator, settings: ServeSettings, worker: Worker | N
             APIError(500, f"internal error: {type(exc).__name__}", "server_error").body(), 500
         )
 
+    expected_auth = f"Bearer {settings.api_key}".encode() if settings.api_key else None
+
     def check_auth(request: Request) -> None:
-        if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
+        if expected_auth is None:
+            return
+        given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, expected_auth):  # constant time: no key prefix leaks by timing
             raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+
+    async def read_body(request: Request) -> bytes:
+        """The body, refused with 413 as soon as it passes ``max_body_bytes`` (never buffered beyond that)."""
+        limit = settings.max_body_bytes
+        too_big = APIError(
+            413,
+            f"request body larger than {limit} bytes (the server's --max-body-bytes)",
+            param=None,
+            code="request_too_large",
+        )
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def off_loop(fn, *args):
+        """Tokenizer work runs in a thread: a long prompt never stalls the event loop (/health, streams)."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     def model_card() -> dict[str, Any]:
         return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "quantbench"}
@@ -342,11 +428,11 @@ def create_app(generator: Generator, settings: ServeSettings, worker: Worker | N
 
     async def parse(request: Request, cls: type[_Body]) -> Any:
         check_auth(request)
+        raw = await read_body(request)
         try:
-            raw = await request.body()
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"request body is not valid JSON: {exc}") from None
+            data = await off_loop(_loads, raw)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise APIError(400, f"request body is not valid JSON: {str(exc)[:200]}") from None
         if not isinstance(data, dict):
             raise APIError(400, "request body must be a JSON object")
         try:
@@ -422,7 +508,7 @@ def create_app(generator: Generator, settings: ServeSettings, worker: Worker | N
         for p, (ids, sp) in enumerate(zip(prompts, params, strict=True)):
             for j in range(n):
                 index = p * n + j
-                seed = None if sp.seed is None else sp.seed + j
+                seed = None if sp.seed is None else (sp.seed + j) % (MAX_SEED + 1)
                 seq = Sequence(ids, dataclasses.replace(sp, seed=seed))
                 if stream:
                     seq.on_text = lambda piece, i=index: job.send(("text", i, piece))
@@ -484,6 +570,12 @@ def create_app(generator: Generator, settings: ServeSettings, worker: Worker | N
         finally:
             job.cancelled = True  # the client went away (or we are done): the worker drops the rest
 
+    async def encode_text(text: str) -> list[int]:
+        try:
+            return await off_loop(generator.encode, text)
+        except Exception as exc:  # noqa: BLE001 - text the tokenizer cannot take (lone surrogates...)
+            raise APIError(400, f"'prompt' cannot be tokenized: {type(exc).__name__}", param="prompt") from None
+
     # -- /v1/completions ------------------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -500,7 +592,7 @@ def create_app(generator: Generator, settings: ServeSettings, worker: Worker | N
         vocab = generator.model.config.vocab_size
         prompts: list[list[int]] = []
         for t in texts:
-            ids = generator.encode(t) if isinstance(t, str) else list(t)
+            ids = await encode_text(t) if isinstance(t, str) else list(t)
             if not ids:
                 raise APIError(400, "'prompt' must not be empty", param="prompt")
             if any(not 0 <= i < vocab for i in ids):
@@ -552,9 +644,11 @@ def create_app(generator: Generator, settings: ServeSettings, worker: Worker | N
             role = "system" if m.role == "developer" else m.role
             messages.append({"role": role, "content": content or ""})
         try:
-            ids = generator.encode_chat(messages)
+            ids = await off_loop(generator.encode_chat, messages)
         except GenerationError as exc:
             raise APIError(400, str(exc), param="messages") from None
+        except Exception as exc:  # noqa: BLE001 - text the tokenizer cannot take (lone surrogates...)
+            raise APIError(400, f"'messages' cannot be tokenized: {type(exc).__name__}", param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = sampling(body, len(ids), max_tokens, settings.default_max_tokens)
         job = submit([ids], [params], body.n, body.stream)

@@ -61,8 +61,14 @@ def load_examples(path: str | Path, tokenizer: Any, max_length: int = 1024) -> l
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"data file {path} is not UTF-8 text") from None
+    except IsADirectoryError:
+        raise DataError(f"data file {path} is a directory") from None
     examples: list[Example] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

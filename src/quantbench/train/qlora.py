@@ -8,7 +8,9 @@ custom module type mapped to :class:`QuantLoraLinear` (the same shape as peft's 
 An output directory holds the adapter (``adapter_model.safetensors`` + ``adapter_config.json``, peft's
 format) and ``quantbench_adapter.json`` (base model, method spec, training record), so
 ``quantbench.load_model(DIR)`` rebuilds base + quantization + adapter for eval, bench, generate and serve.
-Checkpoints under ``DIR/checkpoints/step-N`` carry optimizer, scheduler and RNG state for resuming.
+Checkpoints under ``DIR/checkpoints/step-N`` carry optimizer, scheduler and RNG state for resuming, stored
+without pickle (``trainer_state.safetensors`` for the tensors + ``trainer_state.json`` for the rest), so a
+crafted file in an output directory cannot run code when training resumes from it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ TARGET_ALIASES = {
 
 class FinetuneError(QuantbenchError):
     """Bad fine-tuning settings or an adapter directory that cannot be used."""
+
+
+TRAIN_EXTRA_HINT = "pip install 'quantbench[train]' (or: pip install peft)"
+
+
+def require_peft() -> None:
+    """One-line error when the ``train`` extra (peft) is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise FinetuneError(f"fine-tuning needs peft, which is not installed: {TRAIN_EXTRA_HINT}")
 
 
 def _lora_layer_cls() -> type[nn.Module]:
@@ -120,6 +133,7 @@ def attach_lora(
     targets: Sequence[str] | str = "q,k,v,o,gate,up,down",
 ) -> nn.Module:
     """Freeze ``model`` and wrap it as a peft model with fresh LoRA adapters on ``targets``."""
+    require_peft()
     from peft import get_peft_model
 
     for param in model.parameters():
@@ -181,6 +195,49 @@ class TrainRecord:
     seconds: float = 0.0
 
 
+def check_settings(
+    *,
+    steps: int,
+    batch_size: int,
+    grad_accum: int,
+    lr: float,
+    warmup: int,
+    max_length: int,
+    save_every: int,
+    lora_r: int,
+    lora_dropout: float,
+) -> None:
+    """Reject impossible training settings before anything is loaded."""
+    rules = [
+        (steps >= 1, f"--steps must be >= 1, got {steps}"),
+        (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
+        (grad_accum >= 1, f"--grad-accum must be >= 1, got {grad_accum}"),
+        (math.isfinite(lr) and lr > 0, f"--lr must be a positive number, got {lr}"),
+        (warmup >= 0, f"--warmup must be >= 0, got {warmup}"),
+        (max_length >= 2, f"--max-length must be >= 2, got {max_length}"),
+        (save_every >= 0, f"--save-every must be >= 0, got {save_every}"),
+        (lora_r >= 1, f"--lora-r must be >= 1, got {lora_r}"),
+        (0.0 <= lora_dropout < 1.0, f"--lora-dropout must be in [0, 1), got {lora_dropout}"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise FinetuneError(message)
+
+
+def check_out_dir(out: Path, base: str) -> None:
+    """``--out`` holds the adapter and resumable checkpoints: a new or earlier finetune directory, never a
+    file, the base model itself, or a quantbench checkpoint."""
+    from quantbench.checkpoint import is_checkpoint_dir
+    from quantbench.outputs import check_output_dir
+
+    def is_own(path: Path) -> bool:
+        return (path / ADAPTER_MANIFEST).is_file() or (path / "checkpoints").is_dir()
+
+    if is_checkpoint_dir(out):
+        raise FinetuneError(f"--out {out} is a quantbench checkpoint; give a directory for the adapter")
+    check_output_dir(out, overwrite=True, inputs=[base], is_own=is_own, kind="finetune output directory")
+
+
 def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; padded positions get attention 0 and label -100."""
     width = max(len(ex.input_ids) for ex in batch)
@@ -233,12 +290,113 @@ def evaluate_loss(
     return total / max(count, 1)
 
 
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+LEGACY_STATE = "trainer_state.pt"  # older checkpoints; read with torch.load(weights_only=True)
+
+
 def _checkpoint_dirs(out_dir: Path) -> list[Path]:
     root = out_dir / "checkpoints"
-    if not root.exists():
+    if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / "trainer_state.pt").exists()]
+    done = [
+        p
+        for p in root.iterdir()
+        if p.is_dir()
+        and p.name.startswith("step-")
+        and p.name[5:].isdigit()
+        and ((p / STATE_JSON).is_file() or (p / LEGACY_STATE).is_file())
+    ]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _encode_state(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON-able copy of a state dict tree; its tensors go to ``tensors`` under generated names."""
+    if isinstance(value, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = value.detach().cpu().contiguous()
+        return {"__tensor__": name}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _encode_state(v, tensors) for k, v in value.items()}
+        return {
+            "__items__": [[_encode_state(k, tensors), _encode_state(v, tensors)] for k, v in value.items()]
+        }
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode_state(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_encode_state(v, tensors) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise FinetuneError(f"cannot store a {type(value).__name__} in a training checkpoint")
+
+
+def _decode_state(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            name = value["__tensor__"]
+            if not isinstance(name, str) or name not in tensors:
+                raise FinetuneError(f"{where}: refers to a tensor {name!r} that {STATE_TENSORS} lacks")
+            return tensors[name]
+        if set(value) == {"__tuple__"} and isinstance(value["__tuple__"], list):
+            return tuple(_decode_state(v, tensors, where) for v in value["__tuple__"])
+        if set(value) == {"__items__"} and isinstance(value["__items__"], list):
+            out = {}
+            for pair in value["__items__"]:
+                if not (isinstance(pair, list) and len(pair) == 2):
+                    raise FinetuneError(f"{where}: malformed item list")
+                key = _decode_state(pair[0], tensors, where)
+                if not isinstance(key, (str, int, float, bool)) and key is not None:
+                    raise FinetuneError(f"{where}: a dictionary key must be a plain value")
+                out[key] = _decode_state(pair[1], tensors, where)
+            return out
+        if any(isinstance(k, str) and k.startswith("__") for k in value):
+            raise FinetuneError(f"{where}: unknown entry {next(iter(value))!r}")
+        return {k: _decode_state(v, tensors, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_state(v, tensors, where) for v in value]
+    return value
+
+
+def save_trainer_state(state: dict[str, Any], ckpt: Path) -> None:
+    """``state`` (optimizer / scheduler state dicts, RNG, record) as safetensors + JSON: no pickle."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode_state(state, tensors)
+    save_file(tensors, str(ckpt / STATE_TENSORS))
+    (ckpt / STATE_JSON).write_text(
+        json.dumps({"format": "quantbench-trainer-state", "version": 1, "state": tree})
+    )
+
+
+def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """What :func:`save_trainer_state` wrote (or an older checkpoint's ``trainer_state.pt``, read with
+    ``weights_only=True``); nothing in the directory can run code. Errors are one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not (ckpt / STATE_JSON).is_file():
+        try:
+            state = torch.load(ckpt / LEGACY_STATE, weights_only=True, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - unpickling refused or a corrupt file: cannot resume
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise FinetuneError(f"cannot resume from {ckpt / LEGACY_STATE}: {first[:200]}") from None
+    else:
+        where = str(ckpt / STATE_JSON)
+        try:
+            doc = json.loads((ckpt / STATE_JSON).read_text(encoding="utf-8"))
+            tensors = load_file(str(ckpt / STATE_TENSORS))
+        except (OSError, ValueError, SafetensorError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise FinetuneError(f"cannot resume from {ckpt}: {first[:200]}") from None
+        if not isinstance(doc, dict) or doc.get("format") != "quantbench-trainer-state":
+            raise FinetuneError(f"{where} is not a quantbench trainer state")
+        state = _decode_state(doc.get("state"), tensors, where)
+    required = {"step": int, "optimizer": dict, "scheduler": dict, "record": dict, "torch_rng": torch.Tensor}
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in required.items()):
+        raise FinetuneError(f"cannot resume from {ckpt}: the trainer state is incomplete")
+    return state
 
 
 def _save_checkpoint(
@@ -250,7 +408,7 @@ def _save_checkpoint(
     tmp = root / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
-    torch.save(
+    save_trainer_state(
         {
             "step": step,
             "optimizer": optimizer.state_dict(),
@@ -258,7 +416,7 @@ def _save_checkpoint(
             "record": asdict(record),
             "torch_rng": torch.get_rng_state(),
         },
-        tmp / "trainer_state.pt",
+        tmp,
     )
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)  # a checkpoint exists only once it is complete
@@ -306,12 +464,16 @@ def train_lora(
     start_step = 0
     if resume and (ckpts := _checkpoint_dirs(out)):
         ckpt = ckpts[-1]
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        _load_adapter_weights(model, ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        record = TrainRecord(**state["record"])
+        state = load_trainer_state(ckpt)
+        try:
+            _load_adapter_weights(model, ckpt)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            record = TrainRecord(**state["record"])
+        except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise FinetuneError(f"cannot resume from {ckpt}: {first[:200]}") from None
         start_step = record.resumed_from = int(state["step"])
     if settings.gradient_checkpointing:
         _set_checkpointing(model, True)
@@ -483,6 +645,7 @@ def merge_and_quantize(
 ) -> Path:
     """Merge the adapter into an unquantized copy of its base (fp32 merge), quantize that with
     ``spec`` and save a quantbench checkpoint to ``out_dir`` (loads with ``quantbench.load_model``)."""
+    require_peft()
     from peft import LoraConfig, get_peft_model
 
     from quantbench.checkpoint import save_quantized
@@ -512,4 +675,4 @@ def merge_and_quantize(
     source["merged_adapter"] = str(path.resolve())
     merged.quantbench_source = source
     quantize(merged, spec)
-    return save_quantized(merged, tokenizer, out_dir)
+    return save_quantized(merged, tokenizer, out_dir, overwrite=True)  # the merged/ dir of a rerun
