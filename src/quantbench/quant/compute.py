@@ -23,10 +23,11 @@ import torch.nn.functional as F
 # (the GPU semantics at fp32 speed); "torch" = torch's own CPU fp16 kernel (same semantics, ~4x slower
 # than fp32 per row); "auto" = "torch" below EMULATE_MIN_ROWS rows, else "emulated".
 CPU_FP16_KERNELS = ("auto", "emulated", "torch")
-# Where the two tie on a 2-core AVX512 CPU (no native fp16) for 896x896 .. 4864x896 weights: torch's fp16
-# GEMV costs ~0.1 ms per row per million weights; the emulation's upcast plus memory-bound fp32 matmul
-# ~0.5 ms per million weights whatever the row count up to ~8 (benchmarks/fp16_compute_cpu.py --rows).
-EMULATE_MIN_ROWS = 8
+# Where the two tie on a 2-core AVX512 CPU without native fp16 (benchmarks/fp16_compute_cpu.py --rows,
+# one 4864x896 weight): torch's fp16 GEMV takes ~0.42 ms per row; the emulation ~3 ms (upcast of the
+# weight, memory-bound fp32 matmul) plus ~0.1 ms per row: 1 row 0.43 vs 1.8 ms, 8 rows 3.4 vs 3.9 ms,
+# 16 rows 7.0 vs 4.7 ms: a tie near 10 rows. Both give the same numbers, so this only moves time.
+EMULATE_MIN_ROWS = 12
 
 
 def linear_fp16_emulated(
