@@ -11,6 +11,7 @@ from torch import nn
 
 from quantbench.errors import QuantConfigError
 from quantbench.quant.base import QuantLinear
+from quantbench.quant.compute import CPU_FP16_KERNELS
 from quantbench.quant.config import QuantConfig, parse_spec
 
 BASELINE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -202,6 +203,25 @@ def set_dequant_cache(model: nn.Module, enabled: bool = True) -> int:
         if isinstance(module, QuantLinear):
             module.__dict__["cache_dequantized"] = enabled
             module.__dict__.pop("_dense_cache", None)
+            count += 1
+    return count
+
+
+def set_cpu_fp16_kernel(model: nn.Module, kernel: str = "auto") -> int:
+    """Choose how the quantized layers of ``model`` run an fp16 matmul on CPU (default ``auto``).
+
+    ``emulated``: an fp32 matmul of the fp16 operands, rounded once to fp16 (a GPU's semantics at fp32
+    speed); ``torch``: torch's own CPU fp16 kernel (the same semantics, ~4x slower per token, faster
+    for a handful of tokens); ``auto``: whichever is faster for the number of tokens. See
+    :mod:`quantbench.quant.compute`. Unquantized modules (``lm_head``, norms, attention) always run
+    in torch's own kernels. Returns the number of layers changed.
+    """
+    if kernel not in CPU_FP16_KERNELS:
+        raise ValueError(f"kernel must be one of {CPU_FP16_KERNELS}, got {kernel!r}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.cpu_fp16_kernel = kernel
             count += 1
     return count
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from quantbench.quant.compute import linear
 from quantbench.quant.config import Option, QuantConfig
 
 
@@ -24,10 +24,14 @@ class QuantLinear(nn.Module):
 
     Subclasses implement ``_quantize_from(weight)`` (fill buffers from a float weight) and
     ``dequantize()`` (float weight ``[out, in]`` in the compute dtype). The default ``forward``
-    is the pure-torch reference: dequantize, then a dense matmul in the compute dtype.
+    is the pure-torch reference: dequantize, then a dense matmul in the compute dtype (on CPU, fp16
+    runs with fp32 accumulation as on a GPU, at fp32 speed: :mod:`quantbench.quant.compute`).
     """
 
     method: ClassVar[str] = ""
+    # How a CPU fp16 matmul runs (quantbench.quant.compute.CPU_FP16_KERNELS); set per model with
+    # quantbench.quant.apply.set_cpu_fp16_kernel. Other devices and dtypes ignore it.
+    cpu_fp16_kernel: str = "auto"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: QuantConfig) -> None:
         super().__init__()
@@ -81,7 +85,7 @@ class QuantLinear(nn.Module):
         return next(iter(self.buffers())).device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x.to(self.compute_dtype), self.dense_weight(), self.bias)
+        out = linear(x.to(self.compute_dtype), self.dense_weight(), self.bias, self.cpu_fp16_kernel)
         return out.to(x.dtype) if x.dtype.is_floating_point else out
 
     # ---- tile-major storage (the CUDA engine's batch-1 GEMV streams contiguous tiles) ----

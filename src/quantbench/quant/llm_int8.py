@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantbench.quant.base import Method, QuantLinear
+from quantbench.quant.compute import linear
 from quantbench.quant.config import COMMON_OPTIONS, Option, QuantConfig
 
 QMAX = 127
@@ -78,10 +79,12 @@ def llm_int8_matmul(
     threshold: float,
     compute_dtype: torch.dtype,
     bias: torch.Tensor | None = None,
+    cpu_fp16_kernel: str = "auto",
 ) -> torch.Tensor:
     """LLM.int8() product ``x [M, K] @ W^T + bias -> [M, N]`` in ``compute_dtype``.
 
     The int8 part, the 16-bit outlier part and the bias are summed in fp32 and rounded once.
+    ``cpu_fp16_kernel`` picks how the fp16 outlier product runs on CPU (``quantbench.quant.compute``).
     """
     cols = outlier_columns(x, threshold)
     x_rest = x
@@ -93,7 +96,7 @@ def llm_int8_matmul(
     out = acc.float() * ((x_absmax / QMAX).unsqueeze(-1) * (row_absmax / QMAX).unsqueeze(0))
     if cols.numel():
         w_cols = dequantize_int8_rows(qweight[:, cols], row_absmax, compute_dtype)
-        out = out + (x[:, cols].to(compute_dtype) @ w_cols.t()).float()
+        out = out + linear(x[:, cols].to(compute_dtype), w_cols, None, cpu_fp16_kernel).float()
     if bias is not None:
         out = out + bias.float()
     return out.to(compute_dtype)
@@ -127,7 +130,13 @@ class LLMInt8Linear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
         out = llm_int8_matmul(
-            x2, self.row_major("qweight"), self.row_absmax, self.threshold, self.compute_dtype, self.bias
+            x2,
+            self.row_major("qweight"),
+            self.row_absmax,
+            self.threshold,
+            self.compute_dtype,
+            self.bias,
+            self.cpu_fp16_kernel,
         )
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out.to(x.dtype) if x.dtype.is_floating_point else out

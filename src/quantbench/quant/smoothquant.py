@@ -16,13 +16,13 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quantbench.quant.awq import _get, fold_into_linear_rows, fold_into_norm, scale_linear_inputs
 from quantbench.quant.base import QuantLinear
 from quantbench.quant.blocks import BlockContext, input_hooks, run_block
 from quantbench.quant.calibrated import CalibratedMethod, calibrated_quantize
+from quantbench.quant.compute import linear
 from quantbench.quant.config import COMMON_OPTIONS, Option, QuantConfig, compute_option
 
 QMAX = 127
@@ -95,7 +95,7 @@ class SmoothQuantLinear(QuantLinear):
         """Fake-quant path (dequantized int8 codes, float matmul in the compute dtype) for comparisons."""
         codes, scales = quantize_per_token(x.reshape(-1, x.shape[-1]))
         xq = (codes.float() * scales).to(self.compute_dtype)
-        out = F.linear(xq, self.dequantize(), self.bias)
+        out = linear(xq, self.dequantize(), self.bias, self.cpu_fp16_kernel)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
