@@ -449,6 +449,12 @@ def _print_stat_table(runs, task: str) -> None:
     for row in _stat_rows(runs, task):
         table.add_row(*row)
     console.print(table)
+    from quantbench.report.compare import decision_lines, run_method_stats
+    from quantbench.report.render import label
+
+    labels = {r.spec: label(r.table_fields) for r in runs}
+    for line in decision_lines(run_method_stats(runs, task), labels):
+        console.print(f"  {line}")
 
 
 @app.command()

@@ -11,13 +11,18 @@ plain counts), so it works the same on a fresh run's answers and on answers read
   correctness carry information about the difference:
 
   - ``diff``: candidate accuracy minus reference accuracy on the paired questions;
-  - ``ci_low``/``ci_high``: a 95 % percentile interval of ``diff`` from a paired bootstrap over questions
-    (10,000 resamples, seeded: the same inputs always give the same interval);
+  - ``ci_low``/``ci_high``: a 95 % interval of ``diff``: the percentile interval of a paired bootstrap over
+    questions (10,000 resamples, seeded: the same inputs always give the same interval), widened where
+    needed to Agresti & Min's adjusted interval (add 1/2 to each cell of the paired 2x2 table, then Wald).
+    The bootstrap alone collapses to a point when few questions change: no flip in 20 questions would read
+    "±0.0 points", while the adjusted interval says ±8.9;
   - ``p_mcnemar``: exact McNemar test, i.e. a two-sided binomial test of the right->wrong count among the
     discordant questions against 1/2 (no normal approximation, valid for any count);
   - ``flips_down`` / ``flips_up``: questions right with the reference and wrong with the candidate / the
     reverse;
-  - ``agreement``: fraction of paired questions with the same predicted letter (right or wrong);
+  - ``agreement``: fraction of paired questions with the same predicted letter (right or wrong), with its
+    Wilson interval (``agreement_low``/``agreement_high``): how many of the reference's answers the method
+    changes, a measure that stays informative at sample sizes where accuracy differences cannot be seen;
   - ``kl``: mean KL(reference || candidate) of the answer distribution, the softmax over the four letters'
     log-probabilities, in nats; ``None`` when log-probabilities are missing (``generate`` mode).
 
@@ -80,6 +85,8 @@ class Comparison:
     agreement: float  # same predicted letter
     kl: float | None  # mean KL(ref || cand) over the 4 answer letters, nats
     verdict: str
+    agreement_low: float = float("nan")
+    agreement_high: float = float("nan")
 
     @property
     def half_width_pts(self) -> float:
@@ -153,6 +160,19 @@ def paired_bootstrap(
     return float(low), float(high)
 
 
+def agresti_min_interval(flips_down: int, flips_up: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95 % interval of the paired difference (up - down) / n after adding 1/2 to every cell of the 2x2
+    table (Agresti & Min 2005): never of zero width, close to the plain Wald interval once many differ."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    size = n + 2.0
+    down, up = flips_down + 0.5, flips_up + 0.5
+    diff = (up - down) / size
+    var = ((up + down) - (up - down) ** 2 / size) / size**2
+    half = z * math.sqrt(max(var, 0.0))
+    return max(-1.0, diff - half), min(1.0, diff + half)
+
+
 def answer_distribution(logprobs: Sequence[float]) -> np.ndarray:
     """Softmax over the answer letters' log-probabilities (float64): the model's answer distribution."""
     x = np.asarray(logprobs, dtype=np.float64)
@@ -217,8 +237,13 @@ def compare(
     cand_acc = float(cand_ok.mean()) if n else float("nan")
     diff = cand_acc - ref_acc
     low, high = paired_bootstrap(ref_ok, cand_ok, resamples, seed)
+    adj_low, adj_high = agresti_min_interval(down, up, n)
+    if n:
+        low, high = min(low, adj_low), max(high, adj_high)
     p = mcnemar_exact(down, up)
-    agreement = sum(r.pred == c.pred for r, c in pairs) / n if n else float("nan")
+    same = sum(r.pred == c.pred for r, c in pairs)
+    agreement = same / n if n else float("nan")
+    agree_low, agree_high = wilson_interval(same, n)
     kls = [answer_kl(r.logprobs, c.logprobs) for r, c in pairs if r.logprobs and c.logprobs]
     kl = float(np.mean(kls)) if kls else None
     return Comparison(
@@ -234,6 +259,8 @@ def compare(
         agreement=agreement,
         kl=kl,
         verdict=verdict(diff, low, high, p, n, reference),
+        agreement_low=agree_low,
+        agreement_high=agree_high,
     )
 
 

@@ -28,7 +28,7 @@ STAT_COLUMNS = (
     "Avg % (95% CI)",
     "Δ vs ref (95% CI)",
     "flips ↓/↑",
-    "agree %",
+    "agree % (95% CI)",
     "KLD",
     "p (McNemar)",
     "verdict",
@@ -117,7 +117,7 @@ def stat_cells(s: MethodStats) -> list[str]:
         return [acc, "-", "-", "-", "-", "-", "no per-question results"]
     diff = f"{_pts(c.diff, True)} [{_pts(c.ci_low, True)}, {_pts(c.ci_high, True)}]"
     kl = "-" if c.kl is None else f"{c.kl:.4f}"
-    agree = _pts(c.agreement)
+    agree = f"{_pts(c.agreement)} [{_pts(c.agreement_low)}, {_pts(c.agreement_high)}]"
     return [acc, diff, f"{c.flips_down}/{c.flips_up}", agree, kl, format_p(c.p_mcnemar), c.verdict]
 
 
@@ -158,15 +158,19 @@ def stat_raw(s: MethodStats) -> list[Any]:
     ]
 
 
-def run_stat_rows(runs: Sequence[Any], task: str, reference: str | None = None) -> list[list[str]]:
-    """STAT_COLUMNS rows of ``quantbench run``'s methods (``MethodRun``s) for ``task``, in run order."""
+def run_method_stats(runs: Sequence[Any], task: str, reference: str | None = None) -> dict[str, MethodStats]:
+    """Statistics of ``quantbench run``'s methods (``MethodRun``s) for ``task``, keyed by spec, in run order."""
     answers: dict[str, Sequence[Any] | None] = {}
     for run in runs:
         result = next((r for r in run.results if r.task == task), None)
         answers[run.spec] = None if result is None else result.answers
     ok = [spec for spec, rows in answers.items() if rows]
-    ref = reference_spec(ok, reference)
-    stats = method_stats(answers, ref)
+    return method_stats(answers, reference_spec(ok, reference))
+
+
+def run_stat_rows(runs: Sequence[Any], task: str, reference: str | None = None) -> list[list[str]]:
+    """STAT_COLUMNS rows of ``quantbench run``'s methods (``MethodRun``s) for ``task``, in run order."""
+    stats = run_method_stats(runs, task, reference)
     return [stat_cells(stats[run.spec]) for run in runs]
 
 
@@ -201,3 +205,52 @@ def load_answers(
     for rows in by_subject.values():
         out.extend(rows[:limit] if limit else rows)  # the harness evaluates the first `limit` rows
     return out
+
+
+def decision_lines(stats: dict[str, MethodStats], labels: dict[str, str] | None = None) -> list[str]:
+    """What a set of methods' statistics decides, in a few sentences: which methods are shown worse or
+    better than the reference, how large an accuracy difference this sample cannot see, and, since that is
+    often most of them on a small sample, the methods ranked by how many of the reference's answers they
+    change (an agreement interval narrows much faster than an accuracy difference's)."""
+    labels = labels or {}
+
+    def _short(spec: str) -> str:
+        return labels.get(spec, spec)
+
+    ref = next((_short(s.spec) for s in stats.values() if s.is_reference), None)
+    compared = [s for s in stats.values() if s.comparison is not None and s.comparison.n]
+    if ref is None or not compared:
+        return []
+    lines = []
+    shown = [s for s in compared if s.comparison.verdict.startswith(("worse", "better"))]
+    for s in shown:
+        lines.append(f"{_short(s.spec)}: {s.comparison.verdict} than {ref}")
+    unclear = [s for s in compared if s not in shown]
+    if unclear:
+        widest = max(s.comparison.half_width_pts for s in unclear)
+        n = min(s.comparison.n for s in unclear)
+        names = ", ".join(_short(s.spec) for s in unclear)
+        lines.append(
+            f"accuracy: no difference from {ref} shown for {names}; with {n} paired questions a difference "
+            f"of up to ±{widest:.1f} points could go unseen (more questions: --limit / --full)"
+        )
+    ranked = sorted(compared, key=lambda s: -s.comparison.agreement)
+    changed = "; ".join(
+        f"{_short(s.spec)} {_pts(1 - s.comparison.agreement)}% "
+        f"[{_pts(1 - s.comparison.agreement_high)}, {_pts(1 - s.comparison.agreement_low)}]"
+        for s in ranked
+    )
+    lines.append(f"answers changed vs {ref} (95% CI), fewest first: {changed}")
+    separated = [
+        (a, b)
+        for i, a in enumerate(ranked)
+        for b in ranked[i + 1 :]
+        if a.comparison.agreement_low > b.comparison.agreement_high
+    ]
+    if separated:
+        lines.append(
+            "shown to change fewer answers: "
+            + ", ".join(f"{_short(a.spec)} < {_short(b.spec)}" for a, b in separated)
+        )
+    return lines
+
