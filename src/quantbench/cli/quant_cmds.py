@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import typer
@@ -35,29 +34,28 @@ def quantize(
     ),
 ) -> None:
     """Quantize MODEL with one method and save it (safetensors + quantbench.json + tokenizer)."""
-    from quantbench import load_model, parse_spec, quantize, save_quantized, weight_report
+    from quantbench import parse_spec, save_quantized, weight_report
+    from quantbench.loader import load
     from quantbench.quant.calib import parse_calib
 
     config = parse_spec(method)  # fail on a bad spec before loading anything
-    calib_spec = parse_calib(calib)
-    start = time.perf_counter()
-    model_obj, tokenizer = load_model(model, dtype="fp32", device=device)
-    loaded = time.perf_counter()
-    quantize(
-        model_obj,
+    parse_calib(calib)
+    loaded = load(
+        model,
         config,
-        calib=calib_spec,
-        tokenizer=tokenizer,
+        calib=calib,
+        device=device,
+        dequant_cache=False,
         log=lambda line: console.print(line, markup=False, highlight=False),
     )
-    done = time.perf_counter()
+    model_obj, tokenizer = loaded.model, loaded.tokenizer
     save_quantized(model_obj, tokenizer, out)
     report = weight_report(model_obj)
     console.print(
         f"[bold]{config.spec}[/]: {report.quantized_layers} layers quantized, {len(report.skipped)} kept, "
         f"{report.bits_per_weight:.3f} bits/weight, model {_gib(report.model_bytes)} GiB "
-        f"(16-bit: {_gib(report.model_bytes_16bit)} GiB); load {loaded - start:.1f}s, "
-        f"quantize {done - loaded:.1f}s -> {out}"
+        f"(16-bit: {_gib(report.model_bytes_16bit)} GiB); load {loaded.load_s:.1f}s, "
+        f"quantize {loaded.quantize_s:.1f}s -> {out}"
     )
 
 
