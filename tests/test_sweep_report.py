@@ -124,16 +124,16 @@ def test_sweep_resumes_after_sigkill_without_recomputing(tiny_dir, tmp_path):
     assert sum(r[2] for r in runs) == total - before
 
     # A third run does nothing at all (it does not even load the model).
-    import quantbench.eval.loading as loading
+    import quantbench.loader as loader
 
     def no_load(*args, **kwargs):
         raise AssertionError("a finished sweep must not load the model")
 
-    original, loading.load_for_eval = loading.load_for_eval, no_load
+    original, loader.load = loader.load, no_load
     try:
         again = run_sweep(cfg, str(db), progress=False, log=lines.append)
     finally:
-        loading.load_for_eval = original
+        loader.load = original
     assert again.evaluated == 0 and again.ran == 0 and again.skipped == len(methods)
 
 

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from quantbench.errors import QuantbenchError
 
@@ -124,27 +123,14 @@ def parse_batches(text: str) -> list[int]:
     return batches
 
 
-def load_bench_model(model: str, dtype: torch.dtype, device: torch.device, layers: int | None) -> nn.Module:
-    """``random:NAME`` (random weights of a real architecture, built on the device) or a loadable model."""
-    import quantbench
-
-    if model.startswith("random:"):
-        # random:ARCH[:key=value,...] overrides config fields, e.g. random:qwen2.5-0.5b:vocab_size=512
-        arch, _, rest = model.split(":", 1)[1].partition(":")
-        overrides: dict[str, Any] = {}
-        for item in filter(None, rest.split(",")):
-            key, _, value = item.partition("=")
-            try:
-                overrides[key.strip()] = int(value)
-            except ValueError:
-                raise BenchError(f"random model override '{item}' is not key=integer") from None
-        if layers:
-            overrides["num_hidden_layers"] = layers
-        return quantbench.random_model(arch, dtype=dtype, device=device, **overrides)
-    if layers:
+def bench_model_spec(model: str, layers: int | None) -> str:
+    """``model`` for :func:`quantbench.loader.load`; ``layers`` (random:ARCH only) overrides the depth."""
+    if not layers:
+        return model
+    if not model.startswith("random:"):
         raise BenchError("--layers only applies to random:ARCH models")
-    loaded, _tokenizer = quantbench.load_model(model, dtype=dtype, device=device)
-    return loaded
+    arch, _, rest = model.split(":", 1)[1].partition(":")
+    return f"random:{arch}:" + ",".join(filter(None, [rest, f"num_hidden_layers={layers}"]))
 
 
 def _kv_bytes(engine, batch: int, mean_len: float) -> int:
@@ -167,9 +153,12 @@ def bench_methods(
     copy_gbps: float | None = None,
     log: Callable[[str], None] = print,
     on_row: Callable[[BenchRow], None] | None = None,
+    calib: str | None = None,
 ) -> list[BenchRow]:
-    """Quantize ``model`` with each spec, run the engine at each batch size, return one row per pair."""
+    """Quantize ``model`` with each spec (through :func:`quantbench.loader.load`; calibrated methods on
+    ``calib``), run the engine at each batch size, return one row per pair."""
     import quantbench
+    from quantbench import loader
     from quantbench.engine import Engine
     from quantbench.quant.apply import model_bytes
 
@@ -177,8 +166,11 @@ def bench_methods(
         copy_gbps = measure_copy_bandwidth(device)
         log(f"measured copy bandwidth on {device_name(device)}: {copy_gbps:.0f} GB/s (read + write)")
     rows: list[BenchRow] = []
+    model_spec = bench_model_spec(model, layers)
     for spec in specs:
         config = quantbench.parse_spec(spec)
+        # Loaded straight in the compute dtype, not float32: a 7B+ model then fits the GPU while it is
+        # quantized (the timings do not depend on the master weights' precision).
         base_dtype = config.compute_dtype if config.method not in ("fp32", "fp16", "bf16") else None
         dtype = base_dtype or {"fp32": torch.float32, "fp16": torch.float16}.get(
             config.method, torch.bfloat16
@@ -186,12 +178,18 @@ def bench_methods(
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        net = load_bench_model(model, dtype, device, layers)
-        t0 = time.perf_counter()
-        quantbench.quantize(net, config)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        quantize_s = time.perf_counter() - t0
+        loaded = loader.load(
+            model_spec,
+            config,
+            calib=calib,
+            device=str(device),
+            dtype=dtype,
+            dequant_cache=False,
+            need_tokenizer=False,
+            log=log,
+        )
+        net, quantize_s = loaded.model, loaded.quantize_s
+        del loaded
         weights_gib = model_bytes(net) / 2**30
         if device.type == "cuda":  # peak of inference only (building the bf16 model first is not counted)
             torch.cuda.empty_cache()

@@ -30,6 +30,9 @@ def bench(
     output_len: int = typer.Option(128, "--output", help="generated tokens"),
     repeats: int = typer.Option(3, "--repeats", help="timed generations per point (median)"),
     device: str = typer.Option("cuda", help="cuda or cpu (cpu: the pure-torch reference path)"),
+    calib: str = typer.Option(
+        None, "--calib", help="calibration data for gptq/awq/smoothquant: corpus[:NxL] (default: kjv-calib)"
+    ),
     layers: int = typer.Option(0, "--layers", help="random:ARCH only: number of decoder layers (0 = real)"),
     db: str = typer.Option("quantbench.db", "--db", help="SQLite results store ('' = do not store)"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the rows as JSON"),
@@ -59,6 +62,7 @@ def bench(
         repeats=repeats,
         layers=layers or None,
         log=console.print,
+        calib=calib,
     )
     table = Table(title=f"{model} on {device_name(dev)}, {input_len} in + {output_len} out")
     for col in ("method", "batch", "first token ms", "ms/token", "tok/s", "% bw", "peak GiB", "weights GiB"):

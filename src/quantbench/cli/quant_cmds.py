@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import typer
@@ -48,27 +47,26 @@ def quantize(
     """Quantize MODEL with one method and save it (safetensors + quantbench.json + tokenizer)."""
     import sys
 
-    from quantbench import load_model, parse_spec, quantize, save_quantized, weight_report
+    from quantbench import parse_spec, save_quantized, weight_report
     from quantbench.checkpoint import check_checkpoint_out
+    from quantbench.loader import load
     from quantbench.quant.apply import check_calib_option, shape_skips
     from quantbench.quant.calib import parse_calib
 
     # Everything that can be checked without the model, before loading it.
     config = parse_spec(method)
     check_calib_option(config, calib)
-    calib_spec = parse_calib(calib)
+    parse_calib(calib)
     check_checkpoint_out(out, overwrite=overwrite, inputs=_input_paths(model, calib))
-    start = time.perf_counter()
-    model_obj, tokenizer = load_model(model, dtype="fp32", device=device)
-    loaded = time.perf_counter()
-    quantize(
-        model_obj,
+    loaded = load(
+        model,
         config,
-        calib=calib_spec,
-        tokenizer=tokenizer,
+        calib=calib,
+        device=device,
+        dequant_cache=False,
         log=lambda line: console.print(line, markup=False, highlight=False),
     )
-    done = time.perf_counter()
+    model_obj, tokenizer = loaded.model, loaded.tokenizer
     report = weight_report(model_obj)
     odd = shape_skips(report.skipped)
     if odd:
@@ -83,8 +81,8 @@ def quantize(
     console.print(
         f"[bold]{config.spec}[/]: {report.quantized_layers} layers quantized, {len(report.skipped)} kept, "
         f"{report.bits_per_weight:.3f} bits/weight, model {_gib(report.model_bytes)} GiB "
-        f"(16-bit: {_gib(report.model_bytes_16bit)} GiB); load {loaded - start:.1f}s, "
-        f"quantize {done - loaded:.1f}s -> {out}"
+        f"(16-bit: {_gib(report.model_bytes_16bit)} GiB); load {loaded.load_s:.1f}s, "
+        f"quantize {loaded.quantize_s:.1f}s -> {out}"
     )
 
 

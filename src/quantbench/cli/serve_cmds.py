@@ -14,14 +14,17 @@ err = Console(stderr=True, soft_wrap=True)
 
 MODEL_HELP = "packaged model name, HF directory, .gguf file or quantbench checkpoint"
 METHOD_HELP = "quantize on the fly with this spec (e.g. nf4:block=64,dq=1); not for checkpoints"
+CALIB_HELP = (
+    "calibration data for gptq/awq/smoothquant: corpus[:NxL] or a .txt/.jsonl file (default: kjv-calib)"
+)
 
 
-def _load(model: str, method: str | None, device: str | None, dtype: str, backend: str):
+def _load(model: str, method: str | None, device: str | None, dtype: str, backend: str, calib: str | None):
     from quantbench.models import MODEL_ALIASES
     from quantbench.serve.generate import Generator, load_for_serving
 
     t0 = time.perf_counter()
-    model_obj, tokenizer = load_for_serving(model, method, device, dtype)
+    model_obj, tokenizer = load_for_serving(model, method, device, dtype, calib=calib)
     generator = Generator(model_obj, tokenizer, backend=backend)
     config = getattr(model_obj, "quantbench_config", None)
     quant = (
@@ -78,6 +81,7 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the tokenizer's chat template"),
     system: str = typer.Option(None, "--system", help="system message (with --chat)"),
     method: str = typer.Option(None, "--method", "-m", help=METHOD_HELP),
+    calib: str = typer.Option(None, "--calib", help=CALIB_HELP),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="tokens to generate at most"),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy"),
     top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass (with temperature > 0)"),
@@ -92,7 +96,7 @@ def generate(
     """Continue PROMPT with MODEL, streaming the text to stdout."""
     params = _params(max_new_tokens, temperature, top_p, top_k, seed, stop)
     text = sys.stdin.read() if prompt == "-" else prompt
-    generator = _load(model, method, device, dtype, backend)
+    generator = _load(model, method, device, dtype, backend, calib)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": text}
@@ -110,6 +114,7 @@ def chat(
     model: str = typer.Argument("default", help=MODEL_HELP),
     system: str = typer.Option(None, "--system", help="system message"),
     method: str = typer.Option(None, "--method", "-m", help=METHOD_HELP),
+    calib: str = typer.Option(None, "--calib", help=CALIB_HELP),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="tokens per reply at most"),
     temperature: float = typer.Option(0.7, "--temperature", "-t", help="0 = greedy"),
     top_p: float = typer.Option(0.8, "--top-p", help="nucleus sampling mass"),
@@ -126,7 +131,7 @@ def chat(
     import dataclasses
 
     params = _params(max_new_tokens, temperature, top_p, top_k, seed, [])
-    generator = _load(model, method, device, dtype, backend)
+    generator = _load(model, method, device, dtype, backend, calib)
     if not generator.has_chat_template:
         err.print("[yellow]the tokenizer has no chat template: using a plain 'role: text' one[/]")
     interactive = sys.stdin.isatty()
@@ -171,6 +176,7 @@ def serve(
     port: int = typer.Option(8000, "--port", help="TCP port"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: loopback only)"),
     method: str = typer.Option(None, "--method", "-m", help=METHOD_HELP),
+    calib: str = typer.Option(None, "--calib", help=CALIB_HELP),
     model_name: str = typer.Option(None, "--model-name", help="the model id clients send (default: MODEL)"),
     max_queue: int = typer.Option(
         64, "--max-queue", help="requests waiting or running at most; more get 503"
@@ -214,7 +220,7 @@ def serve(
         raise GenerationError("--api-key / $QUANTBENCH_API_KEY is empty")
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning: binding {host}: the server is reachable from other machines[/]")
-    generator = _load(model, method, device, dtype, backend)
+    generator = _load(model, method, device, dtype, backend, calib)
     if model_name is None:
         from pathlib import Path
 

@@ -150,37 +150,16 @@ def _arg_text(value: Any) -> str:
     return str(value)
 
 
-def load_quantbench_model(spec: str, method: str | None = None, device: str | None = None) -> LoadedModel:
-    """Load ``spec`` (packaged name, HF dir, .gguf, quantbench checkpoint) and quantize it with ``method``.
+def load_quantbench_model(
+    spec: str, method: str | None = None, device: str | None = None, calib: str | None = None
+) -> LoadedModel:
+    """Load ``spec`` (packaged name, HF dir, .gguf, quantbench checkpoint) and quantize it with ``method``
+    through :func:`quantbench.loader.load`, like every command (calibrated methods use ``calib``, default:
+    the default calibration set; on CPU the dequantization cache is on)."""
+    from quantbench import loader
 
-    Like ``quantbench eval``: a checkpoint comes back as saved; anything else is loaded in float32 and
-    quantized (default ``bf16``, the unquantized baseline).
-    """
-    from quantbench import load_model, parse_spec, quantize
-    from quantbench.errors import ModelLoadError
-    from quantbench.eval.loading import default_device, is_checkpoint
-    from quantbench.quant import METHODS
-
-    device = device or default_device()
-    t0 = time.perf_counter()
-    if is_checkpoint(spec):
-        model, tokenizer = load_model(spec, device=device)
-        saved = model.quantbench_config.spec
-        if method is not None and parse_spec(method).spec != saved:
-            raise ModelLoadError(f"{spec} is a checkpoint quantized with {saved}; drop method=")
-        if tokenizer is None:
-            raise ModelLoadError(f"{spec} has no tokenizer files")
-        return LoadedModel(model, tokenizer, load_s=time.perf_counter() - t0)
-    config = parse_spec(method or "bf16")  # a bad spec fails before anything is loaded
-    model, tokenizer = load_model(spec, dtype="fp32", device=device)
-    load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    kwargs: dict[str, Any] = {}
-    if getattr(METHODS[config.method], "quantize_model", None) is not None:
-        kwargs = {"tokenizer": tokenizer, "device": device}  # calibrated methods (GPTQ, AWQ, SmoothQuant)
-    quantize(model, config, **kwargs)
-    _cache_dequantized(model)
-    return LoadedModel(model, tokenizer, load_s=load_s, quantize_s=time.perf_counter() - t0)
+    loaded = loader.load(spec, method, calib=calib, device=device)
+    return LoadedModel(loaded.model, loaded.tokenizer, load_s=loaded.load_s, quantize_s=loaded.quantize_s)
 
 
 def _cache_dequantized(model: nn.Module) -> None:
@@ -259,6 +238,7 @@ class QuantbenchLM(_Base):  # type: ignore[misc,valid-type]
 
     ``model_args`` (all optional): ``path`` (or ``pretrained``: packaged model name, HF directory, ``.gguf``,
     quantbench checkpoint; default the packaged default model), ``method`` (quantbench spec, default ``bf16``),
+    ``calib`` (calibration data of gptq / awq / smoothquant, ``SOURCE:NxL``; default the default set),
     ``dtype`` (an unquantized baseline instead of ``method``), ``device``, ``batch_size`` (rows per forward),
     ``max_length`` (context length; default as lm-eval's ``hf`` model resolves it), ``max_gen_toks`` (default
     256), ``prefix_reuse`` (default true), ``prefix_min_tokens`` (default 16), ``add_bos_token``,
@@ -290,6 +270,7 @@ class QuantbenchLM(_Base):  # type: ignore[misc,valid-type]
         prefix_token_id: int | None = None,
         logits_mb: float = 1024,
         store: Any = None,
+        calib: str | None = None,
         **method_options: Any,
     ) -> None:
         require_lm_eval()
@@ -309,7 +290,7 @@ class QuantbenchLM(_Base):  # type: ignore[misc,valid-type]
         spec = resolve_method(method, dtype, method_options)
         self.load_s = self.quantize_s = 0.0
         if model is None:
-            loaded = load_quantbench_model(self.model_spec, spec, device)
+            loaded = load_quantbench_model(self.model_spec, spec, device, calib)
             model, tokenizer = loaded.model, loaded.tokenizer
             self.load_s, self.quantize_s = loaded.load_s, loaded.quantize_s
         else:
@@ -319,7 +300,7 @@ class QuantbenchLM(_Base):  # type: ignore[misc,valid-type]
                 model.to(device)
             if spec is not None:
                 t0 = time.perf_counter()
-                quantize(model, spec)
+                quantize(model, spec, calib=calib, tokenizer=tokenizer)
                 _cache_dequantized(model)
                 self.quantize_s = time.perf_counter() - t0
             source = getattr(model, "quantbench_source", None) or {}
@@ -1321,6 +1302,7 @@ def eval_command(
     tasks: list[str],
     method: str | None,
     device: str | None,
+    calib: str | None = None,
     batch_size: int,
     db: Path,
     json_out: Path | None,
@@ -1351,6 +1333,7 @@ def eval_command(
         lm = QuantbenchLM(
             path=model,
             method=method,
+            calib=calib,
             device=device,
             batch_size=batch_size,
             prefix_reuse=prefix_reuse,

@@ -150,11 +150,7 @@ def corpus_calibration_text(name: str = "corpus") -> tuple[str, str, list[str]]:
     """
     from quantbench.eval import corpus as corpus_mod
 
-    key = name.strip().lower()
-    if key in ("corpus", "default"):
-        key = "kjv-calib"
-    elif key in {c for c, _ in corpus_mod.CORPORA.values()}:
-        key = f"{key}-calib"
+    key = _corpus_key(name)
     resolved = corpus_mod.resolve_corpus(key)
     if resolved is None:
         known = ", ".join(["corpus", *corpus_mod.CORPORA])
@@ -165,6 +161,29 @@ def corpus_calibration_text(name: str = "corpus") -> tuple[str, str, list[str]]:
             f"calibrating on '{key}', which is not the calibration slice: perplexity on it is biased"
         )
     return corpus_mod.load_corpus(key), key, notes
+
+
+def _corpus_key(name: str) -> str:
+    """``corpus`` / ``default`` -> ``kjv-calib``; a bare corpus name -> its calibration slice."""
+    from quantbench.eval import corpus as corpus_mod
+
+    key = name.strip().lower()
+    if key in ("corpus", "default"):
+        return "kjv-calib"
+    if key in {c for c, _ in corpus_mod.CORPORA.values()}:
+        return f"{key}-calib"
+    return key
+
+
+def describe_planned(calib: str | CalibSpec | None, device: str | torch.device) -> str:
+    """What a calibrated method will calibrate on, said before any model is loaded (e.g. ``kjv-calib
+    16x512 tokens``): the source as it will be read and the size :func:`choose_size` picks on ``device``
+    with the current torch threads (a model with a shorter context than the length cuts it further)."""
+    spec = parse_calib(calib)
+    n, length, _ = choose_size(spec, None, torch.device(device))
+    path = Path(spec.source).expanduser()
+    source = path.name if path.is_file() else _corpus_key(spec.source)
+    return f"{source} {n}x{length} tokens"
 
 
 def _source_text(source: str) -> tuple[str, str, list[str]]:

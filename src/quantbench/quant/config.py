@@ -190,3 +190,27 @@ def parse_spec(spec: str | QuantConfig, overrides: dict[str, Any] | None = None)
     if method.validate is not None:
         method.validate(name, values)
     return QuantConfig(name, values)
+
+
+def split_specs(text: str) -> list[str]:
+    """The method specs in one ``--methods`` value.
+
+    ``;`` separates specs (``bf16;gptq:bits=4,group=128;nf4``), so a spec keeps its commas. Without ``;``,
+    commas separate specs when every part starts a method (``bf16,int8,int4:group=64``), or the value is
+    one spec with options (``nf4:block=64,dq=1``). Options next to a second method
+    (``bf16,nf4:block=64,dq=1``) are ambiguous: a one-line error asks for ``;`` or a repeated ``--method``.
+    """
+    from quantbench.quant import METHODS
+
+    if ";" in text:
+        return [part.strip() for part in text.split(";") if part.strip()]
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    starts = [part for part in parts if part.partition(":")[0].strip().lower() in METHODS]
+    if len(starts) == len(parts) or not any(":" in part for part in parts):
+        return parts  # bare names (an unknown one fails in parse_spec), or specs that each start a method
+    if len(starts) > 1 or (starts and parts[0] not in starts):
+        raise QuantConfigError(
+            f"--methods '{text}' is ambiguous (commas separate both methods and options): separate specs "
+            "with ';' (--methods \"bf16;gptq:bits=4,group=128\") or repeat --method SPEC"
+        )
+    return [text.strip()]

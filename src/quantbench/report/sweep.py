@@ -8,6 +8,9 @@ The file::
     device: auto             # auto (cuda if available) | cpu | cuda
     db: quantbench.db        # optional; --db overrides
     methods: [bf16, int8, "nf4:block=64,dq=1"]
+    calib: corpus            # optional: calibration data of gptq / awq / smoothquant (SOURCE[:NxL]; default:
+                             # the corpus' calibration slice kjv-calib, 128x2048 tokens, scaled down on a CPU)
+    dequant_cache: null      # optional: keep dequantized weights between forwards (null: on for CPU)
     eval:                    # optional: multiple-choice tasks (quantbench.eval.harness.evaluate)
       tasks: [mmlu]          # mmlu, ceval
       subjects: quick        # quick (one short subject per category) | all | [list] | {task: [list]}
@@ -33,6 +36,9 @@ and the settings that change its result. Units are recorded in the ``sweep_stage
 database (``running`` -> ``done`` / ``failed`` with the error). A rerun skips ``done`` units without loading
 anything; an interrupted evaluation resumes question by question, because the harness stores every answer
 as it goes and never recomputes a stored one. A failing unit is recorded and the sweep goes on.
+
+``quantbench run`` is a sweep built from its flags (:func:`run_sweep` with ``redo_done``, so its table has
+every number): both execute here, load through :func:`quantbench.loader.load` and store the same keys.
 """
 
 from __future__ import annotations
@@ -105,6 +111,8 @@ class SweepConfig:
     eval: EvalSettings | None = None
     perplexity: PplSettings | None = None
     bench: BenchSettings | None = None
+    calib: str | None = None  # calibration data of calibrated methods (None: the default set)
+    dequant_cache: bool | None = None  # None: on for CPU
 
     def stages(self) -> list[str]:
         out = [f"eval:{t}" for t in (self.eval.tasks if self.eval else [])]
@@ -156,7 +164,18 @@ def load_sweep(path: str | Path) -> SweepConfig:
         raise SweepError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: expected a mapping at the top level")
-    known = {"name", "model", "device", "db", "methods", "eval", "perplexity", "bench"}
+    known = {
+        "name",
+        "model",
+        "device",
+        "db",
+        "methods",
+        "calib",
+        "dequant_cache",
+        "eval",
+        "perplexity",
+        "bench",
+    }
     unknown = set(raw) - known
     if unknown:
         raise SweepError(
@@ -170,12 +189,21 @@ def load_sweep(path: str | Path) -> SweepConfig:
     if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
         raise SweepError(f"{path}: 'methods' must be a list of method specs")
     specs = list(dict.fromkeys(parse_spec(m).spec for m in methods))  # canonical, deduplicated
+    from quantbench.quant.calib import parse_calib
+
+    raw_calib = raw.get("calib")
+    calib = str(parse_calib(None if raw_calib is None else str(raw_calib)))  # a bad size fails here
+    dequant_cache = raw.get("dequant_cache")
+    if dequant_cache is not None and not isinstance(dequant_cache, bool):
+        raise SweepError(f"{path}: dequant_cache must be true, false or null, got {dequant_cache!r}")
     cfg = SweepConfig(
         name=str(raw.get("name") or path.stem),
         model=str(raw.get("model") or "qwen2.5-coder-0.5b"),
         methods=specs,
         device=str(raw.get("device") or "auto"),
         db=raw.get("db"),
+        calib=calib,
+        dequant_cache=dequant_cache,
         eval=_section(raw.get("eval"), EvalSettings, f"{path}: eval"),
         perplexity=_section(raw.get("perplexity"), PplSettings, f"{path}: perplexity"),
         bench=_section(raw.get("bench"), BenchSettings, f"{path}: bench"),
@@ -305,6 +333,7 @@ class SweepSummary:
     skipped: int = 0
     failed: int = 0
     wall_s: float = 0.0
+    runs: list[Any] = field(default_factory=list)  # quantbench.eval.runner.MethodRun per loaded method
 
 
 class StageTable:
@@ -361,18 +390,25 @@ class StageTable:
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
-def plan(cfg: SweepConfig, store: Any) -> tuple[str, list[Unit]]:
-    fingerprint = model_fingerprint_of(cfg.model)
-    table = StageTable(store)
+def expand_units(cfg: SweepConfig, fingerprint: str) -> list[Unit]:
+    """Every (method, stage) unit of ``cfg`` with its key, in execution order (nothing read or run)."""
     units = []
     for spec in _specs(cfg):
         for stage in cfg.stages():
             settings = stage_settings(cfg, stage)
-            unit = Unit(spec, stage, stage_key(fingerprint, spec, stage, settings), settings)
-            found = table.get(unit.key)
-            if found is not None:
-                unit.status, unit.error, unit.result = found
-            units.append(unit)
+            units.append(Unit(spec, stage, stage_key(fingerprint, spec, stage, settings), settings))
+    return units
+
+
+def plan(cfg: SweepConfig, store: Any) -> tuple[str, list[Unit]]:
+    """The units of ``cfg`` with their state in ``store`` (None, running, done, failed, skipped)."""
+    fingerprint = model_fingerprint_of(cfg.model)
+    table = StageTable(store)
+    units = expand_units(cfg, fingerprint)
+    for unit in units:
+        found = table.get(unit.key)
+        if found is not None:
+            unit.status, unit.error, unit.result = found
     return fingerprint, units
 
 
@@ -402,10 +438,20 @@ def run_sweep(
     *,
     dry_run: bool = False,
     retry_failed: bool = True,
+    redo_done: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    calib_log: Callable[[str], None] | None = None,
+    command: str = "sweep",
+    on_method_done: Callable[[Any], None] | None = None,
 ) -> SweepSummary:
-    """Run (or with ``dry_run`` list) every unit of ``cfg`` not yet done; never raises for a failing unit."""
+    """Run (or with ``dry_run`` list) every unit of ``cfg`` not yet done; never raises for a failing unit.
+
+    ``redo_done`` (``quantbench run``) also reruns done units: the model is loaded and quantized again, every
+    answer comes back from the store, and ``summary.runs`` gets the full results. ``command`` is recorded
+    with each run row; ``on_method_done`` gets each method's :class:`~quantbench.eval.runner.MethodRun`.
+    ``calib_log`` gets the calibrated methods' progress (default: stderr).
+    """
     from quantbench.eval.store import ResultStore
 
     start = time.perf_counter()
@@ -417,7 +463,11 @@ def run_sweep(
             by_spec.setdefault(u.spec, []).append(u)
         table = StageTable(store)
         for n, (spec, spec_units) in enumerate(by_spec.items(), 1):
-            todo = [u for u in spec_units if u.status != "done" and (retry_failed or u.status != "failed")]
+            todo = [
+                u
+                for u in spec_units
+                if redo_done or (u.status != "done" and (retry_failed or u.status != "failed"))
+            ]
             for u in spec_units:
                 if u not in todo:
                     summary.skipped += 1
@@ -435,137 +485,177 @@ def run_sweep(
             if not todo:
                 log(f"{head}: all {len(spec_units)} stages done, skipped")
                 continue
-            _run_spec(cfg, fingerprint, spec, todo, store, table, summary, progress, log, head)
+            context = _SpecContext(cfg, fingerprint, store, table, summary, progress, log, head, command)
+            method_run = _run_spec(context, spec, todo, calib_log)
+            if method_run is not None:
+                summary.runs.append(method_run)
+                if on_method_done is not None:
+                    on_method_done(method_run)
         summary.wall_s = time.perf_counter() - start
     return summary
 
 
-def _run_spec(cfg, fingerprint, spec, todo, store, table, summary, progress, log, head) -> None:
+@dataclass(frozen=True)
+class _SpecContext:
+    """What every unit of one sweep invocation shares."""
+
+    cfg: SweepConfig
+    fingerprint: str
+    store: Any
+    table: StageTable
+    summary: SweepSummary
+    progress: bool
+    log: Callable[[str], None]
+    head: str
+    command: str
+
+
+def _run_spec(ctx: _SpecContext, spec: str, todo: list[Unit], calib_log: Callable[[str], None] | None):
+    """Load and quantize once for the spec's eval / ppl units, run them, then its bench unit. Returns the
+    spec's MethodRun (None when it has only a bench unit)."""
     import torch
 
-    from quantbench.eval.harness import model_identity
+    from quantbench import loader
     from quantbench.eval.memory import peak_bytes, reset_peak
-    from quantbench.quant import METHODS, weight_report
+    from quantbench.eval.runner import MethodRun
+    from quantbench.quant import METHODS, parse_spec, weight_report
 
+    cfg, table, summary, log, head = ctx.cfg, ctx.table, ctx.summary, ctx.log, ctx.head
     device = resolve_device(cfg.device)
     model_units = [u for u in todo if u.stage != "bench"]
+    method_run = None
     if model_units:
-        model = tokenizer = None
+        config = parse_spec(spec)
+        method_run = MethodRun(
+            config.method, spec, METHODS[config.method].table_fields(config), device=device
+        )
+        loaded = None
         try:
-            from quantbench.eval.loading import load_for_eval
-
             gc.collect()
-            reset_peak(device)
-            t0 = time.perf_counter()
-            model, tokenizer = load_for_eval(cfg.model, None if _is_ckpt(cfg.model) else spec, device)
-            load_quant_s = time.perf_counter() - t0
-            weights_gib = weight_report(model).model_bytes / 2**30
-            dequant_cache = _enable_dequant_cache(model, device)
-            config = model.quantbench_config
-            fields = METHODS[config.method].table_fields(config)
-            log(f"{head}: loaded and quantized in {load_quant_s:.1f}s, weights {weights_gib:.3f} GiB")
+            loaded = loader.load(
+                cfg.model,
+                None if loader.is_checkpoint(cfg.model) else spec,
+                calib=cfg.calib,
+                device=device,
+                dequant_cache=cfg.dequant_cache,
+                log=calib_log,
+            )
+            config = loaded.config
+            method_run.method, method_run.spec = config.method, config.spec
+            method_run.table_fields = METHODS[config.method].table_fields(config)
+            method_run.load_s, method_run.quantize_s = loaded.load_s, loaded.quantize_s
+            method_run.weights_gib = weight_report(loaded.model).model_bytes / 2**30
+            method_run.dequant_cache = loaded.dequant_cache
+            method_run.calibration = loaded.calibration
+            log(
+                f"{head}: loaded in {loaded.load_s:.1f}s, quantized in {loaded.quantize_s:.1f}s, "
+                f"weights {method_run.weights_gib:.3f} GiB"
+            )
         except Exception as exc:  # noqa: BLE001 - a failing config is recorded, the sweep goes on
             error = _one_line(exc)
             log(f"{head}: FAILED to load/quantize: {error}")
+            method_run.error = error
             for u in model_units:
-                table.set(cfg, fingerprint, u, "failed", error=f"quantize: {error}")
+                table.set(cfg, ctx.fingerprint, u, "failed", error=f"quantize: {error}")
                 summary.failed += 1
             model_units = []
+        # Peak memory of the evaluation (with the dequantization cache), not of loading and quantizing.
+        gc.collect()
+        reset_peak(device)
         for u in model_units:
-            table.set(cfg, fingerprint, u, "running")
-            t0 = time.perf_counter()
+            assert loaded is not None
             try:
-                if u.stage.startswith("eval:"):
-                    result = _eval_stage(cfg, u, model, tokenizer, store, progress)
-                    summary.evaluated += result.evaluated
-                    summary.reused += result.reused
-                    peak, kind = peak_bytes(device)
-                    store.add_task_run(
-                        cfg.model,
-                        result,
-                        method=config.method,
-                        subjects=u.settings["subjects"],
-                        limit_per_subject=u.settings["limit"],
-                        quantize_s=load_quant_s,
-                        weights_gib=weights_gib,
-                        peak_mem_gib=peak / 2**30,
-                        peak_mem_kind=kind,
-                        device=device,
-                        extra={
-                            "command": "sweep",
-                            "sweep": cfg.name,
-                            "table_fields": fields,
-                            "dequant_cache": dequant_cache,
-                        },
-                    )
-                    brief = {
-                        "accuracy": result.accuracy,
-                        "questions": result.questions,
-                        "evaluated": result.evaluated,
-                        "reused": result.reused,
-                    }
-                    log(
-                        f"{head} {u.stage}: Avg {100 * result.accuracy:.1f}% over {result.questions} questions "
-                        f"({result.evaluated} evaluated, {result.reused} from the store) in "
-                        f"{time.perf_counter() - t0:.1f}s"
-                    )
-                else:
-                    res = _ppl_stage(cfg, model, tokenizer, progress)
-                    store.add_run(
-                        model=cfg.model,
-                        fingerprint=model_identity(model)[0],
-                        spec=config.spec,
-                        method=config.method,
-                        task="ppl",
-                        split=cfg.perplexity.text,
-                        shots=0,
-                        mode="perplexity",
-                        questions=res.scored,
-                        wall_s=res.seconds,
-                        compute_s=res.seconds,
-                        quantize_s=load_quant_s,
-                        weights_gib=weights_gib,
-                        device=device,
-                        extra={
-                            "command": "sweep",
-                            "sweep": cfg.name,
-                            "table_fields": fields,
-                            **res.to_dict(),
-                        },
-                    )
-                    brief = {"ppl": res.ppl, "tokens": res.tokens}
-                    log(f"{head} ppl: {res.ppl:.3f} over {res.scored} tokens in {res.seconds:.1f}s")
-                table.set(cfg, fingerprint, u, "done", result=brief)
+                _run_model_unit(ctx, u, loaded, method_run, peak_bytes)
                 summary.ran += 1
             except Exception as exc:  # noqa: BLE001
                 error = _one_line(exc)
                 log(f"{head} {u.stage}: FAILED: {error}")
                 if not isinstance(exc, QuantbenchError):
                     log(traceback.format_exc(limit=3).rstrip())
-                table.set(cfg, fingerprint, u, "failed", error=error)
+                table.set(cfg, ctx.fingerprint, u, "failed", error=error)
                 summary.failed += 1
-        del model, tokenizer
+                method_run.error = method_run.error or error
+        del loaded
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
     for u in todo:
         if u.stage == "bench":
-            _bench_unit(cfg, fingerprint, spec, u, store, table, summary, log, head)
+            _bench_unit(cfg, ctx.fingerprint, spec, u, ctx.store, table, summary, log, head)
+    return method_run
 
 
-def _enable_dequant_cache(model, device: str) -> bool:
-    """On CPU, quantized layers keep their dequantized weight between forwards (identical results, much
-    faster evaluation, a 16-bit copy more in peak memory): the eval harness's own switch, when it has one."""
-    from quantbench.eval import loading
+def _run_model_unit(ctx: _SpecContext, u: Unit, loaded, method_run, peak_bytes) -> None:
+    """One eval or ppl unit on the loaded model: run it, store its run row, mark it done."""
+    from quantbench.eval.harness import model_identity
 
-    enable = getattr(loading, "enable_dequant_cache", None)
-    return bool(enable(model, device)) if enable is not None else False
-
-
-def _is_ckpt(model: str) -> bool:
-    from quantbench.eval.loading import is_checkpoint
-
-    return is_checkpoint(model)
+    cfg, store, head = ctx.cfg, ctx.store, ctx.head
+    config, device = loaded.config, loaded.device
+    extra = {
+        "command": ctx.command,
+        "sweep": cfg.name,
+        "table_fields": method_run.table_fields,
+        "dequant_cache": method_run.dequant_cache,
+    }
+    if loaded.calibration:
+        extra["calibration"] = loaded.calibration
+    ctx.table.set(cfg, ctx.fingerprint, u, "running")
+    t0 = time.perf_counter()
+    if u.stage.startswith("eval:"):
+        result = _eval_stage(cfg, u, loaded.model, loaded.tokenizer, store, ctx.progress)
+        ctx.summary.evaluated += result.evaluated
+        ctx.summary.reused += result.reused
+        peak, kind = peak_bytes(device)
+        method_run.peak_mem_gib, method_run.peak_mem_kind = peak / 2**30, kind
+        method_run.results.append(result)
+        store.add_task_run(
+            cfg.model,
+            result,
+            method=config.method,
+            subjects=u.settings["subjects"],
+            limit_per_subject=u.settings["limit"],
+            load_s=loaded.load_s,
+            quantize_s=loaded.quantize_s,
+            weights_gib=method_run.weights_gib,
+            peak_mem_gib=peak / 2**30,
+            peak_mem_kind=kind,
+            device=device,
+            extra=extra,
+        )
+        brief = {
+            "accuracy": result.accuracy,
+            "questions": result.questions,
+            "evaluated": result.evaluated,
+            "reused": result.reused,
+        }
+        ctx.log(
+            f"{head} {u.stage}: Avg {100 * result.accuracy:.1f}% over {result.questions} questions "
+            f"({result.evaluated} evaluated, {result.reused} from the store) in "
+            f"{time.perf_counter() - t0:.1f}s"
+        )
+    else:
+        res = _ppl_stage(cfg, loaded.model, loaded.tokenizer, ctx.progress)
+        store.add_run(
+            model=cfg.model,
+            fingerprint=model_identity(loaded.model)[0],
+            spec=config.spec,
+            method=config.method,
+            task="ppl",
+            split=cfg.perplexity.text,
+            shots=0,
+            mode="perplexity",
+            questions=res.scored,
+            wall_s=res.seconds,
+            compute_s=res.seconds,
+            load_s=loaded.load_s,
+            quantize_s=loaded.quantize_s,
+            weights_gib=method_run.weights_gib,
+            device=device,
+            extra={**extra, **res.to_dict()},
+        )
+        brief = {"ppl": res.ppl, "tokens": res.tokens}
+        ctx.log(f"{head} ppl: {res.ppl:.3f} over {res.scored} tokens in {res.seconds:.1f}s")
+    ctx.table.set(cfg, ctx.fingerprint, u, "done", result=brief)
 
 
 def _eval_stage(cfg: SweepConfig, u: Unit, model, tokenizer, store, progress: bool):
@@ -629,6 +719,7 @@ def _bench_unit(cfg, fingerprint, spec, u, store, table, summary, log, head) -> 
             torch.device(device),
             repeats=b.repeats,
             log=lambda line: log(f"{head} bench: {line.strip()}"),
+            calib=cfg.calib,
         )
         for row in rows:
             row.extra["sweep"] = cfg.name

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -492,47 +491,29 @@ def load_for_serving(
     device: str | None = None,
     dtype: str = "auto",
     cache_dequantized: bool | None = None,
+    calib: str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)``: a packaged model / HF dir / .gguf (quantized with ``method`` if given) or a
-    quantbench checkpoint (``method`` must be None). ``dtype="auto"``: float32 on CPU, bfloat16 on CUDA.
+    """``(model, tokenizer)`` from :func:`quantbench.loader.load`: a packaged model / HF dir / .gguf (quantized
+    with ``method`` if given, calibrated methods on ``calib``) or a quantbench checkpoint (``method`` must be
+    None). Without a method the model is served unquantized in ``dtype``; ``auto``: float32 on CPU, bfloat16
+    on CUDA (loaded straight in that dtype: no float32 copy on the GPU first).
 
     ``cache_dequantized`` (default: on for CPU): quantized layers keep their dequantized weight between
     forwards (same outputs; decoding no longer re-decodes every weight each token, at the memory cost of a
     16-bit copy). CUDA runs the engine's kernels on the packed weights instead.
     """
-    model, tokenizer = _load(model_spec, method, device, dtype)
-    device_type = next(model.parameters()).device.type
-    if cache_dequantized is None:
-        cache_dequantized = device_type == "cpu"
-    if cache_dequantized and getattr(model, "quantbench_config", None) is not None:
-        from quantbench.quant import apply
+    from quantbench import loader
 
-        setter = getattr(apply, "set_dequant_cache", None)
-        if setter is not None:
-            setter(model, True)
-    return model, tokenizer
+    device = loader.check_device(device)
+    load_dtype = "fp32"
+    if method is None and not loader.is_checkpoint(model_spec):
+        from quantbench.models import parse_dtype
 
-
-def _load(model_spec: str, method: str | None, device: str | None, dtype: str) -> tuple[nn.Module, Any]:
-    from quantbench import load_model, parse_spec, quantize
-    from quantbench.checkpoint import MANIFEST_NAME
-    from quantbench.errors import ModelLoadError
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GenerationError("no CUDA device here; use --device cpu")
-    path = Path(model_spec).expanduser()
-    if path.is_dir() and (path / MANIFEST_NAME).exists():
-        if method is not None:
-            raise ModelLoadError(
-                f"{model_spec} is a quantbench checkpoint (already quantized); drop --method"
-            )
-        return load_model(model_spec, device=device)
-    if method is not None:
-        config = parse_spec(method)  # fail on a bad spec before loading
-        model, tokenizer = load_model(model_spec, dtype="fp32", device=device)
-        quantize(model, config)
-        return model, tokenizer
-    if dtype == "auto":
-        dtype = "bf16" if device.startswith("cuda") else "fp32"
-    return load_model(model_spec, dtype=dtype, device=device)
+        if dtype == "auto":
+            dtype = "bf16" if device.startswith("cuda") else "fp32"
+        names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+        load_dtype = method = names[parse_dtype(dtype)]  # the unquantized baseline of that dtype
+    loaded = loader.load(
+        model_spec, method, calib=calib, device=device, dtype=load_dtype, dequant_cache=cache_dequantized
+    )
+    return loaded.model, loaded.tokenizer
