@@ -479,3 +479,189 @@ def test_fuzz_manifest_mutations_never_traceback(capsys, tiny_ckpt, tmp_path):
             except CheckpointError as exc:
                 assert str(exc) and "\n" not in str(exc)
     assert outcomes["ok"] > 10 and outcomes["error"] > 100, outcomes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sweeps: the whole file is checked before any work (a schema, fuzzed); a failed unit fails the sweep
+
+_SWEEP = {
+    "name": "fuzz",
+    "model": "qwen2.5-coder-0.5b",
+    "device": "cpu",
+    "db": "results.db",
+    "methods": ["bf16", "int8", "nf4:block=64,dq=1", "gptq:bits=4,group=128"],
+    "calib": "corpus:4x64",
+    "dequant_cache": True,
+    "eval": {
+        "tasks": ["mmlu", "ceval"],
+        "subjects": {"mmlu": ["anatomy", "virology"], "ceval": "quick"},
+        "limit": 5,
+        "shots": 5,
+        "split": "val",
+        "mode": "loglikelihood",
+        "protocol": "lmeval",
+        "batch_size": 8,
+    },
+    "perplexity": {"text": "kjv-eval", "ctx": 256, "stride": 128, "max_tokens": 2048, "batch_size": 1},
+    "bench": {"device": "auto", "batch": [1, 4], "input": 32, "output": 8, "repeats": 1},
+}
+
+
+def _sweep_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ("eval: {subjects: 5}", "sweep.yaml: eval.subjects: expected quick, all, a list of subjects or"),
+        ("eval: {mode: foo}", "eval.mode: expected loglikelihood or generate, got 'foo'"),
+        ("eval: {split: nosplit}", "eval.split: mmlu: unknown split 'nosplit'"),
+        ("eval: {shots: 6, subjects: [anatomy]}", "eval.shots: 6: mmlu/anatomy has only 5 dev examples"),
+        ("eval: {split: dev}", "eval.split: dev holds the few-shot examples"),
+        ("eval: {tasks: [mmlu], subjects: {ceval: all}}", "eval.subjects: 'ceval' is not one of eval.tasks"),
+        ("eval: {subjects: {mmlu: [anatomy, 3]}}", "eval.subjects.mmlu[1]: expected a subject name, got 3"),
+        ("eval: {batch_size: 0}", "eval.batch_size: expected an integer >= 1, got 0"),
+        ("eval: {limit: true}", "eval.limit: expected an integer >= 1 or null, got True"),
+        ("eval: {tasks: [mmlu, 7]}", "eval.tasks[1]: expected a task name"),
+        ("eval: {max_shots: 3}", "eval: unknown field 'max_shots'; allowed: tasks, subjects, limit, shots"),
+        ("eval: [mmlu]", "eval: expected a mapping of settings, true or null, got ['mmlu']"),
+        ("perplexity: {text: no-such-text.txt}", "perplexity.text: 'no-such-text.txt' is neither a file nor"),
+        (
+            "perplexity: {ctx: 64, stride: 65}",
+            "perplexity.stride: expected an integer between 1 and ctx (64)",
+        ),
+        ("perplexity: {max_tokens: 1}", "perplexity.max_tokens: expected an integer >= 2 or null, got 1"),
+        ("bench: {batch: [1, 0]}", "bench.batch[1]: expected an integer >= 1, got 0"),
+        ("bench: {batch: []}", "bench.batch: expected a batch size or a list of batch sizes"),
+        ("bench: {device: tpu}", "bench.device: expected auto or cpu or cuda, got 'tpu'"),
+        ("eval: true\ndevice: gpu", "device: expected auto or cpu or cuda, got 'gpu'"),
+        ("eval: true\ncalib: 'nowhere:4x64'", "calib: 'nowhere' is neither a file nor a corpus"),
+        ("eval: true\ncalib: 'corpus:0x64'", "calib: --calib corpus:0x64: need at least 1 sample"),
+        ("eval: true\ndequant_cache: maybe", "dequant_cache: expected true, false or null, got 'maybe'"),
+        ("eval: true\nmodel: no-such-model", "model: 'no-such-model' not found"),
+        ("eval: true\nmethods: [bf16, 'int4:group=x']", "methods[1]: "),
+        ("eval: true\nmethods: []", "methods: expected at least one method spec"),
+    ],
+)
+def test_sweep_file_is_checked_whole_before_any_work(capsys, tmp_path, no_loading, body, needle):
+    text = "methods: [bf16]\n" + body + "\n"
+    if "methods:" in body:
+        text = body + "\n"
+    db = tmp_path / "r.db"
+    code, _, err = cli(capsys, "sweep", _sweep_file(tmp_path, text), "--db", db, "--no-progress")
+    assert_one_line_error(code, err, needle)
+    assert not db.exists()  # stopped before the results store was even opened
+
+
+def test_sweep_schema_mode_list_is_the_harness_one():
+    from quantbench.eval.harness import MODES
+    from quantbench.report.sweep import EVAL_FIELDS, SweepError
+
+    for mode in MODES:
+        assert EVAL_FIELDS["mode"](mode, "eval.mode") == mode
+    with pytest.raises(SweepError):
+        EVAL_FIELDS["mode"]("perplexity", "eval.mode")
+
+
+_SWEEP_KEYS = ["extra", "eval", "tasks", "subjects", "mmlu", "text", "batch", "methods", "shots", "stride"]
+_NUMBERS = [0, -1, 1, 2, 5, 6, 64, 10**6, 2**70, -(2**70)]
+
+
+def _mutate_sweep(sweep: dict, rng: random.Random) -> dict:
+    m = copy.deepcopy(sweep)
+    for _ in range(rng.randint(1, 4)):
+        path = rng.choice([p for p in _paths(m) if p])
+        parent = m
+        for key in path[:-1]:
+            parent = parent[key]
+        key = path[-1]
+        action = rng.random()
+        if action < 0.2 and isinstance(parent, dict):
+            del parent[key]  # a missing field
+        elif action < 0.3 and isinstance(parent, dict):
+            parent[rng.choice(_SWEEP_KEYS)] = copy.deepcopy(rng.choice(HOSTILE))  # an unknown (or known) key
+        elif action < 0.55:
+            parent[key] = rng.choice(_NUMBERS)  # out-of-range numbers
+        elif action < 0.65:
+            parent[key] = copy.deepcopy(rng.choice([_SWEEP["eval"], _SWEEP["bench"], [_SWEEP], {"x": [{}]}]))
+        else:
+            parent[key] = copy.deepcopy(rng.choice(HOSTILE))  # a wrong type
+    return m
+
+
+def test_fuzz_sweep_schema_never_raises_anything_but_one_sweep_error(tmp_path):
+    import yaml
+
+    from quantbench.report.sweep import SweepError, load_sweep, parse_sweep
+
+    assert parse_sweep(copy.deepcopy(_SWEEP)).methods[:2] == ["bf16", "int8:bits=8,compute=bf16,group=-1,skip=lm_head,sym=1"]  # fmt: skip
+    rng = random.Random(23)
+    outcomes = {"ok": 0, "error": 0}
+    for i in range(400):
+        raw = _mutate_sweep(_SWEEP, rng)
+        try:
+            if i % 10 == 0:  # through the file: YAML text, sometimes cut short
+                text = yaml.safe_dump(raw)
+                if rng.random() < 0.5:
+                    text = text[: rng.randint(0, len(text))]
+                load_sweep(_sweep_file(tmp_path, text))
+            else:
+                parse_sweep(raw)
+            outcomes["ok"] += 1
+        except SweepError as exc:
+            message = str(exc)
+            assert message and "\n" not in message, message
+            assert message.startswith(("sweep.yaml: ", f"{tmp_path / 'sweep.yaml'}")), message
+            outcomes["error"] += 1
+    assert outcomes["ok"] > 20 and outcomes["error"] > 200, outcomes
+
+
+def test_a_sweep_with_a_failed_unit_exits_non_zero_and_names_it(capsys, tiny_hf_base, tmp_path):
+    # int4 group 100000 divides no layer of the tiny model: the file is valid, quantize() refuses the model
+    import sqlite3
+
+    path = _sweep_file(
+        tmp_path,
+        f"model: {tiny_hf_base}\ndevice: cpu\nmethods: [bf16, 'int4:group=100000']\n"
+        "eval: {tasks: [mmlu], subjects: [anatomy], limit: 1, shots: 0, batch_size: 1}\n",
+    )
+    db = tmp_path / "r.db"
+    code, out, err = cli(capsys, "sweep", path, "--db", db, "--no-progress")
+    assert code == 1, (out, err)
+    failed = "int4:bits=4,compute=bf16,group=100000,skip=lm_head,sym=1 eval:mmlu"
+    summary = next(line for line in out.splitlines() if " units run, " in line)
+    assert f"1 failed: {failed};" in summary, summary
+    assert "quantizes no layer of this model" in out
+    conn = sqlite3.connect(db)
+    states = dict(conn.execute("SELECT spec, status FROM sweep_stages").fetchall())
+    specs = [r[0] for r in conn.execute("SELECT spec FROM runs")]
+    conn.close()
+    assert states == {"bf16": "done", failed.split()[0]: "failed"}
+    assert specs == ["bf16"]  # no row for the spec that quantized nothing
+    # Still failed when it is skipped rather than retried; a sweep without failures exits 0.
+    code, out, _ = cli(capsys, "sweep", path, "--db", db, "--no-progress", "--skip-failed")
+    assert code == 1 and f"1 failed: {failed};" in out
+    path.write_text(path.read_text().replace(", 'int4:group=100000'", ""))
+    code, out, _ = cli(capsys, "sweep", path, "--db", db, "--no-progress")
+    assert code == 0 and "0 failed;" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--shots", "99", "--subjects", "anatomy"], "--shots 99: mmlu/anatomy has only 5 dev examples"),
+        (["--shots", "6", "--tasks", "ceval", "--full"], "--shots 6: ceval/"),
+        (["--shots", "-1"], "--shots must be >= 0"),
+        (["--limit", "0"], "--limit must be >= 1"),
+        (["-b", "0"], "--batch-size must be >= 1"),
+        (["--threads", "-2"], "--threads must be >= 0"),
+    ],
+)
+def test_run_arguments_are_checked_before_loading(capsys, tmp_path, no_loading, args, needle):
+    db = tmp_path / "r.db"
+    code, _, err = cli(capsys, "run", "-m", "bf16", *args, "--db", db)
+    assert_one_line_error(code, err, needle)
+    assert not db.exists()

@@ -511,8 +511,12 @@ def run(
     10 questions each), printed first. It runs as a sweep (quantbench sweep) built from the flags: results
     are stored per batch in --db and a rerun reads them back.
     """
+    from quantbench.eval.checks import check_eval_args
     from quantbench.eval.loading import configure_threads
 
+    # every eval argument before anything is loaded (run has no --max-new-tokens)
+    limits = dict(shots=shots, limit=limit, batch_size=batch_size, max_new_tokens=1)
+    check_eval_args(**limits, threads=threads)
     n_threads = configure_threads(threads)
     from rich.table import Table
 
@@ -558,6 +562,7 @@ def run(
         limit = QUICK_LIMIT
     else:
         per_task = _subjects_per_task(task_list, given)
+    check_eval_args(**limits, split=split, tasks=task_list, subjects=per_task)  # shots vs every dev split
     _check_model(model)
     cfg = run_sweep_config(
         name=preset or "run",

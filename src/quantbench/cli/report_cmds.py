@@ -26,7 +26,11 @@ def sweep(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on a terminal"),
 ) -> None:
-    """Run every method x stage of SWEEP_FILE not yet done; a failing one is recorded and the sweep goes on."""
+    """Run every method x stage of SWEEP_FILE not yet done; a failing one is recorded and the sweep goes on.
+
+    The whole file is checked first (one error line, exit 2); the exit code is 1 when any unit failed."""
+    from rich.markup import escape
+
     from quantbench.report.sweep import load_sweep, run_sweep
 
     cfg = load_sweep(sweep_file)
@@ -50,14 +54,21 @@ def sweep(
     for spec, stages in by_spec.items():
         table.add_row(spec, *stages.values())
     console.print(table)
+    # Failed: this run's failures and those left failed from before (--skip-failed): the sweep is incomplete.
+    failed = [u for u in summary.units if u.status == "failed"]
+    skipped = "done or failed before" if not retry_failed and failed else "done before"
+    named = f": {', '.join(f'{u.spec} {u.stage}' for u in failed)}" if failed else ""
     console.print(
-        f"{summary.ran} units run, {summary.skipped} skipped (done before), {summary.failed} failed; "
+        f"{summary.ran} units run, {summary.skipped} skipped ({skipped}), {len(failed)} failed{named}; "
         f"{summary.evaluated} questions evaluated, {summary.reused} read back from the store; "
-        f"{summary.wall_s:.1f}s"
+        f"{summary.wall_s:.1f}s",
+        markup=False,
+        highlight=False,
     )
-    for u in summary.units:
-        if u.status == "failed":
-            console.print(f"[red]failed[/] {u.spec} {u.stage}: {u.error}")
+    for u in failed:
+        console.print(f"[red]failed[/] {escape(u.spec)} {u.stage}: {escape(u.error or '')}")
+    if failed:
+        raise SystemExit(1)
 
 
 @app.command()

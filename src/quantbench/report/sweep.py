@@ -35,7 +35,8 @@ Each (method, stage) is one unit of work with a key: the model's fingerprint, th
 and the settings that change its result. Units are recorded in the ``sweep_stages`` table of the same
 database (``running`` -> ``done`` / ``failed`` with the error). A rerun skips ``done`` units without loading
 anything; an interrupted evaluation resumes question by question, because the harness stores every answer
-as it goes and never recomputes a stored one. A failing unit is recorded and the sweep goes on.
+as it goes and never recomputes a stored one. A failing unit is recorded and the sweep goes on (the
+``sweep`` command then exits 1). The whole file is checked first, field by field (:func:`parse_sweep`).
 
 ``quantbench run`` is a sweep built from its flags (:func:`run_sweep` with ``redo_done``, so its table has
 every number): both execute here, load through :func:`quantbench.loader.load` and store the same keys.
@@ -123,125 +124,334 @@ class SweepConfig:
         return out
 
 
-def _section(raw: Any, cls: type, where: str) -> Any:
+# ---------------------------------------------------------------------------------------------------------
+# The file's schema: every field, its type and range, checked before any work. Each check takes the raw YAML
+# value and its field path (``eval.subjects``) and returns the value to use, or raises a one-line SweepError.
+
+DEVICES = ("auto", "cpu", "cuda")
+SUBJECTS_SHAPE = "quick, all, a list of subjects or {task: [subjects]}"
+
+
+def _got(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bad(where: str, expected: str, value: Any) -> SweepError:
+    return SweepError(f"{where}: expected {expected}, got {_got(value)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer(low: int, *, none_ok: bool = False) -> Callable[[Any, str], Any]:
+    def check(value: Any, where: str) -> int | None:
+        if value is None and none_ok:
+            return None
+        if not _is_int(value) or value < low:
+            raise _bad(where, f"an integer >= {low}" + (" or null" if none_ok else ""), value)
+        return value
+
+    return check
+
+
+def _one_of(*allowed: str) -> Callable[[Any, str], str]:
+    def check(value: Any, where: str) -> str:
+        if not isinstance(value, str) or value not in allowed:
+            raise _bad(where, " or ".join(allowed), value)
+        return value
+
+    return check
+
+
+def _text(*, none_ok: bool = True, numbers: bool = False) -> Callable[[Any, str], Any]:
+    def check(value: Any, where: str) -> str | None:
+        if value is None and none_ok:
+            return None
+        if numbers and _is_int(value):
+            return str(value)
+        if not isinstance(value, str) or not value.strip():
+            raise _bad(where, "a non-empty string" + (" or null" if none_ok else ""), value)
+        return value
+
+    return check
+
+
+def _flag(value: Any, where: str) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise _bad(where, "true, false or null", value)
+    return value
+
+
+def _wrap(where: str, call: Callable[[], Any]) -> Any:
+    """``call()``, its QuantbenchError (a bad spec, task, protocol...) as a SweepError naming the field."""
+    try:
+        return call()
+    except SweepError:
+        raise
+    except QuantbenchError as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SweepError(f"{where}: {text}") from None
+
+
+def _methods(value: Any, where: str) -> list[str]:
+    from quantbench.quant import parse_spec
+
+    if value is None:
+        return []
+    if isinstance(value, str):
+        from quantbench.bench.runner import split_methods
+
+        value = split_methods([value])
+    if not isinstance(value, list):
+        raise _bad(where, "a list of method specs", value)
+    specs = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            raise _bad(f"{where}[{i}]", "a method spec such as int4:group=128", item)
+        specs.append(_wrap(f"{where}[{i}]", lambda item=item: parse_spec(item).spec))
+    return list(dict.fromkeys(specs))  # canonical, deduplicated
+
+
+def _calib(value: Any, where: str) -> str:
+    from quantbench.eval.corpus import CORPORA, resolve_corpus
+    from quantbench.quant.calib import _corpus_key, parse_calib
+
+    if value is not None and not isinstance(value, str):
+        raise _bad(where, "SOURCE[:NxL] (a corpus or a .txt/.jsonl file) or null", value)
+    spec = _wrap(where, lambda: parse_calib(value))  # a bad size fails here
+    if not Path(spec.source).expanduser().is_file() and resolve_corpus(_corpus_key(spec.source)) is None:
+        raise SweepError(
+            f"{where}: '{spec.source}' is neither a file nor a corpus; corpora: corpus, {', '.join(CORPORA)}"
+        )
+    return str(spec)
+
+
+def _tasks(value: Any, where: str) -> list[str]:
+    from quantbench.eval.tasks import get_task
+
+    if isinstance(value, str):
+        value = [t.strip() for t in value.split(",") if t.strip()]
+    if not isinstance(value, list) or not value:
+        raise _bad(where, "a list of tasks (mmlu, ceval)", value)
+    names = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _bad(f"{where}[{i}]", "a task name (mmlu, ceval)", item)
+        names.append(_wrap(f"{where}[{i}]", lambda item=item: get_task(item).name))
+    return list(dict.fromkeys(names))
+
+
+def _subject_choice(value: Any, where: str) -> Any:
+    """One task's choice: quick, all (null), a comma-separated string or a list of subject names."""
+    if value is None or value in ("quick", "all"):
+        return value
+    if isinstance(value, str):
+        value = [s.strip() for s in value.split(",") if s.strip()]
+    if not isinstance(value, list) or not value:
+        raise _bad(where, SUBJECTS_SHAPE, value)
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _bad(f"{where}[{i}]", "a subject name", item)
+    return value
+
+
+def _subjects(value: Any, where: str) -> Any:
+    if isinstance(value, dict):
+        return {key: _subject_choice(v, f"{where}.{key}") for key, v in value.items()}
+    return _subject_choice(value, where)
+
+
+def _bench_batch(value: Any, where: str) -> list[int]:
+    if _is_int(value):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise _bad(where, "a batch size or a list of batch sizes (integers >= 1)", value)
+    return [_integer(1)(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+
+# field -> check, per section; the dataclasses' defaults fill the fields a file leaves out.
+TOP_FIELDS: dict[str, Callable[[Any, str], Any]] = {
+    "name": _text(numbers=True),
+    "model": _text(),
+    "device": _one_of(*DEVICES),
+    "db": _text(),
+    "methods": _methods,
+    "calib": _calib,
+    "dequant_cache": _flag,
+    "eval": lambda value, where: value,  # sections: checked by SECTIONS
+    "perplexity": lambda value, where: value,
+    "bench": lambda value, where: value,
+}
+EVAL_FIELDS: dict[str, Callable[[Any, str], Any]] = {
+    "tasks": _tasks,
+    "subjects": _subjects,
+    "limit": _integer(1, none_ok=True),
+    "shots": _integer(0),
+    "split": _text(none_ok=False),
+    "mode": _one_of("loglikelihood", "generate"),
+    "protocol": _text(none_ok=False),  # then get_protocol
+    "batch_size": _integer(1),
+}
+PPL_FIELDS: dict[str, Callable[[Any, str], Any]] = {
+    "text": _text(none_ok=False),  # then: a file or a corpus
+    "ctx": _integer(2),
+    "stride": _integer(1, none_ok=True),  # then <= ctx
+    "max_tokens": _integer(2, none_ok=True),
+    "batch_size": _integer(1),
+}
+BENCH_FIELDS: dict[str, Callable[[Any, str], Any]] = {
+    "device": _one_of(*DEVICES),
+    "batch": _bench_batch,
+    "input": _integer(1),
+    "output": _integer(1),
+    "repeats": _integer(1),
+}
+SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any, str], Any]]]] = {
+    "eval": (EvalSettings, EVAL_FIELDS),
+    "perplexity": (PplSettings, PPL_FIELDS),
+    "bench": (BenchSettings, BENCH_FIELDS),
+}
+
+
+def _fields(raw: dict, table: dict[str, Callable[[Any, str], Any]], where: str) -> dict[str, Any]:
+    """Each field of ``raw`` through its check; a key the table does not have is an error."""
+    for key in raw:
+        if key not in table:
+            raise SweepError(
+                f"{where + ': ' if where else ''}unknown field {_got(key)}; allowed: {', '.join(table)}"
+            )
+    return {key: table[key](value, f"{where}.{key}" if where else key) for key, value in raw.items()}
+
+
+def _section(raw: Any, name: str) -> Any:
+    cls, table = SECTIONS[name]
     if raw is None or raw is False:
         return None
     if raw is True:
         raw = {}
     if not isinstance(raw, dict):
-        raise SweepError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    known = {f for f in cls.__dataclass_fields__}
-    unknown = set(raw) - known
-    if unknown:
-        raise SweepError(
-            f"{where}: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
-        )
+        raise _bad(name, "a mapping of settings, true or null", raw)
+    return cls(**_fields(raw, table, name))
+
+
+def parse_sweep(raw: Any, source: str = "sweep.yaml", default_name: str = "sweep") -> SweepConfig:
+    """Check a sweep file's parsed YAML against the schema (``TOP_FIELDS`` and the sections' tables, then
+    what depends on several fields: subjects per task, split per task, shots against each subject's dev
+    split, stride against ctx, the text and the model existing) and build its SweepConfig. Every error is
+    one SweepError line ``SOURCE: FIELD: what is wrong``; nothing is loaded."""
     try:
-        return cls(**raw)
-    except TypeError as exc:
-        raise SweepError(f"{where}: {exc}") from None
+        return _parse(raw, default_name)
+    except SweepError as exc:
+        raise SweepError(f"{source}: {exc}") from None
 
 
-def _int(value: Any, where: str, minimum: int = 1, allow_none: bool = False) -> None:
-    if value is None and allow_none:
+def _parse(raw: Any, default_name: str) -> SweepConfig:
+    from quantbench.eval.loading import is_checkpoint
+
+    if not isinstance(raw, dict):
+        raise _bad("top level", "a mapping of fields", raw)
+    top = _fields(raw, TOP_FIELDS, "")
+    model = top.get("model") or "qwen2.5-coder-0.5b"
+    if not top.get("methods") and not is_checkpoint(model):
+        raise SweepError("methods: expected at least one method spec (the model is not a checkpoint)")
+    cfg = SweepConfig(
+        name=top.get("name") or default_name,
+        model=model,
+        methods=top.get("methods") or [],
+        device=top.get("device") or "auto",
+        db=top.get("db"),
+        calib=top.get("calib") if "calib" in top else _calib(None, "calib"),
+        dequant_cache=top.get("dequant_cache"),
+        eval=_section(raw.get("eval"), "eval"),
+        perplexity=_section(raw.get("perplexity"), "perplexity"),
+        bench=_section(raw.get("bench"), "bench"),
+    )
+    if cfg.eval:
+        _check_eval(cfg)
+    if cfg.perplexity:
+        _check_perplexity(cfg.perplexity)
+    if not cfg.stages():
+        raise SweepError("nothing to do: give at least one of eval, perplexity, bench")
+    _check_model(cfg.model)
+    return cfg
+
+
+def _check_eval(cfg: SweepConfig) -> None:
+    from quantbench.eval.protocols import get_protocol
+    from quantbench.eval.tasks import get_task
+
+    e = cfg.eval
+    e.protocol = _wrap("eval.protocol", lambda: get_protocol(e.protocol).name)
+    if isinstance(e.subjects, dict):
+        for key in e.subjects:
+            if key not in e.tasks:
+                raise SweepError(
+                    f"eval.subjects: {_got(key)} is not one of eval.tasks ({', '.join(e.tasks)})"
+                )
+    for task in e.tasks:
+        _wrap("eval.split", lambda task=task: get_task(task).check_split(e.split))
+    if e.split == "dev" and e.shots:
+        raise SweepError("eval.split: dev holds the few-shot examples: evaluate val or test, or set shots: 0")
+    for task in e.tasks:
+        where = f"eval.subjects.{task}" if isinstance(e.subjects, dict) else "eval.subjects"
+        subjects = _wrap(where, lambda task=task: _subjects_for(cfg, task))
+        if not e.shots:
+            continue
+        t = get_task(task)
+        for subject in subjects:
+            have = _wrap("eval.shots", lambda subject=subject, t=t: t.max_shots(subject))
+            if e.shots > have:
+                raise SweepError(
+                    f"eval.shots: {e.shots}: {task}/{subject} has only {have} dev examples to draw shots from"
+                )
+
+
+def _check_perplexity(p: PplSettings) -> None:
+    from quantbench.eval.corpus import CORPORA, resolve_corpus
+
+    if p.stride is not None and p.stride > p.ctx:
+        raise SweepError(
+            f"perplexity.stride: expected an integer between 1 and ctx ({p.ctx}), got {p.stride}"
+        )
+    if not Path(p.text).expanduser().is_file() and resolve_corpus(p.text) is None:
+        raise SweepError(
+            f"perplexity.text: '{p.text}' is neither a file nor a corpus; corpora: {', '.join(CORPORA)}"
+        )
+
+
+def _check_model(model: str) -> None:
+    """The model names something loadable (looked up, not loaded or converted)."""
+    from quantbench.models import MODEL_ALIASES, PACKAGED_MODELS
+
+    path = Path(model).expanduser()
+    if MODEL_ALIASES.get(model, model) in PACKAGED_MODELS or (path.is_file() and path.suffix == ".gguf"):
         return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise SweepError(f"{where} must be an integer >= {minimum}, got {value!r}")
+    if path.is_dir():
+        from quantbench.checkpoint import MANIFEST_NAME
+
+        if (path / "config.json").exists() or (path / MANIFEST_NAME).exists():
+            return
+        raise SweepError(f"model: {path} has no config.json: not a Hugging Face model directory")
+    known = ", ".join([*PACKAGED_MODELS, *MODEL_ALIASES])
+    raise SweepError(
+        f"model: '{model}' not found: give a local HF directory, a .gguf file, or one of: {known}"
+    )
 
 
 def load_sweep(path: str | Path) -> SweepConfig:
-    """Read and check a sweep file (specs, tasks and subjects are validated before any work)."""
+    """Read and check a sweep file: the whole file against the schema (:func:`parse_sweep`) before any work."""
     import yaml
-
-    from quantbench.quant import parse_spec
 
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SweepError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise SweepError(f"{path}: expected a mapping at the top level")
-    known = {
-        "name",
-        "model",
-        "device",
-        "db",
-        "methods",
-        "calib",
-        "dequant_cache",
-        "eval",
-        "perplexity",
-        "bench",
-    }
-    unknown = set(raw) - known
-    if unknown:
-        raise SweepError(
-            f"{path}: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
-        )
-    methods = raw.get("methods") or []
-    if isinstance(methods, str):
-        from quantbench.bench.runner import split_methods
-
-        methods = split_methods([methods])
-    if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
-        raise SweepError(f"{path}: 'methods' must be a list of method specs")
-    specs = list(dict.fromkeys(parse_spec(m).spec for m in methods))  # canonical, deduplicated
-    from quantbench.quant.calib import parse_calib
-
-    raw_calib = raw.get("calib")
-    calib = str(parse_calib(None if raw_calib is None else str(raw_calib)))  # a bad size fails here
-    dequant_cache = raw.get("dequant_cache")
-    if dequant_cache is not None and not isinstance(dequant_cache, bool):
-        raise SweepError(f"{path}: dequant_cache must be true, false or null, got {dequant_cache!r}")
-    cfg = SweepConfig(
-        name=str(raw.get("name") or path.stem),
-        model=str(raw.get("model") or "qwen2.5-coder-0.5b"),
-        methods=specs,
-        device=str(raw.get("device") or "auto"),
-        db=raw.get("db"),
-        calib=calib,
-        dequant_cache=dequant_cache,
-        eval=_section(raw.get("eval"), EvalSettings, f"{path}: eval"),
-        perplexity=_section(raw.get("perplexity"), PplSettings, f"{path}: perplexity"),
-        bench=_section(raw.get("bench"), BenchSettings, f"{path}: bench"),
-    )
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise SweepError(f"{path}: device must be auto, cpu or cuda, got {cfg.device!r}")
-    if cfg.eval:
-        e = cfg.eval
-        from quantbench.eval.tasks import get_task
-
-        if isinstance(e.tasks, str):
-            e.tasks = [t.strip() for t in e.tasks.split(",") if t.strip()]
-        e.tasks = [get_task(t).name for t in e.tasks]
-        from quantbench.eval.protocols import get_protocol
-
-        e.protocol = get_protocol(str(e.protocol)).name
-        _int(e.limit, "eval.limit", allow_none=True)
-        _int(e.shots, "eval.shots", minimum=0)
-        _int(e.batch_size, "eval.batch_size")
-        for task in e.tasks:
-            _subjects_for(cfg, task)  # raises on an unknown subject
-    if cfg.perplexity:
-        _int(cfg.perplexity.ctx, "perplexity.ctx", minimum=2)
-        _int(cfg.perplexity.max_tokens, "perplexity.max_tokens", minimum=2, allow_none=True)
-    if cfg.bench:
-        b = cfg.bench
-        if isinstance(b.batch, int):
-            b.batch = [b.batch]
-        for v in b.batch:
-            _int(v, "bench.batch")
-        _int(b.input, "bench.input")
-        _int(b.output, "bench.output")
-        _int(b.repeats, "bench.repeats")
-        if b.device not in ("auto", "cpu", "cuda"):
-            raise SweepError(f"bench.device must be auto, cpu or cuda, got {b.device!r}")
-    if not cfg.stages():
-        raise SweepError(f"{path}: nothing to do: give at least one of eval, perplexity, bench")
-    return cfg
+    return parse_sweep(raw, str(path), path.stem)
 
 
 def _subjects_for(cfg: SweepConfig, task: str) -> list[str]:
