@@ -508,7 +508,7 @@ def run(
     """Quantize MODEL with every method, evaluate each, and print the comparison table.
 
     Without --limit / --subjects / --full (or a --preset) it runs a quick subset (one subject per category,
-    10 questions each), printed first. It runs as a sweep (quantbench sweep) built from the flags: results
+    20 questions each), printed first. It runs as a sweep (quantbench sweep) built from the flags: results
     are stored per batch in --db and a rerun reads them back.
     """
     from quantbench.eval.checks import check_eval_args

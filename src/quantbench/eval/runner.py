@@ -31,7 +31,7 @@ QUICK_SUBJECTS = {
     "mmlu": ("conceptual_physics", "human_sexuality", "world_religions", "management"),
     "ceval": ("operating_system", "marxism", "ideological_and_moral_cultivation", "basic_medicine"),
 }
-QUICK_LIMIT = 10
+QUICK_LIMIT = 20
 
 
 def default_methods() -> list[str]:
