@@ -75,29 +75,12 @@ def test_generate_answers_do_not_depend_on_batching(gemma_fp32):
 
 
 def _tiny_mistral(window: int):
-    """A random 2-layer Mistral (real Qwen tokenizer's vocabulary) whose window is shorter than the rows."""
-    import quantbench
-    from tinyqwen import real_tokenizer
+    """A random 2-layer Mistral (real Qwen tokenizer's vocabulary) whose window is shorter than the rows;
+    weights larger than the HF init, so tokens far back matter to the logits."""
+    from tinyqwen import real_tokenizer, tiny_model
 
     tokenizer = real_tokenizer()
-    model = quantbench.random_model(
-        "mistral-7b",
-        dtype="fp32",
-        seed=3,
-        num_hidden_layers=2,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=len(tokenizer),
-        sliding_window=window,
-        max_position_embeddings=512,
-    )
-    with torch.no_grad():  # larger weights than the HF init, so tokens far back matter to the logits
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+    model = tiny_model("mistral-7b", seed=3, spread=0.5, vocab_size=len(tokenizer), sliding_window=window)
     return model, tokenizer
 
 

@@ -28,19 +28,28 @@ def tiny_qwen(seed: int = 0, spread: float | None = None):
 
     ``spread``: re-draw every matrix with this standard deviation (larger than the HF init's 0.02, so the
     random model does not just repeat its last token)."""
+    return tiny_model("qwen2.5-0.5b", seed, spread)
+
+
+def tiny_model(config_name: str, seed: int = 0, spread: float | None = None, **overrides):
+    """A 2-layer, hidden-size-64 random model of a real architecture (``overrides`` change config fields),
+    optionally re-drawn with a larger ``spread`` (see :func:`tiny_qwen`)."""
     import quantbench
 
     model = quantbench.random_model(
-        "qwen2.5-0.5b",
+        config_name,
         dtype="fp32",
         seed=seed,
-        num_hidden_layers=2,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
+        **{
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 512,
+            **overrides,
+        },
     )
     if spread is not None:
         with torch.no_grad():
