@@ -281,6 +281,8 @@ def evaluate(
                             bar,
                         )
                     )
+            # Prefixes of similar length share a wave: less left padding in the prefix forward.
+            groups.sort(key=lambda g: len(g.prefix_ids))
             for wave in _waves(groups, lm.batch_size):
                 bar.describe(f"{label} {', '.join(dict.fromkeys(g.subject for g in wave))}")
                 _evaluate_wave(wave, mode, protocol, lm, key, store, choice_ids, max_new_tokens, bar)
