@@ -117,23 +117,12 @@ def test_unknown_protocol_is_a_one_line_error():
 
 @pytest.fixture(scope="module")
 def tiny_qwen():
-    from transformers import AutoTokenizer
+    from tinyqwen import real_tokenizer, tiny_model
 
-    from quantbench.models import resolve_model_dir
-
-    torch.manual_seed(0)
-    model = quantbench.random_model(
-        "qwen2.5-0.5b",
-        dtype="fp32",
-        num_hidden_layers=2,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    model = tiny_model("qwen2.5-0.5b", max_position_embeddings=32768)
     quantbench.quantize(model, "fp32")
     model.quantbench_source = {"fingerprint": "tiny-protocols"}
-    return model, AutoTokenizer.from_pretrained(str(resolve_model_dir("qwen2.5-coder-0.5b")))
+    return model, real_tokenizer()
 
 
 def test_protocols_are_scored_and_stored_apart(tiny_qwen):
