@@ -156,8 +156,9 @@ def stats_table(t: AccTable) -> Table:
     raw = [[r.spec, *_field_cells(r.fields), *stat_raw(stats[r.spec])] for r in t.rows]
     note = (
         f"Against the {ref} row, on the questions both answered. Avg: Wilson 95% interval. Δ: accuracy "
-        "difference in points with a paired bootstrap 95% interval (10,000 resamples over questions). flips: "
-        "right->wrong / wrong->right. agree: same predicted letter. KLD: mean KL(ref || method) of the "
+        "difference in points with a paired bootstrap 95% interval (10,000 resamples over questions), widened "
+        "to Agresti-Min's adjusted interval where that is wider (few flips). flips: right->wrong / "
+        "wrong->right. agree: same predicted letter, Wilson interval. KLD: mean KL(ref || method) of the "
         "answer distribution over A-D (nats; loglikelihood mode only). p: exact McNemar test on the flips. "
         "Verdict: a difference is shown when the interval excludes 0 and p < 0.05; otherwise "
         "'indistinguishable', or 'too few questions to tell' when the interval is wider than ±5 points."
