@@ -421,33 +421,30 @@ def comparison_rows(runs, task: str) -> list[list[str]]:
     return rows
 
 
-def _stat_rows(runs, task: str) -> list[list[str]]:
-    """Statistics of every method against the reference row (quantbench.report.compare)."""
-    from quantbench.report.compare import run_stat_rows
+def _stat_rows(runs, stats) -> list[list[str]]:
+    """The statistics table's rows: each method against the reference row (quantbench.report.compare)."""
+    from quantbench.report.compare import stat_cells
     from quantbench.report.render import label
 
-    stats = run_stat_rows(runs, task)
-    return [[label(r.table_fields), *s] for r, s in zip(runs, stats, strict=True)]
+    return [[label(r.table_fields), *stat_cells(stats[r.spec])] for r in runs]
 
 
-def _print_stat_table(runs, task: str) -> None:
+def _print_stat_table(runs, task: str, stats) -> None:
     from rich.table import Table
 
-    from quantbench.report.compare import STAT_COLUMNS
+    from quantbench.report.compare import STAT_COLUMNS, decision_lines
+    from quantbench.report.render import label
 
     table = Table(
         "config",
         *STAT_COLUMNS,
         title=f"{task}: 95% intervals, paired against the reference",
     )
-    for row in _stat_rows(runs, task):
+    for row in _stat_rows(runs, stats):
         table.add_row(*row)
     console.print(table)
-    from quantbench.report.compare import decision_lines, run_method_stats
-    from quantbench.report.render import label
-
     labels = {r.spec: label(r.table_fields) for r in runs}
-    for line in decision_lines(run_method_stats(runs, task), labels):
+    for line in decision_lines(stats, labels):
         console.print(f"  {line}")
 
 
@@ -610,12 +607,15 @@ def run(
         cfg, str(db), redo_done=True, log=lambda _line: None, command="run", on_method_done=done
     )
     runs, wall = summary.runs, summary.wall_s
+    from quantbench.report.compare import run_method_stats
+
+    stats = {t.name: run_method_stats(runs, t.name) for t in task_list}  # bootstraps once per task
     for task in task_list:
         table = Table(*COLUMNS, title=f"{task.name} ({split}, {shots}-shot, {protocol} {mode})")
         for row in comparison_rows(runs, task.name):
             table.add_row(*row)
         console.print(table)
-        _print_stat_table(runs, task.name)
+        _print_stat_table(runs, task.name, stats[task.name])
     console.print(f"total wall time {wall:.1f}s")
     if json_out is not None:
         from quantbench.report.compare import STAT_COLUMNS
@@ -632,7 +632,7 @@ def run(
             "columns": list(COLUMNS),
             "tables": {t.name: comparison_rows(runs, t.name) for t in task_list},
             "stat_columns": ["config", *STAT_COLUMNS],
-            "stat_tables": {t.name: _stat_rows(runs, t.name) for t in task_list},
+            "stat_tables": {t.name: _stat_rows(runs, stats[t.name]) for t in task_list},
             "methods": [r.to_dict() for r in runs],
         }
         json_out.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
