@@ -345,8 +345,11 @@ class HFLM:
         """
         which = [0] * len(suffixes) if which is None else list(which)
         if max_new_tokens > 1 and self.windowed:
-            heads = [0] * len(state.prefixes) if state.cache is not None else [len(p) for p in state.prefixes]
-            lengths = [len(s) + (heads[w] if heads else 0) for s, w in zip(suffixes, which, strict=True)]
+            # Where each row ends: after its suffix, plus its prefix when that is not cached.
+            inline = state.cache is None and bool(state.prefixes)
+            lengths = [
+                len(s) + (len(state.prefixes[w]) if inline else 0) for s, w in zip(suffixes, which, strict=True)
+            ]
             if len(set(lengths)) > 1:
                 texts: list[str] = [""] * len(suffixes)
                 for length in dict.fromkeys(lengths):
