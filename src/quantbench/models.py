@@ -152,6 +152,33 @@ def _hash_files(paths: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+# The source GGUF's key-value metadata (tokenizer, hyper-parameters), without its tensors: what a GGUF
+# export copies so that llama.cpp sees the same vocabulary and architecture settings.
+GGUF_METADATA_NAME = "gguf_metadata.gguf"
+
+
+def write_gguf_metadata(gguf_path: Path, out_path: Path) -> Path:
+    """Copy every key-value field of ``gguf_path`` (no tensors) into a small GGUF file at ``out_path``."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch=arch)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue  # written by GGUFWriter itself
+        val_type = field.types[0]
+        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    tmp.replace(out_path)
+    return out_path
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF checkpoint into an HF directory (config, safetensors, tokenizer).
 
@@ -184,6 +211,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
         (tmp / "quantbench_source.json").write_text(json.dumps({"gguf": name}) + "\n")
+        write_gguf_metadata(gguf_path, tmp / GGUF_METADATA_NAME)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -200,7 +228,8 @@ def resolve_model_dir(spec: str) -> Path:
         packaged = PACKAGED_MODELS[name]
         chunks = packaged_chunks(packaged)
         out_dir = cache_root() / "models" / f"{name}-{_hash_files(chunks)}"
-        if (out_dir / "model.safetensors").exists():
+        converted = (out_dir / "model.safetensors").exists()
+        if converted and (out_dir / GGUF_METADATA_NAME).exists():
             return out_dir
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir.parent) as work:
@@ -209,11 +238,16 @@ def resolve_model_dir(spec: str) -> Path:
                 for chunk in chunks:
                     with chunk.open("rb") as src:
                         shutil.copyfileobj(src, out, 1 << 22)
+            if converted:  # converted before the metadata was kept: add it
+                write_gguf_metadata(gguf_path, out_dir / GGUF_METADATA_NAME)
+                return out_dir
             return convert_gguf(gguf_path, out_dir)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         out_dir = cache_root() / "models" / f"{path.stem}-{_hash_files([path])}"
         if (out_dir / "model.safetensors").exists():
+            if not (out_dir / GGUF_METADATA_NAME).exists():
+                write_gguf_metadata(path, out_dir / GGUF_METADATA_NAME)
             return out_dir
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         return convert_gguf(path, out_dir)

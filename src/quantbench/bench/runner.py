@@ -15,7 +15,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -154,9 +154,14 @@ def bench_methods(
     log: Callable[[str], None] = print,
     on_row: Callable[[BenchRow], None] | None = None,
     calib: str | None = None,
+    llama_cpp: bool = False,
 ) -> list[BenchRow]:
     """Quantize ``model`` with each spec (through :func:`quantbench.loader.load`; calibrated methods on
-    ``calib``), run the engine at each batch size, return one row per pair."""
+    ``calib``), run the engine at each batch size, return one row per pair.
+
+    ``llama_cpp``: after each batch-1 row, the same model written as GGUF is timed in llama.cpp
+    (:mod:`quantbench.bench.llamacpp`) on the same prompt, as an extra row whose path is ``llama.cpp``.
+    """
     import quantbench
     from quantbench import loader
     from quantbench.engine import Engine
@@ -252,9 +257,50 @@ def bench_methods(
                 f"{config.spec:40s} b{batch:<3d} first {first_ms:8.2f} ms  step {step_ms:7.3f} ms  "
                 f"{row.tokens_per_s:8.1f} tok/s  {row.pct_bw:5.1f}% bw  peak {peak:6.2f} GiB"
             )
+            if llama_cpp and batch == 1:
+                peer = _llama_cpp_row(net, row, ids[0].tolist(), log)
+                if peer is not None:
+                    rows.append(peer)
+                    if on_row is not None:
+                        on_row(peer)
         del engine, net
         gc.collect()
     return rows
+
+
+def _llama_cpp_row(
+    net: torch.nn.Module, row: BenchRow, prompt_ids: list[int], log: Callable[[str], None]
+) -> BenchRow | None:
+    """The llama.cpp row beside ``row`` (same model as GGUF, same prompt), or None when it has no GGUF form."""
+    from quantbench.bench.llamacpp import bench_llama_cpp
+    from quantbench.gguf_export import GGUFExportError
+
+    try:
+        result = bench_llama_cpp(net, prompt_ids, row.output_len, repeats=row.repeats)
+    except GGUFExportError as exc:
+        log(f"llama.cpp: {row.method} skipped: {exc}")
+        return None
+    step_ms = result.pop("per_token_ms")
+    peer = replace(
+        row,
+        method=f"llama.cpp {row.method}",
+        path="llama.cpp",
+        first_token_ms=round(result.pop("first_token_ms"), 3),
+        per_token_ms=round(step_ms, 4),
+        tokens_per_s=round(1e3 / step_ms, 1) if step_ms == step_ms else float("nan"),
+        peak_mem_gib=None,
+        weights_gib=round(result["gguf_bytes"] / 2**30, 3),
+        step_bytes=0,
+        pct_bw=float("nan"),
+        warmup_s=float("nan"),
+        extra=result,
+    )
+    log(
+        f"{peer.method:40s} b1   first {peer.first_token_ms:8.2f} ms  step {step_ms:7.3f} ms  "
+        f"{peer.tokens_per_s:8.1f} tok/s  ({result['threads']} threads, llama-cpp-python "
+        f"{result['llama_cpp_version']})"
+    )
+    return peer
 
 
 def store_rows(db: str, rows: list[BenchRow]) -> str:

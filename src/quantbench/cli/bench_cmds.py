@@ -36,6 +36,11 @@ def bench(
     layers: int = typer.Option(0, "--layers", help="random:ARCH only: number of decoder layers (0 = real)"),
     db: str = typer.Option("quantbench.db", "--db", help="SQLite results store ('' = do not store)"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the rows as JSON"),
+    llama_cpp: bool = typer.Option(
+        False,
+        "--llama-cpp",
+        help="CPU, batch 1: also time llama.cpp (llama-cpp-python) on the same model written as GGUF",
+    ),
 ) -> None:
     """Measure first-token latency, per-token latency, tokens/s, peak memory and % of copy bandwidth."""
     import torch
@@ -52,6 +57,15 @@ def bench(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("no CUDA device here; use --device cpu for the reference path")
+    if llama_cpp:
+        from quantbench.bench.llamacpp import LlamaCppUnavailable, llama_cpp_version
+
+        if dev.type != "cpu":
+            raise BenchError("--llama-cpp compares CPU engines: use --device cpu")
+        if llama_cpp_version() is None:
+            raise LlamaCppUnavailable(
+                "--llama-cpp needs llama-cpp-python (pip install llama-cpp-python; it builds llama.cpp from source)"
+            )
     rows = bench_methods(
         model,
         specs,
@@ -63,6 +77,7 @@ def bench(
         layers=layers or None,
         log=console.print,
         calib=calib,
+        llama_cpp=llama_cpp,
     )
     table = Table(title=f"{model} on {device_name(dev)}, {input_len} in + {output_len} out")
     for col in ("method", "batch", "first token ms", "ms/token", "tok/s", "% bw", "peak GiB", "weights GiB"):
