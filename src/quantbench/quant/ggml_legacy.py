@@ -19,6 +19,12 @@ by -8 / -16 (q4_0, q5_0), the range divided by 15 / 31 (q4_1, q5_1) or the absol
 (rounded to nearest even). The rounding differs per type, as in C: q8_0 uses ``roundf`` (half away
 from zero), the others add 8.5 / 16.5 / 0.5 and truncate toward zero, i.e. round half up.
 
+"Bit-exact" means equal to the C reference evaluated as written, every float32 operation rounded
+(as gguf-py computes, and C compiled without floating-point contraction). A build that contracts
+``x*id + 8.5f`` into one fused multiply-add (GCC's default once FMA is enabled, e.g. ``-march=native``)
+rounds once instead of twice, so a product within an ulp of a code boundary can land on the other
+code: rare, seen on q4_0 / q5_0 blocks of integer-valued weights.
+
 Where gguf-py's numpy port and the C code disagree (only in the sign of a zero scale or minimum, in
 blocks whose extreme values are zeros), this follows the C code; the comments at ``_signed_absmax``
 and ``_first_equal`` say how.
