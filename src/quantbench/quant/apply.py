@@ -11,7 +11,7 @@ from torch import nn
 
 from quantbench.errors import QuantConfigError
 from quantbench.quant.base import QuantLinear
-from quantbench.quant.compute import CPU_FP16_KERNELS
+from quantbench.quant.compute import CPU_FP16_KERNELS, use_fp16_attention_emulation
 from quantbench.quant.config import QuantConfig, parse_spec
 
 BASELINE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -94,6 +94,14 @@ def _cast_floating(module: nn.Module, dtype: torch.dtype) -> None:
             module._buffers[name] = buf.to(dtype)
 
 
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the model's float tensors (not quantized storage) to ``dtype``; an fp16 model's attention on
+    CPU then runs as a GPU's fp16 attention does, at fp32 speed (:mod:`quantbench.quant.compute`)."""
+    _cast_floating(model, dtype)
+    if dtype == torch.float16:
+        use_fp16_attention_emulation(model)
+
+
 def eligible_linears(model: nn.Module, config: QuantConfig) -> Iterator[tuple[str, nn.Linear, str | None]]:
     """(name, module, reason-to-skip-or-None) for every nn.Linear in ``model``."""
     from quantbench.quant import METHODS
@@ -157,7 +165,7 @@ def quantize(model: nn.Module, config: str | QuantConfig, **kwargs: Any) -> nn.M
 
     method = METHODS[config.method]
     if method.linear_cls is None:
-        _cast_floating(model, BASELINE_DTYPES[method.name])
+        set_compute_dtype(model, BASELINE_DTYPES[method.name])
         model.quantbench_config = config
         model.quantbench_skipped = {}
         return model
@@ -186,7 +194,7 @@ def quantize(model: nn.Module, config: str | QuantConfig, **kwargs: Any) -> nn.M
         for name, module in targets:
             new = (quantize_layer or method.linear_cls.from_linear)(module, config, **kwargs)
             _set_submodule(model, name, new)
-    _cast_floating(model, config.compute_dtype)
+    set_compute_dtype(model, config.compute_dtype)
     model.quantbench_config = config
     model.quantbench_skipped = skipped
     return model
@@ -236,4 +244,4 @@ def replace_with_empty(model: nn.Module, config: QuantConfig, layer_names: list[
         old = model.get_submodule(name)
         new = linear_cls(old.in_features, old.out_features, old.bias is not None, config)
         _set_submodule(model, name, new.to(old.weight.device))
-    _cast_floating(model, config.compute_dtype)
+    set_compute_dtype(model, config.compute_dtype)

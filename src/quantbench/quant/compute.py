@@ -62,3 +62,44 @@ def linear(
         if cpu_fp16 == "emulated" or (cpu_fp16 == "auto" and rows >= EMULATE_MIN_ROWS):
             return linear_fp16_emulated(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+# Attention of an fp16 model on CPU. A GPU's fp16 attention takes fp16 q/k/v, computes scores, softmax and
+# the weighted sum with fp32 accumulation and returns fp16. torch's CPU fp16 attention does the same
+# arithmetic in software fp16 kernels, several times slower than fp32 on long prompts; upcasting the fp16
+# operands (exact) and rounding the fp32 result once to fp16 is the same computation at fp32 speed.
+# Other dtypes and devices go to transformers' SDPA unchanged.
+CPU_FP16_ATTENTION = "quantbench_cpu_fp16_sdpa"
+
+
+def attention_fp16_emulated(module, query, key, value, attention_mask, **kwargs):  # noqa: ANN001, ANN201
+    """transformers attention function: SDPA, with fp16 CPU operands computed in fp32 (see above)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.dtype != torch.float16 or query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    mask = (
+        attention_mask.float()
+        if attention_mask is not None and attention_mask.is_floating_point()
+        else attention_mask
+    )
+    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, **kwargs)
+    return out.to(torch.float16), weights
+
+
+def use_fp16_attention_emulation(model: torch.nn.Module) -> bool:
+    """Route ``model``'s attention through :func:`attention_fp16_emulated` if it uses transformers' SDPA.
+
+    Returns whether it did. The choice is per model (its config); models on other attention kernels
+    (eager, flash) are left alone.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", CPU_FP16_ATTENTION):
+        return False
+    AttentionInterface.register(CPU_FP16_ATTENTION, attention_fp16_emulated)
+    AttentionMaskInterface.register(CPU_FP16_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(CPU_FP16_ATTENTION)
+    return True
