@@ -131,6 +131,28 @@ def file_type(model: nn.Module) -> int:
     return int(by_method[method])
 
 
+def _quantized_embedding(model: nn.Module, data: np.ndarray, ggml_type: Any) -> tuple[np.ndarray, Any]:
+    """llama-quantize quantizes the token embedding too: a mix gives it its base type (with the fallback),
+    a single-type file type its type. The evaluated model looks the embedding up in 16 bits; the file holds
+    llama.cpp's bytes for it, so that it is the file llama-quantize would write."""
+    from quantbench.quant.ggml import FORMATS, METHOD_TYPES
+    from quantbench.quant.ggml_mix import MIX_BASE_TYPE, mix_layer_type
+
+    config = getattr(model, "quantbench_config", None)
+    embedding = model.get_input_embeddings().weight.detach()
+    if config is None:
+        return data, ggml_type
+    if config.method in MIX_BASE_TYPE:
+        target = mix_layer_type(config.method, "model.embed_tokens", embedding.shape[1], model.config)
+    elif config.method in METHOD_TYPES:
+        target = METHOD_TYPES[config.method]
+    else:
+        return data, ggml_type
+    if target not in FORMATS or FORMATS[target].unsupported(embedding.shape[1]):
+        return data, ggml_type
+    return FORMATS[target].quantize(embedding.float().cpu()).numpy(), target
+
+
 def gguf_tensors(model: nn.Module, arch: str) -> list[tuple[str, np.ndarray, Any]]:
     """(GGUF name, data, ggml type) of every tensor llama.cpp expects, in llama.cpp's layout."""
     if arch not in SUPPORTED_ARCHS:
@@ -142,9 +164,21 @@ def gguf_tensors(model: nn.Module, arch: str) -> list[tuple[str, np.ndarray, Any
     n_kv = getattr(text_config, "num_key_value_heads", None) or n_head
     dtype = next(model.parameters()).dtype
     tensors = []
-    for gguf_name, hf_name in _name_map(model, arch).items():
+    mapping = _name_map(model, arch)
+    output = model.get_output_embeddings()
+    for gguf_name, hf_name in mapping.items():
         module_name, _, leaf = hf_name.rpartition(".")
-        data, ggml_type = _module_tensor(model.get_submodule(module_name), leaf, dtype)
+        module = model.get_submodule(module_name)
+        if (
+            gguf_name == "token_embd.weight"
+            and "output.weight" not in mapping
+            and isinstance(output, QuantLinear)
+        ):
+            # Tied embeddings: llama.cpp keeps one matrix for both, quantized as the output (the mix's type).
+            module, leaf = output, "weight"
+        data, ggml_type = _module_tensor(module, leaf, dtype)
+        if gguf_name == "token_embd.weight" and not isinstance(module, QuantLinear):
+            data, ggml_type = _quantized_embedding(model, data, ggml_type)
         if arch == "llama" and leaf == "weight" and ".attn_q." in gguf_name:
             data = permute_rope_rows(data, n_head)
         elif arch == "llama" and leaf == "weight" and ".attn_k." in gguf_name:

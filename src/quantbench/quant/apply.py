@@ -192,7 +192,8 @@ def quantize(model: nn.Module, config: str | QuantConfig, **kwargs: Any) -> nn.M
         kwargs = {k: v for k, v in kwargs.items() if k not in CALIBRATION_KWARGS}
         quantize_layer = getattr(method, "quantize_layer", None)
         for name, module in targets:
-            new = (quantize_layer or method.linear_cls.from_linear)(module, config, **kwargs)
+            extra = method.layer_options(model, name, module, config) if method.layer_options else {}
+            new = (quantize_layer or method.linear_cls.from_linear)(module, config, **kwargs, **extra)
             _set_submodule(model, name, new)
     set_compute_dtype(model, config.compute_dtype)
     model.quantbench_config = config
@@ -238,10 +239,12 @@ def replace_with_empty(model: nn.Module, config: QuantConfig, layer_names: list[
     """Swap the named Linears for empty quantized skeletons (used when loading a checkpoint)."""
     from quantbench.quant import METHODS
 
-    linear_cls = METHODS[config.method].linear_cls
+    method = METHODS[config.method]
+    linear_cls = method.linear_cls
     assert linear_cls is not None
     for name in layer_names:
         old = model.get_submodule(name)
-        new = linear_cls(old.in_features, old.out_features, old.bias is not None, config)
+        extra = method.layer_options(model, name, old, config) if method.layer_options else {}
+        new = linear_cls(old.in_features, old.out_features, old.bias is not None, config, **extra)
         _set_submodule(model, name, new.to(old.weight.device))
     set_compute_dtype(model, config.compute_dtype)

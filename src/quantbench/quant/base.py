@@ -163,6 +163,10 @@ class Method:
     aliases: dict[str, str] = field(default_factory=dict)  # alternative key spellings
     validate: Callable[[str, dict[str, Any]], None] | None = None
     bits: float = 16.0  # nominal bits of a weight code, for reports
+    # Per-layer constructor arguments (model, layer name, nn.Linear, config) -> kwargs of ``linear_cls``:
+    # for a mix that picks each layer's format from its place in the model (llama.cpp's Q4_K_M). Used
+    # both when quantizing and when a checkpoint's skeleton is rebuilt, so both give the same layers.
+    layer_options: Callable[[nn.Module, str, nn.Linear, QuantConfig], dict[str, Any]] | None = None
 
     def table_fields(self, config: QuantConfig) -> dict[str, str]:
         """Columns of the comparison table: compute dtype, double quant, group/block size."""

@@ -152,6 +152,8 @@ class GGMLLinear(QuantLinear):
 
     @classmethod
     def supports(cls, linear: nn.Linear, config: QuantConfig) -> str | None:
+        if config.method not in METHOD_TYPES:
+            return None  # a mix (ggml_mix.py) picks each layer's type, with llama.cpp's fallbacks
         return ggml_format(method_type(config.method)).unsupported(linear.in_features)
 
     @classmethod

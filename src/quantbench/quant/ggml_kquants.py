@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
+from quantbench.quant.ggml import ggml_method, register_format
+
 QK_K = 256
 TYPE_SIZE = {"q4_K": 144, "q5_K": 176, "q6_K": 210}
 
@@ -334,9 +336,29 @@ def dequantize_q6_k(data: torch.Tensor) -> torch.Tensor:
     return ((d[:, None] * scales)[:, :, None] * q).reshape(rows, -1)
 
 
-# For ggml.py's register_format(ggml_type, quantize, dequantize).
+# ---- registration -----------------------------------------------------------------------------------
+
 KQUANT_FUNCTIONS = {
     GGMLQuantizationType.Q4_K: (quantize_q4_k, dequantize_q4_k),
     GGMLQuantizationType.Q5_K: (quantize_q5_k, dequantize_q5_k),
     GGMLQuantizationType.Q6_K: (quantize_q6_k, dequantize_q6_k),
 }
+for _type, (_quantize, _dequantize) in KQUANT_FUNCTIONS.items():
+    register_format(_type, _quantize, _dequantize)
+
+_BYTES = "bytes identical to llama.cpp's reference quantizer"
+Q4_K = ggml_method(
+    "q4_k",
+    GGMLQuantizationType.Q4_K,
+    f"llama.cpp Q4_K: 4-bit, 6-bit scales and minimums per 32 in super-blocks of 256 ({_BYTES})",
+)
+Q5_K = ggml_method(
+    "q5_k",
+    GGMLQuantizationType.Q5_K,
+    f"llama.cpp Q5_K: 5-bit, 6-bit scales and minimums per 32 in super-blocks of 256 ({_BYTES})",
+)
+Q6_K = ggml_method(
+    "q6_k",
+    GGMLQuantizationType.Q6_K,
+    f"llama.cpp Q6_K: 6-bit symmetric, 8-bit scales per 16 in super-blocks of 256 ({_BYTES})",
+)

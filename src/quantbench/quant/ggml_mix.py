@@ -16,8 +16,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from torch import nn
+
+from quantbench.quant.base import Method
+from quantbench.quant.config import Option, QuantConfig, compute_option
+from quantbench.quant.ggml import GGMLLinear
 
 T = GGMLQuantizationType
 
@@ -216,3 +222,68 @@ def hf_to_gguf_name(hf_name: str, arch: str = "llama") -> str | None:
     else:
         gguf = _HF_BLOCK.get(rest)
     return None if gguf is None else f"blk.{layer}.{gguf}{suffix}"
+
+
+# ------------------------------------------------------------------------ the mixes as methods
+
+
+def mix_layer_type(mix: str, hf_name: str, in_features: int, model_config: Any) -> GGMLQuantizationType:
+    """The type llama-quantize gives the Hugging Face Linear ``hf_name`` of a model with ``model_config``.
+
+    Layers are counted by layer number, as current llama.cpp does. A model that ties its output to the
+    token embedding has no ``output.weight`` in GGUF: its ``lm_head`` is the token embedding's data.
+    """
+    text = getattr(model_config, "text_config", model_config)
+    arch = str(getattr(model_config, "model_type", "llama"))
+    gguf_name = hf_to_gguf_name(hf_name, arch) or hf_name
+    tied = bool(
+        getattr(model_config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
+    )
+    if tied and gguf_name.startswith("output"):
+        gguf_name = "token_embd" + gguf_name[len("output") :]
+    match = _LAYER.match(gguf_name)
+    return ggml_mix_type(
+        mix,
+        gguf_name,
+        n_per_row=in_features,
+        layer_index=int(match.group(1)) if match else 0,
+        n_layers=int(text.num_hidden_layers),
+        has_output=not tied,
+    )
+
+
+def _layer_options(model: nn.Module, name: str, linear: nn.Linear, config: QuantConfig) -> dict[str, Any]:
+    return {"ggml_type": mix_layer_type(config.method, name, linear.in_features, model.config)}
+
+
+def _mix_method(name: str, description: str, bits: float) -> Method:
+    return Method(
+        name=name,
+        options={
+            # llama-quantize quantizes the output matrix too (Q6_K, or Q8_0 when 256 does not divide a row).
+            "skip": Option(
+                str,
+                "none",
+                help="'+'-separated module-name substrings left unquantized ('none': every Linear)",
+            ),
+            "compute": compute_option("fp16"),
+        },
+        linear_cls=GGMLLinear,
+        description=description,
+        bits=bits,
+        layer_options=_layer_options,
+    )
+
+
+Q4_K_M = _mix_method(
+    "q4_k_m",
+    "llama.cpp Q4_K_M: Q4_K, with Q6_K for the output and for attn_v / ffn_down in the layers llama-quantize "
+    "picks (32-block fallbacks where 256 does not divide a row)",
+    4.5,
+)
+Q5_K_M = _mix_method(
+    "q5_k_m",
+    "llama.cpp Q5_K_M: Q5_K, with Q6_K for the output and for attn_v / ffn_down in the layers llama-quantize "
+    "picks (32-block fallbacks where 256 does not divide a row)",
+    5.5,
+)
