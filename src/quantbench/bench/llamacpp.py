@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,6 +48,7 @@ def time_llama_cpp(
     give the first token, then ``output_len - 1`` single-token decode steps follow.
     """
     try:
+        import llama_cpp
         from llama_cpp import Llama
     except ImportError:
         raise LlamaCppUnavailable(
@@ -66,17 +68,23 @@ def time_llama_cpp(
         )
     except (ValueError, RuntimeError) as exc:
         raise LlamaCppUnavailable(f"llama.cpp could not load {gguf_path}: {exc}") from None
+    n_vocab = llm.n_vocab()
+
+    def greedy() -> int:  # the last position's logits, read from llama.cpp's context directly
+        logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return int(np.ctypeslib.as_array(logits, shape=(n_vocab,)).argmax())
+
     firsts, steps = [], []
     for _ in range(repeats + 1):  # the first run warms caches and is not counted
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt_ids)
-        token = int(llm.scores[llm.n_tokens - 1].argmax())
+        token = greedy()
         first_ms = (time.perf_counter() - t0) * 1e3
         t1 = time.perf_counter()
         for _ in range(output_len - 1):
             llm.eval([token])
-            token = int(llm.scores[llm.n_tokens - 1].argmax())
+            token = greedy()
         step_ms = (time.perf_counter() - t1) * 1e3 / max(output_len - 1, 1)
         firsts.append(first_ms)
         steps.append(step_ms)
