@@ -206,3 +206,29 @@ def test_import_llmcompressor_default_model(tmp_path, which, method):
     from quantbench.models import resolve_model_dir
 
     _check_llmcompressor_import(tmp_path, resolve_model_dir(quantbench.DEFAULT_MODEL), which, method)
+
+
+def test_cli_export_compressed_tensors(tmp_path, capsys):
+    from quantbench.cli import main as cli_main
+
+    model = tiny_qwen(0)
+    quantbench.quantize(model, "int4:group=32,asym")
+    quantbench.save_quantized(model, None, tmp_path / "ck")
+    cli_main(
+        ["export", str(tmp_path / "ck"), "--format", "compressed-tensors", "--out", str(tmp_path / "ex")]
+    )
+    # --overwrite replaces our own export, nothing else
+    cli_main(
+        [
+            "export",
+            str(tmp_path / "ck"),
+            "-f",
+            "compressed-tensors",
+            "-o",
+            str(tmp_path / "ex"),
+            "--overwrite",
+        ]
+    )
+    cli_main(["import", str(tmp_path / "ex"), "--out", str(tmp_path / "back")])
+    out = capsys.readouterr().out
+    assert "exported" in out and "imported" in out and "int4:" in out
