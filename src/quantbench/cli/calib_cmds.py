@@ -1,4 +1,5 @@
-"""``quantbench export`` and ``quantbench import``: GPTQ / AWQ (GEMM) directories <-> quantbench checkpoints."""
+"""``quantbench export`` and ``quantbench import``: GPTQ / AWQ (GEMM) / compressed-tensors directories <->
+quantbench checkpoints."""
 
 from __future__ import annotations
 
@@ -16,18 +17,22 @@ console = Console()
 def export_cmd(
     ckpt: Path = typer.Argument(
         ...,
-        help="a quantbench checkpoint (gptq/awq: int4, int8, gptq or awq; gguf: a llama.cpp-format or "
-        "16-bit checkpoint, or a packaged model / .gguf file as it is)",
+        help="a quantbench checkpoint (gptq/awq: int4, int8, gptq, awq; compressed-tensors also smoothquant, fp8; "
+        "gguf: a llama.cpp-format or 16-bit checkpoint, or a packaged model / .gguf file as it is)",
     ),
     fmt: str = typer.Option(
-        "gptq", "--format", "-f", help="gptq, awq (AWQ GEMM packing) or gguf (llama.cpp)"
+        "gptq",
+        "--format",
+        "-f",
+        help="gptq, awq (AWQ GEMM packing), compressed-tensors (llm-compressor) or gguf (llama.cpp)",
     ),
     out: Path = typer.Option(
-        ..., "--out", "-o", help="output directory (gptq/awq: transformers / vLLM layout) or .gguf file"
+        ..., "--out", "-o", help="output directory (transformers / vLLM layout) or .gguf file"
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace --out if it holds an earlier export"),
 ) -> None:
-    """Write CKPT in the GPTQ or AWQ format that transformers and vLLM load, or as a llama.cpp GGUF file."""
+    """Write CKPT in the GPTQ, AWQ or compressed-tensors format that transformers and vLLM load, or as a
+    llama.cpp GGUF file."""
     from quantbench.checkpoint import read_manifest
     from quantbench.outputs import check_output_dir
     from quantbench.quant.export import export_checkpoint, is_export_dir
@@ -37,7 +42,8 @@ def export_cmd(
         _export_gguf(ckpt, out, overwrite)
         return
     read_manifest(ckpt)
-    check_output_dir(out, overwrite=overwrite, inputs=[ckpt], is_own=is_export_dir, kind="GPTQ/AWQ export")
+    kind = "compressed-tensors export" if fmt == "compressed-tensors" else "GPTQ/AWQ export"
+    check_output_dir(out, overwrite=overwrite, inputs=[ckpt], is_own=is_export_dir, kind=kind)
 
     path = export_checkpoint(ckpt, out, fmt, overwrite=overwrite)
     size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
@@ -61,13 +67,13 @@ def _export_gguf(source: Path, out: Path, overwrite: bool) -> None:
 
 @app.command("import")
 def import_cmd(
-    src: Path = typer.Argument(..., help="a GPTQ or AWQ (GEMM) model directory"),
+    src: Path = typer.Argument(..., help="a GPTQ, AWQ (GEMM) or compressed-tensors model directory"),
     out: Path = typer.Option(..., "--out", "-o", help="quantbench checkpoint directory to write"),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace --out if it holds a quantbench checkpoint"
     ),
 ) -> None:
-    """Turn a GPTQ or AWQ directory into a quantbench checkpoint (weights bit-identical)."""
+    """Turn a GPTQ, AWQ or compressed-tensors directory into a quantbench checkpoint (weights bit-identical)."""
     from quantbench.checkpoint import check_checkpoint_out, read_manifest
     from quantbench.quant.export import import_checkpoint
 

@@ -19,6 +19,9 @@ AWQ GEMM (``quant_method: awq, version: gemm``, as AutoAWQ writes it), 4-bit onl
 Both are written from RTN's layout (codes, fp16 scales, optional zeros, optional ``g_idx``), so any
 ``int4``/``int8``/``gptq``/``awq`` checkpoint exports. The original spec rides along in
 ``quantization_config["quantbench"]`` so that import restores it exactly.
+
+``compressed-tensors`` (llm-compressor's format, served by vLLM) is written and read by
+:mod:`quantbench.quant.ct_format`; it also takes ``smoothquant`` (int8 W8A8) and ``fp8`` checkpoints.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from quantbench.errors import CheckpointError
 from quantbench.quant.config import QuantConfig, parse_spec
 from quantbench.quant.rtn import RTNLinear
 
-FORMATS = ("gptq", "awq")
+FORMATS = ("gptq", "awq", "compressed-tensors")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column AWQ_ORDER[i] of its 8
 _SKIP_FILES = {"model.safetensors", "quantbench.json", "config.json", "quantize_config.json"}
 
@@ -198,9 +201,8 @@ def _quantization_config(fmt: str, config: QuantConfig, group_sizes: set[int], b
 def export_checkpoint(
     ckpt_dir: str | Path, out_dir: str | Path, fmt: str = "gptq", overwrite: bool = False
 ) -> Path:
-    """Write the quantbench checkpoint ``ckpt_dir`` to ``out_dir`` in ``fmt`` (``gptq`` or ``awq``)."""
-    from safetensors.torch import save_file
-
+    """Write the quantbench checkpoint ``ckpt_dir`` to ``out_dir`` in ``fmt`` (``gptq``, ``awq`` or
+    ``compressed-tensors``)."""
     from quantbench.checkpoint import load_quantized
 
     if fmt not in FORMATS:
@@ -208,6 +210,11 @@ def export_checkpoint(
     ckpt, out = Path(ckpt_dir), Path(out_dir)
     model, _ = load_quantized(ckpt)
     config: QuantConfig = model.quantbench_config
+    if fmt == "compressed-tensors":
+        from quantbench.quant.ct_format import export_tensors
+
+        ct_tensors, ct_qconf = export_tensors(model, config)
+        return _write_export(ckpt, out, ct_tensors, ct_qconf, config, overwrite, quantize_config=False)
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, nn.Module) and hasattr(m, "qweight")}
     bad = [n for n, m in quantized.items() if not isinstance(m, RTNLinear)]
     if not quantized or bad:
@@ -241,10 +248,27 @@ def export_checkpoint(
             continue
         seen_ptrs.add(ptr)
         tensors[key] = value.detach().contiguous()
+    qconf = _quantization_config(fmt, config, group_sizes, bits_seen.pop() if len(bits_seen) == 1 else 0)
+    return _write_export(ckpt, out, tensors, qconf, config, overwrite, quantize_config=True)
+
+
+def _write_export(
+    ckpt: Path,
+    out: Path,
+    tensors: dict[str, torch.Tensor],
+    qconf: dict[str, Any],
+    config: QuantConfig,
+    overwrite: bool,
+    quantize_config: bool,
+) -> Path:
+    """Write the weights, ``config.json`` with ``qconf`` (and ``quantize_config.json`` for GPTQ/AWQ)
+    and the checkpoint's tokenizer files."""
+    from safetensors.torch import save_file
+
     from quantbench.outputs import atomic_dir, check_output_dir
 
-    check_output_dir(out, overwrite=overwrite, inputs=[ckpt], is_own=is_export_dir, kind="GPTQ/AWQ export")
-    qconf = _quantization_config(fmt, config, group_sizes, bits_seen.pop() if len(bits_seen) == 1 else 0)
+    kind = "GPTQ/AWQ export" if quantize_config else "compressed-tensors export"
+    check_output_dir(out, overwrite=overwrite, inputs=[ckpt], is_own=is_export_dir, kind=kind)
     hf = json.loads((ckpt / "config.json").read_text())
     hf["quantization_config"] = qconf
     hf["torch_dtype"] = hf["dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
@@ -253,7 +277,8 @@ def export_checkpoint(
     with atomic_dir(out) as tmp:  # a crash leaves an earlier export as it was
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        (tmp / "quantize_config.json").write_text(json.dumps(qconf, indent=2) + "\n")
+        if quantize_config:
+            (tmp / "quantize_config.json").write_text(json.dumps(qconf, indent=2) + "\n")
         for path in ckpt.iterdir():
             if path.is_file() and path.name not in _SKIP_FILES:
                 shutil.copy2(path, tmp / path.name)
@@ -263,7 +288,15 @@ def export_checkpoint(
 def is_export_dir(path: str | Path) -> bool:
     """A directory written by :func:`export_checkpoint` (what ``--overwrite`` may replace)."""
     p = Path(path)
-    return all((p / name).is_file() for name in ("config.json", "quantize_config.json", "model.safetensors"))
+    if not all((p / name).is_file() for name in ("config.json", "model.safetensors")):
+        return False
+    if (p / "quantize_config.json").is_file():
+        return True
+    try:
+        qconf = json.loads((p / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return qconf.get("quant_method") == "compressed-tensors" and "quantbench" in qconf
 
 
 def _read_qconfig(src: Path) -> dict[str, Any]:
@@ -299,25 +332,19 @@ def _decode_layer(fmt: str, tensors: dict[str, torch.Tensor], bits: int, v1: boo
 
 
 def import_checkpoint(src_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Turn a GPTQ or AWQ (GEMM) directory into a quantbench checkpoint (method ``gptq`` / ``awq``)."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from quantbench.checkpoint import _no_init, save_quantized
-    from quantbench.quant.apply import replace_with_empty
+    """Turn a GPTQ, AWQ (GEMM) or compressed-tensors directory into a quantbench checkpoint (GPTQ / AWQ:
+    method ``gptq`` / ``awq``; compressed-tensors: see :func:`quantbench.quant.ct_format.plan_import`)."""
+    from quantbench.quant.rtn import pack_int4
 
     src = Path(src_dir)
+    if _quant_method(src) == "compressed-tensors":
+        return _import_compressed_tensors(src, out_dir, overwrite)
     qconf = _read_qconfig(src)
     fmt = qconf["quant_method"]
     bits = int(qconf.get("bits", 4))
     if fmt == "awq" and str(qconf.get("version", "gemm")).lower() != "gemm":
         raise CheckpointError(f"AWQ version '{qconf.get('version')}' not supported; only gemm")
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{src} has no .safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
+    state = _load_state(src)
     layer_names = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
     if not layer_names:
         raise CheckpointError(f"{src} has no quantized layers (no .qweight tensors)")
@@ -353,24 +380,13 @@ def import_checkpoint(src_dir: str | Path, out_dir: str | Path, overwrite: bool 
         )
     else:
         config = parse_spec(f"awq:group={group},sym={int(all_sym)}")
-    hf_config = AutoConfig.from_pretrained(str(src), local_files_only=True)
-    if hasattr(hf_config, "quantization_config"):
-        del hf_config.quantization_config
-    with _no_init():
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=config.compute_dtype)
-    replace_with_empty(model, config, layer_names)
-    for name in layer_names:
-        module = model.get_submodule(name)
+
+    def fill(name: str, module: nn.Module) -> None:
         if not isinstance(module, RTNLinear):
             raise CheckpointError(f"{config.method} does not use RTN's layout; cannot import into it")
         d = decoded[name]
         codes = d["codes"].to(torch.uint8)
-        if module.bits == 4:
-            from quantbench.quant.rtn import pack_int4
-
-            module.qweight.copy_(pack_int4(codes))
-        else:
-            module.qweight.copy_(codes)
+        module.qweight.copy_(pack_int4(codes) if module.bits == 4 else codes)
         module.scales.copy_(d["scales"])
         if module.qzeros is not None:
             module.qzeros.copy_(d["zeros"].to(torch.uint8))
@@ -385,6 +401,84 @@ def import_checkpoint(src_dir: str | Path, out_dir: str | Path, overwrite: bool 
             g_idx.copy_(d["g_idx"].to(torch.int32))
         elif d["g_idx"] is not None and nontrivial_gidx:
             raise CheckpointError(f"{name}: the file's g_idx needs act_order without static_groups")
+
+    return _assemble(src, config, layer_names, fill, state, f"import:{fmt}", {}, out_dir, overwrite)
+
+
+def _quant_method(src: Path) -> str | None:
+    try:
+        hf = json.loads((src / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    qconf = hf.get("quantization_config") if isinstance(hf, dict) else None
+    return qconf.get("quant_method") if isinstance(qconf, dict) else None
+
+
+def _load_state(src: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{src} has no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state
+
+
+def _import_compressed_tensors(src: Path, out_dir: str | Path, overwrite: bool) -> Path:
+    from quantbench.quant import ct_format
+
+    state = _load_state(src)
+    linear_names = sorted(k[: -len(".weight_scale")] for k in state if k.endswith(".weight_scale"))
+    config, layers = ct_format.plan_import(src, state, linear_names)
+    names = sorted(layers)
+    suffixes = (
+        "weight",
+        "weight_packed",
+        "weight_scale",
+        "weight_zero_point",
+        "weight_shape",
+        "weight_g_idx",
+    )
+    # Scales that do not convert exactly to quantbench's scale dtype (fp32 scales into RTN's fp16) are
+    # counted in the manifest's source, so an inexact import is visible.
+    extra = {"scales_rounded": 0}
+
+    def fill(name: str, module: nn.Module) -> None:
+        parts = {k: state.pop(f"{name}.{k}") for k in suffixes if f"{name}.{k}" in state}
+        extra["scales_rounded"] += ct_format.fill_layer(module, layers[name], parts, name)
+
+    return _assemble(src, config, names, fill, state, "import:compressed-tensors", extra, out_dir, overwrite)
+
+
+def _assemble(
+    src: Path,
+    config: QuantConfig,
+    layer_names: list[str],
+    fill: Any,
+    state: dict[str, torch.Tensor],
+    source_spec: str,
+    source_extra: dict[str, Any],
+    out_dir: str | Path,
+    overwrite: bool,
+) -> Path:
+    """Build the model of ``src``'s config with ``layer_names`` as empty ``config`` layers, ``fill`` them
+    (name, module), load the remaining ``state`` and save the quantbench checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from quantbench.checkpoint import _no_init, save_quantized
+    from quantbench.quant.apply import replace_with_empty
+
+    hf_config = AutoConfig.from_pretrained(str(src), local_files_only=True)
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    with _no_init():
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=config.compute_dtype)
+    replace_with_empty(model, config, layer_names)
+    for name in layer_names:
+        module = model.get_submodule(name)
+        fill(name, module)
         bias = state.pop(f"{name}.bias", None)
         if bias is not None:
             module.bias.data = bias.to(module.bias.dtype)
@@ -398,7 +492,7 @@ def import_checkpoint(src_dir: str | Path, out_dir: str | Path, overwrite: bool 
         model.tie_weights()
     model.quantbench_config = config
     model.quantbench_skipped = {}
-    model.quantbench_source = {"spec": f"import:{fmt}", "path": str(src)}
+    model.quantbench_source = {"spec": source_spec, "path": str(src), **source_extra}
     tokenizer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
