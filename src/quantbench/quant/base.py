@@ -50,8 +50,11 @@ class QuantLinear(nn.Module):
         return None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> QuantLinear:
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, config)
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig, **layer_options: Any) -> QuantLinear:
+        """Quantize ``linear``; ``layer_options`` go to the constructor (a mix's per-layer format)."""
+        module = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, config, **layer_options
+        )
         module.to(linear.weight.device)
         with torch.no_grad():
             module._quantize_from(linear.weight.detach())

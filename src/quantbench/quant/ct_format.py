@@ -100,30 +100,29 @@ def pack_tensors(module: nn.Module) -> tuple[str, dict[str, Any], dict[str, torc
     return PACK, {"weights": weights, "input_activations": None}, tensors
 
 
-def int8_tensors(module: nn.Module) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
-    """A SmoothQuant layer as ``int-quantized`` W8A8 (int8 weights per channel, int8 tokens)."""
+def _w8a8_tensors(
+    fmt: str, kind: str, weight: torch.Tensor, scale: torch.Tensor
+) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+    """8-bit weights with per-channel scales and dynamic per-token 8-bit activations."""
     scheme = {
-        "weights": _args(8, "int", "channel"),
-        "input_activations": _args(8, "int", "token", dynamic=True),
+        "weights": _args(8, kind, "channel"),
+        "input_activations": _args(8, kind, "token", dynamic=True),
     }
     tensors = {
-        "weight": module.row_major("qweight").contiguous(),
-        "weight_scale": module.wscales.detach().float().reshape(-1, 1).contiguous(),
+        "weight": weight.contiguous(),
+        "weight_scale": scale.detach().float().reshape(-1, 1).contiguous(),
     }
-    return INT, scheme, tensors
+    return fmt, scheme, tensors
+
+
+def int8_tensors(module: nn.Module) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+    """A SmoothQuant layer as ``int-quantized`` W8A8 (int8 weights per channel, int8 tokens)."""
+    return _w8a8_tensors(INT, "int", module.row_major("qweight"), module.wscales)
 
 
 def fp8_tensors(module: nn.Module) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     """An FP8 layer as ``float-quantized`` (e4m3 weights per channel, dynamic e4m3 tokens)."""
-    scheme = {
-        "weights": _args(8, "float", "channel"),
-        "input_activations": _args(8, "float", "token", dynamic=True),
-    }
-    tensors = {
-        "weight": module.row_major("qweight").contiguous(),
-        "weight_scale": module.weight_scale.detach().float().reshape(-1, 1).contiguous(),
-    }
-    return FLOAT, scheme, tensors
+    return _w8a8_tensors(FLOAT, "float", module.row_major("qweight"), module.weight_scale)
 
 
 def layer_tensors(module: nn.Module) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:

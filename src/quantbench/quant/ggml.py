@@ -156,19 +156,6 @@ class GGMLLinear(QuantLinear):
             return None  # a mix (ggml_mix.py) picks each layer's type, with llama.cpp's fallbacks
         return ggml_format(method_type(config.method)).unsupported(linear.in_features)
 
-    @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, config: QuantConfig, ggml_type: GGMLQuantizationType | str | None = None
-    ) -> GGMLLinear:
-        """Quantize ``linear`` to ``ggml_type`` (default: the type of ``config.method``)."""
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, config, ggml_type)
-        module.to(linear.weight.device)
-        with torch.no_grad():
-            module._quantize_from(linear.weight.detach())
-            if linear.bias is not None:
-                module.bias.copy_(linear.bias.detach().to(module.compute_dtype))
-        return module
-
     def _quantize_from(self, weight: torch.Tensor) -> None:
         # Always on the CPU: llama.cpp's reference quantizers are bit-exact against CPU float32
         # arithmetic, while GPU kernels may compute a division by a constant as a multiplication by
