@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from quantbench.errors import CheckpointError
-from quantbench.models import GGUF_METADATA_NAME
+from quantbench.models import GGUF_METADATA_NAME, copy_gguf_metadata
+from quantbench.quant.apply import BASELINE_DTYPES
 from quantbench.quant.base import QuantLinear
 
 # Architectures whose tensor layout this writer knows (the inverse of transformers' GGUF processors).
@@ -107,7 +108,7 @@ def _module_tensor(module: nn.Module, leaf: str, model_dtype: torch.dtype) -> tu
 def file_type(model: nn.Module) -> int:
     """llama.cpp's ``general.file_type`` for the model's method (what ``llama-quantize`` would write)."""
     config = getattr(model, "quantbench_config", None)
-    dtype_names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    dtype_names = {dtype: name for name, dtype in BASELINE_DTYPES.items()}
     method = config.method if config is not None else dtype_names.get(next(model.parameters()).dtype, "fp32")
     by_method = {
         "fp32": gguf.LlamaFileType.ALL_F32,
@@ -203,15 +204,8 @@ def export_gguf(model: nn.Module, out: str | Path) -> Path:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         writer = gguf.GGUFWriter(str(tmp), arch=arch)
-        replaced = {gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZATION_VERSION}
-        for field in reader.fields.values():
-            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-                continue
-            if field.name in replaced:
-                continue
-            val_type = field.types[0]
-            sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
+        replaced = frozenset({gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZATION_VERSION})
+        copy_gguf_metadata(reader, writer, skip=replaced)
         writer.add_file_type(ftype)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for name, data, ggml_type in tensors:

@@ -157,6 +157,23 @@ def _hash_files(paths: list[Path]) -> str:
 GGUF_METADATA_NAME = "gguf_metadata.gguf"
 
 
+def copy_gguf_metadata(reader: Any, writer: Any, skip: frozenset[str] = frozenset()) -> None:
+    """Add every key-value field of a ``gguf.GGUFReader`` to a ``gguf.GGUFWriter``, less the names in ``skip``
+    and the fields the writer writes itself (architecture, ``GGUF.*``)."""
+    import gguf
+
+    for field in reader.fields.values():
+        if (
+            field.name == gguf.Keys.General.ARCHITECTURE
+            or field.name.startswith("GGUF.")
+            or field.name in skip
+        ):
+            continue
+        val_type = field.types[0]
+        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
+
+
 def write_gguf_metadata(gguf_path: Path, out_path: Path) -> Path:
     """Copy every key-value field of ``gguf_path`` (no tensors) into a small GGUF file at ``out_path``."""
     import gguf
@@ -165,12 +182,7 @@ def write_gguf_metadata(gguf_path: Path, out_path: Path) -> Path:
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     tmp = out_path.with_name(out_path.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), arch=arch)
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue  # written by GGUFWriter itself
-        val_type = field.types[0]
-        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
+    copy_gguf_metadata(reader, writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
