@@ -173,6 +173,28 @@ def test_sweep_records_a_failing_config_and_goes_on(tiny_dir, tmp_path, monkeypa
     assert fixed.ran == 1 and fixed.failed == 0 and fixed.skipped == 3
 
 
+def test_report_of_a_sweep_includes_units_another_sweep_computed(tiny_dir, tmp_path):
+    """Sweep B shares bf16 with sweep A (same settings): B skips it as done, and B's report still shows it,
+    while A's report does not show B's own method."""
+    import quantbench.report.sweep as sweep_mod
+    from quantbench.report.data import collect
+
+    db = tmp_path / "r.db"
+    first = _write_sweep(tmp_path / "a.yaml", tiny_dir, ["bf16"], 1)
+    second = tmp_path / "b.yaml"
+    second.write_text(first.read_text().replace("name: resume-test", "name: wider"))
+    second.write_text(second.read_text().replace('methods: ["bf16"]', 'methods: ["bf16", "int8"]'))
+    sweep_mod.run_sweep(sweep_mod.load_sweep(first), str(db), progress=False, log=lambda _: None)
+    summary = sweep_mod.run_sweep(sweep_mod.load_sweep(second), str(db), progress=False, log=lambda _: None)
+    assert summary.skipped == 1 and summary.ran == 1
+
+    def specs(name: str) -> set[str]:
+        return {r.spec.split(":")[0] for m in collect(db, sweep=name).models for t in m.acc for r in t.rows}
+
+    assert specs("wider") == {"bf16", "int8"}
+    assert specs("resume-test") == {"bf16"}
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

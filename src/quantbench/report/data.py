@@ -178,6 +178,36 @@ def _runs(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     return out
 
 
+def _sweep_members(conn: sqlite3.Connection, sweep: str) -> list[dict[str, Any]]:
+    """The eval units ``sweep`` planned (``sweep_units``), whichever sweep or ``run`` computed them."""
+    rows = conn.execute(
+        "SELECT s.fingerprint, s.spec, s.stage, s.settings FROM sweep_units u "
+        "JOIN sweep_stages s ON s.key = u.key WHERE u.sweep = ? AND s.stage LIKE 'eval:%'",
+        (sweep,),
+    ).fetchall()
+    return [
+        {"fingerprint": fp, "spec": spec, "settings": json.loads(settings or "{}")}
+        for fp, spec, _, settings in rows
+    ]
+
+
+def _computes(record: dict[str, Any], unit: dict[str, Any]) -> bool:
+    """Whether an eval run row holds the result of this sweep unit (same model, spec and settings)."""
+    s = unit["settings"]
+    subjects = record.get("subjects")
+    return (
+        record.get("fingerprint") == unit["fingerprint"]
+        and record.get("spec") == unit["spec"]
+        and record.get("task") == s.get("task")
+        and record.get("split") == s.get("split")
+        and record.get("shots") == s.get("shots")
+        and record.get("mode") == s.get("mode")
+        and (record.get("protocol") or "lmeval") == s.get("protocol", "lmeval")
+        and record.get("limit_per_subject") == s.get("limit")
+        and (sorted(subjects) if subjects else None) == (sorted(s["subjects"]) if s.get("subjects") else None)
+    )
+
+
 def _num(x: Any) -> float | None:
     try:
         value = float(x)
@@ -222,6 +252,7 @@ def collect(db: str | Path, model: str | None = None, sweep: str | None = None) 
         raise ReportError(f"{db} is not a quantbench results store (no runs table)")
     try:
         runs = _runs(conn)
+        members = _sweep_members(conn, sweep) if sweep is not None and "sweep_units" in tables else []
         stages = []
         if "sweep_stages" in tables:
             cur = conn.execute("SELECT * FROM sweep_stages WHERE status='failed' ORDER BY started")
@@ -236,7 +267,9 @@ def collect(db: str | Path, model: str | None = None, sweep: str | None = None) 
         if sweep is not None:
             extra = record.get("extra") or {}
             nested = extra.get("extra") if isinstance(extra.get("extra"), dict) else {}  # bench rows
-            if extra.get("sweep", nested.get("sweep")) != sweep:
+            if extra.get("sweep", nested.get("sweep")) != sweep and not any(
+                _computes(record, unit) for unit in members
+            ):
                 return False
         return True
 

@@ -64,6 +64,9 @@ CREATE TABLE IF NOT EXISTS sweep_stages (
     status TEXT,               -- running | done | failed | skipped
     error TEXT, result TEXT,   -- JSON summary of the result
     attempts INTEGER, started REAL, finished REAL
+);
+CREATE TABLE IF NOT EXISTS sweep_units (  -- every unit a sweep planned, whichever sweep ran it
+    sweep TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (sweep, key)
 )
 """
 
@@ -552,8 +555,15 @@ class StageTable:
     def __init__(self, store: Any) -> None:
         self.store = store
         self.conn = store.conn
-        with store._transaction():
-            self.conn.execute(STAGES_SCHEMA)
+        store._write_script(STAGES_SCHEMA)
+
+    def add_members(self, sweep: str, keys: list[str]) -> None:
+        """Record that ``sweep`` includes these units, so its report shows them even when another sweep (or
+        ``quantbench run``) with the same settings computed them first."""
+        with self.store._transaction():
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO sweep_units (sweep, key) VALUES (?, ?)", [(sweep, k) for k in keys]
+            )
 
     def get(self, key: str) -> tuple[str, str | None, dict | None] | None:
         row = self.conn.execute(
@@ -672,6 +682,8 @@ def run_sweep(
         for u in units:
             by_spec.setdefault(u.spec, []).append(u)
         table = StageTable(store)
+        if not dry_run:
+            table.add_members(cfg.name, [u.key for u in units])
         for n, (spec, spec_units) in enumerate(by_spec.items(), 1):
             todo = [
                 u
