@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from quantbench import parse_spec
 from quantbench.bench.runner import device_name, measure_copy_bandwidth
+from quantbench.engine import EngineOptions
 from quantbench.engine.kernels import layout_for, linear
-from quantbench.engine.kernels.gemv_h2 import DISABLED as H2
 from quantbench.engine.kernels.gemv_h2 import h2_supported
 from quantbench.engine.kernels.layouts import tile_buffers
 from quantbench.engine.kernels.wq_matmul import pick_config, wq_matmul
@@ -324,9 +324,8 @@ def main() -> None:
                     label = spec + (" (PRMT decode)" if layout.mode == 1 else "")
                     if m == 1 and h2_supported(x, layout):  # the half2 GEMV; time the fp32 path too
                         label = spec + " (h2 GEMV)"
-                        H2["off"] = True
-                        t_old = bench(lambda x=x, layout=layout: linear(layout, x))
-                        H2["off"] = False
+                        no_h2 = EngineOptions(h2=False)
+                        t_old = bench(lambda x=x, layout=layout, o=no_h2: linear(layout, x, options=o))
                         row_old = record(spec + " (fp32 path)", name, m, t_old, nbytes, flops=2 * m * n * k)
                         results["rows"].append(row_old)
                         print(
@@ -334,11 +333,8 @@ def main() -> None:
                             flush=True,
                         )
                     if layout.mode == 1 and m > 1:  # NF4 / FP4: also the L1 table-lookup decoder
-                        from quantbench.engine.kernels import wq_matmul as wq
-
-                        wq._ASM_DISABLED["off"] = True
-                        t2 = bench(lambda x=x, layout=layout: linear(layout, x))
-                        wq._ASM_DISABLED["off"] = False
+                        lookup = EngineOptions(table_prmt=False)
+                        t2 = bench(lambda x=x, layout=layout, o=lookup: linear(layout, x, options=o))
                         row2 = record(spec + " (L1 lookup)", name, m, t2, nbytes, flops=2 * m * n * k)
                         results["rows"].append(row2)
                         print(

@@ -5,5 +5,15 @@ from __future__ import annotations
 
 from quantbench.engine.generate import Engine, Timing, sample
 from quantbench.engine.model import EngineModel, unsupported_reason
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions, EngineOptionsError
 
-__all__ = ["Engine", "EngineModel", "Timing", "sample", "unsupported_reason"]
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "Engine",
+    "EngineModel",
+    "EngineOptions",
+    "EngineOptionsError",
+    "Timing",
+    "sample",
+    "unsupported_reason",
+]

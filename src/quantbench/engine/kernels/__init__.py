@@ -13,15 +13,14 @@ import os
 import torch
 from torch import nn
 
-from quantbench.engine.kernels.layouts import ACT_NONE, MMA_POLICY, WQLayout, layout_for
+from quantbench.engine.kernels.layouts import ACT_BY_NAME, ACT_NONE, WQLayout, layout_for
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
 __all__ = ["WQLayout", "dispatch", "layout_for", "linear", "triton_available"]
 
 
 @functools.cache
 def triton_available() -> bool:
-    if os.environ.get("QUANTBENCH_NO_TRITON"):
-        return False
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -36,16 +35,13 @@ def kernels_enabled(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def dense_enabled(x: torch.Tensor, layout: WQLayout) -> bool:
-    """Whether ``linear`` takes the dequantize-slab + cuBLAS path (CUDA, prompt-sized M)."""
-    if DENSE_DISABLED["off"] or not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+def dense_enabled(x: torch.Tensor, layout: WQLayout, options: EngineOptions = DEFAULT_OPTIONS) -> bool:
+    """Whether ``linear`` takes a prompt path (fused dequantize-GEMM or slabs; CUDA, prompt-sized M)."""
+    if options.prompt_kernel == "wq_matmul" or not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     from quantbench.engine.kernels.dequant import dense_supported
 
     return dense_supported(layout, x.shape[0])
-
-
-DENSE_DISABLED = {"off": bool(os.environ.get("QUANTBENCH_NO_DENSE"))}
 
 
 def linear(
@@ -54,6 +50,7 @@ def linear(
     act_silu_mul: bool = False,
     out: torch.Tensor | None = None,
     partials: bool = False,
+    options: EngineOptions = DEFAULT_OPTIONS,
 ):
     """Kernel forward of a quantized layer on 2-D ``x`` (``[M, 2K]`` gate/up when ``act_silu_mul``).
 
@@ -61,38 +58,45 @@ def linear(
     instead of the summed tensor."""
     from quantbench.engine.kernels.wq_matmul import wq_matmul
 
-    if dense_enabled(x, layout):  # prompt sizes: fused dequantize-GEMM, or L2 slabs + cuBLAS
+    if dense_enabled(x, layout, options):  # prompt sizes: fused dequantize-GEMM, or L2 slabs + cuBLAS
         from quantbench.engine.kernels.dequant import dense_matmul
-        from quantbench.engine.kernels.prompt_gemm import PROMPT_PATH, prompt_gemm, prompt_supported
+        from quantbench.engine.kernels.prompt_gemm import prompt_gemm, prompt_supported
 
         if act_silu_mul:
             from quantbench.engine.kernels.fused import silu_mul
 
-            x = silu_mul(x)
+            x = silu_mul(x, options=options)
         rf = None
         if layout.act_quant != ACT_NONE:
             from quantbench.engine.kernels.fused import act_quant
 
-            x, rf = act_quant(x, layout.act_quant, layout.threshold, False, layout.in_features)
-        fused = PROMPT_PATH["path"] == "fused" and x.shape[0] <= PROMPT_PATH["max_m"]
-        if fused and prompt_supported(layout, x):
-            return prompt_gemm(x, layout, row_factor=rf, out=out)
-        return dense_matmul(x, layout, row_factor=rf, out=out)
+            x, rf = act_quant(x, layout.act_quant, layout.threshold, False, layout.in_features, options)
+        fused = options.prompt_kernel == "prompt_gemm" and x.shape[0] <= options.prompt_gemm_max_m
+        if fused and prompt_supported(layout, x, options):
+            return prompt_gemm(x, layout, row_factor=rf, out=out, options=options)
+        return dense_matmul(x, layout, row_factor=rf, out=out, options=options)
     if layout.act_quant == ACT_NONE:
-        return wq_matmul(x, layout, act_silu_mul=act_silu_mul, out=out, partials=partials)
-    if x.shape[0] == 1 and layout.act_quant in MMA_POLICY["act"]:
+        return wq_matmul(x, layout, act_silu_mul=act_silu_mul, out=out, partials=partials, options=options)
+    gemv_quantizes = {ACT_BY_NAME[name] for name in options.mma_quantizes}
+    if x.shape[0] == 1 and layout.act_quant in gemv_quantizes:
         from quantbench.engine.kernels.mma_gemv import mma_gemv, mma_supported
 
-        if mma_supported(x, layout):  # one token: the GEMV quantizes the activations itself
+        if mma_supported(x, layout, options):  # one token: the GEMV quantizes the activations itself
             return mma_gemv(
-                x, layout, act_silu_mul=act_silu_mul, out=out, quantize_act=True, partials=partials
+                x,
+                layout,
+                act_silu_mul=act_silu_mul,
+                out=out,
+                quantize_act=True,
+                partials=partials,
+                options=options,
             )
     from quantbench.engine.kernels.fused import act_quant
 
-    xe, rf = act_quant(x, layout.act_quant, layout.threshold, act_silu_mul, layout.in_features)
+    xe, rf = act_quant(x, layout.act_quant, layout.threshold, act_silu_mul, layout.in_features, options)
     if out is None and not partials:
         out = torch.empty((x.shape[0], layout.out_features), device=x.device, dtype=x.dtype)
-    return wq_matmul(xe, layout, row_factor=rf, out=out, partials=partials)
+    return wq_matmul(xe, layout, row_factor=rf, out=out, partials=partials, options=options)
 
 
 def act_quant_torch(

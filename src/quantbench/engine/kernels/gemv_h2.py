@@ -39,10 +39,9 @@ from quantbench.engine.kernels.wq_matmul import (
     split_for,
     table_asm,
 )
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
 __all__ = ["gemv_h2", "h2_supported"]
-
-DISABLED = {"off": bool(os.environ.get("QUANTBENCH_NO_H2"))}
 
 # (low lane slot, high lane slot) of each activation pair, per (mode, bits): the slots one
 # fma.f16x2 multiplies, in the order the PTX below produces them.
@@ -371,9 +370,9 @@ def _gemv_h2_kernel(
 _TABLE_ASM: dict[tuple, tuple[str, list[int]]] = {}
 
 
-def h2_supported(x: torch.Tensor, layout: WQLayout) -> bool:
+def h2_supported(x: torch.Tensor, layout: WQLayout, options: EngineOptions = DEFAULT_OPTIONS) -> bool:
     """Whether :func:`gemv_h2` handles this call (one row on CUDA, a supported code format)."""
-    if DISABLED["off"] or x.shape[0] != 1 or not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if not options.h2 or x.shape[0] != 1 or not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     if (layout.mode, layout.bits) not in _PAIRS:
         return False
@@ -423,6 +422,7 @@ def gemv_h2(
     row_factor: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    options: EngineOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """``x [1, K] @ dequant(W).T (* row_factor) + bias`` (``x [1, 2K]`` gate/up when ``act_silu_mul``)."""
     n, k = layout.out_features, layout.in_features
@@ -430,7 +430,11 @@ def gemv_h2(
         x = x.contiguous()
     if out is None:
         out = torch.empty((1, n), device=x.device, dtype=x.dtype)
-    cfg = dict(config or _config(n, k, layout, x.device))
+    if config is None:
+        config = _config(n, k, layout, x.device)
+        if options.h2_config_edit is not None:
+            config = options.h2_config_edit(dict(config), layout)
+    cfg = dict(config)
     bn, bkv, split = cfg.pop("BN"), cfg.pop("BKV"), cfg.pop("SPLIT_K")
     if layout.tile_n and (bn, bkv) != (layout.tile_n, layout.tile_kv):
         raise ValueError(f"tiled weights need BN={layout.tile_n}, BKV={layout.tile_kv} (got {bn}, {bkv})")
@@ -468,6 +472,6 @@ def gemv_h2(
         NESTED=layout.dq_code is not None, HAS_BIAS=layout.bias is not None,
         SCALE_MUL=float(layout.scale_mul), HAS_ROWF=row_factor is not None, ACT_SILU_MUL=act_silu_mul,
         SPLIT_K=split, **slots, **{f"TP{i}": v for i, v in enumerate(tp)},
-        BN=bn, BKV=bkv, XB=1024, **cfg, **launch_args(x.device),
+        BN=bn, BKV=bkv, XB=1024, **cfg, **launch_args(x.device, options.pdl),
     )  # fmt: skip
     return out

@@ -8,11 +8,12 @@ buffer is replaced (``load_state_dict`` copies in place, so the cache stays vali
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
 MODE_INT = 0  # w = (u - zero) * scale          (RTN int4 / int8)
 MODE_TABLE = 1  # w = code[u] * absmax[block]     (bitsandbytes NF4 / FP4)
@@ -24,6 +25,8 @@ ACT_NONE = 0
 ACT_LLM_INT8 = 1  # per-token int8 over non-outlier columns (|x| >= threshold stays 16-bit)
 ACT_FP8 = 2  # per-token e4m3, scale absmax / 448
 ACT_INT8_TOKEN = 3  # per-token int8, scale max(absmax / 127, 1e-8) (SmoothQuant)
+# by the method names ``EngineOptions.mma_quantizes`` takes
+ACT_BY_NAME = {"llm.int8": ACT_LLM_INT8, "fp8": ACT_FP8, "smoothquant": ACT_INT8_TOKEN}
 
 
 @dataclass
@@ -85,19 +88,6 @@ def _key(module: nn.Module) -> tuple:
     return (*((name, t.data_ptr(), tuple(t.shape)) for name, t in module.named_buffers(recurse=False)), tiles)
 
 
-# The tensor-core GEMV (mma_gemv) for batches 1-16. QUANTBENCH_NO_MMA=1: those batches take the older
-# kernels; QUANTBENCH_MMA_B1=0: batch 1 keeps the half2 GEMV (and its tiles). "act": the W8A8 kinds whose
-# one-token activations the GEMV quantizes itself (no act_quant launch). H200, batch 1: fp8 3.78 -> 3.57 ms
-# per token; LLM.int8 3.69 -> 5.28 (its per-pair rounding and outlier test, redone by every row tile, cost
-# more than the launch), so only e4m3 by default (QUANTBENCH_MMA_ACT=all / none).
-_ACT_ENV = os.environ.get("QUANTBENCH_MMA_ACT", "fp8")
-MMA_POLICY = {
-    "off": bool(os.environ.get("QUANTBENCH_NO_MMA")),
-    "b1": os.environ.get("QUANTBENCH_MMA_B1", "1") != "0",
-    "act": {"all": {ACT_LLM_INT8, ACT_FP8, ACT_INT8_TOKEN}, "none": set()}.get(_ACT_ENV, {ACT_FP8}),
-}
-
-
 def mma_words_per_lane(layout: WQLayout) -> int:
     """Code words an ``mma_gemv`` lane loads per row and step (4 = one 16-byte load), 0 when no step fits:
     a step's ``4 * V * VALS`` columns must lie in one quantization group and divide K."""
@@ -109,10 +99,10 @@ def mma_words_per_lane(layout: WQLayout) -> int:
     return 0
 
 
-def mma_tile(layout: WQLayout) -> tuple[int, int] | None:
+def mma_tile(layout: WQLayout, options: EngineOptions = DEFAULT_OPTIONS) -> tuple[int, int] | None:
     """Tile-major storage matching ``mma_gemv``'s warp steps (16 rows x 4V words) when it runs batch 1
     of this format (fp8 only with quantized activations), else None."""
-    if MMA_POLICY["off"] or not MMA_POLICY["b1"]:
+    if not (options.mma and options.mma_batch1):
         return None
     if layout.bits not in (4, 8) or (layout.mode == MODE_FP8 and layout.act_quant == ACT_NONE):
         return None
@@ -120,7 +110,7 @@ def mma_tile(layout: WQLayout) -> tuple[int, int] | None:
     return (16, 4 * words) if words else None
 
 
-def gemv_tile(layout: WQLayout) -> tuple[int, int] | None:
+def gemv_tile(layout: WQLayout, options: EngineOptions = DEFAULT_OPTIONS) -> tuple[int, int] | None:
     """(rows, words per row) of one decode-step tile of codes, per format, or None to keep the codes
     row-major.
 
@@ -129,7 +119,7 @@ def gemv_tile(layout: WQLayout) -> tuple[int, int] | None:
     (docs/bench.md): NF4 / FP4 and 8-bit codes decode faster from tiles in the engine; symmetric int4
     measured faster row-major (2.73 vs 2.85 ms per token) although the isolated kernel preferred tiles;
     asymmetric int4 is tiled on the isolated-kernel sweep alone (71 -> 41 us on Mistral-7B's gate/up)."""
-    tile = mma_tile(layout)
+    tile = mma_tile(layout, options)
     if tile is not None:
         return tile
     if layout.mode == MODE_TABLE:
@@ -139,13 +129,16 @@ def gemv_tile(layout: WQLayout) -> tuple[int, int] | None:
     return 32, 32
 
 
-def tiling_for(module: nn.Module) -> dict[str, tuple[int, int]] | None:
+def tiling_for(
+    module: nn.Module, options: EngineOptions = DEFAULT_OPTIONS
+) -> dict[str, tuple[int, int]] | None:
     """The buffers to store tile-major for the GEMV (``QuantLinear.store_tiled`` argument), or None
-    when the module has no kernel layout, its format stays row-major, or its shape does not tile."""
+    when the module has no kernel layout, its format stays row-major, or its shape does not tile.
+    (The choice depends on ``options``; the layout then follows the module's stored tiling.)"""
     layout = layout_for(module)
     if layout is None or layout.tile_n:
         return None
-    tile = gemv_tile(layout)
+    tile = gemv_tile(layout, options)
     return None if tile is None else tile_buffers(module, layout, *tile)
 
 

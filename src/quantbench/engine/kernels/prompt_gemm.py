@@ -19,8 +19,6 @@ packed codes once per ``BM`` tokens.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -40,17 +38,12 @@ from quantbench.engine.kernels.wq_matmul import (
     row_stats,
     split_tile,
 )
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
-__all__ = ["PROMPT_PATH", "prompt_config", "prompt_gemm", "prompt_supported"]
+__all__ = ["prompt_config", "prompt_gemm", "prompt_supported"]
 
 _INT = tl.constexpr(MODE_INT)
 _TABLE = tl.constexpr(MODE_TABLE)
-
-# "fused" (this kernel) or "slab" (dequantized L2 slabs + cuBLAS) for prompt-sized products, and the most
-# tokens the fused kernel takes: it decodes each weight tile once per 128 tokens, so for long prompts the
-# slabs (decoded once, then cuBLAS) win (H200, int4 first token: 128 tokens 11.4 ms with slabs, 7.4 fused;
-# 8 x 128 tokens 28.1 ms with slabs, 37.6 fused)
-PROMPT_PATH = {"path": os.environ.get("QUANTBENCH_PROMPT_PATH", "fused"), "max_m": 256}
 
 
 @triton.jit
@@ -235,14 +228,16 @@ def prompt_config(m: int, n: int, k: int, bits: int, mode: int, group: int, sms:
             "PREFETCH": prefetch}  # fmt: skip
 
 
-def prompt_supported(layout: WQLayout, x: torch.Tensor) -> bool:
+def prompt_supported(layout: WQLayout, x: torch.Tensor, options: EngineOptions = DEFAULT_OPTIONS) -> bool:
     """Whether the fused kernel takes this product. NF4 / FP4 need the PTX table decoder on CUDA: the
-    L1-lookup decode (``QUANTBENCH_NO_PRMT=1``) does not compile for sm_90 with Triton 3.6 ("Illegal
+    L1-lookup decode (``table_prmt=False``) does not compile for sm_90 with Triton 3.6 ("Illegal
     shared layout"), so those prompts keep the slab path."""
     m, n, k = x.shape[0], layout.out_features, layout.in_features
     if not prompt_config(m, n, k, layout.bits, layout.mode, layout.group):
         return False
-    return not (x.is_cuda and layout.mode == MODE_TABLE and not _asm_for(layout, x.device)["TABLE_ASM"])
+    return not (
+        x.is_cuda and layout.mode == MODE_TABLE and not _asm_for(layout, x.device, options)["TABLE_ASM"]
+    )
 
 
 def prompt_gemm(
@@ -252,6 +247,7 @@ def prompt_gemm(
     row_factor: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    options: EngineOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` without a dequantized copy of W."""
     m = x.shape[0]
@@ -277,6 +273,6 @@ def prompt_gemm(
         TN=layout.tile_n, TKV=layout.tile_kv, GROUP=layout.group, BITS=layout.bits, MODE=layout.mode,
         HAS_ZERO=layout.zeros is not None, ZERO_CONST=float(layout.zero_const), NESTED=layout.dq_code is not None,
         HAS_BIAS=layout.bias is not None, SCALE_MUL=float(layout.scale_mul), SIGNED8=layout.signed8,
-        HAS_ROWF=row_factor is not None, SPLIT_K=split, **_asm_for(layout, x.device), BM=bm, BN=bn, BK=bk, **cfg,
+        HAS_ROWF=row_factor is not None, SPLIT_K=split, **_asm_for(layout, x.device, options), BM=bm, BN=bn, BK=bk, **cfg,
     )  # fmt: skip
     return out

@@ -31,7 +31,6 @@ fly (the MLP down projection), rounding like HF's bf16 ``act_fn(gate) * up``.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -41,6 +40,7 @@ import triton.language as tl
 from quantbench.engine.kernels.layouts import MODE_FP8, MODE_INT, MODE_TABLE, WQLayout
 from quantbench.engine.kernels.mma_ptx import table_planes
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
 __all__ = ["MODE_FP8", "MODE_INT", "MODE_TABLE", "pick_config", "wq_matmul"]
 
@@ -468,14 +468,13 @@ cvt.f32.f16 $7, h7;
 
 
 _ASM_CACHE: dict[tuple, dict] = {}
-_ASM_DISABLED = {"off": bool(os.environ.get("QUANTBENCH_NO_PRMT"))}
 
 
-def _asm_for(layout: WQLayout, device: torch.device) -> dict:
+def _asm_for(layout: WQLayout, device: torch.device, options: EngineOptions = DEFAULT_OPTIONS) -> dict:
     """Kernel arguments of the PTX table decoder for a MODE_TABLE layout on CUDA (off under the
-    interpreter, or with QUANTBENCH_NO_PRMT=1)."""
+    interpreter, or with ``table_prmt=False``)."""
     off = {"TABLE_ASM": "", **{f"TP{i}": 0 for i in range(8)}}
-    if layout.mode != MODE_TABLE or device.type != "cuda" or _ASM_DISABLED["off"]:
+    if layout.mode != MODE_TABLE or device.type != "cuda" or not options.table_prmt:
         return off
     key = (layout.table.data_ptr(), str(device))
     if key not in _ASM_CACHE:
@@ -641,12 +640,14 @@ def _x_permute_kernel(x_ptr, o_ptr, K, stride_x, stride_o, VALS: tl.constexpr, B
     tl.store(o_ptr + row * stride_o + k0 + offs, v)
 
 
-def permute_activations(x: torch.Tensor, k: int, bits: int, bk: int, act_silu_mul: bool) -> torch.Tensor:
+def permute_activations(
+    x: torch.Tensor, k: int, bits: int, bk: int, act_silu_mul: bool, options: EngineOptions = DEFAULT_OPTIONS
+) -> torch.Tensor:
     """``x [M, K]`` (or gate/up ``[M, 2K]`` with ``act_silu_mul``) reordered slot-major per BK tile."""
     out = torch.empty((x.shape[0], k), device=x.device, dtype=x.dtype)
     _x_permute_kernel[(x.shape[0], k // bk)](
         x, out, k, x.stride(0), out.stride(0), VALS=32 // bits, BK=bk, ACT_SILU_MUL=act_silu_mul, num_warps=4,
-        **launch_args(x.device),
+        **launch_args(x.device, options.pdl),
     )  # fmt: skip
     return out
 
@@ -660,6 +661,7 @@ def wq_matmul(
     out: torch.Tensor | None = None,
     config: dict | None = None,
     partials: bool = False,
+    options: EngineOptions = DEFAULT_OPTIONS,
 ):
     """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` (``x [M, 2K]`` gate/up when ``act_silu_mul``).
 
@@ -672,15 +674,23 @@ def wq_matmul(
     if config is None and M <= 16:
         from quantbench.engine.kernels.mma_gemv import mma_gemv, mma_supported
 
-        if mma_supported(x, layout):
+        if mma_supported(x, layout, options):
             return mma_gemv(
-                x, layout, act_silu_mul=act_silu_mul, row_factor=row_factor, out=out, partials=partials
+                x,
+                layout,
+                act_silu_mul=act_silu_mul,
+                row_factor=row_factor,
+                out=out,
+                partials=partials,
+                options=options,
             )
     if config is None and M == 1:
         from quantbench.engine.kernels.gemv_h2 import gemv_h2, h2_supported
 
-        if h2_supported(x, layout):
-            return gemv_h2(x, layout, act_silu_mul=act_silu_mul, row_factor=row_factor, out=out)
+        if h2_supported(x, layout, options):
+            return gemv_h2(
+                x, layout, act_silu_mul=act_silu_mul, row_factor=row_factor, out=out, options=options
+            )
     if x.stride(-1) != 1:
         x = x.contiguous()
     if out is None:
@@ -695,7 +705,7 @@ def wq_matmul(
     if "TABLE_ASM" in cfg:
         asm_args = {key: cfg.pop(key) for key in ("TABLE_ASM", *(f"TP{i}" for i in range(8)))}
     if x_perm:  # prompt-sized x: one cheap pass makes every activation load contiguous
-        x = permute_activations(x, K, layout.bits, cfg["BK"], act_silu_mul)
+        x = permute_activations(x, K, layout.bits, cfg["BK"], act_silu_mul, options)
         act_silu_mul = False
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     split, k_split, ws, cnt = plan_split(split, tiles, M * N, K, cfg["BK"], out)
@@ -740,7 +750,7 @@ def wq_matmul(
         HAS_ROWF=row_factor is not None,
         ACT_SILU_MUL=act_silu_mul,
         SPLIT_K=split,
-        **(asm_args if asm_args is not None else _asm_for(layout, x.device)),
+        **(asm_args if asm_args is not None else _asm_for(layout, x.device, options)),
         X_PERM=x_perm,
         BM=bm,
         BN=bn,
