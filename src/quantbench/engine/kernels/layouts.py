@@ -2,18 +2,26 @@
 
 ``layout_for(module)`` returns a :class:`WQLayout` of *views* of the module's own buffers (the int32
 view of the packed codes costs no memory), or ``None`` when the kernel cannot read that module (the
-caller then uses the module's reference forward). Layouts are cached on the module and rebuilt when a
-buffer is replaced (``load_state_dict`` copies in place, so the cache stays valid then).
+caller then uses the module's reference forward). Each QuantLinear class the kernels read registers its
+builder here (``register_layout``); the quantization methods know nothing of the engine. Layouts are
+cached on the module, keyed by its buffers and their tile-major storage, and rebuilt when a buffer is
+replaced (``load_state_dict`` copies in place, so the cache stays valid then).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
+from quantbench.quant import bnb4
+from quantbench.quant.fp8 import FP8Linear
+from quantbench.quant.llm_int8 import LLMInt8Linear
+from quantbench.quant.rtn import RTNLinear
+from quantbench.quant.smoothquant import SmoothQuantLinear
 
 MODE_INT = 0  # w = (u - zero) * scale          (RTN int4 / int8)
 MODE_TABLE = 1  # w = code[u] * absmax[block]     (bitsandbytes NF4 / FP4)
@@ -210,20 +218,27 @@ def plain_layout_for(module: nn.Module) -> WQLayout | None:
     return layout
 
 
-def _build(module: nn.Module) -> WQLayout | None:
-    from quantbench.quant.rtn import RTNLinear
+# How each QuantLinear class maps onto the kernels (``register_layout``): the builder of the nearest class
+# in a module's MRO, so GPTQ / AWQ (RTNLinear subclasses) share RTN's.
+LayoutBuilder = Callable[[nn.Module], "WQLayout | None"]
+_BUILDERS: dict[type, LayoutBuilder] = {}
 
-    if isinstance(module, RTNLinear) and getattr(module, "g_idx", None) is None:
-        return _rtn_layout(module)  # RTN, and GPTQ / AWQ, which share its layout (GPTQ act-order excepted)
-    try:
-        from quantbench.quant.bnb4 import Bnb4Linear
-    except ImportError:  # pragma: no cover - bnb4 not in this tree
-        Bnb4Linear = None  # noqa: N806
-    if Bnb4Linear is not None and isinstance(module, Bnb4Linear):
-        return _bnb4_layout(module)
-    for mod_name, cls_name, builder in _W8A8:
-        cls = optional_quant_class(mod_name, cls_name)
-        if cls is not None and isinstance(module, cls):
+
+def register_layout(cls: type) -> Callable[[LayoutBuilder], LayoutBuilder]:
+    """Decorator: ``builder(module)`` gives the :class:`WQLayout` of modules of ``cls`` (and its subclasses
+    without a builder of their own), or None where the kernels cannot read that module."""
+
+    def register(builder: LayoutBuilder) -> LayoutBuilder:
+        _BUILDERS[cls] = builder
+        return builder
+
+    return register
+
+
+def _build(module: nn.Module) -> WQLayout | None:
+    for cls in type(module).__mro__:
+        builder = _BUILDERS.get(cls)
+        if builder is not None:
             return builder(module)
     return None
 
@@ -266,23 +281,19 @@ def _w8a8_layout(
     )
 
 
+@register_layout(LLMInt8Linear)
 def _llm_int8_layout(m: nn.Module) -> WQLayout | None:
     return _w8a8_layout(m, m.row_absmax, 1.0 / 127.0, ACT_LLM_INT8)
 
 
+@register_layout(SmoothQuantLinear)
 def _smoothquant_layout(m: nn.Module) -> WQLayout | None:
     return _w8a8_layout(m, m.wscales, 1.0, ACT_INT8_TOKEN)
 
 
+@register_layout(FP8Linear)
 def _fp8_layout(m: nn.Module) -> WQLayout | None:
     return _w8a8_layout(m, m.weight_scale, 1.0, ACT_FP8, mode=MODE_FP8)
-
-
-_W8A8 = (
-    ("llm_int8", "LLMInt8Linear", _llm_int8_layout),
-    ("fp8", "FP8Linear", _fp8_layout),
-    ("smoothquant", "SmoothQuantLinear", _smoothquant_layout),
-)
 
 
 def _as_words(codes: torch.Tensor, rows: int) -> torch.Tensor | None:
@@ -291,7 +302,12 @@ def _as_words(codes: torch.Tensor, rows: int) -> torch.Tensor | None:
     return codes.view(torch.uint8).reshape(rows, -1).view(torch.int32)
 
 
+@register_layout(RTNLinear)
 def _rtn_layout(m: nn.Module) -> WQLayout | None:
+    """RTN, and GPTQ / AWQ, which share its layout (GPTQ with act-order excepted: its columns are permuted
+    by ``g_idx``)."""
+    if getattr(m, "g_idx", None) is not None:
+        return None
     n, k, bits = m.out_features, m.in_features, m.bits
     vals = 32 // bits
     per_row = m.group == k
@@ -316,9 +332,8 @@ def _rtn_layout(m: nn.Module) -> WQLayout | None:
     )
 
 
+@register_layout(bnb4.Bnb4Linear)
 def _bnb4_layout(m: nn.Module) -> WQLayout | None:
-    from quantbench.quant import bnb4
-
     n, k, bs = m.out_features, m.in_features, m.blocksize
     if k % bs or k % 8:
         return None  # blocks straddle rows: leave it to the reference path
