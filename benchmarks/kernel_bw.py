@@ -22,8 +22,8 @@ from quantbench import parse_spec
 from quantbench.bench.runner import device_name, measure_copy_bandwidth
 from quantbench.engine import EngineOptions
 from quantbench.engine.kernels import layout_for, linear
-from quantbench.engine.kernels.gemv_h2 import h2_supported
 from quantbench.engine.kernels.layouts import tile_buffers
+from quantbench.engine.kernels.routing import h2_supported
 from quantbench.engine.kernels.wq_matmul import pick_config, wq_matmul
 from quantbench.quant import METHODS
 

@@ -175,7 +175,7 @@ def test_mma_gemv_cuda(spec: str, m: int, tiled: bool) -> None:
     (weight-only) or the fp32-path kernel on the same quantized activations (W8A8). 1008 rows: 63
     row tiles, an odd number of them per split."""
     from quantbench.engine.kernels import layout_for
-    from quantbench.engine.kernels.mma_gemv import mma_supported
+    from quantbench.engine.kernels.routing import mma_supported
 
     torch.manual_seed(len(spec) * 7 + m)
     n, k = 1008, 4096
@@ -202,8 +202,9 @@ def test_mma_gemv_plain_cuda(dtype: torch.dtype, m: int, k: int) -> None:
     """Plain 16-bit linears through the tensor-core GEMV (``MODE_PLAIN``) against float64; its split-K
     partials summed in split order equal its own sum bit for bit."""
     from quantbench.engine.kernels.layouts import plain_layout_for
-    from quantbench.engine.kernels.mma_gemv import mma_gemv, mma_supported
+    from quantbench.engine.kernels.mma_gemv import mma_gemv
     from quantbench.engine.kernels.partials import Partials
+    from quantbench.engine.kernels.routing import mma_supported
 
     torch.manual_seed(m + k)
     for bias in (True, False):
@@ -254,7 +255,7 @@ def test_mma_gemv_carried_activations_cuda(spec: str, m: int) -> None:
     """``mma_x_carry`` (activations loaded an iteration ahead) gives the same bits as loading them in the
     step."""
     from quantbench.engine.kernels import layout_for
-    from quantbench.engine.kernels.mma_gemv import mma_supported
+    from quantbench.engine.kernels.routing import mma_supported
 
     torch.manual_seed(len(spec) + m)
     module = _module(spec, 1008, 4096, bias=True, device="cuda", dtype=torch.bfloat16)
@@ -274,7 +275,7 @@ def test_mma_gemv_pair_table_cuda(spec: str, dtype: torch.dtype, m: int) -> None
     """NF4 / FP4 decoded through the shared pair table (any number of copies) give the same bits as the
     byte-permute decoder."""
     from quantbench.engine.kernels import layout_for
-    from quantbench.engine.kernels.mma_gemv import mma_supported
+    from quantbench.engine.kernels.routing import mma_supported
 
     torch.manual_seed(len(spec) + m)
     module = _module(spec, 1008, 4096, bias=True, device="cuda", dtype=dtype)
@@ -295,7 +296,8 @@ def test_mma_gemv_two_group_steps_cuda(spec: str, m: int) -> None:
     """Warp steps of two consecutive NF4 / FP4 groups (``mma_two_groups``, tiled or row-major codes) against
     the float64 product and against one group per step (only the fp32 summation order differs)."""
     from quantbench.engine.kernels import layout_for
-    from quantbench.engine.kernels.mma_gemv import _kind, _subs, mma_supported
+    from quantbench.engine.kernels.mma_gemv import _subs
+    from quantbench.engine.kernels.routing import decoder_kind, mma_supported
 
     spec, _, tiles = spec.partition(",tiles=")
     torch.manual_seed(len(spec) + m)
@@ -304,7 +306,7 @@ def test_mma_gemv_two_group_steps_cuda(spec: str, m: int) -> None:
         _store_mma_tiles(module)
     layout = layout_for(module)
     x = _x(m, 4096, "cuda", torch.bfloat16, outliers=True)
-    assert mma_supported(x, layout) and _subs(_kind(layout, x.dtype), layout, m) == 2
+    assert mma_supported(x, layout) and _subs(decoder_kind(layout, x.dtype), layout, m) == 2
     one = _run_wq(module, x, EngineOptions(mma_two_groups=False))
     two = _run_wq(module, x, EngineOptions(mma_two_groups=True))
     ref = x.double() @ module.dequantize().double().t() + module.bias.double()
@@ -332,7 +334,7 @@ def test_mma_gemv_quantizes_token_cuda(spec: str, dtype: torch.dtype) -> None:
 def test_mma_gemv_fp16_and_silu_cuda(spec: str, m: int) -> None:
     """fp16 compute (fp16 decoders and mma), and the down projection's silu(gate) * up input."""
     from quantbench.engine.kernels import layout_for, linear
-    from quantbench.engine.kernels.mma_gemv import mma_supported
+    from quantbench.engine.kernels.routing import mma_supported
 
     torch.manual_seed(m)
     n, k = 512, 2048
@@ -354,7 +356,7 @@ def test_h2_gemv_cuda(spec: str, magnitude: float) -> None:
     huge activations: against float64 (weight-only) or the fp32-path kernel on the same quantized
     activations (W8A8)."""
     from quantbench.engine.kernels import layout_for
-    from quantbench.engine.kernels.gemv_h2 import h2_supported
+    from quantbench.engine.kernels.routing import h2_supported
 
     torch.manual_seed(len(spec) + int(magnitude))
     n, k = 1000, 4096

@@ -124,9 +124,12 @@ class LinearOp:
         if isinstance(module, QuantLinear):
             return module(x)
         if plain is not None:  # act is False here: a plain part means the caller applied SiLU-gate already
-            from quantbench.engine.kernels.mma_gemv import mma_gemv, plain_supported
+            from quantbench.engine.kernels.routing import Kernel, Operands, route_plain
 
-            if plain_supported(x, plain, self.options):
+            target = Operands(x, plain, self.options)
+            if route_plain(x.shape[0], plain, x.dtype, target, self.options) is Kernel.MMA_GEMV:
+                from quantbench.engine.kernels.mma_gemv import mma_gemv
+
                 return mma_gemv(x, plain, partials=partials, options=self.options)
         return F.linear(x, module.weight, module.bias)
 

@@ -1,6 +1,6 @@
 """Long prompts (more than ``EngineOptions.prompt_gemm_max_m`` tokens, or all prompts with
 ``prompt_kernel="slabs"``): dequantize a slab of rows into an L2-sized 16-bit scratch buffer, multiply it
-with cuBLAS, next slab. Shorter prompts (from ``DENSE_MIN_M`` tokens) take the fused ``prompt_gemm``
+with cuBLAS, next slab. Shorter prompts (from ``routing.PROMPT_MIN_M`` tokens) take the fused ``prompt_gemm``
 kernel, which decodes each weight tile once per 128 tokens; the slabs decode each weight once, so past a
 few hundred tokens cuBLAS's speed wins.
 
@@ -24,7 +24,6 @@ from quantbench.engine.kernels.layouts import MODE_INT, MODE_TABLE, WQLayout
 from quantbench.engine.kernels.wq_matmul import group_off, or_dummy, word_off
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
-DENSE_MIN_M = 64
 _SCRATCH: dict[tuple[str, torch.dtype, int], torch.Tensor] = {}
 
 
@@ -135,10 +134,6 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE[key]
 
 
-def dense_supported(layout: WQLayout, m: int) -> bool:
-    return m >= DENSE_MIN_M and (layout.in_features % (32 // layout.bits) == 0)
-
-
 @triton.jit
 def _rescale_kernel(o_ptr, cs_ptr, rf_ptr, b_ptr, M, N, stride_o, col_mul,
                     HAS_CS: tl.constexpr, HAS_RF: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
@@ -216,4 +211,4 @@ def dense_matmul(
     return out
 
 
-__all__ = ["DENSE_MIN_M", "MODE_INT", "dense_matmul", "dense_supported", "dequantize_rows"]
+__all__ = ["MODE_INT", "dense_matmul", "dequantize_rows"]

@@ -20,7 +20,6 @@ slot pairs follow how each format packs its codes (``_PAIRS``).
 
 from __future__ import annotations
 
-import os
 import re
 
 import torch
@@ -41,7 +40,7 @@ from quantbench.engine.kernels.wq_matmul import (
 )
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
-__all__ = ["gemv_h2", "h2_supported"]
+__all__ = ["gemv_h2"]
 
 # (low lane slot, high lane slot) of each activation pair, per (mode, bits): the slots one
 # fma.f16x2 multiplies, in the order the PTX below produces them.
@@ -368,17 +367,6 @@ def _gemv_h2_kernel(
 
 
 _TABLE_ASM: dict[tuple, tuple[str, list[int]]] = {}
-
-
-def h2_supported(x: torch.Tensor, layout: WQLayout, options: EngineOptions = DEFAULT_OPTIONS) -> bool:
-    """Whether :func:`gemv_h2` handles this call (one row on CUDA, a supported code format)."""
-    if not options.h2 or x.shape[0] != 1 or not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    if (layout.mode, layout.bits) not in _PAIRS:
-        return False
-    major, minor = torch.cuda.get_device_capability(x.device)
-    need = (8, 9) if layout.mode == MODE_FP8 else (8, 0)
-    return (major, minor) >= need
 
 
 def _config(n: int, k: int, layout: WQLayout, device: torch.device) -> dict:

@@ -56,8 +56,6 @@ arithmetic on ``tl.arange`` names the lane that runs the inline PTX.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -66,11 +64,6 @@ from quantbench.engine.kernels.layouts import (
     ACT_FP8,
     ACT_INT8_TOKEN,
     ACT_LLM_INT8,
-    ACT_NONE,
-    MODE_FP8,
-    MODE_INT,
-    MODE_PLAIN,
-    MODE_TABLE,
     WQLayout,
     mma_words_per_lane,
 )
@@ -98,6 +91,7 @@ from quantbench.engine.kernels.mma_ptx import (
 )
 from quantbench.engine.kernels.partials import Partials
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
+from quantbench.engine.kernels.routing import decoder_kind
 from quantbench.engine.kernels.wq_matmul import (
     _bias_like,
     _num_sms,
@@ -109,7 +103,7 @@ from quantbench.engine.kernels.wq_matmul import (
 )
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
-__all__ = ["mma_gemv", "mma_supported", "plain_supported"]
+__all__ = ["mma_gemv"]
 
 
 @triton.jit
@@ -226,7 +220,7 @@ def _mma_gemv_kernel(
     s_hi = tl.minimum(n_steps, s_lo + steps_per_split)
     n_iter = tl.cdiv(s_hi - s_lo, NW)
 
-    # Codes are row-major or tiled in this kernel's own steps (mma_supported), so a warp's code addresses
+    # Codes are row-major or tiled in this kernel's own steps (routing.mma_takes), so a warp's code addresses
     # advance by a constant per step.
     STEP_BYTES: tl.constexpr = SUBS * 4 * (4 * V if TN == 0 else TN * TKV)
     s = s_lo + warp
@@ -411,54 +405,6 @@ def _mma_gemv_kernel(
                    HAS_BIAS, SPLIT_K)  # fmt: skip
 
 
-def _kind(layout: WQLayout, dtype: torch.dtype) -> int | None:
-    if layout.mode == MODE_PLAIN:
-        return D_PLAIN if dtype == layout.plain_dtype else None
-    if layout.mode == MODE_TABLE and layout.bits == 4:
-        return D_TABLE
-    if layout.mode == MODE_INT and layout.bits == 4:
-        return D_INT4
-    if layout.mode == MODE_INT and layout.bits == 8:
-        return D_INT8_F32 if dtype == torch.bfloat16 else D_INT8_F16
-    if layout.mode == MODE_FP8 and layout.bits == 8:
-        return D_FP8
-    return None
-
-
-def mma_supported(x: torch.Tensor, layout: WQLayout, options: EngineOptions = DEFAULT_OPTIONS) -> bool:
-    """Whether :func:`mma_gemv` handles this call (1-16 rows on an sm_80+ GPU, a supported format)."""
-    m = x.shape[0]
-    if not options.mma or not 1 <= m <= 16 or (m == 1 and not options.mma_batch1):
-        return False
-    if (
-        not x.is_cuda
-        or os.environ.get("TRITON_INTERPRET") == "1"
-        or x.dtype not in (torch.bfloat16, torch.float16)
-    ):
-        return False
-    kind = _kind(layout, x.dtype)
-    if kind is None or layout.out_features % 16:
-        return False
-    if kind == D_FP8 and x.dtype == torch.bfloat16 and layout.act_quant == ACT_NONE:
-        return False  # bf16 activations reach fp16 exactly only when quantized to e4m3 first
-    words = mma_words_per_lane(layout)
-    if not words or (kind == D_PLAIN and words % 2):
-        return False
-    need = (8, 9) if kind == D_FP8 else (8, 0)  # cvt.f16x2.e4m3x2: sm_89; mma.sync bf16 / f16: sm_80
-    if torch.cuda.get_device_capability(x.device) < need:
-        return False
-    if layout.tile_n and layout.tile_kv != 4 * words:
-        return False  # a step would straddle tile columns (codes tiled for another kernel): wq_matmul
-    align = 4 * words
-    return (
-        layout.w32.data_ptr() % align == 0
-        and (layout.w32.stride(0) * 4) % align == 0
-        and x.stride(-1) == 1
-        and x.data_ptr() % 16 == 0
-        and (x.stride(0) * x.element_size()) % 16 == 0
-    )
-
-
 _ASM: dict[tuple, tuple[str, ...]] = {}
 # per layout.act_quant (layouts.ACT_*): the kernel's XQ (2 e4m3, 3 SmoothQuant int8, 4 LLM.int8) and the
 # step's activation mode when the GEMV quantizes one token itself
@@ -493,16 +439,6 @@ def _subs(kind: int, layout: WQLayout, m: int, options: EngineOptions = DEFAULT_
     return 2 if ok and layout.group > 0 and layout.zeros is None else 1
 
 
-def plain_supported(x: torch.Tensor, layout: WQLayout, options: EngineOptions = DEFAULT_OPTIONS) -> bool:
-    """Whether a plain 16-bit linear's product of ``x`` runs here (``EngineOptions.plain_*``) rather than in
-    cuBLAS."""
-    if not options.plain_mma or x.shape[0] > options.plain_max_m:
-        return False
-    if options.plain_max_out and layout.out_features > options.plain_max_out:
-        return False
-    return mma_supported(x, layout, options)
-
-
 def _config(
     m: int, n: int, k: int, layout: WQLayout, device: torch.device, options: EngineOptions = DEFAULT_OPTIONS
 ) -> dict:
@@ -511,7 +447,7 @@ def _config(
     4-bit ones."""
     words = mma_words_per_lane(layout)
     # the activation dtype only picks between int8 decoders, except that plain layouts take their own
-    kind = _kind(layout, layout.plain_dtype or torch.bfloat16)
+    kind = decoder_kind(layout, layout.plain_dtype or torch.bfloat16)
     step = 4 * words * (32 // layout.bits) * _subs(kind, layout, m, options)
     nw = options.mma_table_warps if kind == D_TABLE else 4
     tiles = n // 16
@@ -556,7 +492,7 @@ def mma_gemv(
     partials = partials and options.partials and out is None
     if out is None and not partials:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    kind = _kind(layout, x.dtype)
+    kind = decoder_kind(layout, x.dtype)
     words = mma_words_per_lane(layout)
     if config is None:
         config = _config(m, n, k, layout, x.device, options)

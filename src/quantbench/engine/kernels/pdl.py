@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from quantbench.engine.kernels.routing import interpreting
 
 __all__ = ["launch_args", "wait_prior"]
 
@@ -47,7 +48,7 @@ def _device_has_pdl(index: int) -> bool:
 def launch_args(device: torch.device, enabled: bool = True) -> dict:
     """Extra launch arguments of a PDL-aware kernel on ``device``: its ``PDL`` constexpr, and Triton's
     ``launch_pdl`` option where ``enabled`` (``EngineOptions.pdl``) and the GPU and Triton support it."""
-    if not enabled or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if not enabled or device.type != "cuda" or interpreting():
         return {"PDL": False}
     index = device.index if device.index is not None else torch.cuda.current_device()
     if not (_triton_has_pdl() and _device_has_pdl(index)):

@@ -1,4 +1,4 @@
-"""Prompt-sized products (M >= ``dequant.DENSE_MIN_M``) in one Triton kernel: dequantize in registers,
+"""Prompt-sized products (M >= ``routing.PROMPT_MIN_M``) in one Triton kernel: dequantize in registers,
 multiply on tensor cores.
 
 Why: the slab path (``dequant.dense_matmul``) writes every weight once as 16 bits into L2 and reads it
@@ -40,7 +40,7 @@ from quantbench.engine.kernels.wq_matmul import (
 )
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
-__all__ = ["prompt_config", "prompt_gemm", "prompt_supported"]
+__all__ = ["prompt_config", "prompt_gemm"]
 
 _INT = tl.constexpr(MODE_INT)
 _TABLE = tl.constexpr(MODE_TABLE)
@@ -226,18 +226,6 @@ def prompt_config(m: int, n: int, k: int, bits: int, mode: int, group: int, sms:
         return {}
     return {"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": 8, "num_stages": 3,
             "PREFETCH": prefetch}  # fmt: skip
-
-
-def prompt_supported(layout: WQLayout, x: torch.Tensor, options: EngineOptions = DEFAULT_OPTIONS) -> bool:
-    """Whether the fused kernel takes this product. NF4 / FP4 need the PTX table decoder on CUDA: the
-    L1-lookup decode (``table_prmt=False``) does not compile for sm_90 with Triton 3.6 ("Illegal
-    shared layout"), so those prompts keep the slab path."""
-    m, n, k = x.shape[0], layout.out_features, layout.in_features
-    if not prompt_config(m, n, k, layout.bits, layout.mode, layout.group):
-        return False
-    return not (
-        x.is_cuda and layout.mode == MODE_TABLE and not _asm_for(layout, x.device, options)["TABLE_ASM"]
-    )
 
 
 def prompt_gemm(

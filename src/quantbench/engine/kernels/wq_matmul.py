@@ -660,37 +660,16 @@ def wq_matmul(
     row_factor: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
-    partials: bool = False,
     options: EngineOptions = DEFAULT_OPTIONS,
-):
+) -> torch.Tensor:
     """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` (``x [M, 2K]`` gate/up when ``act_silu_mul``).
 
     ``out`` is ``[M, N]`` in x's dtype. Layers with activation quantization (``layout.act_quant``) are
     handled by :func:`quantbench.engine.kernels.linear`, which quantizes x first and passes the scales
-    as ``row_factor``. ``partials``: the tensor-core GEMV may return its split-K partials (``mma_gemv``).
+    as ``row_factor`` (and which picks this kernel or another: ``routing.py``).
     """
     M = x.shape[0]
     N, K = layout.out_features, layout.in_features
-    if config is None and M <= 16:
-        from quantbench.engine.kernels.mma_gemv import mma_gemv, mma_supported
-
-        if mma_supported(x, layout, options):
-            return mma_gemv(
-                x,
-                layout,
-                act_silu_mul=act_silu_mul,
-                row_factor=row_factor,
-                out=out,
-                partials=partials,
-                options=options,
-            )
-    if config is None and M == 1:
-        from quantbench.engine.kernels.gemv_h2 import gemv_h2, h2_supported
-
-        if h2_supported(x, layout, options):
-            return gemv_h2(
-                x, layout, act_silu_mul=act_silu_mul, row_factor=row_factor, out=out, options=options
-            )
     if x.stride(-1) != 1:
         x = x.contiguous()
     if out is None:
