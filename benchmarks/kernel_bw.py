@@ -199,7 +199,8 @@ def tiled_sweep(results: dict, record, shapes: dict, specs: list[str]) -> None:
 
 def concrete(cfg: dict, m: int, n: int, k: int, layout) -> dict:
     """A sweep entry -> kernel config for this shape ({} if BK does not fit K)."""
-    from quantbench.engine.kernels.wq_matmul import _num_sms, fit_bk, split_for
+    from quantbench.engine.kernels.triton_common import num_sms, split_for
+    from quantbench.engine.kernels.wq_matmul import fit_bk
 
     vals = 32 // layout.bits
     c = {key: v for key, v in cfg.items() if key not in ("WORDS", "SPLIT_X")}
@@ -209,7 +210,7 @@ def concrete(cfg: dict, m: int, n: int, k: int, layout) -> dict:
         return {}
     split = 1
     if m <= 16:
-        split = max(1, int(split_for(m, n, k, c, _num_sms(torch.device("cuda"))) * cfg["SPLIT_X"]))
+        split = max(1, int(split_for(m, n, k, c, num_sms(torch.device("cuda"))) * cfg["SPLIT_X"]))
         split = min(split, k // c["BK"])
     c["SPLIT_K"] = split
     return c

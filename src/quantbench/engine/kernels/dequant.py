@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from quantbench.engine.kernels.layouts import MODE_INT, MODE_TABLE, WQLayout
-from quantbench.engine.kernels.wq_matmul import group_off, or_dummy, word_off
+from quantbench.engine.kernels.triton_common import group_off, or_dummy, word_off
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
 _SCRATCH: dict[tuple[str, torch.dtype, int], torch.Tensor] = {}

@@ -16,7 +16,7 @@ import triton.language as tl
 from quantbench.engine.kernels.layouts import ACT_LLM_INT8
 from quantbench.engine.kernels.partials import Partials, load_summed, parts_args
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
-from quantbench.engine.kernels.wq_matmul import WS_FLOATS, WS_TILES, _num_sms, _workspace
+from quantbench.engine.kernels.triton_common import WS_FLOATS, WS_TILES, num_sms, workspace
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
 
@@ -332,7 +332,7 @@ def attention_splits(
     eats what the extra programs bring."""
     if not options.attn_split or device.type != "cuda":
         return 1
-    want = max(1, 2 * _num_sms(device) // (batch * n_kv))
+    want = max(1, 2 * num_sms(device) // (batch * n_kv))
     return max(1, min(want, cache // options.attn_split_min))
 
 
@@ -369,7 +369,7 @@ def decode_attention(
     block = max(64, min(options.attn_block, triton.next_power_of_2(chunk)))
     # the split records and counters live in the split-K workspace the GEMVs keep (kernels in one stream,
     # each writing only after wait_prior: no two use it at once)
-    ws, cnt = _workspace(qkv.device) if splits > 1 else (out, out)
+    ws, cnt = workspace(qkv.device) if splits > 1 else (out, out)
     src, stride_row, parts, plane = parts_args(qkv)
     _decode_attention_kernel[(batch, n_kv, splits)](
         src,

@@ -30,7 +30,7 @@ Decoders (PTX, one 32-bit word -> 16-bit pairs in column order):
 * NF4 / FP4: each byte (a code pair) indexes a shared-memory table of 16-bit value pairs of the compute
   dtype (``prmt`` + ``mad`` + ``ld.shared`` per pair), filled by every program in 16 interleaved copies
   against bank conflicts (``EngineOptions.mma_lut_copies``); one word per step takes the byte-permute
-  decoder of ``wq_matmul.table_asm`` instead (the same values), which balances the ALU against the L1
+  decoder of ``triton_common.table_asm`` instead (the same values), which balances the ALU against the L1
   data pipe.
 * int8, bf16: ``prmt`` of each byte under 2**23 (fp32), subtract 2**23 + zero, ``cvt.rn.bf16x2.f32``;
   fp16: ``prmt`` under 1024.0 and one ``add.f16x2`` per pair.
@@ -92,13 +92,13 @@ from quantbench.engine.kernels.mma_ptx import (
 from quantbench.engine.kernels.partials import Partials
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
 from quantbench.engine.kernels.routing import decoder_kind
-from quantbench.engine.kernels.wq_matmul import (
-    _bias_like,
-    _num_sms,
-    _store_out,
+from quantbench.engine.kernels.triton_common import (
+    bias_like,
+    num_sms,
     or_dummy,
     plan_split,
     split_columns,
+    store_out,
     word_off,
 )
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
@@ -398,10 +398,10 @@ def _mma_gemv_kernel(
     ws_off = toks.to(tl.int64) * N + rows
     if PARTIAL:  # each split's fp32 partial to its own plane of the output: the consumer sums them
         if HAS_BIAS:
-            vals += tl.where(ks == 0, _bias_like(vals, b_ptr, rows, omask), 0.0)
+            vals += tl.where(ks == 0, bias_like(vals, b_ptr, rows, omask), 0.0)
         tl.store(o_ptr + ks * (M * N) + ws_off, vals, mask=omask)
     else:
-        _store_out(vals, omask, o_off, ws_off, M * N, rows, omask, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks,
+        store_out(vals, omask, o_off, ws_off, M * N, rows, omask, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks,
                    HAS_BIAS, SPLIT_K)  # fmt: skip
 
 
@@ -453,7 +453,7 @@ def _config(
     tiles = n // 16
     steps = k // step
     split = 1
-    while tiles * split < 4 * _num_sms(device) and steps // (split * 2) >= 2 * nw:
+    while tiles * split < 4 * num_sms(device) and steps // (split * 2) >= 2 * nw:
         split *= 2
     depth = options.mma_depth_4bit if layout.bits == 4 else 2
     return {"NW": nw, "SPLIT_K": split, "DEPTH": depth}

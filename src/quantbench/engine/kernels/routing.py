@@ -174,9 +174,9 @@ class Operands:
 
     @functools.cached_property
     def table_asm(self) -> bool:
-        from quantbench.engine.kernels.wq_matmul import _asm_for
+        from quantbench.engine.kernels.triton_common import table_decoder
 
-        return bool(_asm_for(self.layout, self.x.device, self.options)["TABLE_ASM"])
+        return bool(table_decoder(self.layout, self.x.device, self.options)["TABLE_ASM"])
 
 
 # ---------------------------------------------------------------------------------------------
