@@ -292,9 +292,8 @@ class Engine:
 
         def step() -> None:
             logits = em.decode(state.tokens, state.cache_len, state.start)
-            if (
-                greedy and em.use_kernels and self.options.greedy_pick
-            ):  # one kernel instead of five small ones
+            # the greedy tail as one kernel instead of five small ones
+            if greedy and em.use_kernels and self.options.greedy_pick:
                 from quantbench.engine.kernels.fused import greedy_pick
 
                 greedy_pick(logits, state.tokens, state.out, state.cache_len, state.base, self.options)
