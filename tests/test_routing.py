@@ -178,3 +178,37 @@ def test_table_matches_the_kernels_own_limits() -> None:
         for m in (1, 2, 17, 300):
             for k in (8, 16, 24, 40, 64, 72, 96, 128, 136, 144, 192, 256, 4096, 4104, 14336):
                 assert wq_matmul_fits(m, k, bits) == bool(pick_config(m, 64, k, bits, 0)), (m, k, bits)
+
+
+def test_options_reject_values_the_engine_cannot_run() -> None:
+    from quantbench.engine import EngineOptionsError
+
+    for fields in (
+        {"prompt_kernel": "fused"},
+        {"mma_quantizes": frozenset({"int4"})},
+        {"mma_x_carry": frozenset({"nf4"})},
+        {"mma_lut_copies": 6},
+        {"attn_block": 96},
+        {"mma_depth_4bit": 3},
+        {"act_tiles_prompt": (256, 16, 16)},
+    ):
+        with pytest.raises(EngineOptionsError):
+            EngineOptions(**fields)
+    assert EngineOptions(mma_quantizes={"llm.int8"}).mma_quantizes == frozenset({"llm.int8"})  # sets frozen
+
+
+def test_engine_ab_variants_are_options() -> None:
+    """Every A/B variant of ``benchmarks/engine_ab.py`` is a valid EngineOptions value (no patched globals)."""
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "engine_ab.py"
+    spec = importlib.util.spec_from_file_location("engine_ab", path)
+    engine_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(engine_ab)
+    for name in [*engine_ab.VARIANTS, "cfg:num_warps=4,split=2", "mcfg:NW=8,DEPTH=2"]:
+        assert isinstance(engine_ab.variant_options(name), EngineOptions), name
+    assert engine_ab.variant_options("base") == EngineOptions()
+    edit = engine_ab.variant_options("cfg:num_warps=4,split=2").h2_config_edit
+    row_major = dataclasses.replace(_layout("int8"), tile_n=0)
+    chosen = {"num_warps": 2, "SPLIT_K": 4, "BN": 32}
+    assert edit(chosen, row_major) == {"num_warps": 4, "SPLIT_K": 8, "BN": 32}
