@@ -5,9 +5,9 @@
 
 One pass is Mistral-7B's 32 layers x the inputs of qkv, o and gate/up (4096 columns) and down (14336),
 each ``fused.act_quant`` call captured in one CUDA graph; the time is the median of ``--repeats``
-replays. A configuration replaces ``fused.ACT_TILES`` entries (``NAME=columns,tokens,load_tokens,
-apply_columns``; items joined by ``+``); ``pdl`` launches the prompt-sized kernels with programmatic
-dependent launch. The activations are normal with a few columns past the LLM.int8 threshold.
+replays. A configuration replaces ``EngineOptions.act_tiles_NAME`` (``NAME=columns,tokens,load_tokens,
+apply_columns`` with NAME decode / prompt / outlier; items joined by ``+``); ``pdl`` launches the
+prompt-sized kernels with programmatic dependent launch (``act_prompt_pdl``). The activations are normal with a few columns past the LLM.int8 threshold.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import statistics
 import torch
 
 from quantbench.bench.runner import device_name
+from quantbench.engine import EngineOptions
 from quantbench.engine.kernels import fused
 from quantbench.engine.kernels.layouts import ACT_FP8, ACT_INT8_TOKEN, ACT_LLM_INT8
 
@@ -26,19 +27,19 @@ KINDS = {"llm.int8": ACT_LLM_INT8, "fp8": ACT_FP8, "smoothquant": ACT_INT8_TOKEN
 WIDTHS = (4096, 4096, 4096, 14336)  # inputs of qkv, o, gate/up, down
 
 
-def apply_config(text: str) -> dict:
-    """Set the switches of configuration ``text``; returns what to restore."""
-    saved = {"tiles": dict(fused.ACT_TILES), "pdl": dict(fused.ACT_PDL)}
-    for item in text.split(";"):
+def config_options(text: str) -> EngineOptions:
+    """The options of configuration ``text`` (items joined by ``+``)."""
+    fields = {}
+    for item in text.split("+"):
         if item == "pdl":
-            fused.ACT_PDL["prompt"] = True
+            fields["act_prompt_pdl"] = True
         elif "=" in item:
             name, _, values = item.partition("=")
-            fused.ACT_TILES[name] = tuple(int(v) for v in values.split(","))
-    return saved
+            fields[f"act_tiles_{name}"] = tuple(int(v) for v in values.split(","))
+    return EngineOptions(**fields)
 
 
-def time_pass(kind: int, m: int, layers: int, repeats: int) -> float:
+def time_pass(kind: int, m: int, layers: int, repeats: int, options: EngineOptions) -> float:
     gen = torch.Generator(device="cuda").manual_seed(m)
     inputs = []
     for k in WIDTHS:
@@ -46,14 +47,14 @@ def time_pass(kind: int, m: int, layers: int, repeats: int) -> float:
         x[:, :: k // 6] *= 40.0  # six outlier columns
         inputs.append(x)
     for x in inputs:  # compile outside the capture
-        fused.act_quant(x, kind, 6.0, False, x.shape[1])
+        fused.act_quant(x, kind, 6.0, False, x.shape[1], options)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
         for _ in range(layers):
             for x in inputs:
-                fused.act_quant(x, kind, 6.0, False, x.shape[1])
+                fused.act_quant(x, kind, 6.0, False, x.shape[1], options)
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -81,12 +82,7 @@ def main() -> None:
     for kind_name in args.kinds.split(","):
         for m in [int(v) for v in args.m.split(",")]:
             for config in args.configs.split(";"):
-                saved = apply_config(config.replace("+", ";"))
-                try:
-                    us = time_pass(KINDS[kind_name], m, args.layers, args.repeats)
-                finally:
-                    fused.ACT_TILES.update(saved["tiles"])
-                    fused.ACT_PDL.update(saved["pdl"])
+                us = time_pass(KINDS[kind_name], m, args.layers, args.repeats, config_options(config))
                 row = {"kind": kind_name, "m": m, "config": config, "pass_us": round(us, 1),
                        "per_product_us": round(us / (args.layers * len(WIDTHS)), 2)}  # fmt: skip
                 rows.append(row)

@@ -24,8 +24,7 @@ import torch
 
 import quantbench
 from quantbench.bench.runner import split_methods
-from quantbench.engine import Engine
-from quantbench.engine.kernels import pdl
+from quantbench.engine import Engine, EngineOptions
 
 GEMVS = ("qkv", "o", "gate_up", "down")  # a layer's products in the order the decode step runs them
 
@@ -72,9 +71,9 @@ def profile_method(args, method: str) -> dict:
     quantbench.quantize(model, method)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.input), device="cuda")
     first, per_token, graph_prompt = {}, {}, {}
+    no_pdl = EngineOptions(pdl=False)
     for pdl_off in (False, True):  # CUDA graphs, PDL on (the default) and off
-        pdl.DISABLED["off"] = pdl_off
-        engine = Engine(model, cuda_graphs=True)
+        engine = Engine(model, cuda_graphs=True, options=no_pdl if pdl_off else EngineOptions())
         firsts, steps = [], []
         for _ in range(4):  # the first run captures the graphs
             engine.generate(ids, max_new_tokens=64, ignore_eos=True)
@@ -85,12 +84,11 @@ def profile_method(args, method: str) -> dict:
         per_token[key] = round(statistics.median(steps[1:]), 4)
         graph_prompt[key] = kernel_totals(engine, ids, 1)  # the captured prompt pass, kernel by kernel
         del engine
-    eager = Engine(model, cuda_graphs=False)  # (PDL still off)
+    eager = Engine(model, cuda_graphs=False, options=no_pdl)
     eager.generate(ids, max_new_tokens=args.steps + 1, ignore_eos=True)  # compile every kernel
     prompt_us, prompt_calls = kernel_totals(eager, ids, 1)
     by_layer: dict[str, list[float]] = {}
     all_us, all_calls = kernel_totals(eager, ids, args.steps + 1, by_layer)
-    pdl.DISABLED["off"] = False
     step_us, step_calls = all_us - prompt_us, all_calls - prompt_calls
     del eager, model
     torch.cuda.empty_cache()

@@ -33,8 +33,8 @@ fi
 if has ncu; then  # hardware counters of the four GEMVs of one layer, in their real sequence (eager decode)
   for m in ${NCU_METHODS:-int4:group=128}; do
     tag=$(echo "$m" | tr -c 'a-z0-9\n' '_')
-    QUANTBENCH_NO_PDL=1 timeout ${T_NCU:-150} ncu --clock-control none -k regex:${NCU_KERNEL:-_mma_gemv_kernel} --launch-skip 128 --launch-count 4 \
-      --set full -f -o "$OUT/ncu_$tag" python3 benchmarks/engine_ab.py --ncu --methods "$m" > "$OUT/ncu_$tag.log" 2>&1
+    timeout ${T_NCU:-150} ncu --clock-control none -k regex:${NCU_KERNEL:-_mma_gemv_kernel} --launch-skip 128 --launch-count 4 \
+      --set full -f -o "$OUT/ncu_$tag" python3 benchmarks/engine_ab.py --ncu --variants nopdl --methods "$m" > "$OUT/ncu_$tag.log" 2>&1
     ncu --import "$OUT/ncu_$tag.ncu-rep" --page details > "$OUT/ncu_$tag.txt" 2>&1
     grep -E "^  _|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Compute \(SM\) Th|Issue Slots Busy|Eligible Warps|No Eligible|L2 Hit|Mem Busy|Max Bandwidth|Warp Cycles Per Issued|Active Warps|stalled" "$OUT/ncu_$tag.txt" | head -${NCU_LINES:-60}
   done

@@ -1,12 +1,13 @@
-"""A/B timing of the engine's runtime switches on one quantized model per method (needs a CUDA GPU).
+"""A/B timing of the engine's options on one quantized model per method (needs a CUDA GPU).
 
     python benchmarks/engine_ab.py --methods "int4:group=128;nf4:block=64" --variants "base;nopdl" --json ab.json
 
 Each method quantizes one random-weight model once; each variant then builds a fresh ``Engine`` on it
-(new CUDA graphs) with its switches set, and times ``generate`` (``--input`` prompt + ``--output`` new
+(new CUDA graphs) with its ``EngineOptions`` (``VARIANTS``: the fields it changes), and times ``generate`` (``--input`` prompt + ``--output`` new
 tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 
 * ``base``: everything on;
+* ``notile``: quantized codes stay row-major (list it first: the model keeps the first engine's storage);
 * ``nopdl``: kernels launched without programmatic dependent launch (``kernels/pdl.py``);
 * ``noh2``: batch 1 through ``wq_matmul``'s fp32 path instead of the half2 GEMV;
 * ``nodense``: prompts through ``wq_matmul`` instead of the fused prompt GEMM / slabs;
@@ -14,10 +15,10 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``actwide``: W8A8 prompt activations quantized with the decode's statistics tiles (1024 columns x 64
   tokens per program) instead of 256 x 16;
 * ``colmax``: LLM.int8 prompt activations with statistics per 256 columns x 16 tokens after a
-  column-maxima pass (as the sixth session did), instead of 64 columns x all tokens in one load;
+  column-maxima pass, instead of 64 columns x all tokens in one load;
 * ``actpdl``: prompt-sized activation quantization launched with programmatic dependent launch;
 * ``lut0`` / ``lut8`` / ``lut16`` / ``lut32``: NF4 / FP4 tensor-core GEMV decoding with byte permutes / a shared
-  pair table of 8, 16 or 32 copies (``mma_gemv.LUT``);
+  pair table of 8, 16 or 32 copies (``mma_lut_copies``);
 * ``depth2``: 4-bit tensor-core GEMVs keep two steps of codes in flight instead of one;
 * ``perm1`` / ``perm2`` / ``perm4``: with the shared pair table, that many code words of each NF4 / FP4 step
   decoded by byte permutes instead (ALU against the L1 data pipe);
@@ -25,7 +26,7 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
   (conflict-free lookups), with one / no permuted word per step;
 * ``nosubs``: NF4 / FP4 tensor-core GEMV steps of one quantization group instead of two;
 * ``noxcarry`` / ``xcarry``: no tensor-core GEMV loads its step's activations an iteration ahead / all do
-  (default: 4-bit and e4m3 codes, ``mma_gemv.X_CARRY``);
+  (default: 4-bit and e4m3 codes, ``mma_x_carry``);
 * ``noattsplit``: decode attention one program per (sequence, kv head), the cache not split;
 * ``attblk64`` / ``attblk128`` / ``attw16``: decode attention in blocks of at most 64 / 128 positions (256 by
   default), or 16 warps per 256-position block (8 by default);
@@ -38,18 +39,20 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
   activations but decode and multiply nothing: the bound a faster decoder could reach in whole decode steps
   (``gemv_load_pattern.py`` measures it per product);
 * ``cublas`` / ``plainall``: plain bf16 / fp16 linears through cuBLAS only / through the tensor-core GEMV at
-  every size and 1-16 tokens (default, ``mma_gemv.PLAIN``: products of at most 8192 outputs at one token);
+  every size and 1-16 tokens (default, ``plain_*``: products of at most 8192 outputs at one token);
 * ``noover``: (slab path) prompt slabs dequantized on the main stream (no overlap with the products);
 * ``slab12`` / ``slab48``: the slab path with 12 / 48 MiB slabs instead of 24;
 * ``nomma``: batches 1-16 through the half2 GEMV / ``wq_matmul`` instead of the tensor-core GEMV (the
   codes keep the tiles the first variant's engine chose: put it first to time the older engine);
 * ``mmab1off``: the tensor-core GEMV for batches 2-16 only (where the codes' tiles hold whole steps of it);
 * ``actall`` / ``actnone``: every / no W8A8 kind quantizes one token inside the GEMV (default: e4m3);
-* ``cfg:KEY=V,...``: the half2 GEMV with launch-config keys replaced (``config_override``);
-* ``mcfg:NW=8,DEPTH=2,split=2``: the tensor-core GEMV with launch keys replaced / its split multiplied.
+* ``cfg:KEY=V,...``: the half2 GEMV with launch-config keys replaced (``h2_config_edit``);
+* ``mcfg:NW=8,DEPTH=2,split=2``: the tensor-core GEMV with launch keys replaced / its split multiplied
+  (``mma_config_edit``).
 
-``--ncu`` instead runs 6 eager decode steps of the first method and exits: the target for
-``ncu --clock-control none -k regex:gemv_h2 ...`` (the kernels in their real sequence).
+``--ncu`` instead runs 6 eager decode steps of the first method with the first variant's options and
+exits: the target for ``ncu --clock-control none -k regex:gemv_h2 ...`` (the kernels in their real
+sequence; ``--variants nopdl`` for kernels that do not overlap).
 """
 
 from __future__ import annotations
@@ -63,61 +66,51 @@ import torch
 
 import quantbench
 from quantbench.bench.runner import device_name, measure_copy_bandwidth, split_methods
-from quantbench.engine import Engine, generate, kernels
-from quantbench.engine.kernels import dequant, fused, gemv_h2, mma_gemv, pdl, prompt_gemm
-from quantbench.engine.kernels.layouts import MMA_POLICY
+from quantbench.engine import Engine, EngineOptions
+from quantbench.engine.options import ACT_QUANT_NAMES, DECODER_NAMES
 
-VARIANTS = {
-    "base": [],
-    "nopdl": [(pdl.DISABLED, "off", True)],
-    "noh2": [(gemv_h2.DISABLED, "off", True)],
-    "nomma": [(MMA_POLICY, "off", True)],
-    "mmab1off": [(MMA_POLICY, "b1", False)],
-    "actall": [(MMA_POLICY, "act", {1, 2, 3})],
-    "actnone": [(MMA_POLICY, "act", set())],
-    "nodense": [(kernels.DENSE_DISABLED, "off", True)],
-    "slab": [(prompt_gemm.PROMPT_PATH, "path", "slab")],
-    "noover": [(prompt_gemm.PROMPT_PATH, "path", "slab"), (dequant.OVERLAP, "on", False)],
-    "noattsplit": [(fused.ATTN_SPLIT, "on", False)],
-    "attblk64": [(fused.ATTN_BLOCK, "max", 64)],
-    "attblk128": [(fused.ATTN_BLOCK, "max", 128)],
-    "attw16": [(fused.ATTN_BLOCK, "warps", 16)],
-    "attmin64": [(fused, "SPLIT_MIN_POSITIONS", 64)],
-    "attmin128": [(fused, "SPLIT_MIN_POSITIONS", 128)],
-    "nopartials": [(mma_gemv.PARTIALS, "on", False)],
-    "nopick": [(generate.FUSED_PICK, "on", False)],
-    "cublas": [(mma_gemv.PLAIN, "on", False)],
-    "plainall": [(mma_gemv.PLAIN, "max_out", 0), (mma_gemv.PLAIN, "max_m", 16)],
-    "actwide": [(fused.ACT_TILES, "prompt", (1024, 64, 16, 1024))],
-    "colmax": [(fused.ACT_TILES, "outlier", (256, 16, 16, 1024))],
-    "actpdl": [(fused.ACT_PDL, "prompt", True)],
-    "noxcarry": [(mma_gemv.X_CARRY, "kinds", set())],
-    "lut0": [(mma_gemv.LUT, "copies", 0)],
-    "nosubs": [(mma_gemv.SUBS, "on", False)],
-    "w8lut32": [(mma_gemv.TABLE_WARPS, "warps", 8), (mma_gemv.LUT, "copies", 32)],
-    "w8lut32p0": [
-        (mma_gemv.TABLE_WARPS, "warps", 8),
-        (mma_gemv.LUT, "copies", 32),
-        (mma_gemv.LUT, "permute", 0),
-    ],
-    "perm1": [(mma_gemv.LUT, "permute", 1)],
-    "perm2": [(mma_gemv.LUT, "permute", 2)],
-    "perm4": [(mma_gemv.LUT, "permute", 4)],
-    "depth2": [(mma_gemv.DEPTH, 4, 2)],
-    "lut8": [(mma_gemv.LUT, "copies", 8)],
-    "lut16": [(mma_gemv.LUT, "copies", 16)],
-    "lut32": [(mma_gemv.LUT, "copies", 32)],
-    "xcarry": [(mma_gemv.X_CARRY, "kinds", set(range(mma_gemv.D_PLAIN + 1)))],  # every decoder kind
-    "slab12": [
-        (prompt_gemm.PROMPT_PATH, "path", "slab"),
-        (dequant, "SCRATCH_ELEMS", 6 << 20),
-        (dequant, "_SCRATCH", {}),
-    ],
-    "slab48": [
-        (prompt_gemm.PROMPT_PATH, "path", "slab"),
-        (dequant, "SCRATCH_ELEMS", 24 << 20),
-        (dequant, "_SCRATCH", {}),
-    ],
+SLABS = {"prompt_kernel": "slabs"}
+# variant -> the EngineOptions fields it changes (every other field keeps its default)
+VARIANTS: dict[str, dict] = {
+    "base": {},
+    "notile": {"tile": False},
+    "nopdl": {"pdl": False},
+    "noh2": {"h2": False},
+    "nomma": {"mma": False},
+    "mmab1off": {"mma_batch1": False},
+    "actall": {"mma_quantizes": frozenset(ACT_QUANT_NAMES)},
+    "actnone": {"mma_quantizes": frozenset()},
+    "nodense": {"prompt_kernel": "wq_matmul"},
+    "slab": SLABS,
+    "noover": {**SLABS, "slab_overlap": False},
+    "noattsplit": {"attn_split": False},
+    "attblk64": {"attn_block": 64},
+    "attblk128": {"attn_block": 128},
+    "attw16": {"attn_warps": 16},
+    "attmin64": {"attn_split_min": 64},
+    "attmin128": {"attn_split_min": 128},
+    "nopartials": {"partials": False},
+    "nopick": {"greedy_pick": False},
+    "cublas": {"plain_mma": False},
+    "plainall": {"plain_max_out": 0, "plain_max_m": 16},
+    "actwide": {"act_tiles_prompt": (1024, 64, 16, 1024)},
+    "colmax": {"act_tiles_outlier": (256, 16, 16, 1024)},
+    "actpdl": {"act_prompt_pdl": True},
+    "noxcarry": {"mma_x_carry": frozenset()},
+    "xcarry": {"mma_x_carry": frozenset(DECODER_NAMES)},
+    "lut0": {"mma_lut_copies": 0},
+    "lut8": {"mma_lut_copies": 8},
+    "lut16": {"mma_lut_copies": 16},
+    "lut32": {"mma_lut_copies": 32},
+    "nosubs": {"mma_two_groups": False},
+    "w8lut32": {"mma_table_warps": 8, "mma_lut_copies": 32},
+    "w8lut32p0": {"mma_table_warps": 8, "mma_lut_copies": 32, "mma_lut_permute": 0},
+    "perm1": {"mma_lut_permute": 1},
+    "perm2": {"mma_lut_permute": 2},
+    "perm4": {"mma_lut_permute": 4},
+    "depth2": {"mma_depth_4bit": 2},
+    "slab12": {**SLABS, "slab_elems": 6 << 20},
+    "slab48": {**SLABS, "slab_elems": 24 << 20},
 }
 
 
@@ -130,22 +123,20 @@ def _load_only_step(*args, **kwargs) -> str:
     return "\n".join([*lines, "mov.b32 $0, t;", *(f"mov.b32 ${i}, 0;" for i in range(1, 8)), "}"])
 
 
-VARIANTS["loadonly"] = [(mma_gemv, "step_asm", _load_only_step), (mma_gemv, "_ASM", {})]
+VARIANTS["loadonly"] = {"mma_step_asm": _load_only_step}
 
 
-def config_override(module, text: str, fixed: tuple[str, ...] = ()) -> list:
-    """Wrap ``module._config`` (called as ``(..., layout, device)``) so that the keys of ``text``
-    (``KEY=V,...``) replace what it chooses; ``split`` multiplies the chosen SPLIT_K (powers of two, or
-    0.5 to halve it). Keys in ``fixed`` are left alone for tile-major codes (the tiles fix them)."""
+def config_edit(text: str, fixed: tuple[str, ...] = ()):
+    """``edit(config, layout)`` for ``EngineOptions.h2_config_edit`` / ``mma_config_edit``: the keys of
+    ``text`` (``KEY=V,...``) replace what the kernel chose; ``split`` multiplies the chosen SPLIT_K (powers
+    of two, or 0.5 to halve it). Keys in ``fixed`` are left alone for tile-major codes (the tiles fix
+    them)."""
     changes = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
         changes[key] = float(value) if key == "split" else int(value)
-    original = module._config
 
-    def config(*args):
-        cfg = original(*args)
-        layout = args[-2]
+    def edit(cfg: dict, layout) -> dict:
         for key, value in changes.items():
             if layout.tile_n and key in fixed:
                 continue
@@ -155,29 +146,19 @@ def config_override(module, text: str, fixed: tuple[str, ...] = ()) -> list:
                 cfg[key] = value
         return cfg
 
-    return [(module, "_config", config)]
+    return edit
 
 
-def variant_changes(name: str) -> list:
+def variant_options(name: str) -> EngineOptions:
     if name.startswith("cfg:"):  # the half2 GEMV: cfg:num_warps=4,STAGES=3,split=2
-        return config_override(gemv_h2, name[4:], fixed=("BN", "BKV"))
+        return EngineOptions(h2_config_edit=config_edit(name[4:], fixed=("BN", "BKV")))
     if name.startswith("mcfg:"):  # the tensor-core GEMV: mcfg:NW=8,DEPTH=2,split=2
-        return config_override(mma_gemv, name[5:])
-    return VARIANTS[name]
+        return EngineOptions(mma_config_edit=config_edit(name[5:]))
+    return EngineOptions(**VARIANTS[name])
 
 
-def _swap(target, key: str, value):
-    """Set ``target[key]`` (a dict) or ``target.key`` (a module); returns the old value."""
-    if isinstance(target, dict):
-        old, target[key] = target[key], value
-    else:
-        old = getattr(target, key)
-        setattr(target, key, value)
-    return old
-
-
-def time_variant(model, batches: list[int], args) -> dict:
-    engine = Engine(model)
+def time_variant(model, options: EngineOptions, batches: list[int], args) -> dict:
+    engine = Engine(model, options=options)
     out = {}
     for batch in batches:
         gen = torch.Generator(device="cpu").manual_seed(batch)
@@ -231,16 +212,13 @@ def main() -> None:
         quantbench.quantize(model, spec)
         if args.ncu:
             ids = torch.randint(0, model.config.vocab_size, (1, args.input), device="cuda")
-            Engine(model, cuda_graphs=False).generate(ids, max_new_tokens=6, ignore_eos=True)
+            engine = Engine(model, cuda_graphs=False, options=variant_options(variants[0]))
+            engine.generate(ids, max_new_tokens=6, ignore_eos=True)
             torch.cuda.synchronize()
             return
         for variant in variants:
-            saved = [(t, k, _swap(t, k, v)) for t, k, v in variant_changes(variant)]
-            try:
-                row = {"method": spec, "variant": variant, **time_variant(model, batches, args)}
-            finally:
-                for t, k, v in saved:
-                    _swap(t, k, v)
+            options = variant_options(variant)
+            row = {"method": spec, "variant": variant, **time_variant(model, options, batches, args)}
             result["rows"].append(row)
             cells = "  ".join(
                 f"b{b} {row[f'b{b}']['per_token_ms']:.3f} ms/tok first {row[f'b{b}']['first_token_ms']:.2f}"

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from quantbench import parse_spec
 from quantbench.bench.runner import device_name, measure_copy_bandwidth
+from quantbench.engine import EngineOptions
 from quantbench.engine.kernels import layout_for, linear
-from quantbench.engine.kernels.gemv_h2 import DISABLED as H2
-from quantbench.engine.kernels.gemv_h2 import h2_supported
 from quantbench.engine.kernels.layouts import tile_buffers
+from quantbench.engine.kernels.routing import h2_supported
 from quantbench.engine.kernels.wq_matmul import pick_config, wq_matmul
 from quantbench.quant import METHODS
 
@@ -199,7 +199,8 @@ def tiled_sweep(results: dict, record, shapes: dict, specs: list[str]) -> None:
 
 def concrete(cfg: dict, m: int, n: int, k: int, layout) -> dict:
     """A sweep entry -> kernel config for this shape ({} if BK does not fit K)."""
-    from quantbench.engine.kernels.wq_matmul import _num_sms, fit_bk, split_for
+    from quantbench.engine.kernels.triton_common import num_sms, split_for
+    from quantbench.engine.kernels.wq_matmul import fit_bk
 
     vals = 32 // layout.bits
     c = {key: v for key, v in cfg.items() if key not in ("WORDS", "SPLIT_X")}
@@ -209,7 +210,7 @@ def concrete(cfg: dict, m: int, n: int, k: int, layout) -> dict:
         return {}
     split = 1
     if m <= 16:
-        split = max(1, int(split_for(m, n, k, c, _num_sms(torch.device("cuda"))) * cfg["SPLIT_X"]))
+        split = max(1, int(split_for(m, n, k, c, num_sms(torch.device("cuda"))) * cfg["SPLIT_X"]))
         split = min(split, k // c["BK"])
     c["SPLIT_K"] = split
     return c
@@ -324,9 +325,8 @@ def main() -> None:
                     label = spec + (" (PRMT decode)" if layout.mode == 1 else "")
                     if m == 1 and h2_supported(x, layout):  # the half2 GEMV; time the fp32 path too
                         label = spec + " (h2 GEMV)"
-                        H2["off"] = True
-                        t_old = bench(lambda x=x, layout=layout: linear(layout, x))
-                        H2["off"] = False
+                        no_h2 = EngineOptions(h2=False)
+                        t_old = bench(lambda x=x, layout=layout, o=no_h2: linear(layout, x, options=o))
                         row_old = record(spec + " (fp32 path)", name, m, t_old, nbytes, flops=2 * m * n * k)
                         results["rows"].append(row_old)
                         print(
@@ -334,11 +334,8 @@ def main() -> None:
                             flush=True,
                         )
                     if layout.mode == 1 and m > 1:  # NF4 / FP4: also the L1 table-lookup decoder
-                        from quantbench.engine.kernels import wq_matmul as wq
-
-                        wq._ASM_DISABLED["off"] = True
-                        t2 = bench(lambda x=x, layout=layout: linear(layout, x))
-                        wq._ASM_DISABLED["off"] = False
+                        lookup = EngineOptions(table_prmt=False)
+                        t2 = bench(lambda x=x, layout=layout, o=lookup: linear(layout, x, options=o))
                         row2 = record(spec + " (L1 lookup)", name, m, t2, nbytes, flops=2 * m * n * k)
                         results["rows"].append(row2)
                         print(

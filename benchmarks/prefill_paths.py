@@ -14,10 +14,8 @@ import statistics
 import torch
 
 import quantbench
-from quantbench.engine import Engine
-from quantbench.engine.kernels import DENSE_DISABLED
-from quantbench.engine.kernels import dequant as dq
-from quantbench.engine.kernels.prompt_gemm import PROMPT_PATH
+from quantbench.engine import Engine, EngineOptions
+from quantbench.engine.options import PROMPT_KERNELS
 
 
 def first_token_ms(engine: Engine, ids: torch.Tensor, repeats: int) -> list[float]:
@@ -44,12 +42,9 @@ def main() -> None:
     quantbench.quantize(model, args.method)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt), device="cuda")
     rows = []
-    default_path = PROMPT_PATH["path"]
-    for path in ("fused", "slab", "wq_matmul"):
-        DENSE_DISABLED["off"] = path == "wq_matmul"
-        PROMPT_PATH["path"] = path if path != "wq_matmul" else default_path
+    for path in PROMPT_KERNELS:
         for graphs in (True, False):
-            engine = Engine(model, cuda_graphs=graphs)
+            engine = Engine(model, cuda_graphs=graphs, options=EngineOptions(prompt_kernel=path))
             t = first_token_ms(engine, ids, args.repeats)
             row = {"prompt_path": path, "graphs": graphs, "first_token_ms": round(statistics.median(t), 2),
                    "all": [round(v, 2) for v in t], "path": engine.path,
@@ -57,20 +52,15 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             del engine
-    DENSE_DISABLED["off"] = False
-    PROMPT_PATH["path"] = "slab"  # the slab sizes below
-    default_elems = dq.SCRATCH_ELEMS
     for mib in [int(v) for v in args.slab_mib.split(",") if v]:
-        dq.SCRATCH_ELEMS, dq._SCRATCH = mib << 19, {}  # bf16 elements
-        engine = Engine(model, cuda_graphs=True)
+        slabs = EngineOptions(prompt_kernel="slabs", slab_elems=mib << 19)  # bf16 elements
+        engine = Engine(model, cuda_graphs=True, options=slabs)
         t = first_token_ms(engine, ids, args.repeats)
-        row = {"prompt_path": "slab", "graphs": True, "slab_mib": mib, "first_token_ms": round(statistics.median(t), 2),
+        row = {"prompt_path": "slabs", "graphs": True, "slab_mib": mib, "first_token_ms": round(statistics.median(t), 2),
                "all": [round(v, 2) for v in t]}  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
         del engine
-    dq.SCRATCH_ELEMS, dq._SCRATCH = default_elems, {}
-    PROMPT_PATH["path"] = default_path
     engine = Engine(model, cuda_graphs=False)
     engine.generate(ids, max_new_tokens=2, ignore_eos=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

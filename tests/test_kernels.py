@@ -18,7 +18,6 @@ sizes when Triton is installed (fp16: the interpreter's bf16 ``tl.dot`` is wrong
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 import os
@@ -34,6 +33,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 from quantbench import parse_spec  # noqa: E402
+from quantbench.engine.options import ACT_QUANT_NAMES, EngineOptions  # noqa: E402
 from quantbench.quant import METHODS  # noqa: E402
 
 interp = pytest.mark.skipif(
@@ -102,13 +102,20 @@ def _store_mma_tiles(module) -> None:
     module.store_tiled(tile_buffers(module, layout_for(module), *tile))
 
 
-def _run_wq(module, x):
+def _run_wq(module, x, options: EngineOptions = EngineOptions()):
     from quantbench.engine.kernels import layout_for, linear
 
     layout = layout_for(module)
     assert layout is not None
     out = torch.full((x.shape[0], layout.out_features), float("nan"), device=x.device, dtype=x.dtype)
-    return linear(layout, x, out=out)
+    return linear(layout, x, out=out, options=options)
+
+
+# batches 1-16 through the older kernels (the half2 GEMV / wq_matmul), for their own tests
+NO_MMA = EngineOptions(mma=False)
+# every / no W8A8 kind quantizes its one token inside the tensor-core GEMV
+GEMV_QUANTIZES_ALL = EngineOptions(mma_quantizes=frozenset(ACT_QUANT_NAMES))
+GEMV_QUANTIZES_NONE = EngineOptions(mma_quantizes=frozenset())
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -159,24 +166,6 @@ def test_w8a8_kernel_cuda(spec: str, m: int) -> None:
     assert _rel(out.cpu(), ref) < 2e-2
 
 
-@contextlib.contextmanager
-def _mma_policy(key: str, value):
-    """``layouts.MMA_POLICY[key] = value`` for the block."""
-    from quantbench.engine.kernels.layouts import MMA_POLICY
-
-    saved = MMA_POLICY[key]
-    MMA_POLICY[key] = value
-    try:
-        yield
-    finally:
-        MMA_POLICY[key] = saved
-
-
-def _mma_off():
-    """Route batches 1-16 to the older kernels (the half2 GEMV / wq_matmul) for their own tests."""
-    return _mma_policy("off", True)
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("spec", WEIGHT_ONLY + W8A8)
 @pytest.mark.parametrize("m", [1, 2, 8, 11, 16])
@@ -186,7 +175,7 @@ def test_mma_gemv_cuda(spec: str, m: int, tiled: bool) -> None:
     (weight-only) or the fp32-path kernel on the same quantized activations (W8A8). 1008 rows: 63
     row tiles, an odd number of them per split."""
     from quantbench.engine.kernels import layout_for
-    from quantbench.engine.kernels.mma_gemv import mma_supported
+    from quantbench.engine.kernels.routing import mma_supported
 
     torch.manual_seed(len(spec) * 7 + m)
     n, k = 1008, 4096
@@ -197,8 +186,7 @@ def test_mma_gemv_cuda(spec: str, m: int, tiled: bool) -> None:
     assert mma_supported(x, layout_for(module))
     out = _run_wq(module, x)
     if spec in W8A8:
-        with _mma_off():
-            ref = _run_wq(module, x)
+        ref = _run_wq(module, x, NO_MMA)
     else:
         ref = x.double() @ module.dequantize().double().t()
         if module.bias is not None:
@@ -214,8 +202,9 @@ def test_mma_gemv_plain_cuda(dtype: torch.dtype, m: int, k: int) -> None:
     """Plain 16-bit linears through the tensor-core GEMV (``MODE_PLAIN``) against float64; its split-K
     partials summed in split order equal its own sum bit for bit."""
     from quantbench.engine.kernels.layouts import plain_layout_for
-    from quantbench.engine.kernels.mma_gemv import mma_gemv, mma_supported
+    from quantbench.engine.kernels.mma_gemv import mma_gemv
     from quantbench.engine.kernels.partials import Partials
+    from quantbench.engine.kernels.routing import mma_supported
 
     torch.manual_seed(m + k)
     for bias in (True, False):
@@ -238,11 +227,10 @@ def test_mma_gemv_plain_cuda(dtype: torch.dtype, m: int, k: int) -> None:
 
 @pytest.mark.cuda
 def test_engine_plain_gemv_matches_cublas_cuda() -> None:
-    """A bf16 model's decode through the tensor-core GEMV (``mma_gemv.PLAIN``, every product and the LM head)
-    against cuBLAS: the same logits up to fp32 summation order."""
+    """A bf16 model's decode through the tensor-core GEMV (``EngineOptions.plain_*``: every product and the
+    LM head) against cuBLAS: the same logits up to fp32 summation order."""
     import quantbench
     from quantbench.engine import EngineModel
-    from quantbench.engine.kernels.mma_gemv import PLAIN
 
     model = quantbench.random_model(
         "mistral-7b", dtype="bf16", device="cuda", num_hidden_layers=2, vocab_size=1024
@@ -250,18 +238,13 @@ def test_engine_plain_gemv_matches_cublas_cuda() -> None:
     ids = torch.randint(0, 1024, (1, 12), device="cuda")  # one token per decode step: the GEMV's batch
     start = torch.zeros(1, dtype=torch.int32, device="cuda")
     logits = []
-    saved = dict(PLAIN)
     for on in (True, False):
-        PLAIN.update(on=on, max_out=0)
-        try:
-            em = EngineModel(model, use_kernels=True)
-            em.allocate_cache(1, 32)
-            first = em.prefill(ids, start, True)
-            logits.append(
-                em.decode(first.argmax(-1), torch.tensor([12], dtype=torch.int32, device="cuda"), start)
-            )
-        finally:
-            PLAIN.update(saved)
+        em = EngineModel(model, use_kernels=True, options=EngineOptions(plain_mma=on, plain_max_out=0))
+        em.allocate_cache(1, 32)
+        first = em.prefill(ids, start, True)
+        logits.append(
+            em.decode(first.argmax(-1), torch.tensor([12], dtype=torch.int32, device="cuda"), start)
+        )
     assert _rel(logits[0].float(), logits[1].float()) < 1e-2
 
 
@@ -269,23 +252,18 @@ def test_engine_plain_gemv_matches_cublas_cuda() -> None:
 @pytest.mark.parametrize("spec", WEIGHT_ONLY + W8A8)
 @pytest.mark.parametrize("m", [1, 8])
 def test_mma_gemv_carried_activations_cuda(spec: str, m: int) -> None:
-    """``X_CARRY`` (activations loaded an iteration ahead) gives the same bits as loading them in the step."""
+    """``mma_x_carry`` (activations loaded an iteration ahead) gives the same bits as loading them in the
+    step."""
     from quantbench.engine.kernels import layout_for
-    from quantbench.engine.kernels.mma_gemv import X_CARRY, mma_supported
+    from quantbench.engine.kernels.routing import mma_supported
 
     torch.manual_seed(len(spec) + m)
     module = _module(spec, 1008, 4096, bias=True, device="cuda", dtype=torch.bfloat16)
     _store_mma_tiles(module)
     x = _x(m, 4096, "cuda", torch.bfloat16, outliers=True)
     assert mma_supported(x, layout_for(module))
-    saved = X_CARRY["kinds"]
-    try:
-        X_CARRY["kinds"] = set()
-        ref = _run_wq(module, x)
-        X_CARRY["kinds"] = set(range(5))
-        out = _run_wq(module, x)
-    finally:
-        X_CARRY["kinds"] = saved
+    ref = _run_wq(module, x, EngineOptions(mma_x_carry=frozenset()))
+    out = _run_wq(module, x, EngineOptions(mma_x_carry=frozenset({"int4", "table", "int8", "fp8"})))
     assert torch.equal(out, ref)
 
 
@@ -297,22 +275,16 @@ def test_mma_gemv_pair_table_cuda(spec: str, dtype: torch.dtype, m: int) -> None
     """NF4 / FP4 decoded through the shared pair table (any number of copies) give the same bits as the
     byte-permute decoder."""
     from quantbench.engine.kernels import layout_for
-    from quantbench.engine.kernels.mma_gemv import LUT, mma_supported
+    from quantbench.engine.kernels.routing import mma_supported
 
     torch.manual_seed(len(spec) + m)
     module = _module(spec, 1008, 4096, bias=True, device="cuda", dtype=dtype)
     _store_mma_tiles(module)
     x = _x(m, 4096, "cuda", dtype, outliers=True)
     assert mma_supported(x, layout_for(module))
-    saved = LUT["copies"]
-    try:
-        LUT["copies"] = 0
-        ref = _run_wq(module, x)
-        for copies in (4, 8, 16, 32):
-            LUT["copies"] = copies
-            assert torch.equal(_run_wq(module, x), ref), copies
-    finally:
-        LUT["copies"] = saved
+    ref = _run_wq(module, x, EngineOptions(mma_lut_copies=0))
+    for copies in (4, 8, 16, 32):
+        assert torch.equal(_run_wq(module, x, EngineOptions(mma_lut_copies=copies)), ref), copies
 
 
 @pytest.mark.cuda
@@ -321,10 +293,11 @@ def test_mma_gemv_pair_table_cuda(spec: str, dtype: torch.dtype, m: int) -> None
 )
 @pytest.mark.parametrize("m", [1, 5, 8])
 def test_mma_gemv_two_group_steps_cuda(spec: str, m: int) -> None:
-    """Warp steps of two consecutive NF4 / FP4 groups (``mma_gemv.SUBS``, tiled or row-major codes) against
+    """Warp steps of two consecutive NF4 / FP4 groups (``mma_two_groups``, tiled or row-major codes) against
     the float64 product and against one group per step (only the fp32 summation order differs)."""
     from quantbench.engine.kernels import layout_for
-    from quantbench.engine.kernels.mma_gemv import SUBS, _kind, _subs, mma_supported
+    from quantbench.engine.kernels.mma_gemv import _subs
+    from quantbench.engine.kernels.routing import decoder_kind, mma_supported
 
     spec, _, tiles = spec.partition(",tiles=")
     torch.manual_seed(len(spec) + m)
@@ -333,15 +306,9 @@ def test_mma_gemv_two_group_steps_cuda(spec: str, m: int) -> None:
         _store_mma_tiles(module)
     layout = layout_for(module)
     x = _x(m, 4096, "cuda", torch.bfloat16, outliers=True)
-    assert mma_supported(x, layout) and _subs(_kind(layout, x.dtype), layout, m) == 2
-    saved = SUBS["on"]
-    try:
-        SUBS["on"] = False
-        one = _run_wq(module, x)
-        SUBS["on"] = True
-        two = _run_wq(module, x)
-    finally:
-        SUBS["on"] = saved
+    assert mma_supported(x, layout) and _subs(decoder_kind(layout, x.dtype), layout, m) == 2
+    one = _run_wq(module, x, EngineOptions(mma_two_groups=False))
+    two = _run_wq(module, x, EngineOptions(mma_two_groups=True))
     ref = x.double() @ module.dequantize().double().t() + module.bias.double()
     assert _rel(two, ref) < 1e-2
     assert _rel(two, one.double()) < 2e-3
@@ -353,15 +320,11 @@ def test_mma_gemv_two_group_steps_cuda(spec: str, m: int) -> None:
 def test_mma_gemv_quantizes_token_cuda(spec: str, dtype: torch.dtype) -> None:
     """One token of a W8A8 layer quantized inside the tensor-core GEMV against fused.act_quant + the same
     GEMV: equal up to exact rounding ties (the GEMV multiplies by 1 / scale where act_quant divides)."""
-    from quantbench.engine.kernels.layouts import ACT_FP8, ACT_INT8_TOKEN, ACT_LLM_INT8
-
     torch.manual_seed(len(spec))
     module = _module(spec, 1008, 4096, bias=True, device="cuda", dtype=dtype)
     x = _x(1, 4096, "cuda", dtype, outliers=True)
-    with _mma_policy("act", {ACT_LLM_INT8, ACT_FP8, ACT_INT8_TOKEN}):
-        out = _run_wq(module, x)
-    with _mma_policy("act", set()):
-        ref = _run_wq(module, x)
+    out = _run_wq(module, x, GEMV_QUANTIZES_ALL)
+    ref = _run_wq(module, x, GEMV_QUANTIZES_NONE)
     assert _rel(out, ref) < 2e-2
 
 
@@ -371,7 +334,7 @@ def test_mma_gemv_quantizes_token_cuda(spec: str, dtype: torch.dtype) -> None:
 def test_mma_gemv_fp16_and_silu_cuda(spec: str, m: int) -> None:
     """fp16 compute (fp16 decoders and mma), and the down projection's silu(gate) * up input."""
     from quantbench.engine.kernels import layout_for, linear
-    from quantbench.engine.kernels.mma_gemv import mma_supported
+    from quantbench.engine.kernels.routing import mma_supported
 
     torch.manual_seed(m)
     n, k = 512, 2048
@@ -381,8 +344,7 @@ def test_mma_gemv_fp16_and_silu_cuda(spec: str, m: int) -> None:
         layout = layout_for(module)
         assert mma_supported(gate_up[:, :k].contiguous(), layout)
         out = linear(layout, gate_up, act_silu_mul=True)
-        with _mma_off():
-            ref = linear(layout, gate_up, act_silu_mul=True)
+        ref = linear(layout, gate_up, act_silu_mul=True, options=NO_MMA)
         assert _rel(out, ref.double()) < 1e-2
 
 
@@ -394,22 +356,16 @@ def test_h2_gemv_cuda(spec: str, magnitude: float) -> None:
     huge activations: against float64 (weight-only) or the fp32-path kernel on the same quantized
     activations (W8A8)."""
     from quantbench.engine.kernels import layout_for
-    from quantbench.engine.kernels.gemv_h2 import DISABLED, h2_supported
+    from quantbench.engine.kernels.routing import h2_supported
 
     torch.manual_seed(len(spec) + int(magnitude))
     n, k = 1000, 4096
     module = _module(spec, n, k, bias=True, device="cuda", dtype=torch.bfloat16)
     x = (_x(1, k, "cuda", torch.float32, outliers=True) * magnitude).to(torch.bfloat16)
     assert h2_supported(x, layout_for(module))
-    with _mma_off():
-        out = _run_wq(module, x)
+    out = _run_wq(module, x, NO_MMA)
     if spec in W8A8:
-        DISABLED["off"] = True
-        try:
-            with _mma_off():
-                ref = _run_wq(module, x)
-        finally:
-            DISABLED["off"] = False
+        ref = _run_wq(module, x, EngineOptions(mma=False, h2=False))
     else:
         ref = x.double() @ module.dequantize().double().t() + module.bias.double()
     assert _rel(out, ref) < 1e-2
@@ -422,14 +378,13 @@ def test_h2_gemv_tiled_cuda(spec: str) -> None:
     torch.manual_seed(len(spec))
     n, k = 1024, 4096
     module = _module(spec, n, k, bias=True, device="cuda", dtype=torch.bfloat16)
-    with _mma_off():
-        twin = _tiled_twin(module)
-        x = _x(1, k, "cuda", torch.bfloat16, outliers=True)
-        out = _run_wq(twin, x)
-        if spec in ("fp8", "llm.int8:compute=bf16"):
-            ref = _run_wq(module, x)
-        else:
-            ref = x.double() @ module.dequantize().double().t() + module.bias.double()
+    twin = _tiled_twin(module, NO_MMA)
+    x = _x(1, k, "cuda", torch.bfloat16, outliers=True)
+    out = _run_wq(twin, x, NO_MMA)
+    if spec in ("fp8", "llm.int8:compute=bf16"):
+        ref = _run_wq(module, x, NO_MMA)
+    else:
+        ref = x.double() @ module.dequantize().double().t() + module.bias.double()
     assert _rel(out, ref) < 1e-2
 
 
@@ -437,7 +392,7 @@ def test_h2_gemv_tiled_cuda(spec: str) -> None:
 def test_dispatch_hook_in_rtn_forward_cuda() -> None:
     module = _module("int4:group=128", 256, 512, bias=True, device="cuda", dtype=torch.bfloat16)
     x = _x(4, 512, "cuda", torch.bfloat16).reshape(2, 2, 512)
-    out = module(x)  # RTNLinear.forward -> engine.kernels.dispatch on CUDA
+    out = module(x)  # RTNLinear.forward -> the engine's kernel forward (engine.kernels.dispatch) on CUDA
     ref = torch.nn.functional.linear(x.double(), module.dequantize().double(), module.bias.double())
     assert out.shape == (2, 2, 256)
     assert _rel(out, ref) < 1e-2
@@ -502,16 +457,12 @@ def test_pdl_launch_changes_no_output_cuda(spec: str) -> None:
     quantbench.quantize(model, spec)
     outs = {}
     for off in (True, False):
-        pdl.DISABLED["off"] = off
-        try:
-            engine = Engine(model, cuda_graphs=True)
-            for batch in (1, 4):
-                ids = torch.randint(
-                    0, 1024, (batch, 19), device="cuda", generator=torch.Generator("cuda").manual_seed(batch)
-                )
-                outs[off, batch] = engine.generate(ids, max_new_tokens=40, ignore_eos=True)
-        finally:
-            pdl.DISABLED["off"] = bool(os.environ.get("QUANTBENCH_NO_PDL"))
+        engine = Engine(model, cuda_graphs=True, options=EngineOptions(pdl=not off))
+        for batch in (1, 4):
+            ids = torch.randint(
+                0, 1024, (batch, 19), device="cuda", generator=torch.Generator("cuda").manual_seed(batch)
+            )
+            outs[off, batch] = engine.generate(ids, max_new_tokens=40, ignore_eos=True)
     for batch in (1, 4):
         assert torch.equal(outs[True, batch], outs[False, batch])
 
@@ -523,8 +474,6 @@ def test_prompt_slabs_on_two_streams_cuda(spec: str) -> None:
     the same tokens and prompt logits as one stream, eagerly and inside the captured prompt graph."""
     import quantbench
     from quantbench.engine import Engine
-    from quantbench.engine.kernels import dequant
-    from quantbench.engine.kernels.prompt_gemm import PROMPT_PATH
 
     model = quantbench.random_model(
         "mistral-7b", dtype="bf16", device="cuda", num_hidden_layers=2, vocab_size=1024
@@ -532,18 +481,13 @@ def test_prompt_slabs_on_two_streams_cuda(spec: str) -> None:
     quantbench.quantize(model, spec)
     ids = torch.randint(0, 1024, (2, 100), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
     outs = {}
-    saved, PROMPT_PATH["path"] = PROMPT_PATH["path"], "slab"
-    try:
-        for overlap in (False, True):
-            dequant.OVERLAP["on"] = overlap
-            for graphs in (False, True):
-                engine = Engine(model, cuda_graphs=graphs)
-                outs[overlap, graphs] = engine.generate(ids, max_new_tokens=12, ignore_eos=True)
-                if graphs:
-                    assert engine._prefill_graphs, engine.path
-    finally:
-        dequant.OVERLAP["on"] = not os.environ.get("QUANTBENCH_NO_SLAB_OVERLAP")
-        PROMPT_PATH["path"] = saved
+    for overlap in (False, True):
+        options = EngineOptions(prompt_kernel="slabs", slab_overlap=overlap)
+        for graphs in (False, True):
+            engine = Engine(model, cuda_graphs=graphs, options=options)
+            outs[overlap, graphs] = engine.generate(ids, max_new_tokens=12, ignore_eos=True)
+            if graphs:
+                assert engine._prefill_graphs, engine.path
     for key, value in outs.items():
         assert torch.equal(value, outs[False, False]), key
 
@@ -617,13 +561,9 @@ def test_dense_prefill_interpreter(spec: str, dtype: torch.dtype) -> None:
     w = torch.full((80, 256), float("nan"), dtype=dtype)
     dq.dequantize_rows(layout, 0, 80, w)
     assert _rel(w, module.dequantize().to(dtype)) < (1e-3 if dtype == torch.float16 else 1e-2)  # one ulp
-    old = dq.SCRATCH_ELEMS
-    dq.SCRATCH_ELEMS, dq._SCRATCH = 64 * 256, {}  # 64-row slabs: two for 80 rows
-    try:
-        out = dq.dense_matmul(x, layout, row_factor=rf)
-        assert _rel(out, ref) < (2e-2 if layout.act_quant else 1e-2)
-    finally:
-        dq.SCRATCH_ELEMS, dq._SCRATCH = old, {}
+    slabs = EngineOptions(slab_elems=64 * 256)  # 64-row slabs: two for 80 rows
+    out = dq.dense_matmul(x, layout, row_factor=rf, options=slabs)
+    assert _rel(out, ref) < (2e-2 if layout.act_quant else 1e-2)
 
 
 @interp
@@ -650,11 +590,11 @@ def test_prompt_gemm_interpreter(spec: str, tiled: bool) -> None:
         assert _rel(out, ref) < (2e-2 if layout.act_quant else 1e-2), cfg
 
 
-def _tiled_twin(module):
+def _tiled_twin(module, options: EngineOptions = EngineOptions()):
     from quantbench.engine.kernels.layouts import layout_for, tile_buffers, tiling_for
 
     # the engine's choice, or (formats it keeps row-major) 128 x 16-word tiles: every kernel reads both
-    tiles = tiling_for(module) or tile_buffers(module, layout_for(module), 128, 16)
+    tiles = tiling_for(module, options) or tile_buffers(module, layout_for(module), 128, 16)
     assert tiles is not None and "qweight" in tiles
     twin = copy.deepcopy(module)
     twin.store_tiled(tiles)
@@ -888,7 +828,6 @@ def test_mma_gemv_partials_cuda(spec: str, m: int) -> None:
     """The tensor-core GEMV's split-K partials summed in split order (``Partials.sum``) are bit-identical to
     the product the GEMV sums itself (no bias; with a bias, split 0 carries it: equal to fp32 rounding)."""
     from quantbench.engine.kernels import layout_for, linear
-    from quantbench.engine.kernels.layouts import ACT_FP8, ACT_INT8_TOKEN, ACT_LLM_INT8
     from quantbench.engine.kernels.partials import Partials
 
     torch.manual_seed(m + len(spec))
@@ -896,9 +835,8 @@ def test_mma_gemv_partials_cuda(spec: str, m: int) -> None:
         module = _module(spec, 1024, 4096, bias=bias, device="cuda", dtype=torch.bfloat16)
         layout = layout_for(module)
         x = _x(m, 4096, "cuda", torch.bfloat16, outliers=True)
-        with _mma_policy("act", {ACT_LLM_INT8, ACT_FP8, ACT_INT8_TOKEN}):
-            parts = linear(layout, x, partials=True)
-            whole = linear(layout, x)
+        parts = linear(layout, x, partials=True, options=GEMV_QUANTIZES_ALL)
+        whole = linear(layout, x, options=GEMV_QUANTIZES_ALL)
         assert isinstance(parts, Partials) and parts.parts.shape[0] > 1
         if bias:
             assert _rel(parts.sum(), whole.double()) < 1e-2

@@ -60,18 +60,16 @@ def test_tile_choice_per_format_and_shapes_that_do_not_divide() -> None:
     """Tiles of one tensor-core GEMV step (16 rows x 4 lanes x V words) by default; the half2 GEMV's own
     tiles when batch 1 keeps that kernel (symmetric int4 then stays row-major); none when rows do not
     divide."""
-    from quantbench.engine.kernels.layouts import MMA_POLICY
+    from quantbench.engine import EngineOptions
 
     assert tiling_for(_module("int4:group=128"))["qweight"] == (16, 64)  # 16 words (64 bytes) per row
     assert tiling_for(_module("nf4:block=64"))["qweight"] == (16, 32)  # 64-weight blocks: 8 words per step
     assert tiling_for(_module("int8"))["qweight"] == (16, 64)
     assert tiling_for(_module("nf4:block=64", n=200)) is None  # 200 rows: no 16-row tiles
-    MMA_POLICY["b1"] = False
-    try:
-        assert tiling_for(_module("int4:group=128")) is None
-        assert tiling_for(_module("nf4:block=64"))["qweight"] == (128, 32)
-    finally:
-        MMA_POLICY["b1"] = True
+    half2 = EngineOptions(mma_batch1=False)
+    assert tiling_for(_module("int4:group=128"), half2) is None
+    assert tiling_for(_module("nf4:block=64"), half2)["qweight"] == (128, 32)
+    assert tiling_for(_module("nf4:block=64"), EngineOptions(mma=False))["qweight"] == (128, 32)
 
 
 def test_engine_tiles_fused_layers_once() -> None:

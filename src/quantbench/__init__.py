@@ -1,5 +1,8 @@
 """quantbench: quantize a causal LM every way, evaluate, benchmark, report, and run the winner."""
 
+# quantbench.engine registers its Triton kernels as the CUDA forward of quantized layers (quant/ cannot
+# import the engine, a higher layer): imported here, every command and library user gets them
+import quantbench.engine  # noqa: F401
 from quantbench.checkpoint import load_quantized, save_quantized
 from quantbench.errors import CheckpointError, ModelLoadError, QuantbenchError, QuantConfigError
 from quantbench.models import DEFAULT_MODEL, load_model, random_model

@@ -1,9 +1,27 @@
 """Fast inference for quantized Llama/Mistral/Qwen2 models: static KV cache, CUDA-graph decode,
-Triton kernels for the quantized linears (``engine.kernels``); HF ``generate`` for the rest."""
+Triton kernels for the quantized linears (``engine.kernels``); HF ``generate`` for the rest.
+
+Importing it registers the kernels as the CUDA forward of quantized layers (``quant.base.kernel_forward``),
+so ``module(x)`` on CUDA runs them outside the engine too; ``import quantbench`` imports it."""
 
 from __future__ import annotations
 
 from quantbench.engine.generate import Engine, Timing, sample
+from quantbench.engine.kernels import dispatch
 from quantbench.engine.model import EngineModel, unsupported_reason
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions, EngineOptionsError
+from quantbench.quant.base import set_kernel_forward
 
-__all__ = ["Engine", "EngineModel", "Timing", "sample", "unsupported_reason"]
+# Quantized layers' own forward takes the kernels on CUDA (quant/ does not import the engine).
+set_kernel_forward(dispatch)
+
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "Engine",
+    "EngineModel",
+    "EngineOptions",
+    "EngineOptionsError",
+    "Timing",
+    "sample",
+    "unsupported_reason",
+]

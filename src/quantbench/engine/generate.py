@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from quantbench.engine.model import EngineModel, sliding_window, unsupported_reason
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
-FUSED_PICK = {"on": True}  # the greedy step's argmax and token writes as one Triton kernel
 CACHE_ROUND = 64  # cache lengths are rounded up so graphs serve nearby lengths
 
 
@@ -65,13 +65,14 @@ class Engine:
     use_kernels: bool | None = None
     cuda_graphs: bool | None = None
     fuse: bool = True
+    options: EngineOptions = DEFAULT_OPTIONS  # kernel choices and tuning (defaults: the tuned engine)
     timing: Timing = field(default_factory=Timing)
 
     def __post_init__(self) -> None:
         self.fallback_reason = unsupported_reason(self.model)
         self.em: EngineModel | None = None
         if self.fallback_reason is None:
-            self.em = EngineModel(self.model, self.use_kernels, self.fuse)
+            self.em = EngineModel(self.model, self.use_kernels, self.fuse, options=self.options)
         self.device = next(self.model.parameters()).device
         if self.cuda_graphs is None:
             self.cuda_graphs = self.device.type == "cuda" and self.em is not None and self.em.use_kernels
@@ -291,10 +292,11 @@ class Engine:
 
         def step() -> None:
             logits = em.decode(state.tokens, state.cache_len, state.start)
-            if greedy and em.use_kernels and FUSED_PICK["on"]:  # one kernel instead of five small ones
+            # the greedy tail as one kernel instead of five small ones
+            if greedy and em.use_kernels and self.options.greedy_pick:
                 from quantbench.engine.kernels.fused import greedy_pick
 
-                greedy_pick(logits, state.tokens, state.out, state.cache_len, state.base)
+                greedy_pick(logits, state.tokens, state.out, state.cache_len, state.base, self.options)
             elif greedy:
                 nxt = logits.argmax(dim=-1)
                 state.tokens.copy_(nxt)

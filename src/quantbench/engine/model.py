@@ -14,7 +14,6 @@ It owns a static KV cache ``[layers, B, HKV, S, D]`` and two entry points:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 
 from quantbench.engine.kernels.layouts import optional_quant_class
 from quantbench.engine.ops import Ops
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 from quantbench.quant.base import QuantLinear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -61,16 +61,19 @@ def _head_dim(config) -> int:
 class LinearOp:
     """One or more linears applied to the same input, outputs concatenated along the last dim."""
 
-    def __init__(self, modules: list[nn.Module], use_kernels: bool) -> None:
+    def __init__(
+        self, modules: list[nn.Module], use_kernels: bool, options: EngineOptions = DEFAULT_OPTIONS
+    ) -> None:
         self.modules = modules
         self.use_kernels = use_kernels
+        self.options = options
         self.layouts: list = []
         if use_kernels:
             from quantbench.engine.kernels import layout_for
             from quantbench.engine.kernels.layouts import plain_layout_for
 
             self.layouts = [layout_for(m) if isinstance(m, QuantLinear) else None for m in modules]
-            # plain bf16 / fp16 linears: the tensor-core GEMV where mma_gemv.PLAIN allows it, else cuBLAS
+            # plain bf16 / fp16 linears: the tensor-core GEMV where options.plain_* allow it, else cuBLAS
             self.plain = [plain_layout_for(m) if type(m) is nn.Linear else None for m in modules]
         else:
             self.layouts = [None] * len(modules)
@@ -94,7 +97,7 @@ class LinearOp:
         if not isinstance(x, torch.Tensor):  # Partials: SiLU-gate them, or sum them, before any other path
             from quantbench.engine.kernels.fused import silu_mul
 
-            x = silu_mul(x) if act_silu_mul else x.sum()
+            x = silu_mul(x, options=self.options) if act_silu_mul else x.sum()
             act_silu_mul = False
         if act_silu_mul and not self.fuses_act:
             from quantbench.engine.ops import silu_mul_ref
@@ -102,7 +105,7 @@ class LinearOp:
             if self.use_kernels:
                 from quantbench.engine.kernels.fused import silu_mul
 
-                x = silu_mul(x)
+                x = silu_mul(x, options=self.options)
             else:
                 x = silu_mul_ref(x)
             act_silu_mul = False
@@ -117,14 +120,17 @@ class LinearOp:
         if layout is not None:
             from quantbench.engine.kernels import linear
 
-            return linear(layout, x, act_silu_mul=act, partials=partials)
+            return linear(layout, x, act_silu_mul=act, partials=partials, options=self.options)
         if isinstance(module, QuantLinear):
             return module(x)
         if plain is not None:  # act is False here: a plain part means the caller applied SiLU-gate already
-            from quantbench.engine.kernels.mma_gemv import mma_gemv, plain_supported
+            from quantbench.engine.kernels.routing import Kernel, Operands, route_plain
 
-            if plain_supported(x, plain):
-                return mma_gemv(x, plain, partials=partials)
+            target = Operands(x, plain, self.options)
+            if route_plain(x.shape[0], plain, x.dtype, target, self.options) is Kernel.MMA_GEMV:
+                from quantbench.engine.kernels.mma_gemv import mma_gemv
+
+                return mma_gemv(x, plain, partials=partials, options=self.options)
         return F.linear(x, module.weight, module.bias)
 
 
@@ -250,7 +256,9 @@ class Layer:
     down: LinearOp
 
 
-def store_tiled(fused: list[nn.Module], originals: list[nn.Module]) -> None:
+def store_tiled(
+    fused: list[nn.Module], originals: list[nn.Module], options: EngineOptions = DEFAULT_OPTIONS
+) -> None:
     """Store each quantized module of ``fused`` tile-major for the batch-1 GEMV (``layouts.tiling_for``).
 
     A fused module's buffers are shared with ``originals`` (views of its storage): they are marked too,
@@ -261,7 +269,7 @@ def store_tiled(fused: list[nn.Module], originals: list[nn.Module]) -> None:
     for module in fused:
         if not isinstance(module, QuantLinear):
             continue
-        tiles = tiling_for(module)
+        tiles = tiling_for(module, options)
         if tiles is None:
             continue
         shared = (
@@ -278,7 +286,12 @@ def store_tiled(fused: list[nn.Module], originals: list[nn.Module]) -> None:
 
 class EngineModel:
     def __init__(
-        self, model: nn.Module, use_kernels: bool | None = None, fuse: bool = True, tile: bool | None = None
+        self,
+        model: nn.Module,
+        use_kernels: bool | None = None,
+        fuse: bool = True,
+        tile: bool | None = None,
+        options: EngineOptions = DEFAULT_OPTIONS,
     ) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
@@ -294,9 +307,10 @@ class EngineModel:
 
             use_kernels = self.device.type == "cuda" and triton_available()
         self.use_kernels = use_kernels
-        if tile is None:  # tile-major weights for the CUDA GEMV; QUANTBENCH_NO_TILE=1 keeps them row-major
-            tile = use_kernels and self.device.type == "cuda" and not os.environ.get("QUANTBENCH_NO_TILE")
-        self.ops = Ops(use_kernels)
+        self.options = options
+        if tile is None:  # tile-major weights for the CUDA GEMV (options.tile)
+            tile = use_kernels and self.device.type == "cuda" and options.tile
+        self.ops = Ops(use_kernels, options)
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = _head_dim(cfg)
@@ -317,8 +331,8 @@ class EngineModel:
             groups = [fuse_linears(p) for p in parts] if fuse else list(parts)  # one module stays as it is
             if tile:
                 for group, part in zip(groups, parts, strict=True):
-                    store_tiled(group, part)
-            qkv, gate_up, o, down = (LinearOp(group, use_kernels) for group in groups)
+                    store_tiled(group, part, options)
+            qkv, gate_up, o, down = (LinearOp(group, use_kernels, options) for group in groups)
             self.layers.append(
                 Layer(
                     ln1=layer.input_layernorm.weight,
@@ -329,7 +343,7 @@ class EngineModel:
                     down=down,
                 )
             )
-        self.lm_head = LinearOp([model.lm_head], use_kernels)
+        self.lm_head = LinearOp([model.lm_head], use_kernels, options)
         self.rotary = inner.rotary_emb
         self.max_len = 0
         self.cos = self.sin = None

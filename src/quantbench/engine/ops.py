@@ -3,8 +3,12 @@ and a Triton implementation used on CUDA. Signatures match ``kernels/fused.py``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
 
 def add_rmsnorm_ref(
@@ -111,17 +115,18 @@ def prefill_attention(
 
 
 class Ops:
-    """The op table the engine calls: Triton kernels when ``use_triton``, else the references."""
+    """The op table the engine calls: Triton kernels (launched as ``options`` say) when ``use_triton``, else
+    the references."""
 
-    def __init__(self, use_triton: bool) -> None:
+    def __init__(self, use_triton: bool, options: EngineOptions = DEFAULT_OPTIONS) -> None:
         self.use_triton = use_triton
         if use_triton:
             from quantbench.engine.kernels import fused
 
-            self.add_rmsnorm = fused.add_rmsnorm
-            self.silu_mul = fused.silu_mul
+            self.add_rmsnorm = functools.partial(fused.add_rmsnorm, options=options)
+            self.silu_mul = functools.partial(fused.silu_mul, options=options)
             self.rope_cache_prefill = fused.rope_cache_prefill
-            self.decode_attention = fused.decode_attention
+            self.decode_attention = functools.partial(fused.decode_attention, options=options)
         else:
             self.add_rmsnorm = add_rmsnorm_ref
             self.silu_mul = silu_mul_ref

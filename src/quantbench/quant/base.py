@@ -18,6 +18,23 @@ from torch import nn
 from quantbench.quant.compute import linear
 from quantbench.quant.config import Option, QuantConfig
 
+# A faster forward for quantized layers that a higher layer provides: the CUDA engine registers its Triton
+# kernels when ``quantbench.engine`` is imported (``import quantbench`` does). ``(module, x)`` -> the output,
+# or None where it does not handle that module or input (the layer then runs its reference forward).
+KernelForward = Callable[["QuantLinear", torch.Tensor], "torch.Tensor | None"]
+_kernel_forward: KernelForward | None = None
+
+
+def set_kernel_forward(forward: KernelForward | None) -> None:
+    """Register the faster forward of quantized layers (None: reference forwards only)."""
+    global _kernel_forward
+    _kernel_forward = forward
+
+
+def kernel_forward(module: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
+    """The registered faster forward of ``module`` on ``x``, or None (none registered, or not handled)."""
+    return None if _kernel_forward is None else _kernel_forward(module, x)
+
 
 class QuantLinear(nn.Module):
     """Base for a quantized replacement of ``nn.Linear``.

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from quantbench.errors import QuantConfigError
-from quantbench.quant.base import Method, QuantLinear
+from quantbench.quant.base import Method, QuantLinear, kernel_forward
 from quantbench.quant.config import COMMON_OPTIONS, Option, QuantConfig, compute_option, group_option
 
 SCALE_DTYPE = torch.float16
@@ -128,10 +128,8 @@ class RTNLinear(QuantLinear):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:  # Triton W4A16 / W8A16 kernels (quantbench.engine.kernels); None = not handled
-            from quantbench.engine.kernels import dispatch
-
-            out = dispatch(self, x)
+        if x.is_cuda:  # W4A16 / W8A16 kernels where registered (base.kernel_forward); None = not handled
+            out = kernel_forward(self, x)
             if out is not None:
                 return out
         return super().forward(x)

@@ -1,51 +1,30 @@
 """Triton kernels for quantized linears and the fused decode step.
 
-``dispatch(module, x)`` is the one entry point a ``QuantLinear.forward`` calls on CUDA: it returns the
-kernel's output, or ``None`` when no kernel handles this module / input (the caller then runs its
-reference forward). Nothing here imports Triton until a kernel is needed, so CPU-only installs work.
+``linear(layout, x)`` runs a quantized layer's product with the kernel ``routing.py`` picks (the one
+routing table); ``dispatch(module, x)`` is the entry point a ``QuantLinear.forward`` reaches on CUDA
+(registered as ``quant.base.kernel_forward``): the kernel's output, or ``None`` when no kernel handles
+this module / input (the caller then runs its reference forward). Nothing here imports Triton until a
+kernel is needed, so CPU-only installs work.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 from torch import nn
 
-from quantbench.engine.kernels.layouts import ACT_NONE, MMA_POLICY, WQLayout, layout_for
+from quantbench.engine.kernels.layouts import WQLayout, layout_for
+from quantbench.engine.kernels.routing import (
+    ActQuant,
+    Kernel,
+    Operands,
+    Route,
+    route_for,
+    route_forward,
+    triton_available,
+)
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
-__all__ = ["WQLayout", "dispatch", "layout_for", "linear", "triton_available"]
-
-
-@functools.cache
-def triton_available() -> bool:
-    if os.environ.get("QUANTBENCH_NO_TRITON"):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def kernels_enabled(x: torch.Tensor) -> bool:
-    """Triton kernels run for CUDA tensors (or anywhere under TRITON_INTERPRET=1, for tests)."""
-    if not triton_available():
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def dense_enabled(x: torch.Tensor, layout: WQLayout) -> bool:
-    """Whether ``linear`` takes the dequantize-slab + cuBLAS path (CUDA, prompt-sized M)."""
-    if DENSE_DISABLED["off"] or not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    from quantbench.engine.kernels.dequant import dense_supported
-
-    return dense_supported(layout, x.shape[0])
-
-
-DENSE_DISABLED = {"off": bool(os.environ.get("QUANTBENCH_NO_DENSE"))}
+__all__ = ["WQLayout", "dispatch", "layout_for", "linear", "run_route", "triton_available"]
 
 
 def linear(
@@ -54,45 +33,79 @@ def linear(
     act_silu_mul: bool = False,
     out: torch.Tensor | None = None,
     partials: bool = False,
+    options: EngineOptions = DEFAULT_OPTIONS,
 ):
-    """Kernel forward of a quantized layer on 2-D ``x`` (``[M, 2K]`` gate/up when ``act_silu_mul``).
+    """Kernel forward of a quantized layer on 2-D ``x`` (``[M, 2K]`` gate/up when ``act_silu_mul``), by the
+    kernel ``routing.route_linear`` picks.
 
     ``partials`` (no ``out``): a tensor-core GEMV may return its split-K partials (``kernels/partials.py``)
     instead of the summed tensor."""
-    from quantbench.engine.kernels.wq_matmul import wq_matmul
+    return run_route(route_for(x, layout, options), layout, x, act_silu_mul, out, partials, options)
 
-    if dense_enabled(x, layout):  # prompt sizes: fused dequantize-GEMM, or L2 slabs + cuBLAS
-        from quantbench.engine.kernels.dequant import dense_matmul
-        from quantbench.engine.kernels.prompt_gemm import PROMPT_PATH, prompt_gemm, prompt_supported
 
+def run_route(
+    route: Route,
+    layout: WQLayout,
+    x: torch.Tensor,
+    act_silu_mul: bool = False,
+    out: torch.Tensor | None = None,
+    partials: bool = False,
+    options: EngineOptions = DEFAULT_OPTIONS,
+):
+    """Run a quantized layer's product the way ``route`` says (arguments as :func:`linear`)."""
+    kernel, act = route
+    k = layout.in_features
+    if kernel in (Kernel.PROMPT_GEMM, Kernel.SLABS):  # prompt sizes: SiLU-gate and quantize x first
+        rf = None
         if act_silu_mul:
             from quantbench.engine.kernels.fused import silu_mul
 
-            x = silu_mul(x)
-        rf = None
-        if layout.act_quant != ACT_NONE:
+            x = silu_mul(x, options=options)
+        if act is ActQuant.LAUNCH:
             from quantbench.engine.kernels.fused import act_quant
 
-            x, rf = act_quant(x, layout.act_quant, layout.threshold, False, layout.in_features)
-        fused = PROMPT_PATH["path"] == "fused" and x.shape[0] <= PROMPT_PATH["max_m"]
-        if fused and prompt_supported(layout, x):
-            return prompt_gemm(x, layout, row_factor=rf, out=out)
-        return dense_matmul(x, layout, row_factor=rf, out=out)
-    if layout.act_quant == ACT_NONE:
-        return wq_matmul(x, layout, act_silu_mul=act_silu_mul, out=out, partials=partials)
-    if x.shape[0] == 1 and layout.act_quant in MMA_POLICY["act"]:
-        from quantbench.engine.kernels.mma_gemv import mma_gemv, mma_supported
+            x, rf = act_quant(x, layout.act_quant, layout.threshold, False, k, options)
+        if kernel is Kernel.PROMPT_GEMM:
+            from quantbench.engine.kernels.prompt_gemm import prompt_gemm
 
-        if mma_supported(x, layout):  # one token: the GEMV quantizes the activations itself
-            return mma_gemv(
-                x, layout, act_silu_mul=act_silu_mul, out=out, quantize_act=True, partials=partials
-            )
-    from quantbench.engine.kernels.fused import act_quant
+            return prompt_gemm(x, layout, row_factor=rf, out=out, options=options)
+        from quantbench.engine.kernels.dequant import dense_matmul
 
-    xe, rf = act_quant(x, layout.act_quant, layout.threshold, act_silu_mul, layout.in_features)
-    if out is None and not partials:
-        out = torch.empty((x.shape[0], layout.out_features), device=x.device, dtype=x.dtype)
-    return wq_matmul(xe, layout, row_factor=rf, out=out, partials=partials)
+        return dense_matmul(x, layout, row_factor=rf, out=out, options=options)
+    if act is ActQuant.IN_GEMV:  # one token: the GEMV quantizes the activations itself
+        from quantbench.engine.kernels.mma_gemv import mma_gemv
+
+        return mma_gemv(
+            x,
+            layout,
+            act_silu_mul=act_silu_mul,
+            out=out,
+            quantize_act=True,
+            partials=partials,
+            options=options,
+        )
+    rf = None
+    if act is ActQuant.LAUNCH:
+        from quantbench.engine.kernels.fused import act_quant
+
+        m = x.shape[0]
+        x, rf = act_quant(x, layout.act_quant, layout.threshold, act_silu_mul, k, options)
+        act_silu_mul = False
+        if out is None and not partials:
+            out = torch.empty((m, layout.out_features), device=x.device, dtype=x.dtype)
+    if kernel is Kernel.MMA_GEMV:
+        from quantbench.engine.kernels.mma_gemv import mma_gemv
+
+        return mma_gemv(
+            x, layout, act_silu_mul=act_silu_mul, row_factor=rf, out=out, partials=partials, options=options
+        )
+    if kernel is Kernel.GEMV_H2:
+        from quantbench.engine.kernels.gemv_h2 import gemv_h2
+
+        return gemv_h2(x, layout, act_silu_mul=act_silu_mul, row_factor=rf, out=out, options=options)
+    from quantbench.engine.kernels.wq_matmul import wq_matmul
+
+    return wq_matmul(x, layout, act_silu_mul=act_silu_mul, row_factor=rf, out=out, options=options)
 
 
 def act_quant_torch(
@@ -127,20 +140,19 @@ def act_quant_torch(
 
 
 def dispatch(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """Kernel forward of ``module`` for ``x [..., K]``, or None (use the reference forward)."""
-    if not kernels_enabled(x) or x.dtype not in (torch.float16, torch.bfloat16):
-        return None
-    if torch.is_grad_enabled() and x.requires_grad:
-        return None  # the kernels have no backward: training (QLoRA) takes the autograd reference path
-    if getattr(module, "compute_dtype", x.dtype) != x.dtype:
-        return None
+    """Kernel forward of ``module`` for ``x [..., K]`` (``routing.route_forward``, default options), or None
+    (use the reference forward). The engine registers it as the quantized layers' ``kernel_forward``."""
     layout = layout_for(module)
-    if layout is None:
+    x2 = x if layout is None else x.reshape(-1, layout.in_features)
+    route = route_forward(
+        x2.shape[0],
+        layout,
+        x.dtype,
+        getattr(module, "compute_dtype", x.dtype),
+        torch.is_grad_enabled() and x.requires_grad,
+        Operands(x2, layout, DEFAULT_OPTIONS),
+    )
+    if route.kernel is Kernel.REFERENCE:
         return None
-    x2 = x.reshape(-1, layout.in_features)
-    from quantbench.engine.kernels.wq_matmul import pick_config
-
-    if not pick_config(x2.shape[0], layout.out_features, layout.in_features, layout.bits, layout.group):
-        return None
-    out = linear(layout, x2)
+    out = run_route(route, layout, x2)
     return out.reshape(*x.shape[:-1], layout.out_features)

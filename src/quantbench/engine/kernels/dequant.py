@@ -1,13 +1,12 @@
-"""Long prompts (more than ``prompt_gemm.PROMPT_PATH["max_m"]`` tokens, or with
-``QUANTBENCH_PROMPT_PATH=slab``): dequantize a slab of rows into an L2-sized 16-bit scratch buffer,
-multiply it with cuBLAS, next slab. Shorter prompts (from ``DENSE_MIN_M`` tokens) take the fused
-``prompt_gemm`` kernel, which decodes each weight tile once per 128 tokens; the slabs decode each weight
-once, so past a few hundred tokens cuBLAS's speed wins (H200, int4 linears of a 512-token pass: 16.8 ms
-here, 18.9 fused; 128 tokens: 10.5 here, 6.6 fused).
+"""Long prompts (more than ``EngineOptions.prompt_gemm_max_m`` tokens, or all prompts with
+``prompt_kernel="slabs"``): dequantize a slab of rows into an L2-sized 16-bit scratch buffer, multiply it
+with cuBLAS, next slab. Shorter prompts (from ``routing.PROMPT_MIN_M`` tokens) take the fused ``prompt_gemm``
+kernel, which decodes each weight tile once per 128 tokens; the slabs decode each weight once, so past a
+few hundred tokens cuBLAS's speed wins.
 
 Why slabs: dequantizing a whole layer first would write and re-read a 16-bit copy of it (4x the int4
-bytes) through HBM; slabs of at most ``SCRATCH_ELEMS`` weights reuse one buffer that stays in the 50 MB
-L2 between the dequantize kernel and the GEMM, so HBM sees little more than the packed codes.
+bytes) through HBM; slabs of at most ``EngineOptions.slab_elems`` weights reuse one buffer that stays in
+the 50 MB L2 between the dequantize kernel and the GEMM, so HBM sees little more than the packed codes.
 
 Per-output-row scales (int8 / fp8 / LLM.int8 / SmoothQuant) are not applied to the slab: the slab holds the
 exact integer (or e4m3) code values and the scale multiplies the product afterwards, so ``code * scale`` is
@@ -17,18 +16,15 @@ get ``code * scale`` rounded to the compute dtype, as ``dequantize()`` does.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from quantbench.engine.kernels.layouts import MODE_INT, MODE_TABLE, WQLayout
-from quantbench.engine.kernels.wq_matmul import group_off, or_dummy, word_off
+from quantbench.engine.kernels.triton_common import group_off, or_dummy, word_off
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
-DENSE_MIN_M = 64
-SCRATCH_ELEMS = 12 << 20  # 24 MiB of bf16 per slab: stays in the H100's 50 MB L2 next to the codes
-_SCRATCH: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+_SCRATCH: dict[tuple[str, torch.dtype, int], torch.Tensor] = {}
 
 
 @triton.jit
@@ -119,16 +115,15 @@ def dequantize_rows(
     )  # fmt: skip
 
 
-def _scratch(device: torch.device, dtype: torch.dtype, buffers: int) -> torch.Tensor:
-    """``[buffers, SCRATCH_ELEMS]`` slab buffers (allocate outside CUDA-graph capture: the first, eager
-    call does)."""
-    key = (str(device), dtype)
+def _scratch(device: torch.device, dtype: torch.dtype, buffers: int, elems: int) -> torch.Tensor:
+    """``[buffers, elems]`` slab buffers (allocate outside CUDA-graph capture: the first, eager call does).
+    One per slab size: a captured graph keeps pointing at the buffer it was captured with."""
+    key = (str(device), dtype, elems)
     if key not in _SCRATCH or _SCRATCH[key].shape[0] < buffers:
-        _SCRATCH[key] = torch.empty((buffers, SCRATCH_ELEMS), device=device, dtype=dtype)
+        _SCRATCH[key] = torch.empty((buffers, elems), device=device, dtype=dtype)
     return _SCRATCH[key]
 
 
-OVERLAP = {"on": not os.environ.get("QUANTBENCH_NO_SLAB_OVERLAP")}
 _SIDE: dict[str, torch.cuda.Stream] = {}
 
 
@@ -137,10 +132,6 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     if key not in _SIDE:
         _SIDE[key] = torch.cuda.Stream(device)
     return _SIDE[key]
-
-
-def dense_supported(layout: WQLayout, m: int) -> bool:
-    return m >= DENSE_MIN_M and (layout.in_features % (32 // layout.bits) == 0)
 
 
 @triton.jit
@@ -163,7 +154,11 @@ def _rescale_kernel(o_ptr, cs_ptr, rf_ptr, b_ptr, M, N, stride_o, col_mul,
 
 
 def dense_matmul(
-    x: torch.Tensor, layout: WQLayout, row_factor: torch.Tensor | None = None, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    layout: WQLayout,
+    row_factor: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    options: EngineOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` through L2-resident slabs and cuBLAS.
 
@@ -175,14 +170,14 @@ def dense_matmul(
     # Per-row scales are applied to the fp32 value of the rounded product; group scales inside the slab.
     # (bf16 only: fp16 products of raw codes, e.g. 127 * 127 * K, overflow its range.)
     post_scale = layout.group == 0 and layout.mode != MODE_TABLE and x.dtype == torch.bfloat16
-    slab = max(64, (SCRATCH_ELEMS // k) // 64 * 64)
+    slab = max(64, (options.slab_elems // k) // 64 * 64)
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     starts = list(range(0, n, slab))
     # With two buffers the next slab is dequantized on a side stream while cuBLAS multiplies this one:
     # both kernels leave most of the GPU idle at prompt sizes (a slab's product is only a few tiles wide).
-    overlap = OVERLAP["on"] and x.is_cuda and len(starts) > 1
-    scratch = _scratch(x.device, x.dtype, 2 if overlap else 1)
+    overlap = options.slab_overlap and x.is_cuda and len(starts) > 1
+    scratch = _scratch(x.device, x.dtype, 2 if overlap else 1, options.slab_elems)
     main = torch.cuda.current_stream(x.device) if overlap else None
     side = _side_stream(x.device) if overlap else None
     if overlap:
@@ -216,4 +211,4 @@ def dense_matmul(
     return out
 
 
-__all__ = ["DENSE_MIN_M", "MODE_INT", "dense_matmul", "dense_supported", "dequantize_rows"]
+__all__ = ["MODE_INT", "dense_matmul", "dequantize_rows"]

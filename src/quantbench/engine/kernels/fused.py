@@ -9,8 +9,6 @@ rounded to the model dtype for the ``P @ V`` product (as flash attention does).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -18,7 +16,8 @@ import triton.language as tl
 from quantbench.engine.kernels.layouts import ACT_LLM_INT8
 from quantbench.engine.kernels.partials import Partials, load_summed, parts_args
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
-from quantbench.engine.kernels.wq_matmul import WS_FLOATS, WS_TILES, _num_sms, _workspace
+from quantbench.engine.kernels.triton_common import WS_FLOATS, WS_TILES, num_sms, workspace
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
 
 @triton.jit
@@ -48,6 +47,7 @@ def add_rmsnorm(
     weight: torch.Tensor,
     eps: float,
     out: torch.Tensor,
+    options: EngineOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """``h += residual`` (in place, rounded to h's dtype), then ``out = rmsnorm(h) * weight``; 2-D tensors
     (the residual may be a GEMV's split-K partials)."""
@@ -68,7 +68,7 @@ def add_rmsnorm(
         R_PARTS=r_parts,
         BLOCK=triton.next_power_of_2(d),
         num_warps=8 if d >= 4096 else 4,
-        **launch_args(h.device),
+        **launch_args(h.device, options.pdl),
     )
     return out
 
@@ -88,7 +88,11 @@ def _silu_mul_kernel(x_ptr, o_ptr, inter, stride_x, stride_o, x_plane, X_PARTS: 
     tl.store(o_ptr + row * stride_o + offs, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor | Partials, out: torch.Tensor | None = None) -> torch.Tensor:
+def silu_mul(
+    gate_up: torch.Tensor | Partials,
+    out: torch.Tensor | None = None,
+    options: EngineOptions = DEFAULT_OPTIONS,
+) -> torch.Tensor:
     """``silu(gate) * up`` of a ``[M, 2I]`` gate/up output (or its split-K partials), rounded like HF's two
     bf16 ops."""
     rows, two_i = gate_up.shape
@@ -99,7 +103,7 @@ def silu_mul(gate_up: torch.Tensor | Partials, out: torch.Tensor | None = None) 
     x, stride_x, x_parts, x_plane = parts_args(gate_up)
     _silu_mul_kernel[(rows, triton.cdiv(inter, block))](
         x, out, inter, stride_x, out.stride(0), x_plane, X_PARTS=x_parts, BLOCK=block,
-        **launch_args(gate_up.device),
+        **launch_args(gate_up.device, options.pdl),
     )  # fmt: skip
     return out
 
@@ -318,26 +322,18 @@ def _decode_attention_kernel(
             tl.atomic_xchg(cnt_ptr + pair, 0)
 
 
-ATTN_SPLIT = {"on": not os.environ.get("QUANTBENCH_NO_ATTN_SPLIT")}
-# Positions per block of decode attention (a split of up to ``max`` positions is one block, all of it loaded
-# before the wait) and warps for blocks of 256. The loop over later blocks is not software-pipelined: three
-# stages of 256 positions would take 270 KB of shared memory, over an SM's 227. H200, int4 g128, 128 + 128
-# tokens, ms per token b1 / b8: blocks of 64 2.06 / 2.41, of 256 1.90 / 2.30 (16 warps: 1.94 / 2.34).
-ATTN_BLOCK = {"max": int(os.environ.get("QUANTBENCH_ATTN_BLOCK", "256")), "warps": 8}
-SPLIT_MIN_POSITIONS = 512
+def attention_splits(
+    batch: int, n_kv: int, cache: int, device: torch.device, options: EngineOptions = DEFAULT_OPTIONS
+) -> int:
+    """Splits of the cache per (sequence, kv head): one per ``options.attn_split_min`` cached positions, up
+    to about two programs per SM (fixed by the cache size, so a captured step keeps its grid).
 
-
-def attention_splits(batch: int, n_kv: int, cache: int, device: torch.device) -> int:
-    """Splits of the cache per (sequence, kv head): one per ``SPLIT_MIN_POSITIONS`` cached positions, up to
-    about two programs per SM (fixed by the cache size, so a captured step keeps its grid).
-
-    Short caches stay whole: at 256 positions four splits gained 1.4 % per token for int4 at batch 1 and
-    lost as much at batch 8 and for bf16 (H200, benchmarks/engine_ab.py), the workspace round trip eating
-    what the extra programs bring."""
-    if not ATTN_SPLIT["on"] or device.type != "cuda":
+    Short caches stay whole: for a few hundred positions the workspace round trip of the split records
+    eats what the extra programs bring."""
+    if not options.attn_split or device.type != "cuda":
         return 1
-    want = max(1, 2 * _num_sms(device) // (batch * n_kv))
-    return max(1, min(want, cache // SPLIT_MIN_POSITIONS))
+    want = max(1, 2 * num_sms(device) // (batch * n_kv))
+    return max(1, min(want, cache // options.attn_split_min))
 
 
 def decode_attention(
@@ -354,24 +350,26 @@ def decode_attention(
     head_dim: int,
     sm_scale: float,
     splits: int | None = None,
+    options: EngineOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """One decode step for all sequences: qkv ``[B, (H+2HKV)*D]`` (or the qkv GEMV's split-K partials) ->
-    ``out [B, H*D]``; writes the cache."""
+    ``out [B, H*D]``; writes the cache. Blocks of up to ``options.attn_block`` positions: a split of that
+    many is one block, all of it loaded before the wait on the previous kernel (the loop over later blocks
+    is not software-pipelined: three stages of 256 positions would not fit an SM's shared memory)."""
     batch = qkv.shape[0]
     group = n_heads // n_kv
     cache = k_cache.shape[2]
     if splits is None:
-        splits = attention_splits(batch, n_kv, cache, qkv.device)
+        splits = attention_splits(batch, n_kv, cache, qkv.device, options)
     gp = max(16, triton.next_power_of_2(group))
     if batch * n_kv > WS_TILES or batch * n_kv * splits * gp * (head_dim + 2) > WS_FLOATS:
         splits = 1  # one split counter per (sequence, kv head); the split records fit the workspace
     chunk = triton.cdiv(triton.cdiv(cache, splits), 64) * 64
     splits = triton.cdiv(cache, chunk)
-    # positions per block: a split of up to ATTN_BLOCK positions is one block, loaded before the wait
-    block = max(64, min(ATTN_BLOCK["max"], triton.next_power_of_2(chunk)))
+    block = max(64, min(options.attn_block, triton.next_power_of_2(chunk)))
     # the split records and counters live in the split-K workspace the GEMVs keep (kernels in one stream,
     # each writing only after wait_prior: no two use it at once)
-    ws, cnt = _workspace(qkv.device) if splits > 1 else (out, out)
+    ws, cnt = workspace(qkv.device) if splits > 1 else (out, out)
     src, stride_row, parts, plane = parts_args(qkv)
     _decode_attention_kernel[(batch, n_kv, splits)](
         src,
@@ -399,9 +397,9 @@ def decode_attention(
         BS=block,
         SPLITS=splits,
         QKV_PARTS=parts,
-        num_warps=ATTN_BLOCK["warps"] if block >= 256 else 4,
+        num_warps=options.attn_warps if block >= 256 else 4,
         num_stages=1,
-        **launch_args(qkv.device),
+        **launch_args(qkv.device, options.pdl),
     )
     return out
 
@@ -430,14 +428,19 @@ def _greedy_pick_kernel(logits_ptr, tok_ptr, out_ptr, len_ptr, base_ptr, V, stri
 
 
 def greedy_pick(
-    logits: torch.Tensor, tokens: torch.Tensor, out: torch.Tensor, cache_len: torch.Tensor, base: torch.Tensor
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    out: torch.Tensor,
+    cache_len: torch.Tensor,
+    base: torch.Tensor,
+    options: EngineOptions = DEFAULT_OPTIONS,
 ) -> None:
     """The decode step's greedy tail in one kernel: ``tokens = logits.argmax(-1)`` and
     ``out[:, cache_len - base] = tokens`` (int64 ``tokens [B]``, ``out [B, S]``; int32 device scalars)."""
     batch, vocab = logits.shape
     _greedy_pick_kernel[(batch,)](
         logits, tokens, out, cache_len, base, vocab, logits.stride(0), out.stride(0),
-        BLOCK=min(32768, triton.next_power_of_2(vocab)), num_warps=8, **launch_args(logits.device),
+        BLOCK=min(32768, triton.next_power_of_2(vocab)), num_warps=8, **launch_args(logits.device, options.pdl),
     )  # fmt: skip
 
 
@@ -618,32 +621,24 @@ def _rint(x):
     return (x + big) - big
 
 
-# Per statistics program: columns, tokens, tokens per load; columns per apply program. LLM.int8 prompts
-# ("outlier") take every token of a narrow column chunk in one load, so the column maxima need no pass of
-# their own. H200, one 128-token Mistral-7B pass of LLM.int8 quantization (benchmarks/act_quant_sweep.py):
-# a column-maxima pass + 256 x 16 statistics 1490 us, 64 x 128 in one load 832 us, with 1024-column apply
-# programs 730 us; fp8 with 1024-column apply programs 635 -> 529 us.
-ACT_TILES = {
-    "decode": (1024, 64, 16, 1024),
-    "prompt": (256, 16, 16, 1024),
-    "outlier": (64, 256, 256, 1024),
-}
-# Prompt-sized quantization launches without programmatic dependent launch (the same pass: LLM.int8 832 us
-# without, 960 with; fp8 635 / 746)
-ACT_PDL = {"prompt": False}
 ROW_TILE_MAX = 32768  # one-token rows up to this many columns are quantized from one register tile
 
 
 def act_quant(
-    x: torch.Tensor, kind: int, threshold: float, act_silu_mul: bool, k: int
+    x: torch.Tensor,
+    kind: int,
+    threshold: float,
+    act_silu_mul: bool,
+    k: int,
+    options: EngineOptions = DEFAULT_OPTIONS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantized activations ``[M, K]`` (model dtype) and per-token factors ``[M]`` fp32, as
     ``kernels.act_quant_torch`` computes them. One token: one program holding the whole row. More:
     (LLM.int8 over more than one block of tokens: column maxima per block, then) per-chunk token maxima
     and outlier flags, then one program per (token, chunk); every step is parallel over column chunks
-    and blocks of tokens."""
+    and blocks of tokens. Program sizes: ``options.act_tiles_*``."""
     m = x.shape[0]
-    pdl = launch_args(x.device)
+    pdl = launch_args(x.device, options.pdl)
     xe = torch.empty((m, k), device=x.device, dtype=x.dtype)
     rf = torch.empty((m,), device=x.device, dtype=torch.float32)
     thr = float(threshold) if threshold > 0 else float("inf")  # 0 = no outlier decomposition
@@ -655,10 +650,14 @@ def act_quant(
         return xe, rf
     # statistics programs: one column chunk x a block of tokens each; prompts take smaller ones so that
     # the passes spread over the SMs (128 tokens x 4096 columns: 8 programs of 1024 x 64, 128 of 256 x 16;
-    # LLM.int8: 64 of 64 columns x every token, loaded at once). Prompts launch them without PDL (ACT_PDL).
-    tiles = "decode" if m <= 64 else "outlier" if kind == ACT_LLM_INT8 else "prompt"
-    chunk, rows, load_rows, apply_chunk = ACT_TILES[tiles]
-    if m > 64 and not ACT_PDL["prompt"]:
+    # LLM.int8: 64 of 64 columns x every token, loaded at once). Prompts launch them without PDL unless
+    # options.act_prompt_pdl.
+    if m <= 64:
+        tiles = options.act_tiles_decode
+    else:
+        tiles = options.act_tiles_outlier if kind == ACT_LLM_INT8 else options.act_tiles_prompt
+    chunk, rows, load_rows, apply_chunk = tiles
+    if m > 64 and not options.act_prompt_pdl:
         pdl = {"PDL": False}
     n_chunks, n_rb = triton.cdiv(k, chunk), triton.cdiv(m, rows)
     bm = min(load_rows, triton.next_power_of_2(m))

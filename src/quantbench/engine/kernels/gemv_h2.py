@@ -20,7 +20,6 @@ slot pairs follow how each format packs its codes (``_PAIRS``).
 
 from __future__ import annotations
 
-import os
 import re
 
 import torch
@@ -29,20 +28,19 @@ import triton.language as tl
 
 from quantbench.engine.kernels.layouts import MODE_FP8, MODE_INT, MODE_TABLE, WQLayout
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
-from quantbench.engine.kernels.wq_matmul import (
-    _num_sms,
-    _silu_mul,
-    _store_out,
+from quantbench.engine.kernels.triton_common import (
     group_scale,
+    num_sms,
     or_dummy,
     plan_split,
+    silu_gate,
     split_for,
+    store_out,
     table_asm,
 )
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
-__all__ = ["gemv_h2", "h2_supported"]
-
-DISABLED = {"off": bool(os.environ.get("QUANTBENCH_NO_H2"))}
+__all__ = ["gemv_h2"]
 
 # (low lane slot, high lane slot) of each activation pair, per (mode, bits): the slots one
 # fma.f16x2 multiplies, in the order the PTX below produces them.
@@ -124,7 +122,7 @@ fma.rn.f16x2 acc, t1, $3, acc;
 
 
 def _table_h2_asm(table: torch.Tensor) -> tuple[str, list[int]]:
-    """NF4/FP4: the byte-permute decoder of ``wq_matmul.table_asm`` (fp16 pairs p0..p3, high lane = even
+    """NF4/FP4: the byte-permute decoder of ``triton_common.table_asm`` (fp16 pairs p0..p3, high lane = even
     slot) followed by the half2 dot; table planes are $6..$13."""
     args = table_asm(table)
     body = args["TABLE_ASM"]
@@ -167,7 +165,7 @@ def _pack_h2(lo, hi):
 def _x_cols(x_ptr, cols, inv, K, ACT_SILU_MUL: tl.constexpr):
     """Activations at ``cols`` (silu(gate) * up when ACT_SILU_MUL), fp32, times the power of two ``inv``."""
     if ACT_SILU_MUL:
-        v = _silu_mul(tl.load(x_ptr + cols), tl.load(x_ptr + K + cols))
+        v = silu_gate(tl.load(x_ptr + cols), tl.load(x_ptr + K + cols))
     else:
         v = tl.load(x_ptr + cols)
     return v.to(tl.float32) * inv
@@ -278,7 +276,7 @@ def _gemv_h2_kernel(
         cols = c0 + tl.arange(0, XB)
         cm = cols < k_hi
         if ACT_SILU_MUL:
-            xv = _silu_mul(
+            xv = silu_gate(
                 tl.load(x_ptr + cols, mask=cm, other=0.0), tl.load(x_ptr + K + cols, mask=cm, other=0.0)
             )
         else:
@@ -364,22 +362,11 @@ def _gemv_h2_kernel(
     if HAS_ROWF:
         out = out * tl.load(rf_ptr)
     offs64 = offs_n.to(tl.int64)
-    _store_out(out, mask_n, offs64, offs64, N, offs_n, mask_n, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks, HAS_BIAS,
+    store_out(out, mask_n, offs64, offs64, N, offs_n, mask_n, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks, HAS_BIAS,
                SPLIT_K)  # fmt: skip
 
 
 _TABLE_ASM: dict[tuple, tuple[str, list[int]]] = {}
-
-
-def h2_supported(x: torch.Tensor, layout: WQLayout) -> bool:
-    """Whether :func:`gemv_h2` handles this call (one row on CUDA, a supported code format)."""
-    if DISABLED["off"] or x.shape[0] != 1 or not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    if (layout.mode, layout.bits) not in _PAIRS:
-        return False
-    major, minor = torch.cuda.get_device_capability(x.device)
-    need = (8, 9) if layout.mode == MODE_FP8 else (8, 0)
-    return (major, minor) >= need
 
 
 def _config(n: int, k: int, layout: WQLayout, device: torch.device) -> dict:
@@ -393,7 +380,7 @@ def _config(n: int, k: int, layout: WQLayout, device: torch.device) -> dict:
         bn, bkv = layout.tile_n, layout.tile_kv
         steps, tiles = (k // vals) // bkv, triton.cdiv(n, bn)
         int4 = layout.mode == MODE_INT and layout.bits == 4
-        target = (4 if int4 and layout.zeros is None else 8) * _num_sms(device)
+        target = (4 if int4 and layout.zeros is None else 8) * num_sms(device)
         split = 1
         while tiles * split < target and steps // (split * 2) >= 2:
             split *= 2
@@ -411,7 +398,7 @@ def _config(n: int, k: int, layout: WQLayout, device: torch.device) -> dict:
     while bkv > 1 and (k // vals) % bkv:
         bkv //= 2
     cfg = {"BM": 1, "BN": bn, "BK": bkv * vals}
-    split = split_for(1, n, k, cfg, programs_per_sm // 2 * _num_sms(device))
+    split = split_for(1, n, k, cfg, programs_per_sm // 2 * num_sms(device))
     return {"BN": bn, "BKV": bkv, "SPLIT_K": split, "num_warps": warps, "STAGES": stages}
 
 
@@ -423,6 +410,7 @@ def gemv_h2(
     row_factor: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    options: EngineOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """``x [1, K] @ dequant(W).T (* row_factor) + bias`` (``x [1, 2K]`` gate/up when ``act_silu_mul``)."""
     n, k = layout.out_features, layout.in_features
@@ -430,7 +418,11 @@ def gemv_h2(
         x = x.contiguous()
     if out is None:
         out = torch.empty((1, n), device=x.device, dtype=x.dtype)
-    cfg = dict(config or _config(n, k, layout, x.device))
+    if config is None:
+        config = _config(n, k, layout, x.device)
+        if options.h2_config_edit is not None:
+            config = options.h2_config_edit(dict(config), layout)
+    cfg = dict(config)
     bn, bkv, split = cfg.pop("BN"), cfg.pop("BKV"), cfg.pop("SPLIT_K")
     if layout.tile_n and (bn, bkv) != (layout.tile_n, layout.tile_kv):
         raise ValueError(f"tiled weights need BN={layout.tile_n}, BKV={layout.tile_kv} (got {bn}, {bkv})")
@@ -468,6 +460,6 @@ def gemv_h2(
         NESTED=layout.dq_code is not None, HAS_BIAS=layout.bias is not None,
         SCALE_MUL=float(layout.scale_mul), HAS_ROWF=row_factor is not None, ACT_SILU_MUL=act_silu_mul,
         SPLIT_K=split, **slots, **{f"TP{i}": v for i, v in enumerate(tp)},
-        BN=bn, BKV=bkv, XB=1024, **cfg, **launch_args(x.device),
+        BN=bn, BKV=bkv, XB=1024, **cfg, **launch_args(x.device, options.pdl),
     )  # fmt: skip
     return out

@@ -2,17 +2,26 @@
 
 ``layout_for(module)`` returns a :class:`WQLayout` of *views* of the module's own buffers (the int32
 view of the packed codes costs no memory), or ``None`` when the kernel cannot read that module (the
-caller then uses the module's reference forward). Layouts are cached on the module and rebuilt when a
-buffer is replaced (``load_state_dict`` copies in place, so the cache stays valid then).
+caller then uses the module's reference forward). Each QuantLinear class the kernels read registers its
+builder here (``register_layout``); the quantization methods know nothing of the engine. Layouts are
+cached on the module, keyed by its buffers and their tile-major storage, and rebuilt when a buffer is
+replaced (``load_state_dict`` copies in place, so the cache stays valid then).
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
+from quantbench.quant import bnb4
+from quantbench.quant.fp8 import FP8Linear
+from quantbench.quant.llm_int8 import LLMInt8Linear
+from quantbench.quant.rtn import RTNLinear
+from quantbench.quant.smoothquant import SmoothQuantLinear
 
 MODE_INT = 0  # w = (u - zero) * scale          (RTN int4 / int8)
 MODE_TABLE = 1  # w = code[u] * absmax[block]     (bitsandbytes NF4 / FP4)
@@ -24,6 +33,8 @@ ACT_NONE = 0
 ACT_LLM_INT8 = 1  # per-token int8 over non-outlier columns (|x| >= threshold stays 16-bit)
 ACT_FP8 = 2  # per-token e4m3, scale absmax / 448
 ACT_INT8_TOKEN = 3  # per-token int8, scale max(absmax / 127, 1e-8) (SmoothQuant)
+# by the method names ``EngineOptions.mma_quantizes`` takes
+ACT_BY_NAME = {"llm.int8": ACT_LLM_INT8, "fp8": ACT_FP8, "smoothquant": ACT_INT8_TOKEN}
 
 
 @dataclass
@@ -85,19 +96,6 @@ def _key(module: nn.Module) -> tuple:
     return (*((name, t.data_ptr(), tuple(t.shape)) for name, t in module.named_buffers(recurse=False)), tiles)
 
 
-# The tensor-core GEMV (mma_gemv) for batches 1-16. QUANTBENCH_NO_MMA=1: those batches take the older
-# kernels; QUANTBENCH_MMA_B1=0: batch 1 keeps the half2 GEMV (and its tiles). "act": the W8A8 kinds whose
-# one-token activations the GEMV quantizes itself (no act_quant launch). H200, batch 1: fp8 3.78 -> 3.57 ms
-# per token; LLM.int8 3.69 -> 5.28 (its per-pair rounding and outlier test, redone by every row tile, cost
-# more than the launch), so only e4m3 by default (QUANTBENCH_MMA_ACT=all / none).
-_ACT_ENV = os.environ.get("QUANTBENCH_MMA_ACT", "fp8")
-MMA_POLICY = {
-    "off": bool(os.environ.get("QUANTBENCH_NO_MMA")),
-    "b1": os.environ.get("QUANTBENCH_MMA_B1", "1") != "0",
-    "act": {"all": {ACT_LLM_INT8, ACT_FP8, ACT_INT8_TOKEN}, "none": set()}.get(_ACT_ENV, {ACT_FP8}),
-}
-
-
 def mma_words_per_lane(layout: WQLayout) -> int:
     """Code words an ``mma_gemv`` lane loads per row and step (4 = one 16-byte load), 0 when no step fits:
     a step's ``4 * V * VALS`` columns must lie in one quantization group and divide K."""
@@ -109,10 +107,10 @@ def mma_words_per_lane(layout: WQLayout) -> int:
     return 0
 
 
-def mma_tile(layout: WQLayout) -> tuple[int, int] | None:
+def mma_tile(layout: WQLayout, options: EngineOptions = DEFAULT_OPTIONS) -> tuple[int, int] | None:
     """Tile-major storage matching ``mma_gemv``'s warp steps (16 rows x 4V words) when it runs batch 1
     of this format (fp8 only with quantized activations), else None."""
-    if MMA_POLICY["off"] or not MMA_POLICY["b1"]:
+    if not (options.mma and options.mma_batch1):
         return None
     if layout.bits not in (4, 8) or (layout.mode == MODE_FP8 and layout.act_quant == ACT_NONE):
         return None
@@ -120,7 +118,7 @@ def mma_tile(layout: WQLayout) -> tuple[int, int] | None:
     return (16, 4 * words) if words else None
 
 
-def gemv_tile(layout: WQLayout) -> tuple[int, int] | None:
+def gemv_tile(layout: WQLayout, options: EngineOptions = DEFAULT_OPTIONS) -> tuple[int, int] | None:
     """(rows, words per row) of one decode-step tile of codes, per format, or None to keep the codes
     row-major.
 
@@ -129,7 +127,7 @@ def gemv_tile(layout: WQLayout) -> tuple[int, int] | None:
     (docs/bench.md): NF4 / FP4 and 8-bit codes decode faster from tiles in the engine; symmetric int4
     measured faster row-major (2.73 vs 2.85 ms per token) although the isolated kernel preferred tiles;
     asymmetric int4 is tiled on the isolated-kernel sweep alone (71 -> 41 us on Mistral-7B's gate/up)."""
-    tile = mma_tile(layout)
+    tile = mma_tile(layout, options)
     if tile is not None:
         return tile
     if layout.mode == MODE_TABLE:
@@ -139,13 +137,16 @@ def gemv_tile(layout: WQLayout) -> tuple[int, int] | None:
     return 32, 32
 
 
-def tiling_for(module: nn.Module) -> dict[str, tuple[int, int]] | None:
+def tiling_for(
+    module: nn.Module, options: EngineOptions = DEFAULT_OPTIONS
+) -> dict[str, tuple[int, int]] | None:
     """The buffers to store tile-major for the GEMV (``QuantLinear.store_tiled`` argument), or None
-    when the module has no kernel layout, its format stays row-major, or its shape does not tile."""
+    when the module has no kernel layout, its format stays row-major, or its shape does not tile.
+    (The choice depends on ``options``; the layout then follows the module's stored tiling.)"""
     layout = layout_for(module)
     if layout is None or layout.tile_n:
         return None
-    tile = gemv_tile(layout)
+    tile = gemv_tile(layout, options)
     return None if tile is None else tile_buffers(module, layout, *tile)
 
 
@@ -217,20 +218,27 @@ def plain_layout_for(module: nn.Module) -> WQLayout | None:
     return layout
 
 
-def _build(module: nn.Module) -> WQLayout | None:
-    from quantbench.quant.rtn import RTNLinear
+# How each QuantLinear class maps onto the kernels (``register_layout``): the builder of the nearest class
+# in a module's MRO, so GPTQ / AWQ (RTNLinear subclasses) share RTN's.
+LayoutBuilder = Callable[[nn.Module], "WQLayout | None"]
+_BUILDERS: dict[type, LayoutBuilder] = {}
 
-    if isinstance(module, RTNLinear) and getattr(module, "g_idx", None) is None:
-        return _rtn_layout(module)  # RTN, and GPTQ / AWQ, which share its layout (GPTQ act-order excepted)
-    try:
-        from quantbench.quant.bnb4 import Bnb4Linear
-    except ImportError:  # pragma: no cover - bnb4 not in this tree
-        Bnb4Linear = None  # noqa: N806
-    if Bnb4Linear is not None and isinstance(module, Bnb4Linear):
-        return _bnb4_layout(module)
-    for mod_name, cls_name, builder in _W8A8:
-        cls = optional_quant_class(mod_name, cls_name)
-        if cls is not None and isinstance(module, cls):
+
+def register_layout(cls: type) -> Callable[[LayoutBuilder], LayoutBuilder]:
+    """Decorator: ``builder(module)`` gives the :class:`WQLayout` of modules of ``cls`` (and its subclasses
+    without a builder of their own), or None where the kernels cannot read that module."""
+
+    def register(builder: LayoutBuilder) -> LayoutBuilder:
+        _BUILDERS[cls] = builder
+        return builder
+
+    return register
+
+
+def _build(module: nn.Module) -> WQLayout | None:
+    for cls in type(module).__mro__:
+        builder = _BUILDERS.get(cls)
+        if builder is not None:
             return builder(module)
     return None
 
@@ -273,23 +281,19 @@ def _w8a8_layout(
     )
 
 
+@register_layout(LLMInt8Linear)
 def _llm_int8_layout(m: nn.Module) -> WQLayout | None:
     return _w8a8_layout(m, m.row_absmax, 1.0 / 127.0, ACT_LLM_INT8)
 
 
+@register_layout(SmoothQuantLinear)
 def _smoothquant_layout(m: nn.Module) -> WQLayout | None:
     return _w8a8_layout(m, m.wscales, 1.0, ACT_INT8_TOKEN)
 
 
+@register_layout(FP8Linear)
 def _fp8_layout(m: nn.Module) -> WQLayout | None:
     return _w8a8_layout(m, m.weight_scale, 1.0, ACT_FP8, mode=MODE_FP8)
-
-
-_W8A8 = (
-    ("llm_int8", "LLMInt8Linear", _llm_int8_layout),
-    ("fp8", "FP8Linear", _fp8_layout),
-    ("smoothquant", "SmoothQuantLinear", _smoothquant_layout),
-)
 
 
 def _as_words(codes: torch.Tensor, rows: int) -> torch.Tensor | None:
@@ -298,7 +302,12 @@ def _as_words(codes: torch.Tensor, rows: int) -> torch.Tensor | None:
     return codes.view(torch.uint8).reshape(rows, -1).view(torch.int32)
 
 
+@register_layout(RTNLinear)
 def _rtn_layout(m: nn.Module) -> WQLayout | None:
+    """RTN, and GPTQ / AWQ, which share its layout (GPTQ with act-order excepted: its columns are permuted
+    by ``g_idx``)."""
+    if getattr(m, "g_idx", None) is not None:
+        return None
     n, k, bits = m.out_features, m.in_features, m.bits
     vals = 32 // bits
     per_row = m.group == k
@@ -323,9 +332,8 @@ def _rtn_layout(m: nn.Module) -> WQLayout | None:
     )
 
 
+@register_layout(bnb4.Bnb4Linear)
 def _bnb4_layout(m: nn.Module) -> WQLayout | None:
-    from quantbench.quant import bnb4
-
     n, k, bs = m.out_features, m.in_features, m.blocksize
     if k % bs or k % 8:
         return None  # blocks straddle rows: leave it to the reference path

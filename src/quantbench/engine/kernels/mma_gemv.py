@@ -14,7 +14,7 @@ order is free as long as A and B agree, so each word's codes feed the lane's k s
 decoded pair ``(2i, 2i + 1)`` of a word is one A register, and the matching B register is the
 activation pair at the same columns, a plain 32-bit piece of the activation row (no shuffles). With
 ``N`` rows per lane group ``g`` = the token index, the B fragment holds token ``g`` (tokens 8-15: a
-second mma per A fragment). NF4 / FP4 in blocks of 32 / 64 at 1-8 tokens (``SUBS``): a step takes two
+second mma per A fragment). NF4 / FP4 in blocks of 32 / 64 at 1-8 tokens (``EngineOptions.mma_two_groups``): a step takes two
 consecutive blocks, each lane the same words of two consecutive tiles, and the step's asm keeps the two
 blocks' results apart for their scales.
 
@@ -28,21 +28,24 @@ Decoders (PTX, one 32-bit word -> 16-bit pairs in column order):
   nibble and ORs 128.0 (``0x4300``), one ``fma`` subtracts 128 + zero (exact): 13 instructions per word;
   fp16 the same with 1024.0 (``0x6400``).
 * NF4 / FP4: each byte (a code pair) indexes a shared-memory table of 16-bit value pairs of the compute
-  dtype (``LUT``: ``prmt`` + ``mad`` + ``ld.shared`` per pair), filled by every program in 16
-  interleaved copies against bank conflicts; one word per step takes the byte-permute decoder of
-  ``wq_matmul.table_asm`` instead (the same values), which balances the ALU against the L1 data pipe.
+  dtype (``prmt`` + ``mad`` + ``ld.shared`` per pair), filled by every program in 16 interleaved copies
+  against bank conflicts (``EngineOptions.mma_lut_copies``); one word per step takes the byte-permute
+  decoder of ``triton_common.table_asm`` instead (the same values), which balances the ALU against the L1
+  data pipe.
 * int8, bf16: ``prmt`` of each byte under 2**23 (fp32), subtract 2**23 + zero, ``cvt.rn.bf16x2.f32``;
   fp16: ``prmt`` under 1024.0 and one ``add.f16x2`` per pair.
 * e4m3: ``cvt.rn.f16x2.e4m3x2`` and an f16 mma; bf16 activations (W8A8: already e4m3 values, exact in
   fp16) are converted to fp16 in the load.
 * plain bf16 / fp16 weights (an unquantized ``nn.Linear``, ``layouts.plain_layout_for``, row-major): no
-  decoder, each word is a column pair and two words of rows g and g + 8 are one A fragment (``PLAIN``).
+  decoder, each word is a column pair and two words of rows g and g + 8 are one A fragment
+  (``EngineOptions.plain_*``).
 
 Pipelining: each iteration requests the codes of the step ``DEPTH`` iterations ahead (2 for 8-bit codes);
 the engine stores the codes in tiles of one warp step (``layouts.mma_tile``), so a step reads 1 KiB
-contiguous and the addresses advance by a constant. For 4-bit and e4m3 codes (``X_CARRY``) the step's
-activation words are loaded one iteration ahead too, in loop-carried registers: inside the step asm
-ptxas would sink each 16-byte load next to its mma, four L2 round trips in a row. ``quantize_act``
+contiguous and the addresses advance by a constant. For 4-bit and e4m3 codes
+(``EngineOptions.mma_x_carry``) the step's activation words are loaded one iteration ahead too, in
+loop-carried registers: inside the step asm ptxas would sink each 16-byte load next to its mma, four L2
+round trips in a row. ``quantize_act``
 (W8A8, one token) quantizes the activation row inside the kernel instead of a separate ``act_quant``
 launch.
 
@@ -53,8 +56,6 @@ arithmetic on ``tl.arange`` names the lane that runs the inline PTX.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -63,15 +64,9 @@ from quantbench.engine.kernels.layouts import (
     ACT_FP8,
     ACT_INT8_TOKEN,
     ACT_LLM_INT8,
-    ACT_NONE,
-    MODE_FP8,
-    MODE_INT,
-    MODE_PLAIN,
-    MODE_TABLE,
     WQLayout,
     mma_words_per_lane,
 )
-from quantbench.engine.kernels.layouts import MMA_POLICY as POLICY
 from quantbench.engine.kernels.mma_ptx import (
     D_FP8,
     D_INT4,
@@ -96,17 +91,19 @@ from quantbench.engine.kernels.mma_ptx import (
 )
 from quantbench.engine.kernels.partials import Partials
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
-from quantbench.engine.kernels.wq_matmul import (
-    _bias_like,
-    _num_sms,
-    _store_out,
+from quantbench.engine.kernels.routing import decoder_kind
+from quantbench.engine.kernels.triton_common import (
+    bias_like,
+    num_sms,
     or_dummy,
     plan_split,
     split_columns,
+    store_out,
     word_off,
 )
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
-__all__ = ["mma_gemv", "mma_supported", "plain_supported"]
+__all__ = ["mma_gemv"]
 
 
 @triton.jit
@@ -223,7 +220,7 @@ def _mma_gemv_kernel(
     s_hi = tl.minimum(n_steps, s_lo + steps_per_split)
     n_iter = tl.cdiv(s_hi - s_lo, NW)
 
-    # Codes are row-major or tiled in this kernel's own steps (mma_supported), so a warp's code addresses
+    # Codes are row-major or tiled in this kernel's own steps (routing.mma_takes), so a warp's code addresses
     # advance by a constant per step.
     STEP_BYTES: tl.constexpr = SUBS * 4 * (4 * V if TN == 0 else TN * TKV)
     s = s_lo + warp
@@ -401,86 +398,25 @@ def _mma_gemv_kernel(
     ws_off = toks.to(tl.int64) * N + rows
     if PARTIAL:  # each split's fp32 partial to its own plane of the output: the consumer sums them
         if HAS_BIAS:
-            vals += tl.where(ks == 0, _bias_like(vals, b_ptr, rows, omask), 0.0)
+            vals += tl.where(ks == 0, bias_like(vals, b_ptr, rows, omask), 0.0)
         tl.store(o_ptr + ks * (M * N) + ws_off, vals, mask=omask)
     else:
-        _store_out(vals, omask, o_off, ws_off, M * N, rows, omask, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks,
+        store_out(vals, omask, o_off, ws_off, M * N, rows, omask, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks,
                    HAS_BIAS, SPLIT_K)  # fmt: skip
-
-
-def _kind(layout: WQLayout, dtype: torch.dtype) -> int | None:
-    if layout.mode == MODE_PLAIN:
-        return D_PLAIN if dtype == layout.plain_dtype else None
-    if layout.mode == MODE_TABLE and layout.bits == 4:
-        return D_TABLE
-    if layout.mode == MODE_INT and layout.bits == 4:
-        return D_INT4
-    if layout.mode == MODE_INT and layout.bits == 8:
-        return D_INT8_F32 if dtype == torch.bfloat16 else D_INT8_F16
-    if layout.mode == MODE_FP8 and layout.bits == 8:
-        return D_FP8
-    return None
-
-
-def mma_supported(x: torch.Tensor, layout: WQLayout) -> bool:
-    """Whether :func:`mma_gemv` handles this call (1-16 rows on an sm_80+ GPU, a supported format)."""
-    m = x.shape[0]
-    if POLICY["off"] or not 1 <= m <= 16 or (m == 1 and not POLICY["b1"]):
-        return False
-    if (
-        not x.is_cuda
-        or os.environ.get("TRITON_INTERPRET") == "1"
-        or x.dtype not in (torch.bfloat16, torch.float16)
-    ):
-        return False
-    kind = _kind(layout, x.dtype)
-    if kind is None or layout.out_features % 16:
-        return False
-    if kind == D_FP8 and x.dtype == torch.bfloat16 and layout.act_quant == ACT_NONE:
-        return False  # bf16 activations reach fp16 exactly only when quantized to e4m3 first
-    words = mma_words_per_lane(layout)
-    if not words or (kind == D_PLAIN and words % 2):
-        return False
-    need = (8, 9) if kind == D_FP8 else (8, 0)  # cvt.f16x2.e4m3x2: sm_89; mma.sync bf16 / f16: sm_80
-    if torch.cuda.get_device_capability(x.device) < need:
-        return False
-    if layout.tile_n and layout.tile_kv != 4 * words:
-        return False  # a step would straddle tile columns (codes tiled for another kernel): wq_matmul
-    align = 4 * words
-    return (
-        layout.w32.data_ptr() % align == 0
-        and (layout.w32.stride(0) * 4) % align == 0
-        and x.stride(-1) == 1
-        and x.data_ptr() % 16 == 0
-        and (x.stride(0) * x.element_size()) % 16 == 0
-    )
 
 
 _ASM: dict[tuple, tuple[str, ...]] = {}
 # per layout.act_quant (layouts.ACT_*): the kernel's XQ (2 e4m3, 3 SmoothQuant int8, 4 LLM.int8) and the
 # step's activation mode when the GEMV quantizes one token itself
 _XQ = {ACT_FP8: (2, X_FP8), ACT_INT8_TOKEN: (3, X_INT8), ACT_LLM_INT8: (4, X_LLM)}
-
-
-# Decoders whose steps load their activations an iteration ahead, outside the step asm (1-8 tokens).
-# H200 engine A/B (docs/bench.md), ms per token b1: int4 2.16 -> 2.09, fp8 2.90 -> 2.85, NF4 even (b8
-# 3.47 -> 3.42); int8 codes lost (2.74 -> 2.80: their steps are 32 words, loads already overlap).
-_XC_ENV = os.environ.get("QUANTBENCH_MMA_XCARRY", "")
-X_CARRY = {
-    "kinds": {"0": set(), "1": {D_INT4, D_TABLE, D_FP8, D_INT8_F32, D_INT8_F16, D_PLAIN}}.get(
-        _XC_ENV, {D_INT4, D_TABLE, D_FP8, D_PLAIN}
-    )
+# ``EngineOptions.mma_x_carry`` names -> decoder kinds
+_DECODERS = {
+    "int4": {D_INT4},
+    "table": {D_TABLE},
+    "int8": {D_INT8_F32, D_INT8_F16},
+    "fp8": {D_FP8},
+    "plain": {D_PLAIN},
 }
-
-
-# NF4 / FP4 codes: each byte (a code pair) looked up in a shared-memory table of 16-bit pairs, ``copies``
-# copies interleaved so lanes of different copies never share a bank; 0: the byte-permute decoder.
-# H200 engine A/B, NF4 block 64 ms per token b1 / b8: permutes 3.37 / 3.44, 8 copies 2.80 / 3.34,
-# 16 copies 2.61 / 3.14, 32 copies (32 KiB per program: fewer programs per SM) 3.84 / 4.16.
-# ``permute``: code words per step decoded by byte permutes anyway: ncu of the NF4 gate/up GEMV (16 copies) has
-# the L1 data pipe 91 % busy (two shared wavefronts per lookup) and the ALU pipe 32 %; one of a step's
-# eight words moved over: b1 2.52 -> 2.45 ms/token, b8 3.07 -> 2.95 (two: 2.54 / 2.88; four: 2.82 / 2.91).
-LUT = {"copies": int(os.environ.get("QUANTBENCH_MMA_LUT", "16")), "permute": 1}
 _LUTS: dict[tuple, torch.Tensor] = {}
 
 
@@ -491,60 +427,36 @@ def _lut_tensor(table: torch.Tensor, dtype: torch.dtype, device: torch.device) -
     return _LUTS[key]
 
 
-# NF4 / FP4 groups of 64 (32) columns at 1-8 tokens: a warp step takes two consecutive groups (the codes of
-# two consecutive tiles), halving the per-step work (addresses, flags, loads issued) per code.
-SUBS = {"on": os.environ.get("QUANTBENCH_MMA_SUBS", "1") != "0"}
-
-
-def _subs(kind: int, layout: WQLayout, m: int) -> int:
-    """Sub-steps (quantization groups) per warp step of this call."""
+def _subs(kind: int, layout: WQLayout, m: int, options: EngineOptions = DEFAULT_OPTIONS) -> int:
+    """Sub-steps (quantization groups) per warp step of this call: NF4 / FP4 groups of 64 (32) columns at
+    1-8 tokens take two consecutive groups (the codes of two consecutive tiles), halving the per-step
+    work (addresses, flags, loads issued) per code (``EngineOptions.mma_two_groups``)."""
     words = mma_words_per_lane(layout)
     two = 2 * 4 * words * (32 // layout.bits)
-    ok = SUBS["on"] and kind == D_TABLE and m <= 8 and words <= 2 and layout.in_features % two == 0
+    ok = (
+        options.mma_two_groups and kind == D_TABLE and m <= 8 and words <= 2 and layout.in_features % two == 0
+    )
     return 2 if ok and layout.group > 0 and layout.zeros is None else 1
 
 
-DEPTH = {4: 1, 8: 2, 16: 2}  # steps of codes in flight per code width (see _config)
-# warps per program for NF4 / FP4 codes; 8 with 32 table copies (conflict-free lookups, four programs per SM)
-# lost to 4 x 16 copies: NF4 ms per token b1 / b8 3.50 / 3.83 against 2.45 / 2.95 (H200, ninth session)
-TABLE_WARPS = {"warps": 4}
-# Plain bf16 / fp16 linears (``layouts.plain_layout_for``) through this GEMV instead of cuBLAS: it starts early
-# under programmatic dependent launch and leaves split-K partials to the next kernel. Only products of at
-# most "max_out" outputs (0: any) at up to "max_m" tokens. H200, bf16 Mistral-7B, ms per token b1 / b8:
-# cuBLAS 4.40 / 4.48; every product here 4.32 / 4.91; qkv, o and down here (gate/up and the LM head in
-# cuBLAS) 4.20 / 4.61: batch 1 only.
-PLAIN = {"on": os.environ.get("QUANTBENCH_PLAIN_MMA", "1") != "0", "max_out": 8192, "max_m": 1}
-
-
-def plain_supported(x: torch.Tensor, layout: WQLayout) -> bool:
-    """Whether a plain 16-bit linear's product of ``x`` runs here (``PLAIN``) rather than in cuBLAS."""
-    if not PLAIN["on"] or x.shape[0] > PLAIN["max_m"]:
-        return False
-    if PLAIN["max_out"] and layout.out_features > PLAIN["max_out"]:
-        return False
-    return mma_supported(x, layout)
-
-
-# the decode step's products left as split-K partials for their consumers (kernels/partials.py)
-PARTIALS = {"on": not os.environ.get("QUANTBENCH_NO_PARTIALS")}
-
-
-def _config(m: int, n: int, k: int, layout: WQLayout, device: torch.device) -> dict:
+def _config(
+    m: int, n: int, k: int, layout: WQLayout, device: torch.device, options: EngineOptions = DEFAULT_OPTIONS
+) -> dict:
     """Warps per program and K-splits: about four 4-warp programs per SM, each split keeping at least
-    two steps per warp."""
+    two steps per warp; steps of codes in flight: two for 8- and 16-bit codes, ``mma_depth_4bit`` for
+    4-bit ones."""
     words = mma_words_per_lane(layout)
     # the activation dtype only picks between int8 decoders, except that plain layouts take their own
-    kind = _kind(layout, layout.plain_dtype or torch.bfloat16)
-    step = 4 * words * (32 // layout.bits) * _subs(kind, layout, m)
-    nw = TABLE_WARPS["warps"] if kind == D_TABLE else 4
+    kind = decoder_kind(layout, layout.plain_dtype or torch.bfloat16)
+    step = 4 * words * (32 // layout.bits) * _subs(kind, layout, m, options)
+    nw = options.mma_table_warps if kind == D_TABLE else 4
     tiles = n // 16
     steps = k // step
     split = 1
-    while tiles * split < 4 * _num_sms(device) and steps // (split * 2) >= 2 * nw:
+    while tiles * split < 4 * num_sms(device) and steps // (split * 2) >= 2 * nw:
         split *= 2
-    # two steps of codes in flight for 8-bit codes (H200, ms per token b1 / b8: fp8 2.98 / 3.66 -> 2.89 / 3.23,
-    # LLM.int8 3.13 / 3.88 -> 3.08 / 3.62); one for 4-bit (int4 2.16 -> 2.23, NF4 3.36 -> 3.47 at b1)
-    return {"NW": nw, "SPLIT_K": split, "DEPTH": DEPTH[layout.bits]}
+    depth = options.mma_depth_4bit if layout.bits == 4 else 2
+    return {"NW": nw, "SPLIT_K": split, "DEPTH": depth}
 
 
 def mma_gemv(
@@ -557,6 +469,7 @@ def mma_gemv(
     config: dict | None = None,
     quantize_act: bool = False,
     partials: bool = False,
+    options: EngineOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor | Partials:
     """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` for M <= 16 (see the module doc);
     ``x [M, 2K]`` gate/up when ``act_silu_mul`` (``fused.silu_mul`` first: the GEMV's activation loads
@@ -565,22 +478,27 @@ def mma_gemv(
     ``quantize_act`` (one token, a W8A8 layout): ``x`` is the raw activation row; the kernel quantizes it
     as ``fused.act_quant`` does and applies the per-token factor itself (no ``row_factor``).
 
-    ``partials`` (the engine's decode step, when ``PARTIALS["on"]``): no ``out``; each K-split stores its fp32
-    partial and the result is a :class:`Partials` for a consumer that sums them (``kernels/partials.py``)."""
+    ``partials`` (the engine's decode step, with ``EngineOptions.partials``): no ``out``; each K-split stores
+    its fp32 partial and the result is a :class:`Partials` for a consumer that sums them
+    (``kernels/partials.py``)."""
     if act_silu_mul:
         from quantbench.engine.kernels.fused import silu_mul
 
-        x = silu_mul(x)
+        x = silu_mul(x, options=options)
     m = x.shape[0]
     if quantize_act and (m != 1 or row_factor is not None or not layout.act_quant):
         raise ValueError("quantize_act needs one token, a W8A8 layout and no row_factor")
     n, k = layout.out_features, layout.in_features
-    partials = partials and PARTIALS["on"] and out is None
+    partials = partials and options.partials and out is None
     if out is None and not partials:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    kind = _kind(layout, x.dtype)
+    kind = decoder_kind(layout, x.dtype)
     words = mma_words_per_lane(layout)
-    cfg = dict(config or _config(m, n, k, layout, x.device))
+    if config is None:
+        config = _config(m, n, k, layout, x.device, options)
+        if options.mma_config_edit is not None:
+            config = options.mma_config_edit(dict(config), layout)
+    cfg = dict(config)
     nw, split, depth = cfg.pop("NW"), cfg.pop("SPLIT_K"), cfg.pop("DEPTH", 1)
     dt = "bf16" if x.dtype == torch.bfloat16 else "f16"
     blocks = 1 if m <= 8 else 2
@@ -588,22 +506,21 @@ def mma_gemv(
         xq, x_mode = _XQ[layout.act_quant]
     else:
         xq, x_mode = 0, X_F16 if kind == D_FP8 and dt == "bf16" else X_KEEP
-    subs = _subs(kind, layout, m)
+    subs = _subs(kind, layout, m, options)
     x_words = words * subs * (32 // layout.bits) // 2  # activation words per lane and step (one token block)
-    xc = kind in X_CARRY["kinds"] and blocks == 1 and x_words <= X_REGS
-    copies = LUT["copies"] if kind == D_TABLE and 32 * nw <= 256 else 0
-    if copies % 4:
-        raise ValueError(
-            f"the pair table takes 0 or a multiple of 4 copies, not {copies} (QUANTBENCH_MMA_LUT)"
-        )
-    permute = min(LUT["permute"], 2 * words * subs) if copies else 0
+    carried = any(kind in _DECODERS[name] for name in options.mma_x_carry)
+    xc = carried and blocks == 1 and x_words <= X_REGS
+    copies = options.mma_lut_copies if kind == D_TABLE and 32 * nw <= 256 else 0
+    permute = min(options.mma_lut_permute, 2 * words * subs) if copies else 0
     # bytes from one group's codes to the next one's: the next tile, or the next words of the row
     sub_bytes = 4 * (layout.tile_n * layout.tile_kv if layout.tile_n else 4 * words)
     sub_x = sub_x_bytes(words, layout.bits)
-    key = (kind, layout.bits, words, blocks, dt, layout.signed8, x_mode, xc, copies, subs, sub_bytes, permute)
+    make_step = options.mma_step_asm or step_asm
+    key = (kind, layout.bits, words, blocks, dt, layout.signed8, x_mode, xc, copies, subs, sub_bytes, permute,
+           make_step)  # fmt: skip
     if key not in _ASM:
         _ASM[key] = (
-            step_asm(kind, layout.bits, words * subs, blocks, dt, x_mode, layout.signed8, x_regs=xc,
+            make_step(kind, layout.bits, words * subs, blocks, dt, x_mode, layout.signed8, x_regs=xc,
                      lut_copies=copies, subs=subs, lut_permute=permute),
             load_asm(words * subs, subs, sub_bytes),
             x_load_asm(x_words, subs, sub_x) if xc else "",
@@ -633,6 +550,6 @@ def mma_gemv(
         HAS_BIAS=layout.bias is not None, SCALE_MUL=float(layout.scale_mul), HAS_ROWF=row_factor is not None,
         SPLIT_K=split, V=words, NB=blocks, NW=nw, XQ=xq, DEPTH=depth, XC=xc, X_ASM=x_text,
         LUT_R=copies, LUT_ALLOC=alloc_text, LUT_STORE=store_text, SUBS=subs, PARTIAL=partials, BX=min(4096, triton.next_power_of_2(k)), num_warps=nw,
-        **cfg, **launch_args(x.device),
+        **cfg, **launch_args(x.device, options.pdl),
     )  # fmt: skip
     return Partials(out, x.dtype) if partials else out

@@ -12,23 +12,21 @@ visible by then: the previous kernel lets this one start only after its own wait
 the one before it finished. Weights are never written, so they may be read before the wait; decode
 attention also reads the cache length, the RoPE row and the KV cache of earlier positions there (in
 the decode step their writers run at least three kernels earlier).
-``QUANTBENCH_NO_PDL=1`` (or ``DISABLED["off"] = True`` before an engine captures its graphs) turns
-PDL off for A/B runs.
+``EngineOptions(pdl=False)`` turns PDL off for A/B runs (every launcher takes its ``launch_args``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["DISABLED", "launch_args", "wait_prior"]
+from quantbench.engine.kernels.routing import interpreting
 
-DISABLED = {"off": bool(os.environ.get("QUANTBENCH_NO_PDL"))}
+__all__ = ["launch_args", "wait_prior"]
 
 
 @functools.cache
@@ -47,10 +45,10 @@ def _device_has_pdl(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
-def launch_args(device: torch.device) -> dict:
+def launch_args(device: torch.device, enabled: bool = True) -> dict:
     """Extra launch arguments of a PDL-aware kernel on ``device``: its ``PDL`` constexpr, and Triton's
-    ``launch_pdl`` option where the GPU and Triton support it."""
-    if DISABLED["off"] or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    ``launch_pdl`` option where ``enabled`` (``EngineOptions.pdl``) and the GPU and Triton support it."""
+    if not enabled or device.type != "cuda" or interpreting():
         return {"PDL": False}
     index = device.index if device.index is not None else torch.cuda.current_device()
     if not (_triton_has_pdl() and _device_has_pdl(index)):

@@ -1,4 +1,4 @@
-"""Prompt-sized products (M >= ``dequant.DENSE_MIN_M``) in one Triton kernel: dequantize in registers,
+"""Prompt-sized products (M >= ``routing.PROMPT_MIN_M``) in one Triton kernel: dequantize in registers,
 multiply on tensor cores.
 
 Why: the slab path (``dequant.dense_matmul``) writes every weight once as 16 bits into L2 and reads it
@@ -13,44 +13,37 @@ packed codes once per ``BM`` tokens.
 * One scale per output row (int8, fp8, LLM.int8, SmoothQuant): the tile holds the exact code values and
   the fp32 product is scaled afterwards (with the W8A8 per-token factor ``row_factor``).
 * Few tiles (a 4096-row layer is 32 tiles of 128 rows): K is split so every SM has work; partials are
-  summed in a fixed order by the last program of a tile (``wq_matmul._store_out``): deterministic and
+  summed in a fixed order by the last program of a tile (``triton_common.store_out``): deterministic and
   CUDA-graph safe.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from quantbench.engine.kernels.layouts import MODE_INT, MODE_TABLE, WQLayout
-from quantbench.engine.kernels.wq_matmul import (
-    _asm_for,
-    _codes_slot,
-    _load_scale,
-    _num_sms,
-    _store_out,
-    _table_prmt,
+from quantbench.engine.kernels.triton_common import (
+    codes_slot,
     group_scale,
+    load_scale,
     load_words,
+    num_sms,
     or_dummy,
     plan_split,
     row_stats,
     split_tile,
+    store_out,
+    table_decoder,
+    table_prmt,
 )
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
-__all__ = ["PROMPT_PATH", "prompt_config", "prompt_gemm", "prompt_supported"]
+__all__ = ["prompt_config", "prompt_gemm"]
 
 _INT = tl.constexpr(MODE_INT)
 _TABLE = tl.constexpr(MODE_TABLE)
-
-# "fused" (this kernel) or "slab" (dequantized L2 slabs + cuBLAS) for prompt-sized products, and the most
-# tokens the fused kernel takes: it decodes each weight tile once per 128 tokens, so for long prompts the
-# slabs (decoded once, then cuBLAS) win (H200, int4 first token: 128 tokens 11.4 ms with slabs, 7.4 fused;
-# 8 x 128 tokens 28.1 ms with slabs, 37.6 fused)
-PROMPT_PATH = {"path": os.environ.get("QUANTBENCH_PROMPT_PATH", "fused"), "max_m": 256}
 
 
 @triton.jit
@@ -62,8 +55,8 @@ def _slot(words, vals, t_ptr, scale, sub, row_sub, i: tl.constexpr, MODE: tl.con
     if MODE == _TABLE and ASM != "":
         f = vals[i]
     else:
-        f = _codes_slot(words, t_ptr, sub, row_sub, i, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST)
-    if MODE == _INT:  # _codes_slot returns the value times 2**pos: undo it (exact, a power of two)
+        f = codes_slot(words, t_ptr, sub, row_sub, i, MODE, BITS, HAS_ZERO, GROUP, ZERO_CONST)
+    if MODE == _INT:  # codes_slot returns the value times 2**pos: undo it (exact, a power of two)
         POS: tl.constexpr = i * BITS - (i * BITS - (23 - BITS)) * (i * BITS > 23 - BITS)
         if GROUP == 0:
             if POS != 0:
@@ -97,7 +90,7 @@ def _decode_tile(words, t_ptr, scale, sub, row_sub, MODE: tl.constexpr, BITS: tl
     are paired (s, s + 4), then (s, s + 2), then (s, s + 1) to come out as ``word * VALS + slot``."""
     vals = 0
     if MODE == _TABLE and ASM != "":
-        vals = _table_prmt(words, ASM, P0, P1, P2, P3, P4, P5, P6, P7)
+        vals = table_prmt(words, ASM, P0, P1, P2, P3, P4, P5, P6, P7)
     if BITS == 4:
         w = tl.join(
             tl.join(
@@ -153,7 +146,7 @@ def _prompt_gemm_kernel(
     if PREFETCH:
         words_n = load_words(w_ptr, rows, mask_n, k_lo, k_hi, offs_j, stride_wn, KW, VALS, TN, TKV)
         if GROUP > 0:
-            raw_n, sub_n = _load_scale(s_ptr, z_ptr, rows, mask_n, k_lo, k_hi, offs_j, stride_sn, n_groups, GROUP,
+            raw_n, sub_n = load_scale(s_ptr, z_ptr, rows, mask_n, k_lo, k_hi, offs_j, stride_sn, n_groups, GROUP,
                                        VALS, TILE_SCALE, MODE == _INT and HAS_ZERO, TN)  # fmt: skip
     for k0 in range(k_lo, k_hi, BK):
         if PREFETCH:
@@ -171,10 +164,10 @@ def _prompt_gemm_kernel(
             if PREFETCH:
                 raw = raw_n
                 sub = sub_n
-                raw_n, sub_n = _load_scale(s_ptr, z_ptr, rows, mask_n, k_next, k_hi, offs_j, stride_sn, n_groups,
+                raw_n, sub_n = load_scale(s_ptr, z_ptr, rows, mask_n, k_next, k_hi, offs_j, stride_sn, n_groups,
                                            GROUP, VALS, TILE_SCALE, MODE == _INT and HAS_ZERO, TN)  # fmt: skip
             else:
-                raw, sub = _load_scale(s_ptr, z_ptr, rows, mask_n, k0, k_hi, offs_j, stride_sn, n_groups, GROUP, VALS,
+                raw, sub = load_scale(s_ptr, z_ptr, rows, mask_n, k0, k_hi, offs_j, stride_sn, n_groups, GROUP, VALS,
                                        TILE_SCALE, MODE == _INT and HAS_ZERO, TN)  # fmt: skip
             scale = group_scale(raw, rows, mask_n, k0, offs_j, stride_sn, dqc_ptr, dqn_ptr, dqo_ptr, GROUP, VALS,
                                 TILE_SCALE, NESTED, SCALE_MUL)  # fmt: skip
@@ -192,7 +185,7 @@ def _prompt_gemm_kernel(
     cols = offs_n[None, :] + offs_m[:, None] * 0
     o_off = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     ws_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    _store_out(out, omask, o_off, ws_off, M * N, cols, omask, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks, HAS_BIAS,
+    store_out(out, omask, o_off, ws_off, M * N, cols, omask, b_ptr, o_ptr, ws_ptr, cnt_ptr, tile, ks, HAS_BIAS,
                SPLIT_K)  # fmt: skip
 
 
@@ -235,16 +228,6 @@ def prompt_config(m: int, n: int, k: int, bits: int, mode: int, group: int, sms:
             "PREFETCH": prefetch}  # fmt: skip
 
 
-def prompt_supported(layout: WQLayout, x: torch.Tensor) -> bool:
-    """Whether the fused kernel takes this product. NF4 / FP4 need the PTX table decoder on CUDA: the
-    L1-lookup decode (``QUANTBENCH_NO_PRMT=1``) does not compile for sm_90 with Triton 3.6 ("Illegal
-    shared layout"), so those prompts keep the slab path."""
-    m, n, k = x.shape[0], layout.out_features, layout.in_features
-    if not prompt_config(m, n, k, layout.bits, layout.mode, layout.group):
-        return False
-    return not (x.is_cuda and layout.mode == MODE_TABLE and not _asm_for(layout, x.device)["TABLE_ASM"])
-
-
 def prompt_gemm(
     x: torch.Tensor,
     layout: WQLayout,
@@ -252,6 +235,7 @@ def prompt_gemm(
     row_factor: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    options: EngineOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` without a dequantized copy of W."""
     m = x.shape[0]
@@ -260,7 +244,7 @@ def prompt_gemm(
         x = x.contiguous()
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    sms = _num_sms(x.device)
+    sms = num_sms(x.device)
     cfg = dict(config or prompt_config(m, n, k, layout.bits, layout.mode, layout.group, sms))
     if not cfg:
         raise ValueError(f"no prompt kernel configuration for K={k}, bits={layout.bits}")
@@ -277,6 +261,6 @@ def prompt_gemm(
         TN=layout.tile_n, TKV=layout.tile_kv, GROUP=layout.group, BITS=layout.bits, MODE=layout.mode,
         HAS_ZERO=layout.zeros is not None, ZERO_CONST=float(layout.zero_const), NESTED=layout.dq_code is not None,
         HAS_BIAS=layout.bias is not None, SCALE_MUL=float(layout.scale_mul), SIGNED8=layout.signed8,
-        HAS_ROWF=row_factor is not None, SPLIT_K=split, **_asm_for(layout, x.device), BM=bm, BN=bn, BK=bk, **cfg,
+        HAS_ROWF=row_factor is not None, SPLIT_K=split, **table_decoder(layout, x.device, options), BM=bm, BN=bn, BK=bk, **cfg,
     )  # fmt: skip
     return out
