@@ -59,6 +59,10 @@ def linear(
 
     ``partials`` (no ``out``): a tensor-core GEMV may return its split-K partials (``kernels/partials.py``)
     instead of the summed tensor."""
+    if layout.offsets is not None:  # w = scale * code - offset (llama.cpp's q4_1, q4_K, ...)
+        from quantbench.engine.kernels.offsets import offset_linear
+
+        return offset_linear(layout, x, act_silu_mul=act_silu_mul, out=out, partials=partials)
     from quantbench.engine.kernels.wq_matmul import wq_matmul
 
     if dense_enabled(x, layout):  # prompt sizes: fused dequantize-GEMM, or L2 slabs + cuBLAS

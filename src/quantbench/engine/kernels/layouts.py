@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,6 +56,9 @@ class WQLayout:
     group_buffers: tuple[str, ...] = ()  # the module's per-(row, group) buffers (tiled with the codes)
     key: tuple = ()
     plain_dtype: torch.dtype | None = None  # MODE_PLAIN: the weights' dtype (the activations' too)
+    # MODE_INT: w = (u - zero) * scale - offset[row, group] (llama.cpp's q4_1, q4_K, ...:
+    # ggml_layout.GroupOffsets); kernels.linear sends such layouts to kernels/offsets.py
+    offsets: Any = None
 
     @property
     def n_groups(self) -> int:
@@ -67,7 +71,7 @@ class WQLayout:
         for t in (self.w32, self.scales, self.zeros, self.dq_nested, self.bias):
             if t is not None:
                 total += t.numel() * t.element_size()
-        return total
+        return total + (self.offsets.nbytes if self.offsets is not None else 0)
 
 
 _TABLE_CACHE: dict[tuple[str, str], torch.Tensor] = {}
@@ -228,6 +232,11 @@ def _build(module: nn.Module) -> WQLayout | None:
         Bnb4Linear = None  # noqa: N806
     if Bnb4Linear is not None and isinstance(module, Bnb4Linear):
         return _bnb4_layout(module)
+    ggml = optional_quant_class("ggml", "GGMLLinear")
+    if ggml is not None and isinstance(module, ggml):  # llama.cpp blocks, converted once
+        from quantbench.engine.kernels.ggml_layout import ggml_layout
+
+        return ggml_layout(module)
     for mod_name, cls_name, builder in _W8A8:
         cls = optional_quant_class(mod_name, cls_name)
         if cls is not None and isinstance(module, cls):
