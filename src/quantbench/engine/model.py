@@ -151,9 +151,10 @@ def fuse_linears(modules: list[nn.Module]) -> list[nn.Module]:
     """One module computing all of ``modules`` (outputs concatenated), or the list unchanged.
 
     Fuses plain ``nn.Linear`` (bf16/fp16 weights), RTN-layout modules (int4/int8, GPTQ without
-    act-order, AWQ), the W8A8 modules (fp8, LLM.int8, SmoothQuant) and bitsandbytes 4-bit without double
-    quantization when the block size divides ``in_features``. The original modules then hold views of
-    the fused buffers.
+    act-order, AWQ), the W8A8 modules (fp8, LLM.int8, SmoothQuant), bitsandbytes 4-bit without double
+    quantization when the block size divides ``in_features``, and llama.cpp blocks of one GGML type (a
+    mix such as q4_k_m may give q/k and v different types: those stay apart). The original modules then
+    hold views of the fused buffers.
     """
     first = modules[0]
     if len(modules) == 1 or any(type(m) is not type(first) for m in modules):
@@ -172,6 +173,11 @@ def fuse_linears(modules: list[nn.Module]) -> list[nn.Module]:
         if any(getattr(m, "g_idx", None) is not None or m.config != first.config for m in modules):
             return modules
         return [_fuse_quant(modules, ("qweight", "scales", "qzeros"), flat=False)]
+    ggml = optional_quant_class("ggml", "GGMLLinear")
+    if ggml is not None and isinstance(first, ggml):  # rows of whole blocks: concatenating rows is fusing
+        if any(m.ggml_type != first.ggml_type or m.config != first.config for m in modules):
+            return modules
+        return [_fuse_quant(modules, ("blocks",), flat=False, ggml_type=first.ggml_type)]
     # W8A8 (per-row weight scales, per-token activation quantization): the parts share their input, so
     # the same activation scales / LLM.int8 outlier columns; concatenating rows is the same function.
     for mod_name, cls_name, names in _W8A8_FUSE:
@@ -217,11 +223,12 @@ def _fuse_dense(modules: list[nn.Module]) -> nn.Module:
     return fused
 
 
-def _fuse_quant(modules: list[nn.Module], names: tuple[str, ...], flat: bool) -> nn.Module:
+def _fuse_quant(modules: list[nn.Module], names: tuple[str, ...], flat: bool, **layer_options) -> nn.Module:
+    """``layer_options``: constructor arguments beyond the config (a GGML layer's type)."""
     first = modules[0]
     out = sum(m.out_features for m in modules)
     with torch.device("meta"):
-        fused = type(first)(first.in_features, out, first.bias is not None, first.config)
+        fused = type(first)(first.in_features, out, first.bias is not None, first.config, **layer_options)
     for name in (*names, "bias"):
         parts = [getattr(m, name) for m in modules]
         if parts[0] is None:

@@ -25,6 +25,7 @@ ggml_type=...)``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -111,6 +112,36 @@ def ggml_format(ggml_type: GGMLQuantizationType | str) -> GGMLFormat:
     return FORMATS[key]
 
 
+def random_blocks(
+    ggml_type: GGMLQuantizationType | str,
+    rows: int,
+    in_features: int,
+    std: float = 0.02,
+    seed: int = 0,
+    pool: int = 256,
+) -> torch.Tensor:
+    """llama.cpp blocks ``uint8 [rows, row_bytes]`` of a random weight, for timing runs and tests of large
+    layers: every block is drawn (by ``seed``) from ``pool`` blocks of normal weights (standard deviation
+    ``std``) quantized once per (type, std, pool) and kept, so a model of any size costs one small quantizer
+    run per type (the k-quant quantizers take seconds per million weights on a CPU). Blocks repeat, so
+    rows are not independent weights."""
+    fmt = ggml_format(ggml_type)
+    reason = fmt.unsupported(in_features)
+    if reason is not None:
+        raise ValueError(reason)
+    blocks = _block_pool(fmt.ggml_type, float(std), pool)
+    n_blocks = in_features // fmt.block_size
+    pick = torch.randint(0, pool, (rows, n_blocks), generator=torch.Generator().manual_seed(seed))
+    return blocks[pick].reshape(rows, n_blocks * fmt.type_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _block_pool(ggml_type: GGMLQuantizationType, std: float, pool: int) -> torch.Tensor:
+    fmt = FORMATS[ggml_type]
+    weight = torch.randn(pool, fmt.block_size, generator=torch.Generator().manual_seed(0)) * std
+    return fmt.quantize(weight)  # [pool, type_size]: one block per row
+
+
 def method_type(method: str) -> GGMLQuantizationType:
     """The GGML type of a spec name made by :func:`ggml_method`."""
     if method not in METHOD_TYPES:
@@ -122,9 +153,10 @@ class GGMLLinear(QuantLinear):
     """A Linear whose weight is one GGML type's blocks, byte for byte as llama.cpp stores them.
 
     Buffer ``blocks``: uint8 ``[out_features, in_features // block_size * type_size]``. The type is
-    ``ggml_type`` when given, else the one the config's method names (:data:`METHOD_TYPES`). The
-    forward is the base class's reference (dequantize, dense matmul in the compute dtype), on CPU
-    and CUDA alike: there is no dedicated kernel.
+    ``ggml_type`` when given, else the one the config's method names (:data:`METHOD_TYPES`). On CPU the
+    forward is the base class's reference (dequantize, dense matmul in the compute dtype). On CUDA the
+    engine's Triton kernels run it: they read a copy of the blocks converted once into their own form
+    (``quantbench.engine.kernels.ggml_layout``), with the same float32 weights.
     """
 
     method = "ggml"
@@ -156,7 +188,26 @@ class GGMLLinear(QuantLinear):
             return None  # a mix (ggml_mix.py) picks each layer's type, with llama.cpp's fallbacks
         return ggml_format(method_type(config.method)).unsupported(linear.in_features)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # Triton kernels (quantbench.engine.kernels); None = not handled
+            from quantbench.engine.kernels import dispatch
+
+            out = dispatch(self, x)
+            if out is not None:
+                return out
+        return super().forward(x)
+
+    def _forget_converted(self) -> None:
+        # The kernels' form of the blocks is a converted copy (not a view), cached on the module: drop it
+        # when the blocks change in place.
+        self.__dict__.pop("_qb_layout", None)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self._forget_converted()
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _quantize_from(self, weight: torch.Tensor) -> None:
+        self._forget_converted()
         # Always on the CPU: llama.cpp's reference quantizers are bit-exact against CPU float32
         # arithmetic, while GPU kernels may compute a division by a constant as a multiplication by
         # its reciprocal, which changes the last bit of a scale and so, at times, a code.

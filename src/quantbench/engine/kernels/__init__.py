@@ -24,7 +24,7 @@ from quantbench.engine.kernels.routing import (
 )
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
-__all__ = ["WQLayout", "dispatch", "layout_for", "linear", "run_route", "triton_available"]
+__all__ = ["WQLayout", "dispatch", "layout_for", "linear", "run_kernel", "run_route", "triton_available"]
 
 
 def linear(
@@ -53,6 +53,23 @@ def run_route(
     options: EngineOptions = DEFAULT_OPTIONS,
 ):
     """Run a quantized layer's product the way ``route`` says (arguments as :func:`linear`)."""
+    if layout.offsets is not None:  # w = scale * code - offset (llama.cpp's q4_1, q5_1, q4_K, q5_K)
+        from quantbench.engine.kernels.offsets import offset_linear
+
+        return offset_linear(route, layout, x, act_silu_mul, out, partials, options)
+    return run_kernel(route, layout, x, act_silu_mul, out, partials, options)
+
+
+def run_kernel(
+    route: Route,
+    layout: WQLayout,
+    x: torch.Tensor,
+    act_silu_mul: bool = False,
+    out: torch.Tensor | None = None,
+    partials: bool = False,
+    options: EngineOptions = DEFAULT_OPTIONS,
+):
+    """The routed kernel itself (for layouts with offsets: the ``(u - zero) * scale`` part alone)."""
     kernel, act = route
     k = layout.in_features
     if kernel in (Kernel.PROMPT_GEMM, Kernel.SLABS):  # prompt sizes: SiLU-gate and quantize x first

@@ -11,7 +11,8 @@ the 50 MB L2 between the dequantize kernel and the GEMM, so HBM sees little more
 Per-output-row scales (int8 / fp8 / LLM.int8 / SmoothQuant) are not applied to the slab: the slab holds the
 exact integer (or e4m3) code values and the scale multiplies the product afterwards, so ``code * scale`` is
 never rounded to 16 bits. Group-wise layouts (int4, NF4, FP4)
-get ``code * scale`` rounded to the compute dtype, as ``dequantize()`` does.
+get ``code * scale`` rounded to the compute dtype, as ``dequantize()`` does; layouts with per-group
+offsets (llama.cpp's q4_K ..., ``kernels/offsets.py``) get ``code * scale - offset``, llama.cpp's weight.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ _SCRATCH: dict[tuple[str, torch.dtype, int], torch.Tensor] = {}
 
 @triton.jit
 def _dequant_kernel(
-    w_ptr, s_ptr, z_ptr, t_ptr, dqc_ptr, dqn_ptr, dqo_ptr, o_ptr,
-    r0, n_rows, stride_wn, stride_sn, stride_o, K, n_groups,
+    w_ptr, s_ptr, z_ptr, t_ptr, dqc_ptr, dqn_ptr, dqo_ptr, ov_ptr, os_ptr, o_ptr,
+    r0, n_rows, stride_wn, stride_sn, stride_o, K, n_groups, stride_ov, stride_os,
     TN: tl.constexpr, TKV: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr, HAS_ZERO: tl.constexpr,
     ZERO_CONST: tl.constexpr, NESTED: tl.constexpr, SCALE_MUL: tl.constexpr, SIGNED8: tl.constexpr,
-    APPLY_SCALE: tl.constexpr, BN: tl.constexpr, BKV: tl.constexpr,
+    APPLY_SCALE: tl.constexpr, OFFSET: tl.constexpr, OFFSET_SUB: tl.constexpr, BN: tl.constexpr,
+    BKV: tl.constexpr,
 ):  # fmt: skip
     """Rows ``r0 .. r0 + n_rows`` of the dequantized weight into ``o`` (row ``r`` at ``o[r - r0]``).
 
@@ -88,6 +90,13 @@ def _dequant_kernel(
             else:
                 scale = raw.to(tl.float32) * SCALE_MUL
             f = f * scale[:, :, None]
+            if OFFSET > 0:  # minus the group's offset (ggml_layout.GroupOffsets: 1 float, 2 scale * uint8)
+                oidx = rows[:, None] * stride_ov + g
+                off = tl.load(ov_ptr + oidx, mask=mask_n[:, None], other=0).to(tl.float32)
+                if OFFSET == 2:
+                    sidx = rows[:, None] * stride_os + g // OFFSET_SUB
+                    off = tl.load(os_ptr + sidx, mask=mask_n[:, None], other=0).to(tl.float32) * off
+                f = f - off[:, :, None]
     vals = tl.reshape(f, (BN, BKV * VALS))
     cols = tl.program_id(1) * (BKV * VALS) + tl.arange(0, BKV * VALS)
     out_rows = o_ptr + local.to(tl.int64)[:, None] * stride_o
@@ -104,14 +113,22 @@ def dequantize_rows(
     while (k // vals) % bkv:
         bkv //= 2
     grid = (triton.cdiv(n_rows, 32), (k // vals) // bkv)
+    off = layout.offsets  # ggml_layout.GroupOffsets (row-major) or None
+    off_values = off.values if off is not None else None
+    off_scale = off.scale if off is not None else None
     _dequant_kernel[grid](
         layout.w32, layout.scales,
-        *or_dummy(layout, layout.zeros, layout.table, layout.dq_code, layout.dq_nested, layout.dq_offset),
+        *or_dummy(layout, layout.zeros, layout.table, layout.dq_code, layout.dq_nested, layout.dq_offset, off_values,
+                  off_scale),
         out, r0, n_rows, layout.w32.stride(0), layout.scale_stride, out.stride(0), k, layout.n_groups,
+        0 if off is None else off_values.stride(0), 0 if off_scale is None else off_scale.stride(0),
         TN=layout.tile_n, TKV=layout.tile_kv, GROUP=layout.group, BITS=layout.bits, MODE=layout.mode, HAS_ZERO=layout.zeros is not None,
         ZERO_CONST=float(layout.zero_const), NESTED=layout.dq_code is not None,
         SCALE_MUL=float(layout.scale_mul), SIGNED8=layout.signed8, APPLY_SCALE=apply_scale,
+        OFFSET=0 if off is None else (2 if off_scale is not None else 1), OFFSET_SUB=1 if off is None else off.sub,
         BN=32, BKV=bkv, num_warps=4,
+        # offsets: code * scale and the subtraction rounded apart (no FMA), as llama.cpp computes the weight
+        **({} if off is None else {"enable_fp_fusion": False}),
     )  # fmt: skip
 
 

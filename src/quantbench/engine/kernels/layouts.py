@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from torch import nn
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 from quantbench.quant import bnb4
 from quantbench.quant.fp8 import FP8Linear
+from quantbench.quant.ggml import GGMLLinear
 from quantbench.quant.llm_int8 import LLMInt8Linear
 from quantbench.quant.rtn import RTNLinear
 from quantbench.quant.smoothquant import SmoothQuantLinear
@@ -66,6 +68,9 @@ class WQLayout:
     group_buffers: tuple[str, ...] = ()  # the module's per-(row, group) buffers (tiled with the codes)
     key: tuple = ()
     plain_dtype: torch.dtype | None = None  # MODE_PLAIN: the weights' dtype (the activations' too)
+    # MODE_INT: w = (u - zero) * scale - offset[row, group] (llama.cpp's q4_1, q4_K, ...:
+    # ggml_layout.GroupOffsets); kernels.linear sends such layouts to kernels/offsets.py
+    offsets: Any = None
 
     @property
     def n_groups(self) -> int:
@@ -78,7 +83,7 @@ class WQLayout:
         for t in (self.w32, self.scales, self.zeros, self.dq_nested, self.bias):
             if t is not None:
                 total += t.numel() * t.element_size()
-        return total
+        return total + (self.offsets.nbytes if self.offsets is not None else 0)
 
 
 _TABLE_CACHE: dict[tuple[str, str], torch.Tensor] = {}
@@ -360,3 +365,11 @@ def _bnb4_layout(m: nn.Module) -> WQLayout | None:
         layout.dq_nested = m.nested_absmax
         layout.dq_offset = m.offset
     return layout
+
+
+@register_layout(GGMLLinear)
+def _ggml_layout(m: nn.Module) -> WQLayout | None:
+    """llama.cpp blocks, converted once into codes, scales and per-group offsets (``ggml_layout.py``)."""
+    from quantbench.engine.kernels.ggml_layout import ggml_layout
+
+    return ggml_layout(m)

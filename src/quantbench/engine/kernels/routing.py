@@ -30,6 +30,11 @@ the engine                                 compute dtype, autograd on x, no layo
 QuantLinear.forward            any         otherwise: as a quantized layer above
 =============================  ==========  ==========================================================  ==============
 
+Layouts with per-group offsets (llama.cpp's q4_1, q5_1, q4_K, q5_K: ``w = (u - zero) * scale - offset``)
+take the same rows except gemv_h2; the routed kernel computes the ``(u - zero) * scale`` part in float32
+and ``offsets.subtract_offsets`` the rest (slabs dequantize the whole weight; the tensor-core GEMV only
+when its split-K partials are kept, else wq_matmul).
+
 The tensor-core GEMV takes a product when ``mma`` is on, 1 <= M <= 16 (M = 1 only with
 ``mma_batch1``), on a GPU of sm_80+ (e4m3 codes: sm_89+) with 16-bit activations, a format it decodes
 (int4, int8, NF4 / FP4, e4m3 with e4m3-quantized or fp16 activations, plain weights of the activations'
@@ -225,6 +230,8 @@ def mma_takes(
 def h2_takes(m: int, layout: WQLayout, target: Target, options: EngineOptions) -> bool:
     """Whether the packed-half2 GEMV runs this product (one token on a GPU, a format it decodes)."""
     if not options.h2 or m != 1 or target.device != "cuda" or (layout.mode, layout.bits) not in H2_FORMATS:
+        return False
+    if layout.offsets is not None:  # its output is 16-bit; the offset correction needs a float32 product
         return False
     return target.capability >= ((8, 9) if layout.mode == MODE_FP8 else (8, 0))
 
