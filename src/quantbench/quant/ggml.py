@@ -33,7 +33,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
-from quantbench.quant.base import Method, QuantLinear
+from quantbench.quant.base import Method, QuantLinear, kernel_forward
 from quantbench.quant.config import COMMON_OPTIONS, QuantConfig, compute_option
 
 QuantizeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -155,8 +155,8 @@ class GGMLLinear(QuantLinear):
     Buffer ``blocks``: uint8 ``[out_features, in_features // block_size * type_size]``. The type is
     ``ggml_type`` when given, else the one the config's method names (:data:`METHOD_TYPES`). On CPU the
     forward is the base class's reference (dequantize, dense matmul in the compute dtype). On CUDA the
-    engine's Triton kernels run it: they read a copy of the blocks converted once into their own form
-    (``quantbench.engine.kernels.ggml_layout``), with the same float32 weights.
+    engine's Triton kernels run it (registered through ``base.kernel_forward``): they read a copy of the
+    blocks converted once into their own form, with the same float32 weights.
     """
 
     method = "ggml"
@@ -189,10 +189,8 @@ class GGMLLinear(QuantLinear):
         return ggml_format(method_type(config.method)).unsupported(linear.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:  # Triton kernels (quantbench.engine.kernels); None = not handled
-            from quantbench.engine.kernels import dispatch
-
-            out = dispatch(self, x)
+        if x.is_cuda:  # kernels where registered (base.kernel_forward); None = not handled
+            out = kernel_forward(self, x)
             if out is not None:
                 return out
         return super().forward(x)
