@@ -9,8 +9,8 @@ of one type only; the CPU engine on GGML models gives HF's greedy tokens.
 
 Interpreter (``TRITON_INTERPRET=1``, in its own process, fp16: the interpreter's bf16 ``tl.dot`` is wrong):
 the kernels on the converted layouts against the float64 product of llama.cpp's weights (relative error
-below 1e-2, as the other weight-only kernels in test_kernels.py); the prompt slabs hold llama.cpp's
-weights rounded once to the compute dtype.
+below 1e-2, as the other weight-only kernels in test_kernels.py); the prompt slab kernel computes llama.cpp's
+float32 weights bit for bit.
 
 CUDA: each type at 1, 4, 16, 64 and 300 tokens in fp16 and bf16 (the HF forward's dispatch, the engine's
 split-K partials, the SiLU-gated input) against the float64 product; the engine on tiny q4_0 / q4_k_m /
@@ -65,15 +65,22 @@ FP16_FIELDS = {
 }
 
 
-def _random_bytes(t: GGMLQuantizationType, rows: int, k: int, seed: int) -> torch.Tensor:
+def _random_bytes(
+    t: GGMLQuantizationType, rows: int, k: int, seed: int, rms: float | None = None
+) -> torch.Tensor:
     """Blocks of random bytes (every code, 6-bit scale / minimum and int8 scale pattern) with finite fp16
-    fields of both signs."""
+    fields of both signs; ``rms``: each row's fp16 fields scaled so that its weights have about that RMS."""
     bs, ts = GGML_QUANT_SIZES[t]
     gen = torch.Generator().manual_seed(seed)
     b = torch.randint(0, 256, (rows, k // bs, ts), generator=gen, dtype=torch.uint8)
     for off in FP16_FIELDS[t]:
         vals = (torch.randn(rows, k // bs, 1, generator=gen) * 0.01).to(torch.float16)
         b[..., off : off + 2] = vals.view(torch.uint8)
+    if rms is not None:  # the weights are linear in the fp16 fields (d, and m / dmin)
+        factor = rms / _llama_weights(t, b.reshape(rows, -1)).pow(2).mean(1).sqrt().clamp_min(1e-30)
+        for off in FP16_FIELDS[t]:
+            field = b[..., off : off + 2].contiguous().view(torch.float16).float()
+            b[..., off : off + 2] = (field * factor[:, None, None]).to(torch.float16).view(torch.uint8)
     return b.reshape(rows, -1)
 
 
@@ -245,13 +252,16 @@ def test_cpu_engine_on_q4_k_m_matches_hf_generate(arch: str) -> None:
 
 
 def _case(t: GGMLQuantizationType, n: int, k: int, device: str, dtype: torch.dtype, seed: int = 0):
-    """A layer of ``t`` (realistic blocks from random weights, plus awkward and random-byte rows) with a
-    bias, its kernel layout and llama.cpp's weights (float64)."""
+    """A layer of ``t`` (blocks of random weights, plus awkward and random-byte rows, every row of about the
+    same RMS so that none dominates the relative error) with a bias, its kernel layout and llama.cpp's
+    weights (float64)."""
     rows = min(n, 8)
+    awkward = _awkward_weight(rows, k, seed)
+    awkward = awkward * (0.02 / awkward.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-30))
     blocks = torch.cat(
         [
-            FORMATS[t].quantize(_awkward_weight(rows, k, seed)),
-            _random_bytes(t, rows, k, seed),
+            FORMATS[t].quantize(awkward),
+            _random_bytes(t, rows, k, seed, rms=0.02),
             random_blocks(t, n - 2 * rows, k, seed=seed, pool=64),
         ]
     )
@@ -295,14 +305,15 @@ def test_silu_gated_input_interpreter(t: GGMLQuantizationType) -> None:
 @pytest.mark.parametrize("t", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K], ids=_name)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_prompt_slabs_hold_llama_cpp_weights_interpreter(t: GGMLQuantizationType, dtype: torch.dtype) -> None:
-    """Long prompts: the slabs are llama.cpp's weights rounded once to the compute dtype, offsets included
-    (each operation rounded apart, as in C), then multiplied (two slabs for 80 rows)."""
+    """Long prompts: the slab kernel computes llama.cpp's float32 weights, offsets included (each operation
+    rounded apart, as in C; checked in a float32 slab: the interpreter's bf16 cast truncates), then the
+    product over slabs of the compute dtype (two slabs for 80 rows)."""
     from quantbench.engine.kernels import dequant as dq
 
     module, layout, w = _case(t, 80, 256, "cpu", dtype)
-    slab = torch.full((80, 256), float("nan"), dtype=dtype)
+    slab = torch.full((80, 256), float("nan"), dtype=torch.float32)
     dq.dequantize_rows(layout, 0, 80, slab)
-    assert torch.equal(slab, w.float().to(dtype))
+    assert torch.equal(slab.view(torch.int32), w.float().view(torch.int32))
     x = torch.randn(70, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
     old = dq.SCRATCH_ELEMS
     dq.SCRATCH_ELEMS, dq._SCRATCH = 64 * 256, {}

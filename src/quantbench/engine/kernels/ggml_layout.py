@@ -8,19 +8,18 @@ in the same order), and :func:`~quantbench.engine.kernels.layouts.layout_for` ca
 module. The blocks stay as they are; the converted copy is extra memory (about one more copy of the
 layer, see ``bits_per_weight`` below).
 
-=======  =====================  ====  ==================================  ===============================
-type     codes the kernel reads zero  scale per (row, group)              offset per (row, group)
-=======  =====================  ====  ==================================  ===============================
-q8_0     int8 (two's complement) 128  ``d`` fp16, group 32                -
-q4_0     4-bit                     8  ``d`` fp16, group 32                -
-q5_0     8-bit (0..31)            16  ``d`` fp16, group 32                -
-q4_1     4-bit                     0  ``d`` fp16, group 32                ``-m`` fp16
-q5_1     8-bit (0..31)             0  ``d`` fp16, group 32                ``-m`` fp16
-q4_K     4-bit                     0  ``d * sc`` fp32, group 32           ``dmin * m`` (uint8 ``m``, fp16
-                                                                          ``dmin`` per 256 columns)
-q5_K     8-bit (0..31)             0  ``d * sc`` fp32, group 32           as q4_K
-q6_K     8-bit (0..63)            32  ``d * sc`` fp32, group 16           -
-=======  =====================  ====  ==================================  ===============================
+====  ======================  ====  ========================  =========================================
+type  codes the kernels read  zero  scale per (row, group)    offset per (row, group)
+====  ======================  ====  ========================  =========================================
+q8_0  int8 (signed)            128  ``d`` fp16, per 32        -
+q4_0  4-bit                      8  ``d`` fp16, per 32        -
+q5_0  8-bit (0..31)             16  ``d`` fp16, per 32        -
+q4_1  4-bit                      0  ``d`` fp16, per 32        ``-m`` fp16
+q5_1  8-bit (0..31)              0  ``d`` fp16, per 32        ``-m`` fp16
+q4_K  4-bit                      0  ``d * sc`` fp32, per 32   ``dmin * m``: uint8 ``m``, fp16 ``dmin`` per 256
+q5_K  8-bit (0..31)              0  ``d * sc`` fp32, per 32   as q4_K
+q6_K  8-bit (0..63)             32  ``d * sc`` fp32, per 16   -
+====  ======================  ====  ========================  =========================================
 
 llama.cpp computes ``d * sc`` (k-quants) and ``dmin * m`` in float32 before the codes; those products are
 stored here in float32 (a fp16 ``d`` times a 6- or 8-bit ``sc`` does not always fit fp16), the fp16
@@ -56,7 +55,7 @@ __all__ = [
 ]
 
 T = GGMLQuantizationType
-CHUNK_ELEMS = 1 << 24  # weights converted per pass (bounds the int32 temporaries on the GPU)
+CHUNK_ELEMS = 1 << 24  # weights converted per pass (bounds the temporaries on the GPU)
 
 
 @dataclass
