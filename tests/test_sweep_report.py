@@ -442,3 +442,20 @@ def test_report_command(fixture_db, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["report", "--db", str(fixture_db), "--format", "pdf", "--out", str(tmp_path / "r")])
     assert exc.value.code == 2
+
+
+def test_report_names_the_default_model(tmp_path):
+    """Runs of a command given no model are stored as 'default': they are the default model's rows."""
+    import quantbench
+    from quantbench.report.data import collect
+
+    db = tmp_path / "d.db"
+    with ResultStore(db) as store:
+        for model, spec in (("default", "bf16"), (quantbench.DEFAULT_MODEL, "int8")):
+            store.add_run(model=model, fingerprint="f", spec=spec, method=spec, task="mmlu", split="val", shots=5,
+                          mode="loglikelihood", subjects=["a"], limit_per_subject=1, questions=1, evaluated=1,
+                          accuracy=1.0, categories={"STEM": 1.0}, compute_s=1.0, weights_gib=1.0)  # fmt: skip
+    models = collect(db).models
+    assert [m.model for m in models] == [quantbench.DEFAULT_MODEL]
+    assert {r.spec for t in models[0].acc for r in t.rows} == {"bf16", "int8"}
+    assert [m.model for m in collect(db, model="default").models] == [quantbench.DEFAULT_MODEL]

@@ -178,6 +178,13 @@ def _runs(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     return out
 
 
+def _model_name(name: Any) -> Any:
+    """The name a model is reported under: commands given no model (``default``) ran the default one."""
+    from quantbench.models import DEFAULT_MODEL
+
+    return DEFAULT_MODEL if name == "default" else name
+
+
 def _sweep_members(conn: sqlite3.Connection, sweep: str) -> list[dict[str, Any]]:
     """The eval units ``sweep`` planned (``sweep_units``), whichever sweep or ``run`` computed them."""
     rows = conn.execute(
@@ -260,6 +267,9 @@ def collect(db: str | Path, model: str | None = None, sweep: str | None = None) 
             stages = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
     finally:
         conn.close()
+    model = None if model is None else _model_name(model)
+    for record in (*runs, *stages):
+        record["model"] = _model_name(record.get("model"))
 
     def wanted(record: dict[str, Any]) -> bool:
         if model is not None and record.get("model") != model:
