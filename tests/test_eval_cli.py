@@ -153,6 +153,10 @@ def test_eval_and_ppl_commands(tiny_dir, tmp_path, capsys):
     )
     assert code == 0 and "college_physics" in out
     assert "scoring: HF forward (CPU reference)" in out  # the CPU default
+    from quantbench.eval.store import ResultStore
+
+    with ResultStore(db) as store:
+        assert [r["extra"]["scoring"] for r in store.runs()] == ["HF forward (CPU reference)"] * 2
     payload = json.loads(out_json.read_text())
     assert [r["task"] for r in payload["results"]] == ["mmlu", "ceval"]
     assert all(len(r["answers"]) == 3 and r["mode"] == "generate" for r in payload["results"])

@@ -375,6 +375,7 @@ def eval_command(
                     "prefix_reuse": not no_prefix_reuse,
                     "dequant_cache": cached,
                     "ranks": world,
+                    "scoring": result.scoring,
                 },
             )
             _print_result(result)

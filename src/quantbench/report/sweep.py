@@ -842,7 +842,7 @@ def _run_model_unit(ctx: _SpecContext, u: Unit, loaded, method_run, peak_bytes) 
             peak_mem_gib=peak / 2**30,
             peak_mem_kind=kind,
             device=device,
-            extra=extra,
+            extra={**extra, "scoring": result.scoring},
         )
         brief = {
             "accuracy": result.accuracy,
