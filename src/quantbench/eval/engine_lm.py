@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from quantbench.engine.model import EngineModel, KVBlock, sliding_window, unsupported_reason
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 from quantbench.eval.lm import HFLM, PrefixState, is_windowed
 
 
@@ -64,7 +65,8 @@ def engine_description(model: nn.Module, use_kernels: bool | None = None) -> str
 class EngineLM(HFLM):
     """:class:`HFLM` with its forwards run by the engine (see the module docstring).
 
-    ``use_kernels``: None picks the Triton kernels on CUDA when Triton is installed. The engine model is
+    ``use_kernels``: None picks the Triton kernels on CUDA when Triton is installed; ``options``: the
+    engine's kernel choices (:class:`~quantbench.engine.options.EngineOptions`). The engine model is
     built on the first forward (it fuses the q/k/v and gate/up weights of ``model`` in place; the HF
     modules keep computing the same function)."""
 
@@ -77,12 +79,14 @@ class EngineLM(HFLM):
         max_length: int | None = None,
         fp32_logits: bool = True,
         use_kernels: bool | None = None,
+        options: EngineOptions = DEFAULT_OPTIONS,
     ) -> None:
         reason = engine_unsupported(model)
         if reason is not None:
             raise ValueError(f"the engine cannot run this model: {reason}")
         super().__init__(model, tokenizer, batch_size, prefix_reuse, max_length, fp32_logits)
         self.use_kernels = use_kernels
+        self.options = options
         config = model.config
         self.window = sliding_window(config) if is_windowed(config) else None
         self._description = engine_description(model, use_kernels)
@@ -96,7 +100,7 @@ class EngineLM(HFLM):
 
     @cached_property
     def em(self) -> EngineModel:
-        return EngineModel(self.model, self.use_kernels)
+        return EngineModel(self.model, self.use_kernels, options=self.options)
 
     def _too_long(self, longest: int) -> bool:
         return self.window is not None and longest > self.window
