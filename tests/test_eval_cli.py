@@ -152,6 +152,11 @@ def test_eval_and_ppl_commands(tiny_dir, tmp_path, capsys):
         capsys,
     )
     assert code == 0 and "college_physics" in out
+    assert "scoring: HF forward (CPU reference)" in out  # the CPU default
+    from quantbench.eval.store import ResultStore
+
+    with ResultStore(db) as store:
+        assert [r["extra"]["scoring"] for r in store.runs()] == ["HF forward (CPU reference)"] * 2
     payload = json.loads(out_json.read_text())
     assert [r["task"] for r in payload["results"]] == ["mmlu", "ceval"]
     assert all(len(r["answers"]) == 3 and r["mode"] == "generate" for r in payload["results"])
@@ -160,9 +165,10 @@ def test_eval_and_ppl_commands(tiny_dir, tmp_path, capsys):
     text.write_text("In the beginning God created the heaven and the earth. " * 8)
     ppl_json = tmp_path / "ppl.json"
     code, out, _ = _main(
-        ["ppl", str(tiny_dir), "--text", str(text), "--ctx", "32", "--json", str(ppl_json)], capsys
+        ["ppl", str(tiny_dir), "--text", str(text), "--ctx", "32", "--json", str(ppl_json), "--engine"],
+        capsys,
     )
-    assert code == 0 and "perplexity" in out
+    assert code == 0 and "perplexity" in out and "scoring: engine (pure-torch reference ops)" in out
     assert json.loads(ppl_json.read_text())["scored"] > 0
 
 

@@ -17,6 +17,12 @@ from quantbench.errors import QuantbenchError
 console = Console() if sys.stdout.isatty() else Console(width=160)
 
 
+ENGINE_HELP = (
+    "score with quantbench's engine (its Triton kernels on CUDA, reference ops on CPU) or the HF forward; "
+    "default: the engine on CUDA, the HF forward on CPU"
+)
+
+
 class TextSourceError(QuantbenchError):
     """``--text`` names neither a file nor a known corpus."""
 
@@ -62,6 +68,7 @@ def ppl(
     db: Path = typer.Option(
         Path("quantbench.db"), "--db", help="results store (--kld-reference files beside it)"
     ),
+    engine: bool = typer.Option(None, "--engine/--no-engine", help=ENGINE_HELP),
 ) -> None:
     """Sliding-window perplexity of MODEL on a text file or a packaged corpus."""
     from quantbench.eval.checks import check_method_args, check_ppl_args
@@ -80,7 +87,7 @@ def ppl(
     reference = None
     if kld_reference is not None:
         reference = _kld_reference(model, kld_reference, model_obj, tokenizer, body, ctx, stride, max_tokens,
-                                   batch_size, device, db)  # fmt: skip
+                                   batch_size, device, db, engine)  # fmt: skip
     result = perplexity(
         model_obj,
         tokenizer,
@@ -91,6 +98,7 @@ def ppl(
         max_tokens=max_tokens,
         progress=True,
         reference=reference,
+        engine=engine,
     )
     spec = model_obj.quantbench_config.spec
     console.print(
@@ -98,6 +106,7 @@ def ppl(
         f"{result.scored}/{result.tokens} tokens scored in {result.windows} windows "
         f"(ctx {result.ctx}, stride {result.stride}), {result.seconds:.1f}s"
     )
+    console.print(f"  scoring: {result.scoring}", highlight=False)
     if result.kld is not None:
         console.print("  " + result.kld_line(kld_reference), highlight=False)
     if json_out is not None:
@@ -108,7 +117,7 @@ def ppl(
 
 
 def _kld_reference(
-    model, ref_method, model_obj, tokenizer, body, ctx, stride, max_tokens, batch_size, device, db
+    model, ref_method, model_obj, tokenizer, body, ctx, stride, max_tokens, batch_size, device, db, engine
 ):
     """The stored reference pass of ``ref_method`` on these tokens and windows; computed and saved first when
     missing (one pass of the reference model), so every later quantized run is a single pass."""
@@ -134,7 +143,7 @@ def _kld_reference(
         return LogitReference.load(path)
     ref_model, _ = load_for_eval(model, ref_spec, device)
     res = perplexity(ref_model, tokenizer, ids, ctx=ctx, stride=stride, batch_size=batch_size, progress=True,
-                     record_topk=DEFAULT_TOPK)  # fmt: skip
+                     record_topk=DEFAULT_TOPK, engine=engine)  # fmt: skip
     del ref_model
     res.logits_reference.save(path)
     console.print(f"KLD reference ({ref_spec}): perplexity {res.ppl:.4f}; log-probs saved to {path}")
@@ -194,6 +203,8 @@ def _print_result(result, show_subjects: bool = True) -> None:
         f"wall {result.wall_s:.1f}s, compute {result.compute_s:.1f}s"
     )
     console.print(head)
+    if result.scoring:
+        console.print(f"  scoring: {result.scoring}", highlight=False)
     if result.reduced_shots or result.skipped:
         console.print(
             f"  [yellow]{result.reduced_shots} question(s) with fewer shots to fit the context, "
@@ -254,6 +265,7 @@ def eval_command(
         None, "--lmeval-include", help="directory of custom lm-eval task YAMLs (for lmeval:TASK)"
     ),
     gpus: int = typer.Option(1, "--gpus", help="data-parallel over N GPUs (launches torchrun itself)"),
+    engine: bool = typer.Option(None, "--engine/--no-engine", help=ENGINE_HELP),
 ) -> None:
     """Evaluate one model (or checkpoint) on MMLU / C-Eval; every answer is stored, reruns skip them.
 
@@ -341,6 +353,7 @@ def eval_command(
                 prefix_reuse=not no_prefix_reuse,
                 max_new_tokens=max_new_tokens,
                 progress=rank == 0,
+                engine=engine,
             )
             if result is None:  # not rank 0: its answers went to rank 0
                 continue
@@ -362,6 +375,7 @@ def eval_command(
                     "prefix_reuse": not no_prefix_reuse,
                     "dequant_cache": cached,
                     "ranks": world,
+                    "scoring": result.scoring,
                 },
             )
             _print_result(result)
@@ -597,10 +611,12 @@ def run(
             console.print(f"[red]{m.spec}: failed: {m.error}[/]")
             return
         accs = ", ".join(f"{r.task} {_pct(r.accuracy)}%" for r in m.results)
+        scoring = ", ".join(dict.fromkeys(r.scoring for r in m.results if r.scoring))
         console.print(
             f"[green]{m.spec}[/]: {accs}; load {m.load_s:.1f}s, quantize {m.quantize_s:.1f}s, "
             f"eval {sum(r.wall_s for r in m.results):.1f}s, weights {m.weights_gib:.3f} GiB, "
             f"peak {m.peak_mem_gib:.2f} GiB ({m.peak_mem_kind}{', with dequant cache' if m.dequant_cache else ''})"
+            + (f"; scoring: {scoring}" if scoring else "")
         )
 
     summary = run_sweep(

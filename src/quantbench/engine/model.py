@@ -9,6 +9,12 @@ It owns a static KV cache ``[layers, B, HKV, S, D]`` and two entry points:
 * ``decode(tokens, cache_len, start)``: one token per sequence at cache index ``cache_len`` (a device
   scalar), fixed shapes and no host synchronisation, so the whole step can be captured in a CUDA graph.
 
+A third entry point serves scoring (evaluation, perplexity), where sequences share prefixes and are
+right-padded: ``extend(ids, positions, past=..., index=..., scored=...)`` runs new tokens at explicit
+positions after a :class:`KVBlock` of earlier ones (row b continues past sequence ``index[b]``), returns
+the final-normed hidden states of the ``scored`` positions only and, when asked, the keys and values of
+past + new tokens (for the next step). It keeps no state of its own.
+
 ``start[b]`` is the left padding of sequence b (its RoPE positions count from there).
 """
 
@@ -21,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantbench.engine.kernels.layouts import optional_quant_class
-from quantbench.engine.ops import Ops
+from quantbench.engine.ops import Ops, extend_attention, extend_mask, rope_qkv
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 from quantbench.quant.base import QuantLinear
 
@@ -291,6 +297,20 @@ def store_tiled(
             m.mark_tiled(tiles)
 
 
+@dataclass
+class KVBlock:
+    """Keys and values (RoPE applied) of a batch of sequences, per layer ``[N, HKV, S, D]``; ``valid [N, S]``
+    (bool) marks the columns that hold real tokens."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    valid: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        return int(self.valid.shape[1])
+
+
 class EngineModel:
     def __init__(
         self,
@@ -449,3 +469,62 @@ class EngineModel:
             pending = layer.down(layer.gate_up(x, partials=part), act_silu_mul=True, partials=part)
         ops.add_rmsnorm(h, pending, self.norm_w, self.eps, x)
         return self.lm_head(x)
+
+    @torch.inference_mode()
+    def extend(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        valid: torch.Tensor | None = None,
+        past: KVBlock | None = None,
+        index: torch.Tensor | None = None,
+        scored: torch.Tensor | None = None,
+        keep_kv: bool = False,
+    ) -> tuple[torch.Tensor | None, KVBlock | None]:
+        """Run ``ids [B, T]`` (right-padded; ``valid [B, T]`` marks real tokens, default all) at RoPE
+        ``positions [B, T]`` after ``past``: row b attends to the real tokens of past sequence ``index[b]``
+        (default b) and causally to its own tokens.
+
+        Returns the final-normed hidden states ``[B, K, hidden]`` at ``scored [B, K]`` (indices into T; None:
+        no head input is computed) and, with ``keep_kv``, the :class:`KVBlock` of past + these tokens."""
+        b, t = ids.shape
+        ops = self.ops
+        self.ensure_rope(int(positions.max()) + 1)
+        past_valid = None
+        if past is not None:
+            past_valid = past.valid if index is None else past.valid[index]
+        mask = extend_mask(past_valid, t, self.n_heads // self.n_kv)
+        h = self.embed(ids).reshape(b * t, self.hidden)
+        x = torch.empty_like(h)
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        pending = None
+        for i, layer in enumerate(self.layers):
+            ops.add_rmsnorm(h, pending, layer.ln1, self.eps, x)
+            q, k, v = rope_qkv(
+                layer.qkv(x), positions, self.cos, self.sin, self.n_heads, self.n_kv, self.head_dim
+            )
+            if past is not None:
+                pk, pv = (past.k[i], past.v[i]) if index is None else (past.k[i][index], past.v[i][index])
+                k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+            elif keep_kv:  # own storage, so the fused product (queries included) is not kept alive
+                k, v = k.contiguous(), v.contiguous()
+            attn = extend_attention(q, k, v, mask, self.sm_scale)
+            if keep_kv:
+                keys.append(k)
+                values.append(v)
+            o = layer.o(attn.transpose(1, 2).reshape(b * t, self.n_heads * self.head_dim))
+            ops.add_rmsnorm(h, o, layer.ln2, self.eps, x)
+            pending = layer.down(layer.gate_up(x), act_silu_mul=True)
+        kv = None
+        if keep_kv:
+            own = torch.ones((b, t), dtype=torch.bool, device=self.device) if valid is None else valid.bool()
+            kv = KVBlock(keys, values, own if past_valid is None else torch.cat([past_valid, own], dim=1))
+        if scored is None:
+            return None, kv
+        rows = (torch.arange(b, device=self.device)[:, None] * t + scored.to(self.device)).reshape(-1)
+        last_h, last_p = h[rows], pending[rows]
+        out = torch.empty_like(last_h)
+        ops.add_rmsnorm(last_h, last_p, self.norm_w, self.eps, out)
+        return out.view(b, scored.shape[1], self.hidden), kv

@@ -114,6 +114,54 @@ def prefill_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], scale=sm_scale)
 
 
+def rope_qkv(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split the fused product ``qkv [B*T, (H + 2 HKV) D]`` into ``q [B, H, T, D]``, ``k``, ``v [B, HKV, T, D]``
+    with RoPE applied to q and k at the explicit ``positions [B, T]``."""
+    b, t = positions.shape
+    x = qkv.view(b, t, n_heads + 2 * n_kv, head_dim)
+    c, s = cos[positions][:, :, None, :], sin[positions][:, :, None, :]
+    q = _rope(x[:, :, :n_heads], c, s).transpose(1, 2)
+    k = _rope(x[:, :, n_heads : n_heads + n_kv], c, s).transpose(1, 2)
+    return q, k, x[:, :, n_heads + n_kv :].transpose(1, 2)
+
+
+def extend_mask(past_valid: torch.Tensor | None, t: int, group: int) -> torch.Tensor | None:
+    """The attention mask of ``t`` new tokens after a past whose real keys ``past_valid [B, P]`` marks
+    (None: no past, plain causal attention): ``[B, 1, group * t, P + t]`` for :func:`extend_attention`, the
+    rows of one KV head's ``group`` query heads stacked. Rows are right-padded, so a real query never sees
+    a pad of its own row, and a pad query sees at least itself."""
+    if past_valid is None:
+        return None
+    b, p = past_valid.shape
+    idx = torch.arange(t, device=past_valid.device)
+    own = (idx[None, :] <= idx[:, None])[None].expand(b, t, t)
+    keep = torch.cat([past_valid[:, None, :].expand(b, t, p), own], dim=-1)  # [B, T, P + T]
+    return keep[:, None].expand(b, group, t, p + t).reshape(b, 1, group * t, p + t)
+
+
+def extend_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, sm_scale: float
+) -> torch.Tensor:
+    """SDPA of ``T`` new tokens ``q [B, H, T, D]`` over ``k/v [B, HKV, P + T, D]`` (their past's keys, then
+    their own) under :func:`extend_mask`'s ``mask`` (None: no past, causal). The query heads that share a KV
+    head are stacked along the query axis (``[B, HKV, G * T, D]``), so the mask is repeated instead of the
+    keys and values."""
+    b, h, t, d = q.shape
+    n_kv = k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale, enable_gqa=h > n_kv)
+    q = q.reshape(b, n_kv, (h // n_kv) * t, d)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sm_scale).view(b, h, t, d)
+
+
 class Ops:
     """The op table the engine calls: Triton kernels (launched as ``options`` say) when ``use_triton``, else
     the references."""

@@ -130,7 +130,9 @@ def evaluate_data_parallel(
         todo = [q for q in protocol.questions(task, subject, split)[:limit] if q.index not in done]
         shards[subject] = todo[rank::world]  # strided: every rank gets a share of every subject
     with ResultStore(":memory:") as scratch:
-        evaluate(model, tokenizer, _ShardedTask(task, split, shards), store=scratch, limit=None, **common)
+        own = evaluate(
+            model, tokenizer, _ShardedTask(task, split, shards), store=scratch, limit=None, **common
+        )
         mine = [r for s, qs in shards.items() if qs for r in scratch.results(key, s, [q.index for q in qs])]
     gathered: list[list[Any]] = [[] for _ in range(world)]
     dist.all_gather_object(gathered, mine)
@@ -142,7 +144,11 @@ def evaluate_data_parallel(
         )  # all stored: just summarizes
         new = sum(len(p) for p in gathered)
         result = dataclasses.replace(
-            result, wall_s=time.perf_counter() - start, evaluated=new, reused=result.reused - new
+            result,
+            wall_s=time.perf_counter() - start,
+            evaluated=new,
+            reused=result.reused - new,
+            scoring=own.scoring,
         )
     dist.barrier()
     return result

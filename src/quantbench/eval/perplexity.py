@@ -72,6 +72,7 @@ class PerplexityResult:
     seconds: float
     kld: KLDStats | None = None  # with ``reference=``: the statistics against it
     logits_reference: LogitReference | None = field(default=None, repr=False)  # with ``record_topk=``
+    scoring: str = ""  # which forward ran the windows (engine / HF forward)
 
     @property
     def tokens_per_second(self) -> float:
@@ -343,6 +344,7 @@ def perplexity(
     record_topk: int = 0,
     reference: LogitReference | None = None,
     tail_samples: int = 0,
+    engine: bool | None = None,
 ) -> PerplexityResult:
     """Sliding-window perplexity of ``model`` on ``text`` (a string, or token ids already encoded).
 
@@ -351,8 +353,12 @@ def perplexity(
     the text; ``batch_size``: windows of equal shape per forward. ``record_topk=k``: also keep this pass's
     top-k log-probabilities and ``tail_samples`` (default ``TAIL_SAMPLES``) tail samples as a
     :class:`LogitReference` (``result.logits_reference``); ``reference``: compare with a stored reference
-    pass of the same text and windows (``result.kld``).
+    pass of the same text and windows (``result.kld``). ``engine``: which forward runs the windows, as in
+    :func:`quantbench.eval.engine_lm.scoring_lm` (None: quantbench's engine on CUDA, the HF forward on CPU);
+    ``result.scoring`` says which ran.
     """
+    from quantbench.eval.engine_lm import WindowLogits
+
     stride = ctx // 2 if stride is None else stride
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_pos and ctx > max_pos:
@@ -362,6 +368,7 @@ def perplexity(
         raise PerplexityError(f"the text has {ids.numel()} token(s); need at least 2")
     windows = sliding_windows(ids.numel(), ctx, stride)
     device = next(model.parameters()).device
+    forward = WindowLogits(model, engine)
     if reference is not None:
         scored_targets = torch.cat([ids[f:e] for _, e, f in windows]).numpy()
         if (reference.ctx, reference.stride) != (ctx, stride) or not np.array_equal(
@@ -394,7 +401,7 @@ def perplexity(
             batch = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
             targets = torch.stack([ids[f:e] for _, e, f in group]).to(device)
             # logits at positions first-1 .. end-2 predict tokens first .. end-1.
-            logits = _forward_last_logits(model, batch, n_keep + 1)[:, :-1]
+            logits = forward(batch, n_keep + 1)[:, :-1]
             logprobs = F.log_softmax(logits.float(), dim=-1)
             token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             nll_sum -= token_lp.double().sum().item()
@@ -444,6 +451,7 @@ def perplexity(
         seconds=seconds,
         kld=kld,
         logits_reference=logits_reference,
+        scoring=forward.scoring,
     )
 
 
@@ -451,13 +459,3 @@ def _as_tensor(x: np.ndarray, device: torch.device) -> torch.Tensor:
     """A stored array on ``device``; token ids as int64 (what gather wants)."""
     t = torch.from_numpy(np.ascontiguousarray(x)).to(device)
     return t.long() if not t.is_floating_point() else t
-
-
-def _forward_last_logits(model: nn.Module, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
-    """Logits of the last ``keep`` positions (``logits_to_keep`` where the model supports it)."""
-    try:
-        out = model(input_ids=input_ids, use_cache=False, logits_to_keep=keep)
-    except TypeError:  # a model without logits_to_keep
-        out = model(input_ids=input_ids, use_cache=False)
-    logits = out.logits
-    return logits[:, -keep:]

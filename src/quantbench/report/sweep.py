@@ -842,7 +842,7 @@ def _run_model_unit(ctx: _SpecContext, u: Unit, loaded, method_run, peak_bytes) 
             peak_mem_gib=peak / 2**30,
             peak_mem_kind=kind,
             device=device,
-            extra=extra,
+            extra={**extra, "scoring": result.scoring},
         )
         brief = {
             "accuracy": result.accuracy,
@@ -853,7 +853,7 @@ def _run_model_unit(ctx: _SpecContext, u: Unit, loaded, method_run, peak_bytes) 
         ctx.log(
             f"{head} {u.stage}: Avg {100 * result.accuracy:.1f}% over {result.questions} questions "
             f"({result.evaluated} evaluated, {result.reused} from the store) in "
-            f"{time.perf_counter() - t0:.1f}s"
+            f"{time.perf_counter() - t0:.1f}s; scoring: {result.scoring}"
         )
     else:
         res = _ppl_stage(cfg, loaded.model, loaded.tokenizer, ctx.progress)
@@ -876,7 +876,9 @@ def _run_model_unit(ctx: _SpecContext, u: Unit, loaded, method_run, peak_bytes) 
             extra={**extra, **res.to_dict()},
         )
         brief = {"ppl": res.ppl, "tokens": res.tokens}
-        ctx.log(f"{head} ppl: {res.ppl:.3f} over {res.scored} tokens in {res.seconds:.1f}s")
+        ctx.log(
+            f"{head} ppl: {res.ppl:.3f} over {res.scored} tokens in {res.seconds:.1f}s; scoring: {res.scoring}"
+        )
     ctx.table.set(cfg, ctx.fingerprint, u, "done", result=brief)
 
 
