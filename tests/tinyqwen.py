@@ -4,7 +4,6 @@ serve / sweep / report tests)."""
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 
 import torch
