@@ -237,57 +237,84 @@ def _cuda_model(spec: str | None):
     return model
 
 
+def _float_twin(model):
+    """The same weights (quantized ones dequantized) in float32: the exact-math reference both 16-bit
+    forwards are measured against."""
+    import copy
+
+    from torch import nn
+
+    from quantbench.quant.base import QuantLinear
+
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, QuantLinear):
+            weight = module.dequantize().float()
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense = dense.to(weight.device)
+            with torch.no_grad():
+                dense.weight.copy_(weight)
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias.float())
+            parent, _, leaf = name.rpartition(".")
+            setattr(twin.get_submodule(parent) if parent else twin, leaf, dense)
+    return twin.float()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("spec", [None, "int4:group=128", "nf4:block=64"])
 def test_engine_scores_like_hf_forward_cuda(spec, tokenizer):
-    """bf16 and int4 / NF4 models on the GPU: the Triton-kernel engine against the HF forward (the same
-    tolerance rule as the bf16 CPU test: log-probs within M·2^-7, predictions equal where HF's margin is
-    clear), also across batch sizes."""
+    """bf16 and int4 / NF4 models on the GPU, across batch sizes: the Triton-kernel engine is no further
+    from the float32 forward of the same weights than HF's own bf16 forward is (twice its error), and
+    predicts the same where the float32 margin exceeds both errors."""
     model = _cuda_model(spec)
     prefixes, rows, which = _requests()
     hf = HFLM(model, tokenizer)
     want = hf.choice_logprobs(hf.prefix_state(prefixes), rows, CHOICES, which=which).float()
-    tol = float(want.abs().max()) * 2**-7
+    exact = HFLM(_float_twin(model), tokenizer)
+    ref = exact.choice_logprobs(exact.prefix_state(prefixes), rows, CHOICES, which=which).float()
+    hf_err = float((want - ref).abs().max())
     lm = scoring_lm(model, tokenizer)
     assert isinstance(lm, EngineLM) and lm.scoring == "engine (Triton kernels)"
     clear = 0
-    top2 = want.topk(2, dim=-1).values
+    top2 = ref.topk(2, dim=-1).values
     for order, batch in ((list(range(6)), 6), ([3, 1, 5, 0, 4, 2], 4), ([5, 4, 3, 2, 1, 0], 1)):
         got = _batched(lm, prefixes, rows, which, order, batch, CHOICES)
-        assert float((got - want).abs().max()) <= tol, (order, batch)
+        err = float((got - ref).abs().max())
+        assert err <= 2 * hf_err + 1e-3, (order, batch, err, hf_err)
         for i in range(len(rows)):
-            if top2[i, 0] - top2[i, 1] > 2 * tol:
+            if top2[i, 0] - top2[i, 1] > 2 * (err + hf_err):
                 clear += 1
-                assert int(got[i].argmax()) == int(want[i].argmax())
+                assert int(got[i].argmax()) == int(ref[i].argmax()) == int(want[i].argmax())
     assert clear >= 3
-    # greedy tokens: where HF's next-token margin is clear, the same token
-    state = hf.prefix_state(prefixes)
-    with torch.inference_mode():
-        logits, *_ = hf._forward(state, rows, keep=1, which=which)
-    top = logits[:, -1].float().topk(2, dim=-1).values
-    mine = lm.next_tokens(lm.prefix_state(prefixes), rows, which=which)
-    theirs = hf.next_tokens(state, rows, which=which)
-    for i in range(len(rows)):
-        if top[i, 0] - top[i, 1] > 2 * float(top[:, 0].abs().max()) * 2**-7:
-            assert mine[i] == theirs[i]
 
 
 @pytest.mark.cuda
 def test_mmlu_engine_and_hf_forward_agree_cuda(tokenizer):
-    """A whole few-shot MMLU slice through the harness on the GPU, engine vs HF forward (bf16)."""
+    """A whole few-shot MMLU slice through the harness on the GPU (bf16): the engine is no further from the
+    float32 forward than HF's bf16 forward is (twice its error), and answers alike where the float32
+    margin exceeds both errors."""
     model = _cuda_model(None)
     common = {"subjects": ["management", "marketing", "astronomy"], "limit": 4, "batch_size": 8}
     want = evaluate(model, tokenizer, "mmlu", engine=False, **common)
     got = evaluate(model, tokenizer, "mmlu", **common)
+    ref = evaluate(_float_twin(model), tokenizer, "mmlu", engine=False, **common)
     assert got.scoring == "engine (Triton kernels)" and want.scoring == "HF forward (engine off)"
+
+    def err(res) -> float:
+        return max(
+            abs(x - y) for a, b in zip(res.answers, ref.answers, strict=True)
+            for x, y in zip(a.logprobs, b.logprobs, strict=True)
+        )  # fmt: skip
+
+    hf_err, engine_err = err(want), err(got)
+    assert engine_err <= 2 * hf_err + 1e-3, (engine_err, hf_err)
     compared = 0
-    for a, b in zip(got.answers, want.answers, strict=True):
-        lp = sorted(b.logprobs, reverse=True)
-        tol = max(abs(x) for x in b.logprobs) * 2**-7
-        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) <= tol
-        if lp[0] - lp[1] > 2 * tol:
+    for a, b, r in zip(got.answers, want.answers, ref.answers, strict=True):
+        lp = sorted(r.logprobs, reverse=True)
+        if lp[0] - lp[1] > 2 * (hf_err + engine_err):
             compared += 1
-            assert a.pred == b.pred
+            assert a.pred == b.pred == r.pred
     assert compared >= 3
 
 

@@ -303,10 +303,10 @@ def _dequantize_qkx(data: torch.Tensor, type_size: int, five_bit: bool) -> torch
     dmin = _fp16_at(blocks, 2)
     sc, mn = _unpack_scales_k4(blocks[:, 4:16])
     qs = blocks[:, -128:].to(torch.int32).reshape(-1, 4, 1, 32)
-    q = ((qs >> torch.tensor([0, 4]).reshape(1, 1, 2, 1)) & 0xF).reshape(-1, 8, 32)
+    q = ((qs >> torch.tensor([0, 4], device=qs.device).reshape(1, 1, 2, 1)) & 0xF).reshape(-1, 8, 32)
     if five_bit:
         qh = blocks[:, 16:48].to(torch.int32).reshape(-1, 1, 32)
-        q = q | (((qh >> torch.arange(8).reshape(1, 8, 1)) & 1) << 4)
+        q = q | (((qh >> torch.arange(8, device=qh.device).reshape(1, 8, 1)) & 1) << 4)
     scale = (d[:, None] * sc)[:, :, None]
     offset = (dmin[:, None] * mn)[:, :, None]
     return (scale * q.float() - offset).reshape(rows, -1)
@@ -330,8 +330,8 @@ def dequantize_q6_k(data: torch.Tensor) -> torch.Tensor:
     qh = blocks[:, 128:192].to(torch.int32).reshape(-1, 2, 1, 32)
     scales = blocks[:, 192:208].contiguous().view(torch.int8).float()
     d = _fp16_at(blocks, 208)
-    low = ((ql >> torch.tensor([0, 4]).reshape(1, 1, 2, 1)) & 0xF).reshape(-1, 2, 4, 32)
-    high = ((qh >> torch.tensor([0, 2, 4, 6]).reshape(1, 1, 4, 1)) & 3).reshape(-1, 2, 4, 32)
+    low = ((ql >> torch.tensor([0, 4], device=ql.device).reshape(1, 1, 2, 1)) & 0xF).reshape(-1, 2, 4, 32)
+    high = ((qh >> torch.tensor([0, 2, 4, 6], device=qh.device).reshape(1, 1, 4, 1)) & 3).reshape(-1, 2, 4, 32)
     q = ((low | (high << 4)) - 32).reshape(-1, 16, 16).float()
     return ((d[:, None] * scales)[:, :, None] * q).reshape(rows, -1)
 
