@@ -89,8 +89,7 @@ class Scheduler:
         self.running: dict[int, Request] = {}
         self._free: list[int] = list(range(max_running))  # a heap: the lowest free slot first
         self._waiting: deque[Request] = deque()
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
+        self._lock = threading.Lock()  # the waiting queue and the free slots
         self._pending_first: list[tuple[list[Request], torch.Tensor]] = []  # first tokens not read yet
         self._window: tuple[list[Request | None], int, int] | None = None  # (rows, rows count, steps)
         self.stats = {"admitted": 0, "prefills": 0, "steps": 0, "tokens": 0}
@@ -113,9 +112,8 @@ class Scheduler:
     def submit(self, req: Request) -> None:
         self.check(req)
         req.submitted_s = time.perf_counter()
-        with self._wake:
+        with self._lock:
             self._waiting.append(req)
-            self._wake.notify_all()
 
     def steps_left(self) -> int:
         """Decode steps the running requests may still need (as far as the host knows without reading)."""
@@ -124,17 +122,6 @@ class Scheduler:
     @property
     def busy(self) -> bool:
         return bool(self.running or self._waiting)
-
-    def wait_for_work(self, timeout: float) -> bool:
-        """Block until a request is waiting or running (or ``timeout`` seconds pass)."""
-        with self._wake:
-            if not self.busy:
-                self._wake.wait(timeout)
-            return self.busy
-
-    def notify(self) -> None:
-        with self._wake:
-            self._wake.notify_all()
 
     # -- the loop ------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -162,13 +149,13 @@ class Scheduler:
         """Cancelled requests leave; waiting ones take free slots and are prefilled. Returns how many."""
         self._drop_cancelled()
         group: list[Request] = []
+        gone: list[Request] = []
         with self._lock:
             width = 0
             while self._waiting and len(group) < len(self._free):
                 req = self._waiting[0]
                 if req.cancelled or (req.is_cancelled is not None and req.is_cancelled()):
-                    self._waiting.popleft()
-                    self._finish(req, "cancelled")
+                    gone.append(self._waiting.popleft())
                     continue
                 wider = max(width, len(req.prompt))
                 if group and self.prefill_tokens and wider * (len(group) + 1) > self.prefill_tokens:
@@ -176,6 +163,8 @@ class Scheduler:
                 group.append(self._waiting.popleft())
                 width = wider
             slots = [heapq.heappop(self._free) for _ in group]
+        for req in gone:
+            self._finish(req, "cancelled")
         if not group:
             return 0
         try:

@@ -223,11 +223,9 @@ class Worker:
             self.pending += 1
             self.stats["requests"] += 1
         self._inbox.put(job)
-        self.generator.scheduler.notify()
 
     def close(self, timeout: float = 10.0) -> None:
         self._inbox.put(None)
-        self.generator.scheduler.notify()
         self._thread.join(timeout)
 
     def _loop(self) -> None:
