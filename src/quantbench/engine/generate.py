@@ -105,7 +105,7 @@ class Engine:
             return HFSlots(self.model, batch, total), f"HF forward fallback ({reason})"
         columns = -(-total // CACHE_ROUND) * CACHE_ROUND
         slots = self._slots
-        if slots is None or (slots.capacity, slots.columns) != (batch, columns) or slots.em.k_cache is None:
+        if slots is None or (slots.capacity, slots.columns) != (batch, columns) or not slots.valid:
             self._slots = None
             slots = self._slots = EngineSlots(
                 em,

@@ -206,6 +206,12 @@ class EngineSlots(Slots):
         self.running = [False] * capacity
         self._step_graphs: dict[tuple, _StepGraph] = {}
         self._prefill: dict[tuple, _PrefillGraph] = {}
+        self.cache_ptr = em.k_cache.data_ptr()
+
+    @property
+    def valid(self) -> bool:
+        """Whether the model's cache is still the one these slots filled (nothing reallocated it)."""
+        return self.em.k_cache is not None and self.em.k_cache.data_ptr() == self.cache_ptr
 
     def describe(self) -> str:
         kind = "Triton kernels" if self.em.use_kernels else "pure-torch reference ops"
@@ -238,6 +244,7 @@ class EngineSlots(Slots):
             self.running += [False] * extra
             self._grow_buffers(capacity)
         self.columns = width
+        self.cache_ptr = self.em.k_cache.data_ptr()
         self._step_graphs.clear()  # they hold the old buffers' addresses
         self._prefill.clear()
 
