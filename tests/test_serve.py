@@ -90,6 +90,28 @@ def test_detokenizer_streams_stable_text_and_cuts_at_stop(tokenizer):
     assert out == "héllo wörld — ünïcode ✓ and then "
 
 
+@pytest.mark.parametrize("model_name", ["qwen2.5-coder-0.5b", "gemma3-270m"])
+def test_incremental_detokenizer_gives_the_full_decode(model_name):
+    """Byte-level BPE (Qwen) and SentencePiece with byte fallback (Gemma): the pieces, each decoded from a
+    few tokens, join into the decode of the whole sequence, for text and for random token ids."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from quantbench.models import resolve_model_dir
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_model_dir(model_name)), local_files_only=True)
+    texts = ["  leading spaces\n\ttabs, 中文字符 and emoji 🎉🎉 ok", "def f(x):\n    return x  # ✓ — ü"]
+    rng = random.Random(0)
+    cases = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    cases += [[rng.randrange(len(tok)) for _ in range(60)] for _ in range(20)]
+    for ids in cases:
+        detok = Detokenizer(tok)
+        pieces = [detok.push(i) for i in ids] + [detok.flush()]
+        full = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).rstrip("\ufffd")
+        assert "".join(pieces) == detok.text == full
+
+
 def test_batched_greedy_equals_single_and_seeded_sampling_is_batch_independent(generator):
     prompts = ["def fib(n):", "The capital of France is", "1, 2, 3,"]
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)

@@ -88,7 +88,11 @@ class Detokenizer:
     """Incremental detokenization with stop strings.
 
     ``push(token)`` returns the new text that is safe to show: decoding never ends in an incomplete UTF-8
-    character (U+FFFD), and text that is a prefix of a stop string is held back until it is decided.
+    character (U+FFFD), and text that is a prefix of a stop string is held back until it is decided. Each
+    push decodes a few tokens, not the whole sequence: the text of ``ids[prefix:]`` minus that of
+    ``ids[prefix:read]``, where ``read`` is where the text was last complete and ``prefix`` the read point
+    before it (decoding from one token earlier keeps what a tokenizer does to a window's first token, such
+    as dropping its leading space, out of the new text).
     """
 
     def __init__(self, tokenizer: Any, stop: Seq[str] = (), lock: threading.Lock | None = None) -> None:
@@ -96,24 +100,33 @@ class Detokenizer:
         self.lock = lock or contextlib.nullcontext()
         self.stop = tuple(stop)
         self.ids: list[int] = []
-        self.text = ""  # everything decoded so far (cut at a stop string)
+        self.decoded = ""  # the text of ids[:read]
+        self.text = ""  # what is shown in the end (cut at a stop string)
         self.emitted = 0  # characters of self.text already returned
         self.stopped = False
+        self._prefix = 0
+        self._read = 0
 
-    def _decode(self) -> str:
+    def _decode(self, ids: list[int]) -> str:
         with self.lock:
-            return self.tokenizer.decode(
-                self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-            )
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _new_text(self) -> str:
+        """The text the tokens after ``read`` add (it may end in U+FFFD: an incomplete character)."""
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        return after[len(before) :]
 
     def push(self, token_id: int) -> str:
         if self.stopped:
             return ""
         self.ids.append(int(token_id))
-        text = self._decode()
-        if text.endswith("\ufffd"):
+        new = self._new_text()
+        if new.endswith("\ufffd"):
             return ""  # a multi-byte character is not complete yet
-        self.text = text
+        self.decoded += new
+        self._prefix, self._read = self._read, len(self.ids)
+        text = self.text = self.decoded
         if self.stop:
             # The earliest stop string that appears in the new region ends the text.
             search_from = max(0, self.emitted - max(len(s) for s in self.stop))
@@ -127,9 +140,10 @@ class Detokenizer:
 
     def flush(self) -> str:
         """The rest of the text at the end of generation."""
-        if not self.stopped and self.ids:
-            text = self._decode()
-            self.text = text.rstrip("\ufffd") if text.endswith("\ufffd") else text
+        if not self.stopped and self._read < len(self.ids):
+            self.decoded += self._new_text().rstrip("\ufffd")
+            self._prefix = self._read = len(self.ids)
+            self.text = self.decoded
         return self._take(len(self.text))
 
     def _held_back(self, text: str) -> int:
