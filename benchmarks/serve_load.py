@@ -12,6 +12,7 @@ Target: aggregate tokens/s at 64 streams >= 10x one stream (a decode step reads 
 whole batch).
 
     python benchmarks/serve_load.py --streams 1,2 --max-tokens 8 --prompt-tokens 16       # CPU smoke, tiny model
+    python benchmarks/serve_load.py --streams 1,2 --max-tokens 8 --prompt-tokens 16 --backend engine
     python benchmarks/serve_load.py --model random:qwen2.5-7b --device cuda --streams 1,8,32,64 \\
         --max-tokens 256 --json serve-7b.json                                  # Qwen2.5-7B shapes, random bf16
     python benchmarks/serve_load.py --model random:qwen2.5-7b --method int4:group=128 --device cuda ...
@@ -50,7 +51,7 @@ def build_generator(args, max_batch: int):
         model = tiny_qwen(spread=0.5)
         if args.device:
             model = model.to(args.device)
-        return Generator(model, real_tokenizer(), max_batch=max_batch)
+        return Generator(model, real_tokenizer(), backend=args.backend, max_batch=max_batch)
     model, tokenizer = load_for_serving(args.model, args.method, args.device)
     if tokenizer is None or args.tokenizer:
         from transformers import AutoTokenizer
@@ -60,7 +61,7 @@ def build_generator(args, max_batch: int):
 
         where = args.tokenizer or str(resolve_model_dir(quantbench.DEFAULT_MODEL))
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
-    return Generator(model, tokenizer, max_batch=max_batch)
+    return Generator(model, tokenizer, backend=args.backend, max_batch=max_batch)
 
 
 def start_server(app):
@@ -274,6 +275,7 @@ def main() -> None:
     parser.add_argument("--method", default=None, help="quantize on the fly with this spec")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (random:ARCH models)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--backend", default="auto", help="auto (the engine on CUDA), hf or engine")
     parser.add_argument("--streams", default=None, help="concurrent streams per level, e.g. 1,8,32,64")
     parser.add_argument("--rounds", type=int, default=2, help="requests per stream per level (streams mode)")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (streams mode)")
