@@ -313,24 +313,17 @@ def test_continuous_batching_with_cuda_graphs_matches_eager_cuda() -> None:
 
 @pytest.mark.cuda
 def test_continuous_batching_cuda_matches_a_lone_request_cuda() -> None:
-    """float32 (rows computed alike whatever the batch): each request of the schedule, run on CUDA graphs
-    beside the others, gives the tokens it gives alone and HF ``generate``'s."""
-    torch.manual_seed(0)
-    model = quantbench.random_model(
-        "qwen2.5-0.5b", dtype="fp32", device="cuda", num_key_value_heads=2, **SMALL
-    )
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)
-    model.generation_config.eos_token_id = None
+    """float32 (per-row kernels; the attention split count does not change with the batch at these
+    lengths): each request of the schedule, run on CUDA graphs beside the others, gives the tokens it
+    gives alone. (HF ``generate`` is the reference on CPU above: on CUDA the engine's attention multiplies
+    in TF32.)"""
+    model = _model("qwen2.5-0.5b").to("cuda")
     prompts = _prompts(6, seed=14)
     engine = Engine(model)
     assert engine.cuda_graphs
-    together, _ = _run_schedule(engine.serving_slots(512), prompts, SCHEDULE)
+    slots = engine.serving_slots(512)
+    together, _ = _run_schedule(slots, prompts, SCHEDULE)
+    assert slots.graphs.error is None and slots._step_graphs, slots.describe()
     for (p, n, _), req in zip(SCHEDULE, together, strict=True):
         alone, _ = _run_schedule(engine.serving_slots(512), prompts, [(p, n, 0)])
         assert req.tokens == alone[0].tokens
-        ids = torch.tensor([prompts[p]], device="cuda")
-        out = model.generate(
-            input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
-        )
-        assert req.tokens == out[0, len(prompts[p]) :].tolist()
