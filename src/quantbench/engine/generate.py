@@ -116,7 +116,7 @@ class Engine:
                 batch_buckets=(batch,),
                 length_buckets=False,
                 prefill_graphs=True,
-                )
+            )
         return slots, ""
 
     # ------------------------------------------------------------------------------------------
