@@ -151,7 +151,6 @@ def test_sampling_follows_the_truncated_distribution(top_p: float, top_k: int) -
         torch.full((n,), top_p),
         torch.full((n,), 12345),
         torch.arange(n),
-        width=top_k or None,
     )
     counts = torch.bincount(tokens, minlength=vocab)
     assert (counts.double() / n - expected).abs().max() < 0.018
@@ -180,6 +179,36 @@ def test_one_batch_mixes_sampling_parameters() -> None:
         alone = sample_tokens(logits[4:5], temperature[4:5], top_k[4:5], top_p[4:5], keys[4:5], counters[4:5])
         assert int(alone) == int(tokens[4])
     assert len({int(t[4]) for t in draws}) > 3  # temperature 1.3 over 300 tokens: the row does vary
+
+
+def test_tied_scores_are_kept_or_cut_together_whatever_the_batch() -> None:
+    """bf16 logits tie often: a top-k or top-p boundary inside a group of equal scores keeps the whole
+    group, so a row draws the same tokens whichever rows (and so whichever sorts) share its batch."""
+    logits = torch.tensor([4.0, 3.0, 2.0, 2.0, 2.0, 1.0, 0.5, 0.0]).repeat(3, 1)
+    temperature = torch.ones(3)
+    keys = torch.tensor([9, 9, 9])
+    cases = [
+        (torch.tensor([3, 0, 8]), torch.tensor([1.0, 1.0, 0.5])),  # next to a top-p row and an open row
+        (torch.tensor([3, 3, 3]), torch.tensor([1.0, 1.0, 1.0])),  # next to top-k rows only
+    ]
+    seen, draws = set(), []
+    for top_k, top_p in cases:
+        tokens = [
+            sample_tokens(logits, temperature, top_k, top_p, keys, torch.full((3,), c)) for c in range(400)
+        ]
+        draws.append([int(t[0]) for t in tokens])
+        seen |= set(draws[-1])
+    assert draws[0] == draws[1]
+    assert seen == {0, 1, 2, 3, 4}  # top-3 by score, and the two tokens tied with the third
+    probs = torch.softmax(logits[0].double(), -1)
+    above = float(probs[:2].sum())  # the mass better than the tied group: 0.731
+    for top_p, allowed in ((above + 0.02, {0, 1, 2, 3, 4}), (above - 0.02, {0, 1})):
+        drawn = {
+            int(sample_tokens(logits[:1], temperature[:1], torch.zeros(1, dtype=torch.long),
+                              torch.tensor([top_p]), keys[:1], torch.tensor([c]))[0])
+            for c in range(300)
+        }  # fmt: skip
+        assert drawn == allowed, top_p
 
 
 @pytest.mark.parametrize("kind", ["engine", "hf"])

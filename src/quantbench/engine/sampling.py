@@ -80,28 +80,38 @@ def sample_tokens(
     top_p: torch.Tensor,
     keys: torch.Tensor,
     counters: torch.Tensor,
-    width: int | None = None,
+    max_top_k: int | None = None,
+    nucleus: bool | None = None,
 ) -> torch.Tensor:
     """Next tokens ``[B]`` for ``logits [B, V]`` with per-row parameters (tensors of ``B`` values).
 
-    ``width``: how many of the top tokens can be drawn at most (the largest top-k of the sampled rows);
-    None or ``V`` for rows that may draw any token (then the vocabulary is sorted once per row for top-p)."""
+    Top-k keeps the tokens scoring at least the k-th best score, top-p the tokens whose better-scoring
+    tokens hold less than ``top_p`` of the (top-k) probability mass (so the token crossing ``top_p`` stays);
+    tokens of equal score are kept or dropped together, so a row's draw never depends on how a sort orders
+    ties, nor on the other rows. ``max_top_k`` (the largest ``top_k``) and ``nucleus`` (whether a row has
+    ``top_p < 1``) spare a host synchronisation when the caller knows them."""
     greedy_pick = logits.argmax(dim=-1)
     vocab = logits.shape[-1]
-    width = vocab if width is None else max(1, min(width, vocab))
     scores = logits.float() / temperature.clamp_min(1e-5)[:, None]
-    ranked, ids = torch.topk(scores, width, dim=-1)  # descending
-    position = torch.arange(width, device=logits.device)[None, :]
-    cut_k = (top_k > 0)[:, None] & (position >= top_k[:, None])
-    ranked = ranked.masked_fill(cut_k, float("-inf"))
-    probs = torch.softmax(ranked, dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # mass of the better tokens: the token crossing top_p stays
-    cut_p = (top_p < 1.0)[:, None] & (before > top_p[:, None])
-    ranked = ranked.masked_fill(cut_p, float("-inf"))
-    u = uniform_noise(keys, counters, ids)
-    gumbel = -torch.log(-torch.log(u))
-    choice = (ranked.double() + gumbel).argmax(dim=-1, keepdim=True)
-    sampled = ids.gather(-1, choice).squeeze(-1)
+    if max_top_k is None:
+        max_top_k = int(top_k.max())
+    if max_top_k > 0:
+        ranked = torch.topk(scores, min(max_top_k, vocab), dim=-1).values
+        kth = ranked.gather(1, (top_k.clamp(1, ranked.shape[1]) - 1)[:, None])
+        scores = scores.masked_fill((top_k > 0)[:, None] & (scores < kth), float("-inf"))
+    if nucleus is None:
+        nucleus = bool((top_p < 1.0).any())
+    if nucleus:
+        ranked = torch.sort(scores, dim=-1, descending=True).values
+        probs = torch.softmax(ranked, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # the mass ranked above each token
+        keep = before <= top_p[:, None]
+        # the lowest score kept: a cut inside a group of equal scores keeps the whole group
+        floor = ranked.gather(1, keep.sum(dim=1, keepdim=True) - 1)
+        scores = scores.masked_fill((top_p < 1.0)[:, None] & (scores < floor), float("-inf"))
+    ids = torch.arange(vocab, device=logits.device).expand(logits.shape[0], vocab)
+    gumbel = -torch.log(-torch.log(uniform_noise(keys, counters, ids)))
+    sampled = (scores.double() + gumbel).argmax(dim=-1)
     return torch.where(temperature == 0, greedy_pick, sampled)
 
 
@@ -169,7 +179,6 @@ class SlotSampler:
             index = torch.tensor(rows, dtype=torch.long, device=self.device)
             chosen = [self.params[r] for r in rows]
         sampled = [p for p in chosen if p is not None and not p.greedy]
-        width = None if any(p.top_k == 0 for p in sampled) else max(p.top_k for p in sampled)
         tokens = sample_tokens(
             logits,
             self.temperature[index],
@@ -177,7 +186,8 @@ class SlotSampler:
             self.top_p[index],
             self.keys[index],
             self.counters[index],
-            width,
+            max_top_k=max(p.top_k for p in sampled),
+            nucleus=any(p.top_p < 1.0 for p in sampled),
         )
         self.counters[index] += 1
         return tokens
