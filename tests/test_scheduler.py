@@ -92,6 +92,24 @@ def test_tokens_do_not_depend_on_who_shares_the_batch(arch: str, kind: str) -> N
         assert req.tokens == _hf_greedy(model, prompts[p], n)
 
 
+def test_hf_slots_keep_sliding_window_cohorts_apart() -> None:
+    """A sliding-window model (its cache layers are not merged): requests admitted at different steps run
+    as separate forwards of the same step and still give HF ``generate``'s tokens, past the window too."""
+    torch.manual_seed(2)
+    model = quantbench.random_model(
+        "mistral-7b", dtype="fp32", num_key_value_heads=2, head_dim=32, sliding_window=6, **SMALL
+    )
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    model.generation_config.eos_token_id = None
+    assert Engine(model).serving_slots(512).name == "hf"  # the engine does not run past a window
+    prompts = _prompts(6, seed=3)
+    slots = HFSlots(model, 1, 1)
+    requests, _ = _run_schedule(slots, prompts, SCHEDULE)
+    for (p, n, _), req in zip(SCHEDULE, requests, strict=True):
+        assert req.tokens == _hf_greedy(model, prompts[p], n)
+
+
 def test_engine_slots_grow_and_scatter_while_running() -> None:
     """The schedule above makes the engine's cache grow (1 -> 2 -> 4 rows) with requests running in it and
     prefills two joining requests into rows 0 and 2 at once (a scratch cache copied into both)."""
@@ -259,6 +277,8 @@ def test_a_cancelled_request_frees_its_slot(kind: str) -> None:
     sched.step()
     assert second.finish_reason == "cancelled" and 0 < len(second.tokens) < 40
     assert third.slot == 1 and len(third.tokens) == 2  # joined at once: its first token and one step
+    if kind == "hf":
+        assert len(sched.slots.cohorts) == 1  # the joining request's cache merged into the running batch
     sched.run()
     assert first.tokens == _hf_greedy(model, prompts[0], 40)
     assert third.tokens == _hf_greedy(model, prompts[2], 40)

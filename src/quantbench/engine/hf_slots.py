@@ -1,8 +1,10 @@
 """Slots over the Hugging Face forward and its own KV cache: any architecture (``engine.slots``).
 
-Requests admitted together form a cohort: one left-padded prompt pass, one HF cache. A decode step runs
-one forward per cohort (its rows batched) and gathers the logits by slot, so requests still join between
-steps; a finished request's row is dropped from its cohort's cache (``Cache.batch_select_indices``).
+Requests admitted together form a cohort: one left-padded prompt pass, one HF cache. Before a decode step,
+cohorts whose caches are plain full-attention layers (``DynamicLayer``) are merged into one batch: the
+shorter ones left-padded (masked positions, as left-padded prompts are). Caches of other kinds (sliding
+windows...) stay apart, one forward per cohort. Logits are gathered by slot; a finished request's row is
+dropped from its cohort's cache (``Cache.batch_select_indices``).
 """
 
 from __future__ import annotations
@@ -64,7 +66,41 @@ class HFSlots(Slots):
         self.cohorts.append(_Cohort(list(slots), cache, mask, positions[:, -1:] + 1))
         return logits
 
+    @staticmethod
+    def _mergeable(cohort: _Cohort) -> bool:
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(cohort.cache, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+    def _merge(self) -> None:
+        """One batch of every cohort with plain full-attention caches (left-padded to the longest)."""
+        group = [c for c in self.cohorts if self._mergeable(c)]
+        if len(group) < 2:
+            return
+        width = max(c.mask.shape[1] for c in group)
+        first = group[0]
+        for i, layer in enumerate(first.cache.layers):
+            for name in ("keys", "values"):
+                parts = []
+                for c in group:
+                    t = getattr(c.cache.layers[i], name)
+                    pad = width - t.shape[-2]
+                    parts.append(torch.cat([t.new_zeros((*t.shape[:-2], pad, t.shape[-1])), t], dim=-2))
+                setattr(layer, name, torch.cat(parts, dim=0))
+        first.mask = torch.cat(
+            [
+                torch.cat([c.mask.new_zeros((c.mask.shape[0], width - c.mask.shape[1])), c.mask], 1)
+                for c in group
+            ]
+        )
+        first.next_pos = torch.cat([c.next_pos for c in group])
+        first.slots = [s for c in group for s in c.slots]
+        merged = {id(c) for c in group[1:]}
+        self.cohorts = [c for c in self.cohorts if id(c) not in merged]
+
     def decode(self, rows: int, pick: Pick | None) -> None:
+        self._merge()
         logits = torch.zeros((rows, self.vocab or 1), device=self.device)
         for cohort in self.cohorts:
             live = [i for i, s in enumerate(cohort.slots) if s >= 0]
