@@ -48,7 +48,7 @@ def main() -> None:
             t = first_token_ms(engine, ids, args.repeats)
             row = {"prompt_path": path, "graphs": graphs, "first_token_ms": round(statistics.median(t), 2),
                    "all": [round(v, 2) for v in t], "path": engine.path,
-                   "prefill_graphs": len(engine._prefill_graphs)}  # fmt: skip
+                   "prefill_graphs": engine.graphs.prefill_captured if engine.graphs else 0}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
             del engine

@@ -72,10 +72,8 @@ def test_engine_sampling_and_eos() -> None:
     model = quantbench.random_model("llama-3-8b", dtype="fp32", num_key_value_heads=2, head_dim=32, **SMALL)
     engine = Engine(model)
     ids = torch.randint(0, 384, (2, 5))
-    a = engine.generate(ids, max_new_tokens=8, do_sample=True, top_k=20, top_p=0.9, temperature=0.8,
-                        generator=torch.Generator().manual_seed(5))  # fmt: skip
-    b = engine.generate(ids, max_new_tokens=8, do_sample=True, top_k=20, top_p=0.9, temperature=0.8,
-                        generator=torch.Generator().manual_seed(5))  # fmt: skip
+    a = engine.generate(ids, max_new_tokens=8, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, seed=5)
+    b = engine.generate(ids, max_new_tokens=8, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, seed=5)
     assert torch.equal(a, b) and a.shape == (2, 8)
     greedy = engine.generate(ids, max_new_tokens=8, ignore_eos=True)
     eos = int(greedy[0, 2])
@@ -94,7 +92,7 @@ def test_engine_falls_back_for_other_architectures() -> None:
     assert engine.em is None and "fallback" in engine.path and "gpt2" in engine.path
     ids = torch.randint(0, 128, (1, 4))
     out = engine.generate(ids, max_new_tokens=3, ignore_eos=True)
-    assert out.shape == (1, 3) and "HF generate" in engine.last_path
+    assert out.shape == (1, 3) and "HF forward" in engine.last_path
 
 
 def test_split_methods_keeps_spec_options_together() -> None:

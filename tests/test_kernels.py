@@ -421,7 +421,7 @@ def test_engine_graph_matches_eager_cuda(arch: str) -> None:
     mask[0, :4] = 0
     engine = Engine(model, cuda_graphs=True)
     graph = engine.generate(ids, mask, max_new_tokens=24, ignore_eos=True)
-    assert "prefill" in engine.path and engine._prefill_graphs  # the prompt pass was captured too
+    assert "prefill" in engine.path and engine.graphs.prefill_captured  # the prompt pass was captured too
     eager = Engine(model, cuda_graphs=False).generate(ids, mask, max_new_tokens=24, ignore_eos=True)
     assert torch.equal(graph, eager)
     # kernels vs pure-torch reference ops: logits of prefill and one decode step
@@ -487,7 +487,7 @@ def test_prompt_slabs_on_two_streams_cuda(spec: str) -> None:
             engine = Engine(model, cuda_graphs=graphs, options=options)
             outs[overlap, graphs] = engine.generate(ids, max_new_tokens=12, ignore_eos=True)
             if graphs:
-                assert engine._prefill_graphs, engine.path
+                assert engine.graphs.prefill_captured, engine.path
     for key, value in outs.items():
         assert torch.equal(value, outs[False, False]), key
 
@@ -695,7 +695,8 @@ def test_interpreter_tests_in_own_process() -> None:
 def _check_decode_attention(device: str, dtype: torch.dtype, heads: int, kv: int, d: int) -> None:
     """Decode attention over a long cache with the cache split among programs (1 to 5 splits, and the
     engine's own choice): every split count matches the reference, including a sequence whose left
-    padding covers whole blocks of 64 positions and a cache whose last splits are still empty."""
+    padding covers whole blocks of 64 positions and a cache whose last splits are still empty, with one
+    cache index for all rows and with one per row."""
     from quantbench.engine import ops as ref
     from quantbench.engine.kernels import fused
 
@@ -709,17 +710,20 @@ def _check_decode_attention(device: str, dtype: torch.dtype, heads: int, kv: int
     vc0 = torch.randn((batch, kv, s_max, d), device=device).to(dtype)
     step = torch.randn(batch, (heads + 2 * kv) * d, device=device).to(dtype)
     cache_len = torch.tensor([length], dtype=torch.int32, device=device)
-    want_k, want_v = kc0.clone(), vc0.clone()
-    want = torch.empty((batch, heads * d), device=device, dtype=dtype)
-    ref.decode_attention_ref(step, want_k, want_v, cos, sin, cache_len, start, want, heads, kv, d, d**-0.5)
-    for splits in (1, 2, 3, 5, None):
-        kc, vc = kc0.clone(), vc0.clone()
-        out = torch.full((batch, heads * d), float("nan"), device=device, dtype=dtype)
-        fused.decode_attention(
-            step, kc, vc, cos, sin, cache_len, start, out, heads, kv, d, d**-0.5, splits=splits
-        )
-        assert _rel(out, want) < 1e-2, splits
-        assert torch.equal(kc, want_k) and torch.equal(vc, want_v), splits
+    # one shared cache index, then one per row (the generation loop's slots: rows of different lengths)
+    per_row = torch.tensor([length, 299, 40], dtype=torch.int32, device=device)
+    for lengths in (cache_len, per_row):
+        want_k, want_v = kc0.clone(), vc0.clone()
+        want = torch.empty((batch, heads * d), device=device, dtype=dtype)
+        ref.decode_attention_ref(step, want_k, want_v, cos, sin, lengths, start, want, heads, kv, d, d**-0.5)
+        for splits in (1, 2, 3, 5, None):
+            kc, vc = kc0.clone(), vc0.clone()
+            out = torch.full((batch, heads * d), float("nan"), device=device, dtype=dtype)
+            fused.decode_attention(
+                step, kc, vc, cos, sin, lengths, start, out, heads, kv, d, d**-0.5, splits=splits
+            )
+            assert _rel(out, want) < 1e-2, (lengths, splits)
+            assert torch.equal(kc, want_k) and torch.equal(vc, want_v), (lengths, splits)
 
 
 def _check_fused_ops(

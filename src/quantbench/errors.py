@@ -15,3 +15,7 @@ class ModelLoadError(QuantbenchError):
 
 class CheckpointError(QuantbenchError):
     """A saved quantized checkpoint is missing, truncated, corrupt or from an unknown method."""
+
+
+class GenerationError(QuantbenchError, ValueError):
+    """Bad generation arguments (a prompt too long, a bad temperature, no tokenizer...)."""

@@ -181,7 +181,9 @@ def serve(
     max_queue: int = typer.Option(
         64, "--max-queue", help="requests waiting or running at most; more get 503"
     ),
-    max_batch: int = typer.Option(8, "--max-batch", help="sequences decoded together at most"),
+    max_batch: int = typer.Option(
+        64, "--max-batch", help="sequences decoded together at most (requests join and leave between steps)"
+    ),
     max_prompt_tokens: int = typer.Option(None, "--max-prompt-tokens", help="longer prompts get 400"),
     default_max_tokens: int = typer.Option(
         256, "--default-max-tokens", help="chat replies without max_tokens"
@@ -241,6 +243,6 @@ def serve(
     )
     err.print(
         f"serving '{model_name}' on http://{host}:{port}/v1 (context {generator.context_length} tokens, "
-        f"queue {max_queue}, batch {max_batch})"
+        f"queue {max_queue}, continuous batching up to {max_batch} sequences)"
     )
     run_server(generator, settings, host=host, port=port, log_level=log_level)

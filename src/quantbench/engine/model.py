@@ -7,7 +7,8 @@ It owns a static KV cache ``[layers, B, HKV, S, D]`` and two entry points:
 
 * ``prefill(ids, start)``: the prompt in one pass (SDPA), cache rows ``0..T-1``, last-token logits;
 * ``decode(tokens, cache_len, start)``: one token per sequence at cache index ``cache_len`` (a device
-  scalar), fixed shapes and no host synchronisation, so the whole step can be captured in a CUDA graph.
+  scalar shared by all rows, or one per row), fixed shapes and no host synchronisation, so the whole step
+  can be captured in a CUDA graph.
 
 A third entry point serves scoring (evaluation, perplexity), where sequences share prefixes and are
 right-padded: ``extend(ids, positions, past=..., index=..., scored=...)`` runs new tokens at explicit
@@ -15,7 +16,9 @@ positions after a :class:`KVBlock` of earlier ones (row b continues past sequenc
 the final-normed hidden states of the ``scored`` positions only and, when asked, the keys and values of
 past + new tokens (for the next step). It keeps no state of its own.
 
-``start[b]`` is the left padding of sequence b (its RoPE positions count from there).
+``start[b]`` is the left padding of sequence b (its RoPE positions count from there). A generation loop
+that runs requests of different lengths side by side (``engine.slots``) keeps one cache row per request
+and one ``cache_len`` per row.
 """
 
 from __future__ import annotations
@@ -400,6 +403,16 @@ class EngineModel:
         self.max_len = max_len
         self.ensure_rope(max_len)
 
+    def resize_cache(self, batch: int, max_len: int) -> None:
+        """Make the cache ``batch`` x ``max_len``, keeping the rows and positions both sizes share."""
+        old_k, old_v = self.k_cache, self.v_cache
+        self.k_cache = self.v_cache = None
+        self.allocate_cache(batch, max_len)
+        if old_k is not None:
+            rows, cols = min(batch, old_k.shape[1]), min(max_len, old_k.shape[3])
+            self.k_cache[:, :rows, :, :cols].copy_(old_k[:, :rows, :, :cols])
+            self.v_cache[:, :rows, :, :cols].copy_(old_v[:, :rows, :, :cols])
+
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights one decode step reads (all linears, norms; embedding rows are negligible)."""
         total = self.lm_head.weight_bytes() + self.norm_w.numel() * self.norm_w.element_size()
@@ -410,8 +423,18 @@ class EngineModel:
         return total
 
     # ---- forward ----
-    def prefill(self, ids: torch.Tensor, start: torch.Tensor, padded: bool) -> torch.Tensor:
-        """Run the prompt ``ids [B, T]``; fills cache rows 0..T-1; returns last-position logits [B, V]."""
+    def prefill(
+        self,
+        ids: torch.Tensor,
+        start: torch.Tensor,
+        padded: bool,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Run the prompt ``ids [B, T]``; fills cache rows 0..T-1; returns last-position logits [B, V].
+
+        ``cache``: (keys, values) ``[layers, B, HKV, >= T, D]`` to fill instead of the model's own cache (a
+        view of some of its rows, or a scratch cache whose rows are then copied into it)."""
+        k_all, v_all = cache if cache is not None else (self.k_cache, self.v_cache)
         b, t = ids.shape
         ops = self.ops
         h = self.embed(ids).reshape(b * t, self.hidden)
@@ -421,7 +444,7 @@ class EngineModel:
         for i, layer in enumerate(self.layers):
             ops.add_rmsnorm(h, pending, layer.ln1, self.eps, x)
             qkv = layer.qkv(x)
-            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc, vc = k_all[i], v_all[i]
             ops.rope_cache_prefill(
                 qkv, q, kc, vc, self.cos, self.sin, start, self.n_heads, self.n_kv, self.head_dim
             )
@@ -438,9 +461,17 @@ class EngineModel:
         ops.add_rmsnorm(last_h, last_p, self.norm_w, self.eps, x_last)
         return self.lm_head(x_last)
 
-    def decode(self, tokens: torch.Tensor, cache_len: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """One step: ``tokens [B]`` at cache index ``cache_len`` (int32 device scalar) -> logits [B, V]."""
+    def decode(
+        self, tokens: torch.Tensor, cache_len: torch.Tensor, start: torch.Tensor, columns: int | None = None
+    ) -> torch.Tensor:
+        """One step: ``tokens [B]`` at cache index ``cache_len`` -> logits [B, V].
+
+        ``cache_len``: int32 on the device, ``[1]`` (every row) or ``[B]`` (one per row). The step reads the
+        first B rows of the cache and, with ``columns``, only its first ``columns`` positions (which must
+        hold every row's ``cache_len``): the attention kernel sizes its work by the cache it is given."""
         ops = self.ops
+        rows = tokens.shape[0]
+        width = self.max_len if columns is None else columns
         h = self.embed(tokens)
         x = torch.empty_like(h)
         attn = torch.empty((h.shape[0], self.n_heads * self.head_dim), device=self.device, dtype=self.dtype)
@@ -452,8 +483,8 @@ class EngineModel:
             qkv = layer.qkv(x, partials=part)
             ops.decode_attention(
                 qkv,
-                self.k_cache[i],
-                self.v_cache[i],
+                self.k_cache[i][:rows, :, :width],
+                self.v_cache[i][:rows, :, :width],
                 self.cos,
                 self.sin,
                 cache_len,

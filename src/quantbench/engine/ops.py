@@ -76,20 +76,25 @@ def decode_attention_ref(
 ) -> torch.Tensor:
     b = qkv.shape[0]
     d = head_dim
-    length = int(cache_len.item())
+    lengths = cache_len.long().expand(b)  # one shared index ([1]) or one per row ([B])
+    length = int(lengths.max())
     x = qkv.view(b, n_heads + 2 * n_kv, d)
-    pos = (length - start.long()).clamp_min(0)  # [B]
+    pos = (lengths - start.long()).clamp_min(0)  # [B]
     c, s = cos[pos][:, None, :], sin[pos][:, None, :]
     q = _rope(x[:, :n_heads], c, s)
-    k_cache[:, :, length] = _rope(x[:, n_heads : n_heads + n_kv], c, s)
-    v_cache[:, :, length] = x[:, n_heads + n_kv :]
+    rows = torch.arange(b, device=qkv.device)
+    k_cache[rows, :, lengths] = _rope(x[:, n_heads : n_heads + n_kv], c, s)
+    v_cache[rows, :, lengths] = x[:, n_heads + n_kv :]
     keys = k_cache[:, :, : length + 1].float()
     vals = v_cache[:, :, : length + 1].float()
     group = n_heads // n_kv
     qg = q.float().view(b, n_kv, group, d)
     scores = torch.einsum("bhgd,bhsd->bhgs", qg, keys) * sm_scale
-    valid = torch.arange(length + 1, device=qkv.device)[None, :] >= start[:, None].long()  # [B, S]
+    span = torch.arange(length + 1, device=qkv.device)[None, :]
+    valid = (span >= start[:, None].long()) & (span <= lengths[:, None])  # [B, S]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    # positions past a row's own length hold whatever the cache had there (never written: any bits)
+    vals = vals.masked_fill(~valid[:, None, :, None], 0.0)
     probs = torch.softmax(scores, dim=-1)
     res = torch.einsum("bhgs,bhsd->bhgd", probs, vals)
     out.copy_(res.reshape(b, n_heads * d).to(out.dtype))

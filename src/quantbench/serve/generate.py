@@ -1,27 +1,28 @@
-"""Text generation for ``quantbench generate`` / ``chat`` / ``serve``: batched, streamed, per-request sampling.
+"""Text generation for ``quantbench generate`` / ``chat`` / ``serve``: streamed, per-request sampling.
 
-One decode loop serves everything. A batch of :class:`Sequence` objects (each with its own prompt, sampling
-parameters, seed and stop strings) is left-padded, prefilled in one forward, then decoded one token per step;
-each sequence streams its new text through an incremental detokenizer as soon as it is stable (no half UTF-8
-characters, nothing that could still turn into a stop string) and leaves the batch's output when it hits EOS,
-a stop string or its token limit. The loop stops when every sequence is done.
+:class:`Generator` turns text requests (:class:`Sequence`: a prompt, :class:`SamplingParams` with stop
+strings, callbacks) into requests of the one generation loop, ``quantbench.engine.scheduler.Scheduler``,
+which runs continuously: a request joins the running batch at the next step (its prompt prefilled into a
+free slot) and leaves it when done, so a long generation never holds a new one back. Each sequence
+streams its new text through an incremental detokenizer as soon as it is stable (no half UTF-8
+characters, nothing that could still turn into a stop string) and ends at EOS, a stop string, its token
+limit or cancellation.
 
-Two backends run the forward passes:
+The loop runs on one of two backends:
 
-* ``hf``: the Hugging Face model with its KV cache (any architecture; the CPU default);
-* ``engine``: ``quantbench.engine.EngineModel`` (static KV cache, Triton kernels for the quantized linears;
-  the CUDA default for the Llama / Mistral / Qwen2 family). It falls back to ``hf`` when it cannot run.
+* ``engine``: the quantbench engine (static KV cache, one cache row per running sequence, Triton kernels
+  and CUDA-graph decode steps on CUDA; the CUDA default for the Llama / Mistral / Qwen2 family);
+* ``hf``: the Hugging Face forward with its KV cache (any architecture; the CPU default).
 
-Sampling: greedy when ``temperature == 0``, else temperature / top-k / top-p with a per-sequence
-``torch.Generator`` (so a seeded request gives the same text alone or inside a batch).
+Sampling: greedy when ``temperature == 0``, else temperature / top-k / top-p with noise fixed by the
+request's seed and token position (``quantbench.engine.sampling``): a seeded request gives the same text
+alone or inside any batch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import secrets
 import threading
-import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -30,11 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantbench.errors import QuantbenchError
+from quantbench.engine.sampling import Sampling
+from quantbench.engine.scheduler import Request, Scheduler
+from quantbench.errors import GenerationError
 
+__all__ = ["Detokenizer", "GenerationError", "Generator", "SamplingParams", "Sequence", "load_for_serving"]
 
-class GenerationError(QuantbenchError, ValueError):
-    """Bad generation arguments (a prompt too long, a bad temperature, no tokenizer...)."""
+PREFILL_TOKENS = 8192  # prompt tokens prefilled together at most (more wait for the next step)
 
 
 @dataclass(frozen=True)
@@ -47,19 +50,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
 
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
+
     def check(self) -> None:
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise GenerationError(f"temperature must be in [0, 100], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
+        self.sampling.check()
         if any(not s for s in self.stop):
             raise GenerationError("stop strings must not be empty")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise GenerationError(f"seed must be in 0..2**63-1, got {self.seed}")
 
 
 @dataclass
@@ -75,7 +75,8 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS / stop string), "length", "cancelled", "error"
-    first_token_s: float = 0.0  # seconds from the start of the batch to this sequence's first token
+    error: BaseException | None = None  # why, when finish_reason is "error"
+    first_token_s: float = 0.0  # seconds from submission to this sequence's first token
     total_s: float = 0.0
 
     @property
@@ -87,7 +88,11 @@ class Detokenizer:
     """Incremental detokenization with stop strings.
 
     ``push(token)`` returns the new text that is safe to show: decoding never ends in an incomplete UTF-8
-    character (U+FFFD), and text that is a prefix of a stop string is held back until it is decided.
+    character (U+FFFD), and text that is a prefix of a stop string is held back until it is decided. Each
+    push decodes a few tokens, not the whole sequence: the text of ``ids[prefix:]`` minus that of
+    ``ids[prefix:read]``, where ``read`` is where the text was last complete and ``prefix`` the read point
+    before it (decoding from one token earlier keeps what a tokenizer does to a window's first token, such
+    as dropping its leading space, out of the new text).
     """
 
     def __init__(self, tokenizer: Any, stop: Seq[str] = (), lock: threading.Lock | None = None) -> None:
@@ -95,24 +100,33 @@ class Detokenizer:
         self.lock = lock or contextlib.nullcontext()
         self.stop = tuple(stop)
         self.ids: list[int] = []
-        self.text = ""  # everything decoded so far (cut at a stop string)
+        self.decoded = ""  # the text of ids[:read]
+        self.text = ""  # what is shown in the end (cut at a stop string)
         self.emitted = 0  # characters of self.text already returned
         self.stopped = False
+        self._prefix = 0
+        self._read = 0
 
-    def _decode(self) -> str:
+    def _decode(self, ids: list[int]) -> str:
         with self.lock:
-            return self.tokenizer.decode(
-                self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-            )
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _new_text(self) -> str:
+        """The text the tokens after ``read`` add (it may end in U+FFFD: an incomplete character)."""
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        return after[len(before) :]
 
     def push(self, token_id: int) -> str:
         if self.stopped:
             return ""
         self.ids.append(int(token_id))
-        text = self._decode()
-        if text.endswith("\ufffd"):
+        new = self._new_text()
+        if new.endswith("\ufffd"):
             return ""  # a multi-byte character is not complete yet
-        self.text = text
+        self.decoded += new
+        self._prefix, self._read = self._read, len(self.ids)
+        text = self.text = self.decoded
         if self.stop:
             # The earliest stop string that appears in the new region ends the text.
             search_from = max(0, self.emitted - max(len(s) for s in self.stop))
@@ -126,9 +140,10 @@ class Detokenizer:
 
     def flush(self) -> str:
         """The rest of the text at the end of generation."""
-        if not self.stopped and self.ids:
-            text = self._decode()
-            self.text = text.rstrip("\ufffd") if text.endswith("\ufffd") else text
+        if not self.stopped and self._read < len(self.ids):
+            self.decoded += self._new_text().rstrip("\ufffd")
+            self._prefix = self._read = len(self.ids)
+            self.text = self.decoded
         return self._take(len(self.text))
 
     def _held_back(self, text: str) -> int:
@@ -146,120 +161,6 @@ class Detokenizer:
         piece = self.text[self.emitted : upto]
         self.emitted = upto
         return piece
-
-
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from ``logits [V]`` (greedy when temperature is 0).
-
-    Sampling is by inverse CDF with one uniform draw from ``generator`` (``torch.multinomial`` over a
-    150k vocabulary costs tens of milliseconds on a CPU; a cumsum and a binary search cost well under one).
-    """
-    if params.temperature == 0.0:
-        return int(torch.argmax(logits))
-    scores = logits.detach().float().cpu() / params.temperature  # the generator and the draw live on CPU
-    if params.top_k and params.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, params.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    order = None
-    probs = torch.softmax(scores, dim=-1)
-    if params.top_p < 1.0:
-        # The nucleus is usually small: look at the top 256 first, sort everything only when needed.
-        k = min(256, probs.shape[-1])
-        top, order = torch.topk(probs, k)
-        if float(top.sum()) < params.top_p and k < probs.shape[-1]:
-            top, order = torch.sort(probs, descending=True)
-        cdf = top.cumsum(-1)
-        keep = int(torch.searchsorted(cdf, torch.tensor([params.top_p]))) + 1  # the token crossing top_p too
-        probs = top[:keep]
-    cdf = probs.cumsum(-1)
-    u = torch.rand(1, generator=generator) * cdf[-1]
-    index = min(int(torch.searchsorted(cdf, u, right=True)), probs.shape[-1] - 1)
-    return int(order[index]) if order is not None else index
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Backends: prefill a left-padded batch, then one token per sequence per step.
-
-
-class HFBackend:
-    """The Hugging Face model and its own KV cache."""
-
-    name = "hf"
-
-    def __init__(self, model: nn.Module) -> None:
-        import inspect
-
-        self.model = model
-        self.device = next(model.parameters()).device
-        params = inspect.signature(model.forward).parameters
-        # transformers >= 5.2x names the KV cache `cache` (was `past_key_values`).
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
-        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        self.cache: Any = None
-
-    def describe(self) -> str:
-        return "HF forward + KV cache"
-
-    def _forward(self, **kwargs: Any) -> torch.Tensor:
-        if self.cache is not None:
-            kwargs[self.cache_arg] = self.cache
-        out = self.model(**kwargs, use_cache=True, **self.extra)
-        self.cache = getattr(out, self.cache_arg, None)
-        if self.cache is None:
-            self.cache = getattr(out, "past_key_values", None)
-        return out.logits[:, -1, :]
-
-    def prefill(self, ids: torch.Tensor, pad: torch.Tensor, max_total: int) -> torch.Tensor:
-        batch, length = ids.shape
-        self.mask = (torch.arange(length, device=self.device)[None, :] >= pad[:, None]).long()
-        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.next_pos = self.positions[:, -1:] + 1
-        self.cache = None
-        return self._forward(input_ids=ids, attention_mask=self.mask, position_ids=self.positions)
-
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
-        logits = self._forward(
-            input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_pos
-        )
-        self.next_pos = self.next_pos + 1
-        return logits
-
-    def release(self) -> None:
-        self.cache = None
-
-
-class EngineBackend:
-    """``quantbench.engine.EngineModel``: static KV cache, fused / Triton linears on CUDA (eager decode)."""
-
-    name = "engine"
-    ROUND = 64
-
-    def __init__(self, model: nn.Module) -> None:
-        from quantbench.engine.model import EngineModel
-
-        self.em = EngineModel(model)
-        self.device = self.em.device
-
-    def describe(self) -> str:
-        kind = "Triton kernels" if self.em.use_kernels else "pure-torch reference ops"
-        return f"quantbench engine ({kind}, static KV cache)"
-
-    def prefill(self, ids: torch.Tensor, pad: torch.Tensor, max_total: int) -> torch.Tensor:
-        batch, length = ids.shape
-        cache = -(-max_total // self.ROUND) * self.ROUND
-        self.em.allocate_cache(batch, cache)
-        self.start = pad.to(device=self.device, dtype=torch.int32)
-        self.cache_len = torch.full((1,), length, dtype=torch.int32, device=self.device)
-        return self.em.prefill(ids, self.start, bool(pad.any()))
-
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        logits = self.em.decode(tokens, self.cache_len, self.start)
-        self.cache_len += 1
-        return logits
-
-    def release(self) -> None:
-        pass
 
 
 def engine_unsupported(model: nn.Module) -> str | None:
@@ -306,44 +207,53 @@ FALLBACK_CHAT_TEMPLATE = (
 
 
 class Generator:
-    """Generation over one loaded model: prompt encoding, chat templates, batched streamed decoding.
+    """Generation over one loaded model: prompt encoding, chat templates, and the generation loop.
 
-    ``backend``: ``"auto"`` (the engine on CUDA when it supports the model, else HF), ``"hf"`` or ``"engine"``.
-    :meth:`run` is for one caller at a time (the server runs it in a single worker thread); prompt
-    encoding may happen in other threads (a lock guards the tokenizer, which Rust does not let two threads
-    borrow at once).
+    ``backend``: ``"auto"`` (the engine on CUDA when it supports the model, else HF), ``"hf"`` or
+    ``"engine"``. ``max_batch``: sequences running together at most (more wait for a free slot).
+    :meth:`run` may be called from several threads, and beside a server's worker: whoever holds
+    ``step_lock`` runs the next step for every request. Prompt encoding may happen in other threads too (a
+    lock guards the tokenizer, which Rust does not let two threads borrow at once).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, backend: str = "auto") -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, backend: str = "auto", max_batch: int = 64) -> None:
         if tokenizer is None:
             raise GenerationError("the model has no tokenizer (a checkpoint saved without tokenizer files?)")
         self.model = model
         self.tokenizer = tokenizer
         self.lock = threading.Lock()
+        self.step_lock = threading.Lock()
         self.device = next(model.parameters()).device
         self.context_length = context_length(model, tokenizer)
         self.eos = eos_ids(model, tokenizer)
         self.fallback_reason: str | None = None
         if backend not in ("auto", "hf", "engine"):
             raise GenerationError(f"unknown backend '{backend}'; allowed: auto, hf, engine")
-        want_engine = backend == "engine" or (backend == "auto" and self.device.type == "cuda")
-        self.backend: HFBackend | EngineBackend
-        if want_engine:
+        from quantbench.engine import Engine
+        from quantbench.engine.hf_slots import HFSlots
+
+        slots = None
+        if backend == "engine" or (backend == "auto" and self.device.type == "cuda"):
             reason = engine_unsupported(model)
             if reason is None:
                 try:
-                    self.backend = EngineBackend(model)
+                    slots = Engine(model).serving_slots(self.context_length)
                 except (ValueError, RuntimeError, ImportError) as exc:
                     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if reason is not None:
-                self.fallback_reason = reason
-                self.backend = HFBackend(model)
-        else:
-            self.backend = HFBackend(model)
+            self.fallback_reason = reason
+        if slots is None:
+            slots = HFSlots(model, 1, 1)
+        self.scheduler = Scheduler(
+            slots, max_batch, sync_every=1, prefill_tokens=PREFILL_TOKENS, max_columns=self.context_length
+        )
+
+    @property
+    def backend(self) -> str:
+        return self.scheduler.slots.name
 
     @property
     def path(self) -> str:
-        text = self.backend.describe()
+        text = f"{self.scheduler.slots.describe()}, continuous batching"
         if self.fallback_reason:
             text += f" (engine unavailable: {self.fallback_reason})"
         return f"{text} on {self.device}"
@@ -375,7 +285,7 @@ class Generator:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def check_sequence(self, s: Sequence) -> None:
-        """What :meth:`run` requires of one sequence (a server checks each request's before batching it)."""
+        """What the loop requires of one sequence (a server checks each request's before queueing it)."""
         s.params.check()
         if not s.prompt_ids:
             raise GenerationError("empty prompt")
@@ -389,91 +299,65 @@ class Generator:
             )
 
     # -- decoding ----------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def run(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Generate for every sequence of the batch (in place); returns ``seqs``."""
-        if not seqs:
-            return seqs
-        for s in seqs:
-            self.check_sequence(s)
-        start = time.perf_counter()
-        batch = len(seqs)
-        length = max(len(s.prompt_ids) for s in seqs)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((batch, length), pad_id, dtype=torch.long)
-        pad = torch.zeros(batch, dtype=torch.long)
-        for row, s in enumerate(seqs):
-            ids[row, length - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
-            pad[row] = length - len(s.prompt_ids)
-        ids, pad = ids.to(self.device), pad.to(self.device)
-        steps = max(s.params.max_new_tokens for s in seqs)
-        gens = []
-        for s in seqs:
-            gen = None
-            if s.params.temperature > 0:
-                gen = torch.Generator()
-                gen.manual_seed(s.params.seed if s.params.seed is not None else secrets.randbits(63))
-            gens.append(gen)
-        detoks = [Detokenizer(self.tokenizer, s.params.stop, self.lock) for s in seqs]
-        backend = self.backend
-        try:
-            logits = backend.prefill(ids, pad, length + steps)
-            greedy_rows = [s.params.temperature == 0.0 for s in seqs]
-            for step in range(steps):
-                # One device -> host copy for every greedy row; sampled rows draw from their own generator.
-                greedy = logits.argmax(dim=-1).tolist() if any(greedy_rows) else []
-                tokens = []
-                for row, s in enumerate(seqs):
-                    if s.done:
-                        tokens.append(pad_id)
-                        continue
-                    token = greedy[row] if greedy_rows[row] else sample_next(logits[row], s.params, gens[row])
-                    tokens.append(token)
-                    self._advance(s, detoks[row], token, step, start)
-                if all(s.done for s in seqs) or step == steps - 1:
-                    break
-                logits = backend.decode(torch.tensor(tokens, device=self.device))
-        except Exception:
-            for s in seqs:
-                if not s.done:
-                    s.finish_reason = "error"
-            raise
-        finally:
-            backend.release()
-        end = time.perf_counter() - start
-        for s in seqs:
-            if not s.done:  # pragma: no cover - every sequence ends by its token limit at the latest
-                s.finish_reason = "length"
-            s.total_s = s.total_s or end
-        return seqs
+    def request(self, s: Sequence) -> Request:
+        """The loop's request for ``s``: its tokens go through a detokenizer into ``s`` and its callbacks."""
+        detok = Detokenizer(self.tokenizer, s.params.stop, self.lock)
 
-    def _advance(self, s: Sequence, detok: Detokenizer, token: int, step: int, start: float) -> None:
-        if step == 0:
-            s.first_token_s = time.perf_counter() - start
-        if s.is_cancelled is not None and s.is_cancelled():
-            s.finish_reason = "cancelled"
-        elif token in self.eos and not s.params.ignore_eos:
-            s.finish_reason = "stop"
-        else:
+        def on_token(token: int) -> bool:
             s.token_ids.append(token)
             piece = detok.push(token)
-            if detok.stopped:
-                s.finish_reason = "stop"
-            elif len(s.token_ids) >= s.params.max_new_tokens:
-                s.finish_reason = "length"
-            self._emit(s, piece)
-        if s.done:
-            if s.finish_reason != "cancelled":
-                self._emit(s, detok.flush())
+            if piece and s.on_text is not None:
+                s.on_text(piece)
+            return detok.stopped
+
+        def on_finish(req: Request) -> None:
+            if req.finish_reason != "cancelled":
+                piece = detok.flush()
+                if piece and s.on_text is not None:
+                    s.on_text(piece)
             s.text = detok.text
-            s.total_s = time.perf_counter() - start
+            s.error = req.error
+            if req.first_token_s:
+                s.first_token_s = req.first_token_s - req.submitted_s
+            s.total_s = req.finished_s - req.submitted_s
+            s.finish_reason = req.finish_reason
             if s.on_finish is not None:
                 s.on_finish(s)
 
-    @staticmethod
-    def _emit(s: Sequence, piece: str) -> None:
-        if piece and s.on_text is not None:
-            s.on_text(piece)
+        return Request(
+            prompt=list(s.prompt_ids),
+            max_new_tokens=s.params.max_new_tokens,
+            sampling=s.params.sampling,
+            stop_ids=frozenset() if s.params.ignore_eos else frozenset(self.eos),
+            on_token=on_token,
+            on_finish=on_finish,
+            is_cancelled=s.is_cancelled,
+        )
+
+    def submit(self, s: Sequence) -> Request:
+        """Queue ``s`` for the loop (checked first); a caller or a server worker then steps the loop."""
+        self.check_sequence(s)
+        req = self.request(s)
+        self.scheduler.submit(req)
+        return req
+
+    def step(self) -> None:
+        with self.step_lock:
+            self.scheduler.step()
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Generate for every sequence (in place, beside whatever else the loop runs); returns ``seqs``.
+        Raises the error of a sequence that failed."""
+        for s in seqs:
+            self.check_sequence(s)
+        requests = [self.submit(s) for s in seqs]
+        while not all(r.done for r in requests):
+            self.step()
+        failed = next((r.error for r in requests if r.error is not None), None)
+        if failed is not None:
+            raise failed
+        return seqs
 
     def generate(
         self, prompt: str | list[int], params: SamplingParams | None = None, on_text=None

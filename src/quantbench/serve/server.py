@@ -4,18 +4,19 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``
 events in OpenAI's chunk format, ending ``data: [DONE]``), ``GET /v1/models``, ``GET /v1/models/{id}``,
 ``GET /health``.
 
-One model, one worker: requests are checked and tokenized in the HTTP handlers, then queued for a single
-generation thread, which takes every queued request (up to ``max_batch`` sequences) and decodes them as one
-batch (:class:`quantbench.serve.generate.Generator`). At most ``max_queue`` requests are waiting or running;
-more are refused at once with 503 (and a ``Retry-After`` header), so a burst never exhausts memory or crashes
-the process. Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: malformed
+One model, one worker: requests are checked and tokenized in the HTTP handlers, then handed to a single
+generation thread that runs the generation loop continuously (:class:`quantbench.serve.generate.Generator`):
+between two decode steps, new requests join the running batch (up to ``max_batch`` sequences) and finished
+or cancelled ones leave it. At most ``max_queue`` requests are waiting or running; more are refused at once
+with 503 (and a ``Retry-After`` header), so a burst never exhausts memory or crashes the process. Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: malformed
 JSON, wrong or missing fields, unsupported options and prompts longer than the context (or
 ``max_prompt_tokens``) are 400, an unknown model 404, a body over ``max_body_bytes`` 413, a full queue 503.
 
 Hostile input stays with its request: every field is type- and range-checked at the door (strict types: no
 ``true`` for an integer, no ``"5"`` for a number, no NaN; seeds within 0..2**63-1), bodies are read up to a
 size cap, tokenizing runs off the event loop (a huge prompt cannot stall ``/health``), and a request whose
-sequences make the generator fail is failed alone: the others of its batch are run again without it.
+prompt makes the generator fail is failed alone (prompts that failed together are prefilled again one by
+one); a failing decode step fails the requests running at that moment.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ class Job:
     """One HTTP request: its sequences (n choices x prompts) and how to tell the handler what happened.
 
     The worker thread calls :meth:`seq_done` as each sequence finishes and :meth:`end` once (when all are
-    done, or with the exception that stopped the batch); both hand the news to the event loop."""
+    done, or with the exception that failed one of them); both hand the news to the event loop."""
 
     seqs: list[Sequence]
     loop: asyncio.AbstractEventLoop
@@ -148,6 +149,10 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def seq_done(self, index: int) -> None:
+        seq = self.seqs[index]
+        if seq.finish_reason == "error":
+            self.end(seq.error or RuntimeError("generation failed"))
+            return
         self.send(("done", index, None))
         self.finished += 1
         if self.finished == len(self.seqs):
@@ -157,6 +162,8 @@ class Job:
         if self.ended:
             return
         self.ended = True
+        if error is not None:
+            self.cancelled = True  # its other sequences stop too
 
         def _set() -> None:
             if self.done is not None and not self.done.done():
@@ -175,7 +182,10 @@ class QueueFull(Exception):
 
 
 class Worker:
-    """A single generation thread fed by a bounded queue of :class:`Job` objects."""
+    """The generation thread: takes :class:`Job` objects from a bounded queue into the generator's loop and
+    steps the loop while anything runs (requests join and leave between steps)."""
+
+    IDLE_WAIT_S = 0.5
 
     def __init__(self, generator: Generator, max_queue: int = 64, max_batch: int = 8) -> None:
         if max_queue < 1 or max_batch < 1:
@@ -183,16 +193,27 @@ class Worker:
         self.generator = generator
         self.max_queue = max_queue
         self.max_batch = max_batch
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        generator.scheduler.set_max_running(max_batch)
+        self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
+        self._jobs: list[Job] = []  # started, not ended (worker thread only)
         self.pending = 0  # queued + running jobs
-        self.stats = {"requests": 0, "refused": 0, "batches": 0, "sequences": 0, "errors": 0, "tokens": 0}
+        self.stats = {"requests": 0, "refused": 0, "sequences": 0, "errors": 0, "tokens": 0}
         self._thread = threading.Thread(target=self._loop, name="quantbench-generate", daemon=True)
         self._thread.start()
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def health(self) -> dict[str, Any]:
+        loop = self.generator.scheduler.stats
+        return {
+            **self.stats,
+            "running": len(self.generator.scheduler.running),
+            "batches": loop["prefills"],
+            "steps": loop["steps"],
+        }
 
     def submit(self, job: Job) -> None:
         with self._lock:
@@ -201,88 +222,60 @@ class Worker:
                 raise QueueFull
             self.pending += 1
             self.stats["requests"] += 1
-        self._queue.put(job)
+        self._inbox.put(job)
 
     def close(self, timeout: float = 10.0) -> None:
-        self._queue.put(None)
+        self._inbox.put(None)
         self._thread.join(timeout)
 
-    def _take_batch(self) -> list[Job] | None:
-        first = self._queue.get()
-        if first is None:
-            return None
-        jobs, size = [first], len(first.seqs)
-        while size < self.max_batch:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self._queue.put(None)  # stop after this batch
-                break
-            jobs.append(job)
-            size += len(job.seqs)
-        return jobs
-
     def _loop(self) -> None:
+        scheduler = self.generator.scheduler
         while True:
-            jobs = self._take_batch()
-            if jobs is None:
-                return
             try:
-                self._run_jobs(jobs)
+                idle = not self._jobs and not scheduler.busy
+                job = self._inbox.get(timeout=self.IDLE_WAIT_S) if idle else self._inbox.get_nowait()
+            except queue.Empty:
+                job = False
+            if job is None:
+                return
+            if job is not False:
+                self._start(job)
+                continue  # take every queued job before the next step
+            try:
+                if scheduler.busy:
+                    self.generator.step()
             except Exception:  # noqa: BLE001 - never let the worker thread die
                 log.exception("worker error")
-            for job in jobs:
-                job.end(None)  # no-op for jobs already ended (each ends once, with its own outcome)
-                with self._lock:
-                    self.pending -= 1
+            self._reap()
 
-    def _run_jobs(self, jobs: list[Job]) -> None:
-        """Run the live jobs as one batch. A job whose sequences the generator refuses fails alone, before the
-        batch starts; if the batch itself fails, each job that has not produced output yet is run again on its
-        own, so one request can only ever fail itself."""
-        live = []
-        for job in jobs:
-            if job.cancelled:
-                continue
-            try:
-                for seq in job.seqs:
-                    self.generator.check_sequence(seq)
-            except Exception as exc:  # noqa: BLE001 - answered as this request's error
-                job.end(exc)
-                continue
-            live.append(job)
-        if not live:
+    def _start(self, job: Job) -> None:
+        """Hand a job's sequences to the loop; a job the generator refuses fails alone, at once."""
+        if job.cancelled:
+            self._ended(job)
             return
-        error = self._generate([s for j in live for s in j.seqs])
-        if error is None:
-            return
-        if len(live) == 1:
-            live[0].end(error)
-            return
-        for job in live:
-            if job.ended or job.cancelled:
-                continue
-            if any(s.token_ids or s.done and s.finish_reason != "error" for s in job.seqs):
-                job.end(error)  # it already streamed output: it cannot be restarted
-                continue
-            for seq in job.seqs:
-                seq.finish_reason = None
-            job.end(self._generate(job.seqs))
-
-    def _generate(self, seqs: list[Sequence]) -> BaseException | None:
-        error: BaseException | None = None
         try:
-            self.generator.run(seqs)
-        except Exception as exc:  # noqa: BLE001 - answer 500 to these requests, keep serving
-            log.exception("generation failed")
-            error = exc
-            self.stats["errors"] += 1
-        self.stats["batches"] += 1
-        self.stats["sequences"] += len(seqs)
-        self.stats["tokens"] += sum(len(s.token_ids) for s in seqs)
-        return error
+            for seq in job.seqs:
+                self.generator.check_sequence(seq)
+        except Exception as exc:  # noqa: BLE001 - answered as this request's error
+            job.end(exc)
+            self._ended(job)
+            return
+        self._jobs.append(job)
+        self.stats["sequences"] += len(job.seqs)
+        for seq in job.seqs:
+            self.generator.submit(seq)
+
+    def _reap(self) -> None:
+        for job in [j for j in self._jobs if j.ended]:
+            self._jobs.remove(job)
+            if any(s.finish_reason == "error" for s in job.seqs):
+                self.stats["errors"] += 1
+            self.stats["tokens"] += sum(len(s.token_ids) for s in job.seqs)
+            self._ended(job)
+
+    def _ended(self, job: Job) -> None:
+        with self._lock:
+            self.pending -= 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,7 +285,7 @@ class Worker:
 class ServeSettings:
     model_name: str
     max_queue: int = 64
-    max_batch: int = 8
+    max_batch: int = 64
     max_prompt_tokens: int | None = None
     default_max_tokens: int = 256  # chat requests without max_tokens (completions default to 16, as OpenAI)
     api_key: str | None = None
@@ -408,7 +401,7 @@ def create_app(generator: Generator, settings: ServeSettings, worker: Worker | N
             "pending": worker.pending,
             "max_queue": worker.max_queue,
             "path": generator.path,
-            **worker.stats,
+            **worker.health(),
         }
         return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -574,7 +567,9 @@ def create_app(generator: Generator, settings: ServeSettings, worker: Worker | N
         try:
             return await off_loop(generator.encode, text)
         except Exception as exc:  # noqa: BLE001 - text the tokenizer cannot take (lone surrogates...)
-            raise APIError(400, f"'prompt' cannot be tokenized: {type(exc).__name__}", param="prompt") from None
+            raise APIError(
+                400, f"'prompt' cannot be tokenized: {type(exc).__name__}", param="prompt"
+            ) from None
 
     # -- /v1/completions ------------------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -648,7 +643,9 @@ def create_app(generator: Generator, settings: ServeSettings, worker: Worker | N
         except GenerationError as exc:
             raise APIError(400, str(exc), param="messages") from None
         except Exception as exc:  # noqa: BLE001 - text the tokenizer cannot take (lone surrogates...)
-            raise APIError(400, f"'messages' cannot be tokenized: {type(exc).__name__}", param="messages") from None
+            raise APIError(
+                400, f"'messages' cannot be tokenized: {type(exc).__name__}", param="messages"
+            ) from None
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = sampling(body, len(ids), max_tokens, settings.default_max_tokens)
         job = submit([ids], [params], body.n, body.stream)

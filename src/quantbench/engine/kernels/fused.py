@@ -215,7 +215,7 @@ def _attend_block(q1r, q2r, kt1, kt2, vt, smask, m_i, l_i, acc, qk_scale):
 @triton.jit
 def _decode_attention_kernel(
     qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, len_ptr, start_ptr, o_ptr, ws_ptr, cnt_ptr,
-    stride_qkv_row, stride_cb, stride_ch, stride_ct, stride_o_row, sm_scale, chunk, qkv_plane,
+    stride_len, stride_qkv_row, stride_cb, stride_ch, stride_ct, stride_o_row, sm_scale, chunk, qkv_plane,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr,
     SPLITS: tl.constexpr, QKV_PARTS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
@@ -233,7 +233,7 @@ def _decode_attention_kernel(
     sp = tl.program_id(2)
     G: tl.constexpr = H // HKV
     HALF: tl.constexpr = D // 2
-    L = tl.load(len_ptr)  # positions already in the cache; the new token goes to index L
+    L = tl.load(len_ptr + b * stride_len)  # positions already in the cache; the new token goes to index L
     st = tl.load(start_ptr + b)  # left padding of this sequence
     pos = tl.maximum(L - st, 0)
     g = tl.arange(0, GP)
@@ -353,9 +353,10 @@ def decode_attention(
     options: EngineOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """One decode step for all sequences: qkv ``[B, (H+2HKV)*D]`` (or the qkv GEMV's split-K partials) ->
-    ``out [B, H*D]``; writes the cache. Blocks of up to ``options.attn_block`` positions: a split of that
-    many is one block, all of it loaded before the wait on the previous kernel (the loop over later blocks
-    is not software-pipelined: three stages of 256 positions would not fit an SM's shared memory)."""
+    ``out [B, H*D]``; writes the cache at ``cache_len`` (int32, ``[1]`` for every row or ``[B]``). Blocks
+    of up to ``options.attn_block`` positions: a split of that many is one block, all of it loaded before
+    the wait on the previous kernel (the loop over later blocks is not software-pipelined: three stages of
+    256 positions would not fit an SM's shared memory)."""
     batch = qkv.shape[0]
     group = n_heads // n_kv
     cache = k_cache.shape[2]
@@ -382,6 +383,7 @@ def decode_attention(
         out,
         ws,
         cnt,
+        0 if cache_len.numel() == 1 else cache_len.stride(0),
         stride_row,
         k_cache.stride(0),
         k_cache.stride(1),
