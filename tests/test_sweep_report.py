@@ -351,8 +351,22 @@ def test_report_tables_hold_the_right_numbers(fixture_db, tmp_path):
     from quantbench.report.data import collect
     from quantbench.report.render import write_report
 
-    written = write_report(collect(fixture_db), tmp_path / "out", ["md", "csv", "html"])
+    written = write_report(collect(fixture_db), tmp_path / "out", ["md", "csv", "html", "json"])
     md = (tmp_path / "out" / "report.md").read_text()
+    # The JSON holds every table's numbers as its CSV file does.
+    doc = json.loads((tmp_path / "out" / "report.json").read_text())
+    tables = {t["name"]: t for sec in doc["sections"] for t in sec["tables"]}
+    assert tables and all((tmp_path / "out" / f"{name}.csv").exists() for name in tables)
+    for name, table in tables.items():
+        with (tmp_path / "out" / f"{name}.csv").open() as handle:
+            rows = list(csv.reader(handle))
+        assert rows[0] == table["columns"] and len(rows) - 1 == len(table["rows"])
+        for got, want in zip(rows[1:], table["rows"], strict=True):
+            for g, w in zip(got, want, strict=True):
+                if isinstance(w, float):
+                    assert float(g) == pytest.approx(w, rel=1e-6)
+                else:
+                    assert g == ("" if w is None else str(w))
     head = "| Quant Type | Compute Dtype | Double Quant | Group Size | Avg % | STEM | Social Sci | Humanities | Other |"
     assert head + " Total Time s | Weights GiB |" in md
     # Baseline first, then by size; deltas in points against bf16.

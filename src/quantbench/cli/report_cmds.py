@@ -74,7 +74,7 @@ def sweep(
 @app.command()
 def report(
     db: str = typer.Option("quantbench.db", "--db", help="SQLite results store"),
-    fmt: str = typer.Option("md,html", "--format", "-f", help="md, csv, html (comma-separated for several)"),
+    fmt: str = typer.Option("md,html", "--format", "-f", help="md, csv, html, json (comma-separated for several)"),
     out: Path = typer.Option(Path("report"), "--out", "-o", help="output directory"),
     model: str = typer.Option(None, "--model", help="only this model (as given to eval/sweep)"),
     sweep_name: str = typer.Option(None, "--sweep", help="only the runs of this sweep"),

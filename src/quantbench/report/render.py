@@ -7,6 +7,7 @@ import base64
 import csv
 import datetime as _dt
 import html
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 
 from quantbench.report.data import AccTable, ModelReport, ReportData, ReportError
 
-FORMATS = ("md", "csv", "html")
+FORMATS = ("md", "csv", "html", "json")
 SHORT_CATEGORY = {"Social Sciences": "Social Sci", "Social Science": "Social Sci"}
 FIELD_COLUMNS = ("Quant Type", "Compute Dtype", "Double Quant", "Group Size")
 CLOSE_PTS = 1.0  # "within this many points of the baseline" for the recommendation
@@ -601,4 +602,34 @@ def write_report(data: ReportData, out_dir: str | Path, formats: list[str], plot
                     writer.writerow(t.raw_columns)
                     writer.writerows([[_csv_value(v) for v in row] for row in t.raw])
                 written.append(path)
+    if "json" in formats:  # every table's numbers (as the CSV files hold them), with titles and notes
+        doc = {
+            "sections": [
+                {
+                    "title": s.title,
+                    "notes": s.notes,
+                    "tables": [
+                        {
+                            "name": t.name,
+                            "title": t.title,
+                            "note": t.note,
+                            "columns": t.raw_columns,
+                            "rows": [[_json_value(v) for v in row] for row in t.raw],
+                        }
+                        for t in s.tables
+                    ],
+                }
+                for s in sections
+            ]
+        }
+        (out / "report.json").write_text(json.dumps(doc, indent=1) + "\n")
+        written.append(out / "report.json")
     return written
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
