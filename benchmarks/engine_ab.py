@@ -159,6 +159,16 @@ def variant_options(name: str) -> EngineOptions:
 
 def time_variant(model, options: EngineOptions, batches: list[int], args) -> dict:
     engine = Engine(model, options=options)
+    out = time_engine(engine, batches, args)
+    del engine
+    torch.cuda.empty_cache()
+    return out
+
+
+def time_engine(engine: Engine, batches: list[int], args) -> dict:
+    """Per batch: median per-token and first-token ms of ``args.repeats`` generations of ``args.input`` random
+    prompt tokens + ``args.output`` new ones, after one warm-up generation; and the engine's path."""
+    model = engine.model
     out = {}
     for batch in batches:
         gen = torch.Generator(device="cpu").manual_seed(batch)
@@ -175,8 +185,6 @@ def time_variant(model, options: EngineOptions, batches: list[int], args) -> dic
             "per_token_all_ms": [round(v, 4) for v in steps],
         }
     out["path"] = engine.path
-    del engine
-    torch.cuda.empty_cache()
     return out
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 
 import torch
@@ -92,24 +91,10 @@ def step_bytes(engine: Engine) -> int:
 
 
 def time_method(model: nn.Module, batches: list[int], args) -> dict:
+    from engine_ab import time_engine  # the A/B runs' timing (benchmarks/ is this script's path)
+
     engine = Engine(model)
-    row = {"path": engine.path, "step_gib": round(step_bytes(engine) / 2**30, 3)}
-    for batch in batches:
-        gen = torch.Generator(device="cpu").manual_seed(batch)
-        ids = torch.randint(0, model.config.vocab_size, (batch, args.input), generator=gen).to("cuda")
-        engine.generate(ids, max_new_tokens=args.output, ignore_eos=True)
-        firsts, steps = [], []
-        for _ in range(args.repeats):
-            engine.generate(ids, max_new_tokens=args.output, ignore_eos=True)
-            firsts.append(engine.timing.first_token_ms)
-            steps.append(engine.timing.per_token_ms)
-        row[f"b{batch}"] = {
-            "per_token_ms": round(statistics.median(steps), 4),
-            "first_token_ms": round(statistics.median(firsts), 3),
-            "per_token_all_ms": [round(v, 4) for v in steps],
-        }
-    row["path"] = engine.path
-    return row
+    return {"step_gib": round(step_bytes(engine) / 2**30, 3), **time_engine(engine, batches, args)}
 
 
 def main() -> None:

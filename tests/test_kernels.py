@@ -674,19 +674,9 @@ def test_fused_ops_interpreter() -> None:
 @pytest.mark.skipif(CUDA or not HAS_TRITON or IN_INTERPRETER, reason="CPU with triton installed")
 def test_interpreter_tests_in_own_process() -> None:
     """The interpreter tests above, in a fresh process with TRITON_INTERPRET=1 set before any import."""
-    import subprocess
-    import sys
+    from triton_interp import run_interpreter_tests
 
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreter"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout
+    run_interpreter_tests(__file__, timeout=900)
 
 
 # ------------------------------------------------------------------------------------------------------
