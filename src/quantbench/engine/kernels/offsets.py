@@ -108,11 +108,10 @@ def offset_linear(
     m, n = x.shape[0], layout.out_features
     if route.kernel is Kernel.SLABS:
         return run_kernel(route, layout, x, out=out, options=options)
-    if route.kernel is Kernel.MMA_GEMV and partials and out is None:
-        parts = run_kernel(route, layout, x, partials=True, options=options)
-        if isinstance(parts, Partials):
-            subtract_offsets(layout, x, parts.parts[0], parts.parts[0])
-            return parts
+    if route.kernel is Kernel.MMA_GEMV and partials and options.partials and out is None:
+        parts = run_kernel(route, layout, x, partials=True, options=options)  # Partials: mma_gemv's rule
+        subtract_offsets(layout, x, parts.parts[0], parts.parts[0])
+        return parts
     if route.kernel is not Kernel.PROMPT_GEMM:
         route = Route(Kernel.WQ_MATMUL, route.act)
     acc = torch.empty((m, n), device=x.device, dtype=torch.float32)
