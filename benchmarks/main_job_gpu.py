@@ -217,6 +217,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", help="dtype the random model is built in")
     parser.add_argument("--device", default=None)
     parser.add_argument("--progress", action="store_true", help="progress bars")
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="profile each engine evaluation (torch.profiler): GPU busy time and the top kernels and ops",
+    )  # fmt: skip
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -244,6 +248,13 @@ def main() -> None:
           f"{args.protocol} {args.mode}, batch {args.batch_size}, limit {args.limit or 'none'}")  # fmt: skip
 
     rows: list[dict[str, Any]] = []
+
+    def save() -> None:  # after every method, so a run stopped part-way keeps the rows it finished
+        if args.json:
+            payload = {"model": args.model, "device": device, "device_name": name, "args": vars(args),
+                       "rows": rows}  # fmt: skip
+            Path(args.json).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
     for label, spec in methods:
         row: dict[str, Any] = {"method": label, "spec": spec}
         rows.append(row)
@@ -261,7 +272,10 @@ def main() -> None:
             if spec in hf_methods:
                 row["hf"] = harness(model, tokenizer, tasks, args, engine=False)
                 print(f"{label}: HF forward {_times(row['hf'])}")
-            row["engine"] = harness(model, tokenizer, tasks, args, engine=True)
+            if args.profile:
+                row["engine"] = profiled(harness, label, model, tokenizer, tasks, args, engine=True)
+            else:
+                row["engine"] = harness(model, tokenizer, tasks, args, engine=True)
             print(f"{label}: {row['engine']['scoring']} {_times(row['engine'])}, peak "
                   f"{row['engine']['peak_gib']:.2f} GiB")  # fmt: skip
             if "hf" in row:
@@ -277,16 +291,27 @@ def main() -> None:
             gc.collect()
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
+            save()
     print_table(rows, tasks)
-    if args.json:
-        payload = {
-            "model": args.model,
-            "device": device,
-            "device_name": name,
-            "args": vars(args),
-            "rows": rows,
-        }
-        Path(args.json).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    save()
+
+
+def profiled(fn: Any, label: str, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn(*args, **kwargs)`` under torch.profiler; print the wall time, the time the GPU was busy (sum of kernel times)
+    and the ops by self CPU and self device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        out = fn(*args, **kwargs)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e6
+    print(f"{label}: profiled wall {wall:.1f}s, GPU kernels {busy:.1f}s ({100 * busy / wall:.0f} % busy)")
+    for sort in ("self_device_time_total", "self_cpu_time_total"):
+        print(events.table(sort_by=sort, row_limit=22, max_name_column_width=60))
+    return out
 
 
 def _times(part: dict[str, Any]) -> str:

@@ -165,3 +165,15 @@ def test_awq_whole_model(spec):
     ratio = model.quantbench_calibration["mean_ratio"]
     assert changed or not ratio
     assert ratio is None or 0.0 <= ratio < 1.0
+
+
+def test_calibration_statistics_in_row_chunks_equal_the_float64_ones():
+    """Past ROW_CHUNK rows the per-channel mean |x| and per-row max |x| are taken chunk by chunk (a 7B's
+    MLP inputs over the calibration set do not fit in float32 at once); they equal float64's."""
+    from quantbench.quant import awq
+
+    x = torch.randn(40, 12, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    torch.testing.assert_close(
+        awq.abs_column_mean(x, chunk=7), x.double().abs().mean(0).float(), rtol=1e-6, atol=0
+    )
+    assert torch.equal(awq.abs_row_max(x, chunk=7), x.abs().amax(dim=1))

@@ -119,3 +119,21 @@ def test_generate_agrees_with_loglikelihood_bf16(fp32_model):
         b.output is not None and a.logprobs is not None for a, b in zip(ll.answers, gen.answers, strict=True)
     )
     assert ll.accuracy > 0.25  # better than chance on these easy subjects
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b", "gemma3-270m"])
+def test_prompts_encoded_together_equal_prompts_encoded_alone(name):
+    """The planner encodes a subject's prompts in one tokenizer call: the ids are those of one call per
+    prompt (Gemma's BOS included, Qwen without one)."""
+    from transformers import AutoTokenizer
+
+    from quantbench.models import resolve_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(name), local_files_only=True)
+    task = get_task("mmlu")
+    questions = task.load("virology", "val")[:6]
+    texts = [task.prefix("virology", 5) + task.format_question(q, False) for q in questions] + ["", "A"]
+    lm = HFLM.__new__(HFLM)  # only the tokenizer is used
+    lm.tokenizer = tokenizer
+    assert lm.encode_many(texts) == [lm.encode(t) for t in texts]
+    assert (lm.encode_many(texts)[0][0] == tokenizer.bos_token_id) == (name == "gemma3-270m")

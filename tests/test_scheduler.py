@@ -341,11 +341,6 @@ def test_requests_that_do_not_fit_are_refused() -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.xfail(
-    reason="known bug: capturing a decode graph while other requests run trips an internal assert of "
-    "PyTorch's CUDA caching allocator (the H100, 2026-12-06); serve then decodes eagerly",
-    strict=False,
-)
 def test_continuous_batching_with_cuda_graphs_matches_eager_cuda() -> None:
     """bf16 int4 (Triton kernels): the schedule above, greedy and seeded sampled requests mixed, gives the
     same tokens with captured decode steps (captured while other requests run) as eagerly."""

@@ -7,8 +7,35 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
+
+# On CUDA, SDPA's cuDNN backend builds an execution plan for every new shape, milliseconds of host time
+# each; prompt and scoring batches rarely repeat a shape, so the engine names the backends it runs.
+_CAUSAL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with the engine's backends on CUDA (torch's choice on CPU)."""
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+    with sdpa_kernel(_MASKED_BACKENDS if attn_mask is not None else _CAUSAL_BACKENDS):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+        )
 
 
 def add_rmsnorm_ref(
@@ -107,7 +134,7 @@ def prefill_attention(
     """SDPA over the prompt: ``q [B, H, T, D]``, ``k/v [B, HKV, T, D]``; causal, left padding masked."""
     group = q.shape[1] // k.shape[1]
     if start is None:  # flash attention reads the shared k/v heads itself (no expanded copies)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale, enable_gqa=group > 1)
+        return sdpa(q, k, v, is_causal=True, scale=sm_scale, enable_gqa=group > 1)
     if group > 1:  # with a mask, the backends that take one may not take GQA: expand k / v
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
@@ -116,7 +143,7 @@ def prefill_attention(
     causal = idx[None, :] <= idx[:, None]  # [T(q), T(k)]
     keep = causal[None] & (idx[None, None, :] >= start[:, None, None].long())
     keep = keep | torch.eye(t, dtype=torch.bool, device=q.device)[None]  # pad rows see themselves
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], scale=sm_scale)
+    return sdpa(q, k, v, attn_mask=keep[:, None], scale=sm_scale)
 
 
 def rope_qkv(
@@ -162,9 +189,10 @@ def extend_attention(
     b, h, t, d = q.shape
     n_kv = k.shape[1]
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sm_scale, enable_gqa=h > n_kv)
+        return sdpa(q, k, v, is_causal=True, scale=sm_scale, enable_gqa=h > n_kv)
     q = q.reshape(b, n_kv, (h // n_kv) * t, d)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sm_scale).view(b, h, t, d)
+    # reshape: the memory-efficient kernel returns its output in a transposed layout
+    return sdpa(q, k, v, attn_mask=mask, scale=sm_scale).reshape(b, h, t, d)
 
 
 class Ops:

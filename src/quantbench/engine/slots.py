@@ -15,6 +15,7 @@ writes the new token of every slot into ``tokens`` (the next step's input) and i
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -136,19 +137,32 @@ class _PrefillGraph:
 
 
 class GraphCache:
-    """CUDA-graph capture for an engine: one memory pool, and why capture stopped if it did."""
+    """CUDA-graph capture for an engine: one memory pool while any graph captured in it lives, and why
+    capture stopped if it did.
+
+    PyTorch's allocator keeps a private pool with a count of the graphs using it; once every graph of a
+    pool is gone, the pool only waits to be freed and capturing into it again is an internal error. So
+    when the last graph is freed (a slot set dropped, or its graphs cleared after a resize), the next
+    capture starts a new pool."""
 
     def __init__(self) -> None:
         self.pool: Any = None
+        self.live = 0  # graphs captured in ``pool`` and not yet freed
         self.error: str | None = None  # a failed decode capture: decode runs eagerly from then on
         self.prefill_failed: dict[tuple, str] = {}
         self.prefill_captured = 0
+
+    def _freed(self, pool: Any) -> None:
+        if pool == self.pool:
+            self.live -= 1
+            if self.live == 0:
+                self.pool = None
 
     def capture(
         self, graph: torch.cuda.CUDAGraph, warmup: Callable[[], Any], body: Callable[[], Any]
     ) -> tuple[Any, str | None]:
         """Run ``warmup`` on a side stream (kernel compilation, cuBLAS handles), then capture ``body``
-        into ``graph`` in the one memory pool. Returns (body's result, None) or (None, why not)."""
+        into ``graph`` in the shared memory pool. Returns (body's result, None) or (None, why not)."""
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -157,6 +171,9 @@ class GraphCache:
             torch.cuda.current_stream().wait_stream(side)
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
+            # counted from the start: a failed capture's graph also holds the pool until it is freed
+            self.live += 1
+            weakref.finalize(graph, self._freed, self.pool)
             with torch.cuda.graph(graph, pool=self.pool):
                 result = body()
         except Exception as exc:  # noqa: BLE001 - the caller falls back to eager execution

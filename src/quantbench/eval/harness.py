@@ -367,15 +367,23 @@ def _plan(
     too_long: list[Question] = []
     budget = lm.max_length - extra_tokens
     shots = protocol.shots_for(task, subject, shots)
-    for q in questions:
-        body = protocol.format_question(task, q, with_answer=False)
+
+    def prefix(k: int) -> tuple[str, list[int]]:
+        if k not in prefix_text:
+            prefix_text[k] = protocol.prefix(task, subject, k)
+            prefix_ids[k] = lm.encode(prefix_text[k])
+        return prefix_text[k], prefix_ids[k]
+
+    bodies = [protocol.format_question(task, q, with_answer=False) for q in questions]
+    # Every prompt with all its shots in one tokenizer call; a prompt too long drops shots one by one.
+    full_text, _ = prefix(shots)
+    full = lm.encode_many([full_text + body for body in bodies])
+    for q, body, ids in zip(questions, bodies, full, strict=True):
         for k in range(shots, -1, -1):
-            if k not in prefix_text:
-                prefix_text[k] = protocol.prefix(task, subject, k)
-                prefix_ids[k] = lm.encode(prefix_text[k])
-            ids = lm.encode(prefix_text[k] + body)
+            text, shared = prefix(k)
+            if k != shots:
+                ids = lm.encode(text + body)
             if len(ids) <= budget:
-                shared = prefix_ids[k]
                 if ids[: len(shared)] == shared:
                     planned.append(_Planned(q, k, shared, ids[len(shared) :]))
                 else:  # the tokenizer merged across the prefix boundary: score this prompt whole

@@ -144,6 +144,12 @@ class HFLM:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text).input_ids)
 
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """``[encode(t) for t in texts]`` in one tokenizer call (a fast tokenizer encodes them in parallel)."""
+        if not texts:
+            return []
+        return [list(ids) for ids in self.tokenizer(list(texts)).input_ids]
+
     def continuation_ids(self, context: str, continuation: str) -> list[int]:
         """Tokens of ``continuation`` as they follow ``context`` (encode both, take the tail)."""
         whole = self.encode(context + continuation)

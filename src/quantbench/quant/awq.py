@@ -129,20 +129,59 @@ def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
 
 
 @torch.no_grad()
-def _capture_full_inputs(ctx: BlockContext, names: list[str]) -> dict[str, list[torch.Tensor]]:
-    """Inputs ``[b, L, in]`` of the named modules, batch by batch, from one float pass of the block."""
-    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+def _capture_full_inputs(
+    ctx: BlockContext, names: list[str]
+) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+    """Inputs of the named modules from one float pass of the block, each one ``[tokens, in]`` matrix
+    (batches in order, rows of a batch in order), filled in place so no second copy is ever held; and
+    the (offset, length) of every calibration sequence in those matrices."""
+    shapes = [(h.shape[0], h.shape[1]) for h in ctx.inputs.hidden]
+    spans: list[tuple[int, int]] = []
+    offset = 0
+    for batch, length in shapes:
+        for _ in range(batch):
+            spans.append((offset, length))
+            offset += length
+    store: dict[str, torch.Tensor] = {}
+    cursor = [0]
     handles = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], n: str) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1])
+        if n not in store:  # the input's own dtype and width
+            store[n] = torch.empty((offset, x.shape[1]), dtype=x.dtype, device=x.device)
+        store[n][cursor[0] : cursor[0] + x.shape[0]].copy_(x)
+
     for n in names:
         module = ctx.layer.get_submodule(n)
-        handles.append(module.register_forward_pre_hook(lambda m, a, n=n: store[n].append(a[0].detach())))
+        handles.append(module.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)))
     try:
         for h in ctx.inputs.hidden:
             ctx.layer(h, **ctx.kwargs)
+            cursor[0] += h.shape[0] * h.shape[1]
     finally:
         for handle in handles:
             handle.remove()
-    return store
+    return store, spans
+
+
+ROW_CHUNK = 65536  # rows per step of the statistics over all calibration tokens (bounded memory)
+
+
+def abs_column_mean(x: torch.Tensor, chunk: int = ROW_CHUNK) -> torch.Tensor:
+    """``x.abs().float().mean(0)``, chunked over rows when ``x`` is large (a 7B's MLP inputs over the
+    calibration set are tens of GB in float32)."""
+    if x.shape[0] <= chunk:
+        return x.abs().float().mean(0)
+    total = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+    for r0 in range(0, x.shape[0], chunk):
+        total += x[r0 : r0 + chunk].abs().float().sum(0)
+    return total / x.shape[0]
+
+
+def abs_row_max(x: torch.Tensor, chunk: int = ROW_CHUNK) -> torch.Tensor:
+    """``x.abs().amax(dim=1)``, chunked over rows."""
+    return torch.cat([x[r0 : r0 + chunk].abs().amax(dim=1) for r0 in range(0, x.shape[0], chunk)])
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -164,7 +203,7 @@ def search_scales(
     """Best per-channel scales over the 20-point grid, or none (ones) when no grid point beats plain
     RTN. Returns (scales, best ratio or -1 for none, best loss / plain-RTN loss)."""
     linears = list(group.linears.values())
-    x_mean = x_all.abs().float().mean(0)
+    x_mean = abs_column_mean(x_all)
     weight = torch.cat([lin.weight.detach().float() for lin in linears], dim=0)
     if duo:
         g = weight.shape[1] if gsize == -1 else gsize
@@ -256,7 +295,7 @@ def _pick_tokens(x: torch.Tensor, n: int, seed: int = 0, outliers: int = 0) -> t
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.zeros(x.shape[0], dtype=torch.bool)
     if outliers:
-        chosen[x.abs().amax(dim=1).topk(outliers).indices.cpu()] = True
+        chosen[abs_row_max(x).topk(outliers).indices.cpu()] = True
     rest = (~chosen).nonzero().squeeze(1)
     pick = rest[torch.randperm(rest.numel(), generator=gen)[: n - int(chosen.sum())]]
     chosen[pick] = True
@@ -278,15 +317,14 @@ def _process_block(ctx: BlockContext, config: QuantConfig, stats: dict[str, Any]
         ctx.log(f"awq: {type(layer).__name__} has no known norm/Linear layout: scales not folded, clip only")
         stats["warned"] = True
     capture_names = sorted({n for g in groups for n in list(g.linears)[:1]} | set(ctx.targets))
-    captured = _capture_full_inputs(ctx, capture_names)
-    flat = {n: torch.cat([t.reshape(-1, t.shape[-1]) for t in v]) for n, v in captured.items()}
+    flat, spans = _capture_full_inputs(ctx, capture_names)
     budget = _search_budget(config, ctx.device)
     t0 = time.perf_counter()
     chosen: list[tuple[ScaleGroup, torch.Tensor]] = []
     for group in groups:
         first = next(iter(group.linears))
         if group.inspect_is_attention:
-            seqs = [t[i : i + 1] for t in captured[first] for i in range(t.shape[0])]
+            seqs = [flat[first][o : o + n].unsqueeze(0) for o, n in spans]
             x_search = seqs[: max(1, math.ceil(budget / seqs[0].shape[1]))]
             kwargs = ctx.kwargs
 
@@ -327,7 +365,7 @@ def _process_block(ctx: BlockContext, config: QuantConfig, stats: dict[str, Any]
             scale_linear_inputs(lin, scales)
         for name in group.linears:
             if name in flat:
-                flat[name] = flat[name] / scales.to(flat[name].dtype).unsqueeze(0)
+                flat[name].div_(scales.to(flat[name].dtype).unsqueeze(0))
     stats["scale_s"] += time.perf_counter() - t0
     t1 = time.perf_counter()
     made: dict[str, nn.Module] = {}
