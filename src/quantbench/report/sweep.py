@@ -8,6 +8,9 @@ The file::
     device: auto             # auto (cuda if available) | cpu | cuda
     db: quantbench.db        # optional; --db overrides
     methods: [bf16, int8, "nf4:block=64,dq=1"]
+    checkpoints:             # optional: checkpoints of this model quantized elsewhere (quantbench import), each
+      - path: lc-w4a16       # evaluated with the same stages and shown as a row of the model's tables
+        label: llm-compressor W4A16   # the row's name (default: the directory's name)
     calib: corpus            # optional: calibration data of gptq / awq / smoothquant (SOURCE[:NxL]; default:
                              # the corpus' calibration slice kjv-calib, 128x2048 tokens, scaled down on a CPU)
     dequant_cache: null      # optional: keep dequantized weights between forwards (null: on for CPU)
@@ -37,6 +40,10 @@ database (``running`` -> ``done`` / ``failed`` with the error). A rerun skips ``
 anything; an interrupted evaluation resumes question by question, because the harness stores every answer
 as it goes and never recomputes a stored one. A failing unit is recorded and the sweep goes on (the
 ``sweep`` command then exits 1). The whole file is checked first, field by field (:func:`parse_sweep`).
+
+A checkpoint row runs the eval and perplexity stages (not bench) on the checkpoint as saved; its runs are
+stored under the sweep's model with the row's label, so the report puts them in that model's tables, with
+the same statistics against its reference row.
 
 ``quantbench run`` is a sweep built from its flags (:func:`run_sweep` with ``redo_done``, so its table has
 every number): both execute here, load through :func:`quantbench.loader.load` and store the same keys.
@@ -105,11 +112,20 @@ class BenchSettings:
     repeats: int = 1
 
 
+@dataclass(frozen=True)
+class CheckpointRow:
+    """A checkpoint of the sweep's model quantized elsewhere, evaluated as one row of its tables."""
+
+    path: str
+    label: str
+
+
 @dataclass
 class SweepConfig:
     name: str
     model: str
     methods: list[str]
+    checkpoints: list[CheckpointRow] = field(default_factory=list)
     device: str = "auto"
     db: str | None = None
     eval: EvalSettings | None = None
@@ -217,6 +233,36 @@ def _methods(value: Any, where: str) -> list[str]:
     return list(dict.fromkeys(specs))  # canonical, deduplicated
 
 
+def _checkpoints(value: Any, where: str) -> list[CheckpointRow]:
+    from quantbench.eval.loading import is_checkpoint
+
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad(where, "a list of checkpoints ({path: DIR, label: NAME} or DIR)", value)
+    rows: list[CheckpointRow] = []
+    for i, item in enumerate(value):
+        at = f"{where}[{i}]"
+        if isinstance(item, str):
+            item = {"path": item}
+        if not isinstance(item, dict):
+            raise _bad(at, "{path: DIR, label: NAME} or DIR", item)
+        fields = _fields(item, {"path": _text(none_ok=False), "label": _text()}, at)
+        if "path" not in fields:
+            raise SweepError(f"{at}: path is missing")
+        path = fields["path"]
+        if not is_checkpoint(path):
+            raise SweepError(
+                f"{at}.path: {path} is not a quantbench checkpoint (make one with quantbench quantize "
+                "--save or quantbench import)"
+            )
+        rows.append(CheckpointRow(path, fields.get("label") or Path(path).expanduser().resolve().name))
+    labels = [r.label for r in rows]
+    if len(set(labels)) != len(labels):
+        raise SweepError(f"{where}: two checkpoints share a label; give each its own label")
+    return rows
+
+
 def _calib(value: Any, where: str) -> str:
     from quantbench.eval.corpus import CORPORA, resolve_corpus
     from quantbench.quant.calib import _corpus_key, parse_calib
@@ -281,6 +327,7 @@ TOP_FIELDS: dict[str, Callable[[Any, str], Any]] = {
     "device": _one_of(*DEVICES),
     "db": _text(),
     "methods": _methods,
+    "checkpoints": _checkpoints,
     "calib": _calib,
     "dequant_cache": _flag,
     "eval": lambda value, where: value,  # sections: checked by SECTIONS
@@ -363,6 +410,7 @@ def _parse(raw: Any, default_name: str) -> SweepConfig:
         name=top.get("name") or default_name,
         model=model,
         methods=top.get("methods") or [],
+        checkpoints=top.get("checkpoints") or [],
         device=top.get("device") or "auto",
         db=top.get("db"),
         calib=top.get("calib") if "calib" in top else _calib(None, "calib"),
@@ -632,6 +680,30 @@ def plan(cfg: SweepConfig, store: Any) -> tuple[str, list[Unit]]:
     return fingerprint, units
 
 
+def checkpoint_units(cfg: SweepConfig, store: Any = None) -> list[tuple[CheckpointRow, str, list[Unit]]]:
+    """Each checkpoint row of ``cfg`` with its fingerprint and its eval / ppl units (their state in
+    ``store`` when given)."""
+    from quantbench.checkpoint import read_manifest
+
+    table = StageTable(store) if store is not None else None
+    out = []
+    for row in cfg.checkpoints:
+        fingerprint = model_fingerprint_of(row.path)
+        spec = read_manifest(row.path)["spec"]
+        units = []
+        for stage in cfg.stages():
+            if stage == "bench":
+                continue
+            settings = stage_settings(cfg, stage)
+            unit = Unit(spec, stage, stage_key(fingerprint, spec, stage, settings), settings)
+            found = table.get(unit.key) if table is not None else None
+            if found is not None:
+                unit.status, unit.error, unit.result = found
+            units.append(unit)
+        out.append((row, fingerprint, units))
+    return out
+
+
 def _specs(cfg: SweepConfig) -> list[str]:
     from quantbench.eval.loading import is_checkpoint
 
@@ -682,9 +754,15 @@ def run_sweep(
         for u in units:
             by_spec.setdefault(u.spec, []).append(u)
         table = StageTable(store)
+        rows = checkpoint_units(cfg, store)
+        summary.units.extend(u for _, _, row_units in rows for u in row_units)
         if not dry_run:
-            table.add_members(cfg.name, [u.key for u in units])
-        for n, (spec, spec_units) in enumerate(by_spec.items(), 1):
+            table.add_members(cfg.name, [u.key for u in summary.units])
+        jobs: list[tuple[str, list[Unit], CheckpointRow | None, str]] = [
+            (spec, spec_units, None, fingerprint) for spec, spec_units in by_spec.items()
+        ]
+        jobs += [(row_units[0].spec, row_units, row, fp) for row, fp, row_units in rows if row_units]
+        for n, (spec, spec_units, row, unit_fingerprint) in enumerate(jobs, 1):
             todo = [
                 u
                 for u in spec_units
@@ -693,7 +771,7 @@ def run_sweep(
             for u in spec_units:
                 if u not in todo:
                     summary.skipped += 1
-            head = f"[{n}/{len(by_spec)}] {spec}"
+            head = f"[{n}/{len(jobs)}] {spec}" + (f" ({row.label}: {row.path})" if row else "")
             if dry_run:
                 for u in spec_units:
                     state = {
@@ -707,7 +785,9 @@ def run_sweep(
             if not todo:
                 log(f"{head}: all {len(spec_units)} stages done, skipped")
                 continue
-            context = _SpecContext(cfg, fingerprint, store, table, summary, progress, log, head, command)
+            context = _SpecContext(
+                cfg, unit_fingerprint, store, table, summary, progress, log, head, command, row
+            )
             method_run = _run_spec(context, spec, todo, calib_log)
             if method_run is not None:
                 summary.runs.append(method_run)
@@ -730,6 +810,7 @@ class _SpecContext:
     log: Callable[[str], None]
     head: str
     command: str
+    row: CheckpointRow | None = None  # a checkpoint row: load this instead of the model with ``spec``
 
 
 def _run_spec(ctx: _SpecContext, spec: str, todo: list[Unit], calib_log: Callable[[str], None] | None):
@@ -754,9 +835,10 @@ def _run_spec(ctx: _SpecContext, spec: str, todo: list[Unit], calib_log: Callabl
         loaded = None
         try:
             gc.collect()
+            source = ctx.row.path if ctx.row is not None else cfg.model
             loaded = loader.load(
-                cfg.model,
-                None if loader.is_checkpoint(cfg.model) else spec,
+                source,
+                None if loader.is_checkpoint(source) else spec,
                 calib=cfg.calib,
                 device=device,
                 dequant_cache=cfg.dequant_cache,
@@ -765,6 +847,8 @@ def _run_spec(ctx: _SpecContext, spec: str, todo: list[Unit], calib_log: Callabl
             config = loaded.config
             method_run.method, method_run.spec = config.method, config.spec
             method_run.table_fields = METHODS[config.method].table_fields(config)
+            if ctx.row is not None:  # the report's row name
+                method_run.table_fields = {**method_run.table_fields, "quant_type": ctx.row.label}
             method_run.load_s, method_run.quantize_s = loaded.load_s, loaded.quantize_s
             method_run.weights_gib = weight_report(loaded.model).model_bytes / 2**30
             method_run.dequant_cache = loaded.dequant_cache
@@ -819,6 +903,8 @@ def _run_model_unit(ctx: _SpecContext, u: Unit, loaded, method_run, peak_bytes) 
         "table_fields": method_run.table_fields,
         "dequant_cache": method_run.dequant_cache,
     }
+    if ctx.row is not None:
+        extra.update(row_label=ctx.row.label, checkpoint=ctx.row.path)
     if loaded.calibration:
         extra["calibration"] = loaded.calibration
     ctx.table.set(cfg, ctx.fingerprint, u, "running")
