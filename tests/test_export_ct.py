@@ -232,3 +232,27 @@ def test_cli_export_compressed_tensors(tmp_path, capsys):
     cli_main(["import", str(tmp_path / "ex"), "--out", str(tmp_path / "back")])
     out = capsys.readouterr().out
     assert "exported" in out and "imported" in out and "int4:" in out
+
+
+@pytest.mark.parametrize(
+    ("recipe", "alpha"),
+    [
+        ("SmoothQuantModifier:\n  smoothing_strength: 0.8\nGPTQModifier:\n  scheme: W8A8\n", 0.8),
+        ("SmoothQuantModifier:\n  ignore: []\nGPTQModifier:\n  scheme: W8A8\n", 0.5),  # its default
+        ("GPTQModifier:\n  scheme: W8A8\n", 0.0),  # no smoothing
+    ],
+)
+def test_imported_w8a8_records_the_recipes_smoothing_strength(recipe, alpha):
+    """An imported W8A8 checkpoint's spec says how llm-compressor smoothed it (the weights arrive smoothed;
+    the spec is the record)."""
+    from quantbench.quant import parse_spec
+    from quantbench.quant.ct_format import _spec_for
+
+    group = {
+        "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True},
+        "input_activations": {
+            "num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True,
+        },
+    }  # fmt: skip
+    config = parse_spec(_spec_for("int-quantized", group, "bf16", recipe))
+    assert config.method == "smoothquant" and config["alpha"] == alpha

@@ -228,6 +228,16 @@ def scheme_of(name: str, qconf: dict[str, Any]) -> tuple[str, dict[str, Any]] | 
     return None
 
 
+def _smoothing_strength(recipe: str) -> float:
+    """The migration strength of the recipe's SmoothQuantModifier (llm-compressor's default 0.5), or 0 for
+    a W8A8 recipe without one (weights not smoothed). Read from the text: the recipe holds Python tuples,
+    which a safe YAML load refuses."""
+    if "SmoothQuantModifier" not in recipe:
+        return 0.0
+    match = re.search(r"smoothing_strength:\s*([0-9.eE+-]+)", recipe)
+    return float(match.group(1)) if match else 0.5
+
+
 def _spec_for(fmt: str, group: dict[str, Any], compute: str, recipe: str) -> str:
     """The quantbench spec whose layout holds this compressed-tensors scheme exactly."""
     w = group.get("weights") or {}
@@ -263,7 +273,7 @@ def _spec_for(fmt: str, group: dict[str, Any], compute: str, recipe: str) -> str
         and acts.get("num_bits") == 8
         and acts.get("symmetric", True)
     ):
-        return f"smoothquant:compute={compute}"
+        return f"smoothquant:alpha={_smoothing_strength(recipe)},compute={compute}"
     if (
         fmt in (FLOAT, "naive-quantized")
         and kind == "float"
