@@ -19,6 +19,18 @@ from torch import nn
 from quantbench.engine.slots import Pick, Slots, left_pad
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model``'s forward takes its KV cache: ``cache`` in transformers >= 5.2x,
+    ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a forward's output, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 @dataclass
 class _Cohort:
     slots: list[int]  # slot of each row
@@ -33,9 +45,8 @@ class HFSlots(Slots):
     def __init__(self, model: nn.Module, capacity: int, window: int) -> None:
         super().__init__(next(model.parameters()).device, capacity, window)
         self.model = model
+        self.cache_arg = cache_argument(model)
         params = inspect.signature(model.forward).parameters
-        # transformers >= 5.2x names the KV cache `cache` (was `past_key_values`).
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.cohorts: list[_Cohort] = []
         self.vocab: int | None = None
@@ -51,10 +62,7 @@ class HFSlots(Slots):
         if cache is not None:
             kwargs[self.cache_arg] = cache
         out = self.model(**kwargs, use_cache=True, **self.extra)
-        cache = getattr(out, self.cache_arg, None)
-        if cache is None:
-            cache = getattr(out, "past_key_values", None)
-        return out.logits[:, -1, :], cache
+        return out.logits[:, -1, :], output_cache(out)
 
     def prefill(self, prompts, pads, slots: list[int]) -> torch.Tensor:
         ids, start, _ = left_pad(prompts, pads, self.device)

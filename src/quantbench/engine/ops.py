@@ -3,6 +3,7 @@ and a Triton implementation used on CUDA. Signatures match ``kernels/fused.py``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -28,11 +29,8 @@ def sdpa(
     enable_gqa: bool = False,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with the engine's backends on CUDA (torch's choice on CPU)."""
-    if not q.is_cuda:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
-        )
-    with sdpa_kernel(_MASKED_BACKENDS if attn_mask is not None else _CAUSAL_BACKENDS):
+    backends = _MASKED_BACKENDS if attn_mask is not None else _CAUSAL_BACKENDS
+    with sdpa_kernel(backends) if q.is_cuda else contextlib.nullcontext():
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
         )

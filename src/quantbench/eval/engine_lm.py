@@ -33,7 +33,7 @@ from torch import nn
 
 from quantbench.engine.model import EngineModel, KVBlock, sliding_window, unsupported_reason
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
-from quantbench.eval.lm import HFLM, PrefixState, is_windowed
+from quantbench.eval.lm import HFLM, PrefixState, is_windowed, scored_positions
 
 
 def engine_unsupported(model: nn.Module) -> str | None:
@@ -145,8 +145,7 @@ class EngineLM(HFLM):
             offsets = [0] * len(seqs)
         ids, valid, positions = _right_padded(seqs, offsets, self.pad_id)
         ends = valid.sum(1)
-        # Row i's scored positions: the `keep` tokens that end at its last real one.
-        scored = (ends[:, None] - keep + torch.arange(keep)[None, :]).clamp(min=0)
+        scored = scored_positions(ends, keep)
         hidden, kv = self.em.extend(
             ids.to(self.device),
             positions.to(self.device),

@@ -25,7 +25,6 @@ different lengths are generated in separate batches (``HFLM.windowed`` says whet
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _out_cache(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
+from quantbench.engine.hf_slots import cache_argument, output_cache
 
 
 def _gather_hook(scored: torch.Tensor) -> Callable[..., Any]:
@@ -74,6 +70,12 @@ class PrefixState:
     mask: torch.Tensor | None = None
 
 
+def scored_positions(ends: torch.Tensor, keep: int) -> torch.Tensor:
+    """``[B, keep]``: the ``keep`` positions of each row that end at its last real token (``ends[b]`` real
+    tokens, counted from the row's first column)."""
+    return (ends[:, None] - keep + torch.arange(keep)[None, :]).clamp(min=0)
+
+
 class HFLM:
     """A causal LM + tokenizer, scoring batches of rows that share a prefix.
 
@@ -108,9 +110,7 @@ class HFLM:
         self.pad_id = int(pad) if pad is not None else 0
         self.eos_id = tokenizer.eos_token_id
         self._max_length = max_length
-        # transformers >= 5.x names the KV cache argument `cache`; older versions `past_key_values`.
-        params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = cache_argument(model)
         self.calls = 0
         self._head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         head_weight = getattr(self._head, "weight", None)
@@ -186,7 +186,7 @@ class HFLM:
             use_cache=True,
             logits_to_keep=1,
         )
-        return PrefixState(rows, _out_cache(out), width, mask)
+        return PrefixState(rows, output_cache(out), width, mask)
 
     def _call(self, scored: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """One model forward. ``scored`` ``[B, K]``: the positions whose logits are wanted, per row; the LM
@@ -293,8 +293,7 @@ class HFLM:
             mask[i, width : width + len(seq)] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ends = torch.tensor([len(seq) for seq in seqs])
-        # Row i's scored positions: the `keep` tokens that end at its last real one.
-        scored = (ends[:, None] - keep + torch.arange(keep)[None, :]).clamp(min=0)
+        scored = scored_positions(ends, keep)
         kwargs: dict[str, Any] = {
             "input_ids": input_ids.to(self.device),
             "attention_mask": mask.to(self.device),
@@ -314,7 +313,7 @@ class HFLM:
         out = self._call(scored=scored, **kwargs)
         logits = self._logits(out, keep)
         last_pos = positions[:, width:].gather(1, (ends - 1)[:, None])[:, 0]
-        return logits, _out_cache(out) if kwargs["use_cache"] else None, mask, last_pos
+        return logits, output_cache(out) if kwargs["use_cache"] else None, mask, last_pos
 
     # -- scoring ----------------------------------------------------------------------------------------------
 
@@ -419,7 +418,7 @@ class HFLM:
             logits_to_keep=1,
             **{self._cache_arg: cache},
         )
-        return self._logits(out, 1), _out_cache(out)
+        return self._logits(out, 1), output_cache(out)
 
     @torch.inference_mode()
     def next_tokens(

@@ -63,10 +63,7 @@ def _seqsum(terms: torch.Tensor) -> torch.Tensor:
 
 
 def _to_blocks(weight: torch.Tensor) -> torch.Tensor:
-    if weight.dim() != 2:
-        raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
-    if weight.shape[1] % QK_K:
-        raise ValueError(f"row length {weight.shape[1]} is not a multiple of {QK_K}")
+    """Rows of 256 float32 weights (the shape was checked by :func:`_by_rows`)."""
     return weight.detach().to(device="cpu", dtype=torch.float32).reshape(-1, QK_K)
 
 
@@ -78,9 +75,12 @@ STEP_WEIGHTS = 1 << 18
 def _by_rows(
     quantize_rows: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor, step_weights: int
 ) -> torch.Tensor:
-    """``quantize_rows`` over slices of whole rows of about ``step_weights`` weights each, concatenated."""
+    """``quantize_rows`` over slices of whole rows of about ``step_weights`` weights each, concatenated;
+    ``weight`` must be ``[out, in]`` with ``in`` a multiple of 256."""
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    if weight.shape[1] % QK_K:
+        raise ValueError(f"row length {weight.shape[1]} is not a multiple of {QK_K}")
     rows = max(1, step_weights // max(1, weight.shape[1]))
     if weight.shape[0] <= rows:
         return quantize_rows(weight)

@@ -223,11 +223,12 @@ def _num(x: Any) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _row_key(record: dict[str, Any]) -> str:
+def _row_key(record: dict[str, Any]) -> Any:
     """The row a run fills: its spec, or for a checkpoint row of a sweep (quantized elsewhere) the spec with
     the row's label, so it never replaces the row of the method with the same spec."""
+    spec = record.get("spec")
     label = (record.get("extra") or {}).get("row_label")
-    return f"{record['spec']} [{label}]" if label else record["spec"]
+    return f"{spec} [{label}]" if spec and label else spec
 
 
 def _stored_answers(path: Path, records: list[dict[str, Any]]) -> dict[int, list[Any]]:
@@ -304,7 +305,7 @@ def collect(db: str | Path, model: str | None = None, sweep: str | None = None) 
         task = r.get("task")
         extra = r.get("extra") or {}
         rep = report_for(r["model"])
-        row = _row_key(r) if r.get("spec") else r.get("spec")
+        row = _row_key(r)
         if r.get("spec") and isinstance(extra.get("table_fields"), dict):
             rep.fields[row] = _fields(r["spec"], extra["table_fields"])
         if r.get("quantize_s") is not None and task != "bench":  # bench's own timing excludes loading

@@ -658,49 +658,46 @@ class StageTable:
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
-def expand_units(cfg: SweepConfig, fingerprint: str) -> list[Unit]:
-    """Every (method, stage) unit of ``cfg`` with its key, in execution order (nothing read or run)."""
+def expand_units(
+    cfg: SweepConfig, fingerprint: str, specs: list[str] | None = None, stages: list[str] | None = None
+) -> list[Unit]:
+    """Every (method, stage) unit of ``cfg`` (or of ``specs`` x ``stages``) with its key, in execution order
+    (nothing read or run)."""
     units = []
-    for spec in _specs(cfg):
-        for stage in cfg.stages():
+    for spec in _specs(cfg) if specs is None else specs:
+        for stage in cfg.stages() if stages is None else stages:
             settings = stage_settings(cfg, stage)
             units.append(Unit(spec, stage, stage_key(fingerprint, spec, stage, settings), settings))
     return units
 
 
-def plan(cfg: SweepConfig, store: Any) -> tuple[str, list[Unit]]:
-    """The units of ``cfg`` with their state in ``store`` (None, running, done, failed, skipped)."""
-    fingerprint = model_fingerprint_of(cfg.model)
+def _read_state(units: list[Unit], store: Any) -> list[Unit]:
+    """``units`` with their state in ``store`` (None, running, done, failed, skipped)."""
     table = StageTable(store)
-    units = expand_units(cfg, fingerprint)
     for unit in units:
         found = table.get(unit.key)
         if found is not None:
             unit.status, unit.error, unit.result = found
-    return fingerprint, units
+    return units
 
 
-def checkpoint_units(cfg: SweepConfig, store: Any = None) -> list[tuple[CheckpointRow, str, list[Unit]]]:
-    """Each checkpoint row of ``cfg`` with its fingerprint and its eval / ppl units (their state in
-    ``store`` when given)."""
+def plan(cfg: SweepConfig, store: Any) -> tuple[str, list[Unit]]:
+    """The units of ``cfg`` with their state in ``store``."""
+    fingerprint = model_fingerprint_of(cfg.model)
+    return fingerprint, _read_state(expand_units(cfg, fingerprint), store)
+
+
+def checkpoint_units(cfg: SweepConfig, store: Any) -> list[tuple[CheckpointRow, str, list[Unit]]]:
+    """Each checkpoint row of ``cfg`` with its fingerprint and its eval / ppl units, with their state in
+    ``store``."""
     from quantbench.checkpoint import read_manifest
 
-    table = StageTable(store) if store is not None else None
+    stages = [s for s in cfg.stages() if s != "bench"]
     out = []
     for row in cfg.checkpoints:
         fingerprint = model_fingerprint_of(row.path)
-        spec = read_manifest(row.path)["spec"]
-        units = []
-        for stage in cfg.stages():
-            if stage == "bench":
-                continue
-            settings = stage_settings(cfg, stage)
-            unit = Unit(spec, stage, stage_key(fingerprint, spec, stage, settings), settings)
-            found = table.get(unit.key) if table is not None else None
-            if found is not None:
-                unit.status, unit.error, unit.result = found
-            units.append(unit)
-        out.append((row, fingerprint, units))
+        units = expand_units(cfg, fingerprint, [read_manifest(row.path)["spec"]], stages)
+        out.append((row, fingerprint, _read_state(units, store)))
     return out
 
 

@@ -337,6 +337,9 @@ class Generator:
     def submit(self, s: Sequence) -> Request:
         """Queue ``s`` for the loop (checked first); a caller or a server worker then steps the loop."""
         self.check_sequence(s)
+        return self._enqueue(s)
+
+    def _enqueue(self, s: Sequence) -> Request:
         req = self.request(s)
         self.scheduler.submit(req)
         return req
@@ -349,9 +352,9 @@ class Generator:
     def run(self, seqs: list[Sequence]) -> list[Sequence]:
         """Generate for every sequence (in place, beside whatever else the loop runs); returns ``seqs``.
         Raises the error of a sequence that failed."""
-        for s in seqs:
+        for s in seqs:  # every sequence checked before any is queued
             self.check_sequence(s)
-        requests = [self.submit(s) for s in seqs]
+        requests = [self._enqueue(s) for s in seqs]
         while not all(r.done for r in requests):
             self.step()
         failed = next((r.error for r in requests if r.error is not None), None)
