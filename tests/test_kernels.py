@@ -482,7 +482,8 @@ def test_prompt_slabs_on_two_streams_cuda(spec: str) -> None:
     ids = torch.randint(0, 1024, (2, 100), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
     outs = {}
     for overlap in (False, True):
-        options = EngineOptions(prompt_kernel="slabs", slab_overlap=overlap)
+        # eager_slab_elems=0: eager products on L2 slabs too, as the captured ones
+        options = EngineOptions(prompt_kernel="slabs", slab_overlap=overlap, eager_slab_elems=0)
         for graphs in (False, True):
             engine = Engine(model, cuda_graphs=graphs, options=options)
             outs[overlap, graphs] = engine.generate(ids, max_new_tokens=12, ignore_eos=True)
@@ -511,6 +512,26 @@ def _prompt_case(spec: str, m: int, n: int, k: int, device: str, dtype: torch.dt
     else:
         ref = x.double() @ module.dequantize().double().t() + module.bias.double()
     return module, layout, x, rf, ref
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec", WEIGHT_ONLY + W8A8)
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("eager_elems", [1 << 28, 64 * 512])
+def test_eager_slabs_cuda(spec: str, tiled: bool, eager_elems: int) -> None:
+    """Products launched eagerly dequantize the whole weight (or, past ``eager_slab_elems``, a few large
+    slabs through one buffer) and multiply once: against the reference, and as the L2 slabs compute."""
+    from quantbench.engine.kernels import dequant as dq
+
+    if tiled and spec not in TILED_SPECS:
+        pytest.skip("kept row-major by the engine")
+    _, layout, x, rf, ref = _prompt_case(spec, 700, 320, 512, "cuda", torch.bfloat16, tiled)
+    out = dq.dense_matmul(x, layout, row_factor=rf, options=EngineOptions(eager_slab_elems=eager_elems))
+    assert _rel(out.cpu(), ref.cpu()) < (2e-2 if layout.act_quant else 1e-2)
+    l2 = dq.dense_matmul(
+        x, layout, row_factor=rf, options=EngineOptions(slab_elems=64 * 512, eager_slab_elems=0)
+    )
+    assert _rel(out, l2) < 1e-2
 
 
 @pytest.mark.cuda

@@ -525,7 +525,7 @@ class EngineModel:
         past_valid = None
         if past is not None:
             past_valid = past.valid if index is None else past.valid[index]
-        mask = extend_mask(past_valid, t, self.n_heads // self.n_kv)
+        mask = extend_mask(past_valid, t, self.n_heads // self.n_kv, self.dtype)
         h = self.embed(ids).reshape(b * t, self.hidden)
         x = torch.empty_like(h)
         keys: list[torch.Tensor] = []

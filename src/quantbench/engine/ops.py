@@ -163,18 +163,24 @@ def rope_qkv(
     return q, k, x[:, :, n_heads + n_kv :].transpose(1, 2)
 
 
-def extend_mask(past_valid: torch.Tensor | None, t: int, group: int) -> torch.Tensor | None:
-    """The attention mask of ``t`` new tokens after a past whose real keys ``past_valid [B, P]`` marks
-    (None: no past, plain causal attention): ``[B, 1, group * t, P + t]`` for :func:`extend_attention`, the
-    rows of one KV head's ``group`` query heads stacked. Rows are right-padded, so a real query never sees
-    a pad of its own row, and a pad query sees at least itself."""
+def extend_mask(
+    past_valid: torch.Tensor | None, t: int, group: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The additive attention mask (0 where a query sees a key, -inf elsewhere, in ``dtype``) of ``t`` new
+    tokens after a past whose real keys ``past_valid [B, P]`` marks (None: no past, plain causal attention):
+    ``[B, 1, group * t, P + t]`` for :func:`extend_attention`, the rows of one KV head's ``group`` query
+    heads stacked. Rows are right-padded, so a real query never sees a pad of its own row, and a pad query
+    sees at least itself. Built once per forward: SDPA would turn a boolean mask into this in every layer."""
     if past_valid is None:
         return None
     b, p = past_valid.shape
     idx = torch.arange(t, device=past_valid.device)
     own = (idx[None, :] <= idx[:, None])[None].expand(b, t, t)
     keep = torch.cat([past_valid[:, None, :].expand(b, t, p), own], dim=-1)  # [B, T, P + T]
-    return keep[:, None].expand(b, group, t, p + t).reshape(b, 1, group * t, p + t)
+    hidden = torch.zeros((b, t, p + t), dtype=dtype, device=past_valid.device).masked_fill_(
+        ~keep, float("-inf")
+    )
+    return hidden[:, None].expand(b, group, t, p + t).reshape(b, 1, group * t, p + t)
 
 
 def extend_attention(

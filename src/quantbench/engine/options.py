@@ -106,6 +106,11 @@ class EngineOptions:
     """Dequantize the next slab on a side stream while cuBLAS multiplies this one."""
     slab_elems: int = 12 << 20
     """Weights per slab (12 Mi bf16 = 24 MiB: stays in an H100's 50 MB L2 next to the codes)."""
+    eager_slab_elems: int = 1 << 28
+    """Weights per slab of a product launched eagerly (not being captured into a CUDA graph: evaluation's
+    and calibration's forwards): the whole weight up to this many, one dequantize launch and one cuBLAS
+    product per layer. Launching a kernel pair per L2 slab from Python leaves the GPU idle there; writing
+    the whole 16-bit weight out costs less. 0: L2 slabs for every product."""
 
     # ---- launches ----
     pdl: bool = True
@@ -168,8 +173,10 @@ class EngineOptions:
         for name in positive:
             if getattr(self, name) < 1:
                 raise EngineOptionsError(f"{name} must be positive, not {getattr(self, name)}")
-        if self.plain_max_out < 0 or self.mma_lut_permute < 0:
-            raise EngineOptionsError("plain_max_out and mma_lut_permute must not be negative")
+        if self.plain_max_out < 0 or self.mma_lut_permute < 0 or self.eager_slab_elems < 0:
+            raise EngineOptionsError(
+                "plain_max_out, mma_lut_permute and eager_slab_elems must not be negative"
+            )
 
 
 DEFAULT_OPTIONS = EngineOptions()

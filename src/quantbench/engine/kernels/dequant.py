@@ -7,6 +7,11 @@ few hundred tokens cuBLAS's speed wins.
 Why slabs: dequantizing a whole layer first would write and re-read a 16-bit copy of it (4x the int4
 bytes) through HBM; slabs of at most ``EngineOptions.slab_elems`` weights reuse one buffer that stays in
 the 50 MB L2 between the dequantize kernel and the GEMM, so HBM sees little more than the packed codes.
+That holds where launches are free, in a CUDA graph (the engine's prompt pass). A product launched
+eagerly (evaluation batches) dequantizes the whole weight (up to ``EngineOptions.eager_slab_elems``) into
+one buffer and multiplies once: a dozen kernel pairs per layer launched from Python would leave the GPU
+idle between them, and at evaluation sizes (thousands of tokens) the product, not the extra HBM pass,
+dominates.
 
 Per-output-row scales (int8 / fp8 / LLM.int8 / SmoothQuant) are not applied to the slab: the slab holds the
 exact integer (or e4m3) code values and the scale multiplies the product afterwards, so ``code * scale`` is
@@ -132,11 +137,14 @@ def dequantize_rows(
     )  # fmt: skip
 
 
-def _scratch(device: torch.device, dtype: torch.dtype, buffers: int, elems: int) -> torch.Tensor:
-    """``[buffers, elems]`` slab buffers (allocate outside CUDA-graph capture: the first, eager call does).
-    One per slab size: a captured graph keeps pointing at the buffer it was captured with."""
-    key = (str(device), dtype, elems)
-    if key not in _SCRATCH or _SCRATCH[key].shape[0] < buffers:
+def _scratch(device: torch.device, dtype: torch.dtype, buffers: int, elems: int, eager: bool) -> torch.Tensor:
+    """``[buffers, >= elems]`` slab buffers. L2 slabs: one set per slab size, allocated by the first (eager)
+    call, since a captured graph keeps pointing at the buffer it was captured with. Eager products: one
+    buffer, grown to the largest weight seen (never captured)."""
+    key = (str(device), dtype, -1 if eager else elems)
+    have = _SCRATCH.get(key)
+    if have is None or have.shape[0] < buffers or have.shape[1] < elems:
+        _SCRATCH.pop(key, None)  # free the smaller buffer first
         _SCRATCH[key] = torch.empty((buffers, elems), device=device, dtype=dtype)
     return _SCRATCH[key]
 
@@ -187,14 +195,16 @@ def dense_matmul(
     # Per-row scales are applied to the fp32 value of the rounded product; group scales inside the slab.
     # (bf16 only: fp16 products of raw codes, e.g. 127 * 127 * K, overflow its range.)
     post_scale = layout.group == 0 and layout.mode != MODE_TABLE and x.dtype == torch.bfloat16
-    slab = max(64, (options.slab_elems // k) // 64 * 64)
+    eager = bool(options.eager_slab_elems) and x.is_cuda and not torch.cuda.is_current_stream_capturing()
+    budget = max(options.slab_elems, options.eager_slab_elems) if eager else options.slab_elems
+    slab = max(64, (budget // k) // 64 * 64)
     if out is None:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     starts = list(range(0, n, slab))
     # With two buffers the next slab is dequantized on a side stream while cuBLAS multiplies this one:
     # both kernels leave most of the GPU idle at prompt sizes (a slab's product is only a few tiles wide).
-    overlap = options.slab_overlap and x.is_cuda and len(starts) > 1
-    scratch = _scratch(x.device, x.dtype, 2 if overlap else 1, options.slab_elems)
+    overlap = options.slab_overlap and x.is_cuda and len(starts) > 1 and not eager
+    scratch = _scratch(x.device, x.dtype, 2 if overlap else 1, min(slab, n) * k if eager else budget, eager)
     main = torch.cuda.current_stream(x.device) if overlap else None
     side = _side_stream(x.device) if overlap else None
     if overlap:

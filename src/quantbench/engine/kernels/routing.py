@@ -30,6 +30,9 @@ the engine                                 compute dtype, autograd on x, no layo
 QuantLinear.forward            any         otherwise: as a quantized layer above
 =============================  ==========  ==========================================================  ==============
 
+"slabs" dequantize L2-sized slabs of the weight in a CUDA graph being captured, and the whole weight (up to
+``eager_slab_elems``) in a product launched eagerly (``dequant.dense_matmul``).
+
 Layouts with per-group offsets (llama.cpp's q4_1, q5_1, q4_K, q5_K: ``w = (u - zero) * scale - offset``)
 take the same rows except gemv_h2; the routed kernel computes the ``(u - zero) * scale`` part in float32
 and ``offsets.subtract_offsets`` the rest (slabs dequantize the whole weight; the tensor-core GEMV only
