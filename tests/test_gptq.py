@@ -123,6 +123,16 @@ def test_identity_hessian_is_rtn(sym, group, bits):
         assert torch.equal(res.zeros, zeros)
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_groups_longer_than_a_block_are_rtn_with_identity_hessian(sym):
+    """A group spanning several lazy-update blocks keeps the grid computed at its first column."""
+    w = torch.randn(48, 512, generator=torch.Generator().manual_seed(2)) * 0.05
+    res = gptq_quantize(w, torch.eye(512), bits=4, group=256, sym=sym, block_size=64)
+    codes, scales, zeros = quantize_rtn(w, 4, 256, sym)
+    assert torch.equal(res.codes, codes) and torch.equal(res.scales, scales)
+    assert zeros is None or torch.equal(res.zeros, zeros)
+
+
 def test_gptq_reduces_objective_vs_rtn_random():
     """The quantity GPTQ minimizes, tr((W-Q) H (W-Q)^T), is below RTN's on a correlated Hessian."""
     torch.manual_seed(1)
@@ -254,16 +264,22 @@ def test_input_gram_matches_float64(dtype, device):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize(
-    "group,cols,sym,act_order", [(128, 384, True, False), (64, 320, False, True), (-1, 320, True, False)]
+    "group,cols,sym,act_order,static",
+    [
+        (128, 384, True, False, False),
+        (64, 320, False, True, False),
+        (-1, 320, True, False, False),
+        (64, 320, True, True, True),
+    ],
 )
-def test_cuda_graph_block_loop_equals_eager(group, cols, sym, act_order):
+def test_cuda_graph_block_loop_equals_eager(group, cols, sym, act_order, static):
     """The column loop replayed as CUDA graphs gives the eager loop's codes, scales and objective, bit for
     bit (a last block shorter than the others included)."""
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(96, cols, generator=gen).cuda()
     x = torch.randn(2048, cols, generator=gen).cuda()
     H = x.t() @ x / x.shape[0]
-    kwargs = dict(bits=4, group=group, sym=sym, act_order=act_order, block_size=128)
+    kwargs = dict(bits=4, group=group, sym=sym, act_order=act_order, static_groups=static, block_size=128)
     graphed = gptq_quantize(w, H, cuda_graphs=True, **kwargs)
     eager = gptq_quantize(w, H, cuda_graphs=False, **kwargs)
     assert torch.equal(graphed.codes, eager.codes)

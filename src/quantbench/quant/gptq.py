@@ -181,21 +181,32 @@ def gptq_quantize(
     if grouped and not static_groups and gsize <= block_size:
         block_size = max(gsize, block_size // gsize * gsize)
     loss = torch.zeros((), device=Wt.device)
-    # A block's column loop has the same shape in every full block when no group reaches past it: on CUDA
-    # it is captured once as a CUDA graph and replayed (a column is a dozen small kernels).
-    uniform = not static_groups and (not grouped or block_size % gsize == 0)
-    args = (bits, sym, gsize, grouped, static_groups)
+    # Static grids (one per row, or static groups): each column's (scale, zero) row is known up front.
+    per_column = static_groups or not grouped
+    col_group = None
+    if per_column:
+        order = perm if perm is not None else torch.arange(cols, device=Wt.device)
+        col_group = order // gsize if grouped else torch.zeros_like(order)
+    # A block's column loop has the same shape in every block when no group reaches past it: on CUDA it is
+    # captured once as a CUDA graph and replayed (a column is a dozen small kernels).
+    uniform = per_column or block_size % gsize == 0
+    args = (bits, sym, gsize, per_column)
     graphs = _BlockGraphs(args) if cuda_graphs and Wt.is_cuda and uniform else None
     with cpu_single_thread(Wt.device):
         for i1 in range(0, cols, block_size):
             i2 = min(i1 + block_size, cols)
             W1 = Wt[i1:i2].clone()  # [count, rows]
             Hinv1 = Hinv[i1:i2, i1:i2]
+            if col_group is not None:  # each column's own grid row
+                grid = (scales[col_group[i1:i2]], zeros[col_group[i1:i2]])
+            elif graphs is not None:  # the block's groups, indexed from the block's first
+                grid = (scales[i1 // gsize : -(-i2 // gsize)], zeros[i1 // gsize : -(-i2 // gsize)])
+            else:  # groups by their global index: one may run past the block
+                grid = (scales, zeros)
             if graphs is not None:
-                g1, g2 = (i1 // gsize, -(-i2 // gsize)) if grouped else (0, 1)
-                Err1 = graphs.run(W1, Hinv1, codes[i1:i2], scales[g1:g2], zeros[g1:g2], loss)
+                Err1 = graphs.run(W1, Hinv1, codes[i1:i2], *grid, loss)
             else:
-                Err1 = _quantize_columns(W1, Hinv1, i1, codes, scales, zeros, loss, *args, perm, Wt)
+                Err1 = _quantize_columns(W1, Hinv1, i1, codes, *grid, loss, *args, Wt)
             if i2 < cols:
                 Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
     codes = codes.t().to(torch.uint8)
@@ -229,31 +240,30 @@ def _quantize_columns(
     bits: int,
     sym: bool,
     gsize: int,
-    grouped: bool,
-    static_groups: bool,
-    perm: torch.Tensor | None = None,
+    per_column: bool,
     Wt: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The columns ``i1 ..`` of one block ``W1 [count, rows]``: each quantized, its error spread over the
-    block's later columns; returns the block's scaled errors. ``codes`` / ``scales`` / ``zeros`` are indexed
-    by column / group from ``i1``'s; a group longer than the block reads its later columns from ``Wt``."""
+    """The columns ``i1, i1 + 1, ..`` of one block ``W1 [count, rows]``: each quantized (codes into
+    ``codes[i1 + i]``), its error spread over the block's later columns; returns the block's scaled errors.
+
+    ``per_column``: ``scales[i]`` / ``zeros[i]`` hold column i's grid. Else column ``i1 + i`` belongs to group
+    ``g = (i1 + i) // gsize``, whose grid is computed into ``scales[g]`` / ``zeros[g]`` at its first column
+    from the error-updated weights (a group longer than the block reads its later columns from ``Wt``)."""
     Err1 = torch.zeros_like(W1)
-    scale = zero = None
     for i in range(W1.shape[0]):
         col = i1 + i
         w = W1[i]
-        if static_groups or not grouped:
-            g = (int(perm[col]) if perm is not None else col) // gsize if grouped else 0
+        if per_column:
+            scale, zero = scales[i], zeros[i]
+        else:
+            g = col // gsize
+            if col % gsize == 0:
+                span = W1[i : i + gsize]
+                if span.shape[0] < gsize:  # the group runs past this block
+                    assert Wt is not None
+                    span = torch.cat([span, Wt[i1 + W1.shape[0] : col + gsize]], dim=0)
+                scales[g], zeros[g] = grid_params(span.t(), bits, sym)
             scale, zero = scales[g], zeros[g]
-        elif col % gsize == 0:
-            span = W1[i : i + gsize]
-            if span.shape[0] < gsize:  # the group runs past this block
-                assert Wt is not None
-                span = torch.cat([span, Wt[i1 + W1.shape[0] : col + gsize]], dim=0)
-            scale, zero = grid_params(span.t(), bits, sym)
-            scales[col // gsize] = scale
-            zeros[col // gsize] = zero
-        assert scale is not None and zero is not None
         q_codes, q = grid_quantize(w, scale, zero, bits, sym)
         codes[col] = q_codes
         err = (w - q) / Hinv1[i, i]
@@ -264,11 +274,12 @@ def _quantize_columns(
 
 
 class _BlockGraphs:
-    """:func:`_quantize_columns` of a block whose groups start and end inside it, as CUDA graphs (one per
-    block length) on static copies of the block's inputs and outputs: the same kernels as the eager loop,
-    so the same results, without launching a dozen small kernels per column from Python."""
+    """:func:`_quantize_columns` of a block whose groups start and end inside it (or whose grids are given
+    per column), as CUDA graphs (one per block length) on static copies of the block's inputs and outputs:
+    the same kernels as the eager loop, so the same results, without launching a dozen small kernels per
+    column from Python."""
 
-    def __init__(self, args: tuple[int, bool, int, bool, bool]) -> None:
+    def __init__(self, args: tuple[int, bool, int, bool]) -> None:
         self.args = args
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
 
@@ -282,8 +293,8 @@ class _BlockGraphs:
         loss: torch.Tensor,
     ) -> torch.Tensor:
         """Quantize the block ``W1`` (updated in place) into ``codes1`` and its groups' ``scales1`` /
-        ``zeros1`` (read as given when there is one group for the whole row); add its objective to
-        ``loss``; return the block's scaled errors."""
+        ``zeros1`` (or, per column, read from them); add its objective to ``loss``; return the block's
+        scaled errors."""
         n = W1.shape[0]
         if n not in self.graphs:
             static = tuple(t.clone() for t in (W1, Hinv1, codes1, scales1, zeros1, loss))
