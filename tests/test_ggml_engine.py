@@ -315,7 +315,7 @@ def test_prompt_slabs_hold_llama_cpp_weights_interpreter(t: GGMLQuantizationType
     dq.dequantize_rows(layout, 0, 80, slab)
     assert torch.equal(slab.view(torch.int32), w.float().view(torch.int32))
     x = torch.randn(70, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
-    slabs = EngineOptions(slab_elems=64 * 256)  # 64-row slabs: two for 80 rows
+    slabs = EngineOptions(slab_elems=64 * 256, eager_slab_elems=0)  # 64-row L2 slabs: two for 80 rows
     assert _rel(dq.dense_matmul(x, layout, options=slabs), _ref(x, w, module)) < 1e-2
 
 

@@ -572,9 +572,11 @@ def test_weight_only_kernel_interpreter(spec: str, m: int) -> None:
 @interp
 @pytest.mark.parametrize("spec", PROMPT_SPECS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_dense_prefill_interpreter(spec: str, dtype: torch.dtype) -> None:
-    """Prompt path: dequantized slabs (a slab smaller than the layer, so several) + matmul; in bf16 the
-    per-row-scaled layouts multiply the scale after the product."""
+@pytest.mark.parametrize("eager_elems", [0, 1 << 28, 48 * 256])
+def test_dense_prefill_interpreter(spec: str, dtype: torch.dtype, eager_elems: int) -> None:
+    """Prompt path: dequantized slabs + matmul; in bf16 the per-row-scaled layouts multiply the scale after
+    the product. Slabs: L2-sized (``eager_elems`` 0, as in a captured graph: two for 80 rows), the whole
+    weight (an eager product), or eager slabs through one buffer (two)."""
     from quantbench.engine.kernels import dequant as dq
 
     spec = spec.replace(",compute=fp16", "").replace(":compute=fp16", "")
@@ -582,7 +584,7 @@ def test_dense_prefill_interpreter(spec: str, dtype: torch.dtype) -> None:
     w = torch.full((80, 256), float("nan"), dtype=dtype)
     dq.dequantize_rows(layout, 0, 80, w)
     assert _rel(w, module.dequantize().to(dtype)) < (1e-3 if dtype == torch.float16 else 1e-2)  # one ulp
-    slabs = EngineOptions(slab_elems=64 * 256)  # 64-row slabs: two for 80 rows
+    slabs = EngineOptions(slab_elems=32 * 256, eager_slab_elems=eager_elems)
     out = dq.dense_matmul(x, layout, row_factor=rf, options=slabs)
     assert _rel(out, ref) < (2e-2 if layout.act_quant else 1e-2)
 

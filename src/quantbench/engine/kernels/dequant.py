@@ -195,7 +195,7 @@ def dense_matmul(
     # Per-row scales are applied to the fp32 value of the rounded product; group scales inside the slab.
     # (bf16 only: fp16 products of raw codes, e.g. 127 * 127 * K, overflow its range.)
     post_scale = layout.group == 0 and layout.mode != MODE_TABLE and x.dtype == torch.bfloat16
-    eager = bool(options.eager_slab_elems) and x.is_cuda and not torch.cuda.is_current_stream_capturing()
+    eager = bool(options.eager_slab_elems) and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
     budget = max(options.slab_elems, options.eager_slab_elems) if eager else options.slab_elems
     slab = max(64, (budget // k) // 64 * 64)
     if out is None:
@@ -204,7 +204,9 @@ def dense_matmul(
     # With two buffers the next slab is dequantized on a side stream while cuBLAS multiplies this one:
     # both kernels leave most of the GPU idle at prompt sizes (a slab's product is only a few tiles wide).
     overlap = options.slab_overlap and x.is_cuda and len(starts) > 1 and not eager
-    scratch = _scratch(x.device, x.dtype, 2 if overlap else 1, min(slab, n) * k if eager else budget, eager)
+    # L2 slabs share one buffer set per budget (a slab is at least 64 rows, which can exceed the budget)
+    elems = min(slab, n) * k if eager else max(budget, slab * k)
+    scratch = _scratch(x.device, x.dtype, 2 if overlap else 1, elems, eager)
     main = torch.cuda.current_stream(x.device) if overlap else None
     side = _side_stream(x.device) if overlap else None
     if overlap:
