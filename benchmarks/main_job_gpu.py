@@ -130,9 +130,17 @@ def quantize(model: torch.nn.Module, spec: str, tokenizer: Any, device: str, cal
 
 
 def harness(
-    model: torch.nn.Module, tokenizer: Any, tasks: list[str], args: argparse.Namespace, engine: bool
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: list[str],
+    args: argparse.Namespace,
+    engine: bool,
+    variant: str = "base",
 ) -> dict[str, Any]:
-    """quantbench's harness on ``tasks``: per task wall time, questions, accuracy and answers; peak memory."""
+    """quantbench's harness on ``tasks``: per task wall time, questions, accuracy and answers; peak memory.
+    ``variant``: the engine's options, a variant of ``benchmarks/engine_ab.py``."""
+    from engine_ab import VARIANTS
+    from quantbench.engine.options import EngineOptions
     from quantbench.eval.engine_lm import scoring_lm
     from quantbench.eval.harness import evaluate
     from quantbench.eval.memory import peak_bytes, reset_peak
@@ -140,7 +148,8 @@ def harness(
     device = str(next(model.parameters()).device)
     gc.collect()
     reset_peak(device)
-    lm = scoring_lm(model, tokenizer, engine=engine, batch_size=args.batch_size)
+    options = EngineOptions(**VARIANTS[variant])
+    lm = scoring_lm(model, tokenizer, engine=engine, batch_size=args.batch_size, options=options)
     out: dict[str, Any] = {"scoring": lm.scoring, "tasks": {}}
     if args.warmup:  # compile the kernels (Triton's first launch of each specialization) untimed
         from quantbench.eval.tasks import get_task
@@ -169,7 +178,7 @@ def harness(
             "answers": {f"{a.subject}/{a.idx}": a.pred for a in result.answers},
         }
     peak, kind = peak_bytes(device)
-    out.update(scoring=lm.scoring, peak_gib=peak / 2**30, peak_kind=kind)
+    out.update(scoring=lm.scoring, peak_gib=peak / 2**30, peak_kind=kind, variant=variant)
     return out
 
 
@@ -228,6 +237,11 @@ def main() -> None:
     )
     parser.add_argument("--dtype", default="bf16", help="dtype the random model is built in")
     parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--variants", default="base",
+        help="';'-separated engine variants of benchmarks/engine_ab.py to evaluate each method with (the first: "
+        "the method's row; the others: extra rows)",
+    )  # fmt: skip
     parser.add_argument("--progress", action="store_true", help="progress bars")
     parser.add_argument(
         "--no-warmup",
@@ -261,6 +275,12 @@ def main() -> None:
     if args.mode not in MODES:
         raise EvalError(f"unknown mode '{args.mode}'; allowed: {', '.join(MODES)}")
     get_protocol(args.protocol)
+    from engine_ab import VARIANTS
+
+    variants = [v.strip() for v in args.variants.split(";") if v.strip()] or ["base"]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise EvalError(f"unknown engine variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     tokenizer = load_tokenizer(args.tokenizer, args.model)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     print(f"main job: {args.model} on {device} ({name}), tasks {', '.join(tasks)}, {args.shots}-shot "
@@ -291,12 +311,19 @@ def main() -> None:
             if spec in hf_methods:
                 row["hf"] = harness(model, tokenizer, tasks, args, engine=False)
                 print(f"{label}: HF forward {_times(row['hf'])}")
-            if args.profile:
-                row["engine"] = profiled(harness, label, model, tokenizer, tasks, args, engine=True)
-            else:
-                row["engine"] = harness(model, tokenizer, tasks, args, engine=True)
-            print(f"{label}: {row['engine']['scoring']} {_times(row['engine'])}, peak "
-                  f"{row['engine']['peak_gib']:.2f} GiB")  # fmt: skip
+            for i, variant in enumerate(variants):
+                name = label if variant == "base" else f"{label} [{variant}]"
+                if args.profile:
+                    result = profiled(
+                        harness, name, model, tokenizer, tasks, args, engine=True, variant=variant
+                    )
+                else:
+                    result = harness(model, tokenizer, tasks, args, engine=True, variant=variant)
+                if i == 0:
+                    row["engine"] = result
+                else:
+                    row.setdefault("variants", {})[variant] = result
+                print(f"{name}: {result['scoring']} {_times(result)}, peak {result['peak_gib']:.2f} GiB")
             if "hf" in row:
                 row["hf_agreement"] = _agreement(row["hf"], row["engine"])
                 print(
@@ -383,6 +410,12 @@ def print_table(rows: list[dict[str, Any]], tasks: list[str]) -> None:
             f"{rate / base_rate:.2f}" if base_rate else "-", f"{eng['peak_gib']:.2f}",
             f"{eng['warmup_s']:.1f}" if "warmup_s" in eng else "",
         ])  # fmt: skip
+        for variant, other in row.get("variants", {}).items():
+            lines.append([
+                f"  {row['method']} [{variant}]", "", *(f"{other['tasks'][t]['seconds']:.1f}" for t in tasks),
+                f"{_rate(other):.2f}", "", f"{_rate(other) / base_rate:.2f}" if base_rate else "-",
+                f"{other['peak_gib']:.2f}", f"{other['warmup_s']:.1f}" if "warmup_s" in other else "",
+            ])  # fmt: skip
         if "hf" in row:
             hf = row["hf"]
             hf_total = sum(hf["tasks"][t]["seconds"] for t in tasks)

@@ -337,6 +337,8 @@ def test_main_job_benchmark_smoke_on_cpu(tmp_path):
         "bf16",
         "--seed-questions",
         "2",
+        "--variants",
+        "base;l2eager",
         "--json",
         str(out),
     ]
@@ -352,8 +354,19 @@ def test_main_job_benchmark_smoke_on_cpu(tmp_path):
         assert {t: v["questions"] for t, v in row["engine"]["tasks"].items()} == {"mmlu": 57, "ceval": 52}
         assert set(row["seed"]) == {"mmlu", "ceval"} and row["seed"]["mmlu"]["questions"] == 2
     assert rows[0]["hf"]["scoring"] == "HF forward (engine off)" and 0 <= rows[0]["hf_agreement"] <= 1
+    # the second engine variant: its own timing, the same answers (on CPU no kernel differs)
+    for row in rows:
+        other = row["variants"]["l2eager"]
+        assert other["variant"] == "l2eager" and row["engine"]["variant"] == "base"
+        assert all(
+            other["tasks"][t]["answers"] == row["engine"]["tasks"][t]["answers"] for t in other["tasks"]
+        )
+    assert "bf16 [l2eager]" in run.stdout
     bad = subprocess.run([*argv[:2], "--model", "tiny", "--methods", "int5"], capture_output=True, text=True,
                          cwd=root, check=False)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
         "error: unknown method 'int5'"
     )
+    bad = subprocess.run([*argv[:2], "--model", "tiny", "--variants", "base;nope"], capture_output=True,
+                         text=True, cwd=root, check=False)  # fmt: skip
+    assert bad.returncode == 2 and "unknown engine variant(s) nope" in bad.stderr.strip().splitlines()[-1]

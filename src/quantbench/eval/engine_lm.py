@@ -214,17 +214,19 @@ def scoring_lm(
     batch_size: int = 8,
     prefix_reuse: bool = True,
     max_length: int | None = None,
+    options: EngineOptions = DEFAULT_OPTIONS,
 ) -> HFLM:
     """The LM that scores evaluation requests, ``lm.scoring`` saying which forward it runs.
 
     ``engine``: None (default) uses the engine on CUDA and the HF forward on CPU (the reference); True uses
     the engine on any device (on CPU its pure-torch reference ops: tests); False the HF forward. A model the
-    engine cannot run (another architecture) is scored by the HF forward whatever ``engine`` says."""
+    engine cannot run (another architecture) is scored by the HF forward whatever ``engine`` says.
+    ``options``: the engine's kernel choices (benchmarks' A/B variants)."""
     device = next(model.parameters()).device
     wanted = device.type == "cuda" if engine is None else engine
     reason = engine_unsupported(model)
     if wanted and reason is None:
-        return EngineLM(model, tokenizer, batch_size, prefix_reuse, max_length)
+        return EngineLM(model, tokenizer, batch_size, prefix_reuse, max_length, options=options)
     lm = HFLM(model, tokenizer, batch_size, prefix_reuse, max_length)
     if not wanted:
         lm.scoring = "HF forward (engine off)" if engine is False else "HF forward (CPU reference)"
