@@ -177,10 +177,10 @@ def extend_mask(
     idx = torch.arange(t, device=past_valid.device)
     own = (idx[None, :] <= idx[:, None])[None].expand(b, t, t)
     keep = torch.cat([past_valid[:, None, :].expand(b, t, p), own], dim=-1)  # [B, T, P + T]
-    hidden = torch.zeros((b, t, p + t), dtype=dtype, device=past_valid.device).masked_fill_(
+    additive = torch.zeros((b, t, p + t), dtype=dtype, device=past_valid.device).masked_fill_(
         ~keep, float("-inf")
     )
-    return hidden[:, None].expand(b, group, t, p + t).reshape(b, 1, group * t, p + t)
+    return additive[:, None].expand(b, group, t, p + t).reshape(b, 1, group * t, p + t)
 
 
 def extend_attention(

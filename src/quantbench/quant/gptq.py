@@ -313,8 +313,11 @@ class _BlockGraphs:
         for buffer, value in zip(static, (W1, Hinv1, codes1, scales1, zeros1), strict=False):
             buffer.copy_(value)
         graph.replay()
-        for value, buffer in zip((W1, codes1, scales1, zeros1), (static[0], *static[2:5]), strict=True):
-            value.copy_(buffer)
+        W1.copy_(static[0])
+        codes1.copy_(static[2])
+        if not self.args[3]:  # dynamic groups: their grids were computed (per column, they were given)
+            scales1.copy_(static[3])
+            zeros1.copy_(static[4])
         loss += static[5]
         return err
 
