@@ -404,6 +404,12 @@ def test_fused_ops_cuda() -> None:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("d", [64, 128])
+def test_extend_attention_cuda(d: int) -> None:
+    _check_extend_attention("cuda", torch.bfloat16, heads=28, kv=4, d=d)
+
+
+@pytest.mark.cuda
 def test_decode_attention_splits_cuda() -> None:
     _check_decode_attention("cuda", torch.bfloat16, heads=32, kv=8, d=128)
 
@@ -694,6 +700,11 @@ def test_fused_ops_interpreter() -> None:
     _check_fused_ops("cpu", torch.float16, batch=2, t=5, heads=4, kv=2, d=32, hidden=64)
 
 
+@interp
+def test_extend_attention_interpreter() -> None:
+    _check_extend_attention("cpu", torch.float16, heads=4, kv=2, d=32)
+
+
 @pytest.mark.skipif(CUDA or not HAS_TRITON or IN_INTERPRETER, reason="CPU with triton installed")
 def test_interpreter_tests_in_own_process() -> None:
     """The interpreter tests above, in a fresh process with TRITON_INTERPRET=1 set before any import."""
@@ -787,6 +798,85 @@ def _check_fused_ops(
         outs.append((out, kc, vc))
     for a, b in zip(*outs, strict=True):
         assert _rel(a, b) < 1e-2
+
+
+def _extend_reference64(qkv, positions, cos, sin, past_k, past_v, past_valid, index, heads, kv, d):
+    """Float64 attention of an extend batch, one row and head at a time: the past's real keys of sequence
+    ``index[b]``, then the row's own keys causally (RoPE of q / k rounded to the input dtype first, as the
+    engine stores them)."""
+    b, t = positions.shape
+    x = qkv.view(b, t, heads + 2 * kv, d)
+    c, s = cos[positions][:, :, None, :].double(), sin[positions][:, :, None, :].double()
+
+    def rope(part):
+        half = d // 2
+        a1, a2 = part[..., :half].double(), part[..., half:].double()
+        return torch.cat((a1 * c - a2 * s, a2 * c + a1 * s), dim=-1).to(qkv.dtype).double()
+
+    q, k, v = rope(x[:, :, :heads]), rope(x[:, :, heads : heads + kv]), x[:, :, heads + kv :].double()
+    out = torch.empty(b, t, heads, d, dtype=torch.float64)
+    for row in range(b):
+        for h in range(heads):
+            g = h // (heads // kv)
+            keys, values = k[row, :, g], v[row, :, g]
+            own = torch.ones(t, t, dtype=torch.bool).tril()
+            if past_k is not None:
+                src = int(index[row])
+                real = past_valid[src].cpu()
+                keys = torch.cat([past_k[src, g].cpu().double()[real], keys.cpu()])
+                values = torch.cat([past_v[src, g].cpu().double()[real], values.cpu()])
+                own = torch.cat([torch.ones(t, int(real.sum()), dtype=torch.bool), own], dim=1)
+            scores = (q[row, :, h].cpu() @ keys.cpu().T) * d**-0.5
+            probs = scores.masked_fill(~own, float("-inf")).softmax(-1)
+            out[row, :, h] = probs @ values.cpu()
+    return out.reshape(b * t, heads * d), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _check_extend_attention(device: str, dtype: torch.dtype, heads: int, kv: int, d: int) -> None:
+    """The Triton extend attention against float64 (and the SDPA reference): no past; a past of two
+    sequences with a hole in one's real columns, picked per row by index; two query blocks (T = 70). And a
+    row's output is bit for bit the same in another batch, padded wider, after a wider past."""
+    from quantbench.engine import ops as ref
+    from quantbench.engine.kernels.extend_attention import extend_attention
+
+    torch.manual_seed(5)
+    b, t, n_past, p = 3, 70, 2, 75
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=device).float() / d))
+    ang = torch.arange(256, device=device).float()[:, None] * inv[None, :]
+    cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
+    qkv = torch.randn(b * t, (heads + 2 * kv) * d, device=device).to(dtype)
+    past_k = torch.randn(n_past, kv, p, d, device=device).to(dtype)
+    past_v = torch.randn(n_past, kv, p, d, device=device).to(dtype)
+    past_valid = torch.zeros(n_past, p, dtype=torch.bool, device=device)
+    past_valid[0, :60] = True
+    past_valid[1, :40] = past_valid[1, 50:70] = True  # a generation's past: prefix, pads, its own tokens
+    index = torch.tensor([1, 0, 1], device=device)
+    lengths = torch.tensor([70, 52, 9], device=device)
+    columns = torch.arange(t, device=device)[None, :]
+    plain = torch.minimum(columns, (lengths - 1)[:, None]).expand(b, t)
+    for past in (False, True):
+        start = past_valid.sum(1)[index] if past else torch.zeros(b, dtype=torch.long, device=device)
+        positions = (start[:, None] + plain).contiguous()
+        args = (past_k, past_v, past_valid, index) if past else (None, None, None, None)
+        out, k, v = extend_attention(qkv, positions, cos, sin, *args, None, heads, kv, d, d**-0.5)
+        want, want_k, want_v = _extend_reference64(
+            qkv.cpu(), positions.cpu(), cos.cpu(), sin.cpu(), *args, heads, kv, d
+        )
+        assert _rel(out.cpu(), want) < 1e-2, past
+        assert _rel(k.cpu(), want_k) < 1e-3 and torch.equal(v.cpu().double(), want_v)
+        mask = None
+        if past:
+            mask = ref.extend_mask(past_valid[index], t, heads // kv, dtype)
+        sdpa_out, *_ = ref.extend_attention_ref(qkv, positions, cos, sin, *args, mask, heads, kv, d, d**-0.5)
+        assert _rel(out, sdpa_out) < 1e-2, past
+    # row 2 alone, its own width, after only its past sequence: the same bits
+    alone = qkv.view(b, t, -1)[2:, :9].reshape(9, -1)
+    pos = positions[2:, :9].contiguous()
+    out_alone, *_ = extend_attention(
+        alone, pos, cos, sin, past_k[1:, :, :70], past_v[1:, :, :70], past_valid[1:, :70], None, None,
+        heads, kv, d, d**-0.5,
+    )  # fmt: skip
+    assert torch.equal(out_alone, out.view(b, t, -1)[2, :9])
 
 
 def _check_partials_consumers(device: str, dtype: torch.dtype) -> None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantbench.engine.kernels.layouts import optional_quant_class
-from quantbench.engine.ops import Ops, extend_attention, extend_mask, rope_qkv
+from quantbench.engine.ops import Ops, extend_mask
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 from quantbench.quant.base import QuantLinear
 
@@ -525,7 +525,10 @@ class EngineModel:
         past_valid = None
         if past is not None:
             past_valid = past.valid if index is None else past.valid[index]
-        mask = extend_mask(past_valid, t, self.n_heads // self.n_kv, self.dtype)
+        # the reference's additive mask, built once per forward (the Triton kernel reads the past's real
+        # columns itself)
+        mask = extend_mask(past_valid, t, self.n_heads // self.n_kv, self.dtype) if ops.extend_mask else None
+        positions = positions.contiguous()
         h = self.embed(ids).reshape(b * t, self.hidden)
         x = torch.empty_like(h)
         keys: list[torch.Tensor] = []
@@ -533,19 +536,18 @@ class EngineModel:
         pending = None
         for i, layer in enumerate(self.layers):
             ops.add_rmsnorm(h, pending, layer.ln1, self.eps, x)
-            q, k, v = rope_qkv(
-                layer.qkv(x), positions, self.cos, self.sin, self.n_heads, self.n_kv, self.head_dim
-            )
-            if past is not None:
-                pk, pv = (past.k[i], past.v[i]) if index is None else (past.k[i][index], past.v[i][index])
-                k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-            elif keep_kv:  # own storage, so the fused product (queries included) is not kept alive
-                k, v = k.contiguous(), v.contiguous()
-            attn = extend_attention(q, k, v, mask, self.sm_scale)
+            pk, pv, pvalid = (None, None, None) if past is None else (past.k[i], past.v[i], past.valid)
+            attn, k, v = ops.extend_attention(
+                layer.qkv(x), positions, self.cos, self.sin, pk, pv, pvalid, index, mask,
+                self.n_heads, self.n_kv, self.head_dim, self.sm_scale,
+            )  # fmt: skip
+            if keep_kv and past is not None:  # generation: the rows' own past, then these tokens
+                k = torch.cat([pk if index is None else pk[index], k], dim=2)
+                v = torch.cat([pv if index is None else pv[index], v], dim=2)
             if keep_kv:
                 keys.append(k)
                 values.append(v)
-            o = layer.o(attn.transpose(1, 2).reshape(b * t, self.n_heads * self.head_dim))
+            o = layer.o(attn)
             ops.add_rmsnorm(h, o, layer.ln2, self.eps, x)
             pending = layer.down(layer.gate_up(x), act_silu_mul=True)
         kv = None

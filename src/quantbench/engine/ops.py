@@ -168,9 +168,10 @@ def extend_mask(
 ) -> torch.Tensor | None:
     """The additive attention mask (0 where a query sees a key, -inf elsewhere, in ``dtype``) of ``t`` new
     tokens after a past whose real keys ``past_valid [B, P]`` marks (None: no past, plain causal attention):
-    ``[B, 1, group * t, P + t]`` for :func:`extend_attention`, the rows of one KV head's ``group`` query
+    ``[B, 1, group * t, P + t]`` for :func:`extend_attention_ref`, the rows of one KV head's ``group`` query
     heads stacked. Rows are right-padded, so a real query never sees a pad of its own row, and a pad query
-    sees at least itself. Built once per forward: SDPA would turn a boolean mask into this in every layer."""
+    sees at least itself. Built once per forward: SDPA would turn a boolean mask into this in every layer.
+    The Triton path (``kernels/extend_attention.py``) needs none."""
     if past_valid is None:
         return None
     b, p = past_valid.shape
@@ -183,38 +184,61 @@ def extend_mask(
     return additive[:, None].expand(b, group, t, p + t).reshape(b, 1, group * t, p + t)
 
 
-def extend_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, sm_scale: float
-) -> torch.Tensor:
-    """SDPA of ``T`` new tokens ``q [B, H, T, D]`` over ``k/v [B, HKV, P + T, D]`` (their past's keys, then
-    their own) under :func:`extend_mask`'s ``mask`` (None: no past, causal). The query heads that share a KV
-    head are stacked along the query axis (``[B, HKV, G * T, D]``), so the mask is repeated instead of the
-    keys and values."""
-    b, h, t, d = q.shape
-    n_kv = k.shape[1]
-    if mask is None:
-        return sdpa(q, k, v, is_causal=True, scale=sm_scale, enable_gqa=h > n_kv)
-    q = q.reshape(b, n_kv, (h // n_kv) * t, d)
-    # reshape: the memory-efficient kernel returns its output in a transposed layout
-    return sdpa(q, k, v, attn_mask=mask, scale=sm_scale).reshape(b, h, t, d)
+def extend_attention_ref(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    past_k: torch.Tensor | None,
+    past_v: torch.Tensor | None,
+    past_valid: torch.Tensor | None,
+    index: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+    sm_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention of ``T`` new tokens: the fused product ``qkv [B*T, (H + 2 HKV) D]`` at ``positions [B, T]`` ->
+    (the output ``[B*T, H*D]``, the tokens' own rotated keys and values ``[B, HKV, T, D]``). Row b attends
+    to the real keys of past sequence ``index[b]`` (default b) of ``past_k / past_v [N, HKV, P, D]``
+    (``past_valid [N, P]`` marks them; :func:`extend_mask`'s ``mask`` says the same per row) and causally
+    to its own tokens. SDPA with the query heads that share a KV head stacked along the query axis
+    (``[B, HKV, G * T, D]``), so the mask is repeated instead of the keys and values."""
+    b, t = positions.shape
+    q, k, v = rope_qkv(qkv, positions, cos, sin, n_heads, n_kv, head_dim)
+    k, v = k.contiguous(), v.contiguous()  # own storage, so the fused product is not kept alive
+    if past_k is None:
+        attn = sdpa(q, k, v, is_causal=True, scale=sm_scale, enable_gqa=n_heads > n_kv)
+    else:
+        pk, pv = (past_k, past_v) if index is None else (past_k[index], past_v[index])
+        keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        q = q.reshape(b, n_kv, (n_heads // n_kv) * t, head_dim)
+        # reshape: the memory-efficient kernel returns its output in a transposed layout
+        attn = sdpa(q, keys, values, attn_mask=mask, scale=sm_scale).reshape(b, n_heads, t, head_dim)
+    return attn.transpose(1, 2).reshape(b * t, n_heads * head_dim), k, v
 
 
 class Ops:
     """The op table the engine calls: Triton kernels (launched as ``options`` say) when ``use_triton``, else
-    the references."""
+    the references. ``extend_mask``: whether ``extend_attention`` takes :func:`extend_mask`'s mask."""
 
     def __init__(self, use_triton: bool, options: EngineOptions = DEFAULT_OPTIONS) -> None:
         self.use_triton = use_triton
         if use_triton:
             from quantbench.engine.kernels import fused
+            from quantbench.engine.kernels.extend_attention import extend_attention
 
             self.add_rmsnorm = functools.partial(fused.add_rmsnorm, options=options)
             self.silu_mul = functools.partial(fused.silu_mul, options=options)
             self.rope_cache_prefill = fused.rope_cache_prefill
             self.decode_attention = functools.partial(fused.decode_attention, options=options)
+            self.extend_attention = extend_attention if options.extend_triton else extend_attention_ref
         else:
             self.add_rmsnorm = add_rmsnorm_ref
             self.silu_mul = silu_mul_ref
             self.rope_cache_prefill = rope_cache_prefill_ref
             self.decode_attention = decode_attention_ref
+            self.extend_attention = extend_attention_ref
         self.prefill_attention = prefill_attention
+        self.extend_mask = self.extend_attention is extend_attention_ref

@@ -127,6 +127,12 @@ class EngineOptions:
     attn_warps: int = 8
     """Warps per program for blocks of 256 positions (4 below)."""
 
+    # ---- extend attention (evaluation, prefix and generation batches: ``EngineModel.extend``) ----
+    extend_triton: bool = True
+    """Attention of extend forwards in one Triton kernel that rotates the queries, reads the past's keys
+    where they are stored and writes the o-projection's layout (``kernels/extend_attention.py``); off: the
+    reference ops (RoPE in torch, the past gathered and concatenated, SDPA under an additive mask)."""
+
     # ---- W8A8 activation quantization (``fused.act_quant``) ----
     act_tiles_decode: tuple[int, int, int, int] = (1024, 64, 16, 1024)
     """Up to 64 tokens: columns, tokens and tokens per load of a statistics program; columns per apply

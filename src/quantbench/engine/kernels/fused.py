@@ -116,13 +116,15 @@ def _rope_rows(x1, x2, c, s):
 
 @triton.jit
 def _rope_cache_prefill_kernel(
-    qkv_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, start_ptr,
+    qkv_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, start_ptr, pos_ptr,
     T, stride_qkv_row, stride_qb, stride_qh, stride_qt, stride_cb, stride_ch, stride_ct,
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HEAD0: tl.constexpr, GIVEN_POS: tl.constexpr,
 ):  # fmt: skip
-    """One program per (token, head among q + k + v heads): rotate q/k, write q to its buffer, k/v to cache."""
+    """One program per (token, head among q + k + v heads from ``HEAD0`` on): rotate q/k, write q to its
+    buffer, k/v to cache. The position is ``t - start[b]`` (left padding) or, with ``GIVEN_POS``,
+    ``pos [B, T]``'s."""
     tok = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1) + HEAD0
     b = tok // T
     t = tok % T
     HALF: tl.constexpr = D // 2
@@ -131,7 +133,10 @@ def _rope_cache_prefill_kernel(
     x1 = tl.load(src + d)
     x2 = tl.load(src + HALF + d)
     if head < H + HKV:
-        pos = tl.maximum(t - tl.load(start_ptr + b), 0)
+        if GIVEN_POS:
+            pos = tl.load(pos_ptr + tok)
+        else:
+            pos = tl.maximum(t - tl.load(start_ptr + b), 0)
         c = tl.load(cos_ptr + pos * HALF + d)
         s = tl.load(sin_ptr + pos * HALF + d)
         y1, y2 = _rope_rows(x1.to(tl.float32), x2.to(tl.float32), c, s)
@@ -164,26 +169,31 @@ def rope_cache_prefill(
     """qkv ``[B*T, (H + 2*HKV) * D]`` -> ``q_out [B, H, T, D]`` (rotated), cache ``[B, HKV, S, D]`` rows 0..T-1."""
     b, _, t, _ = q_out.shape
     _rope_cache_prefill_kernel[(b * t, n_heads + 2 * n_kv)](
-        qkv,
-        q_out,
-        k_cache,
-        v_cache,
-        cos,
-        sin,
-        start,
-        t,
-        qkv.stride(0),
-        q_out.stride(0),
-        q_out.stride(1),
-        q_out.stride(2),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        H=n_heads,
-        HKV=n_kv,
-        D=head_dim,
-        num_warps=1,
-    )
+        qkv, q_out, k_cache, v_cache, cos, sin, start, start, t, qkv.stride(0),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        H=n_heads, HKV=n_kv, D=head_dim, HEAD0=0, GIVEN_POS=False, num_warps=1,
+    )  # fmt: skip
+
+
+def rope_kv(
+    qkv: torch.Tensor,
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+) -> None:
+    """The k / v heads of qkv ``[B*T, (H + 2*HKV) * D]`` at ``positions [B, T]`` (contiguous) -> ``k_out``
+    (rotated) and ``v_out`` ``[B, HKV, S, D]``, positions 0..T-1 of S."""
+    b, t = positions.shape
+    _rope_cache_prefill_kernel[(b * t, 2 * n_kv)](
+        qkv, k_out, k_out, v_out, cos, sin, positions, positions, t, qkv.stride(0),
+        0, 0, 0, k_out.stride(0), k_out.stride(1), k_out.stride(2),
+        H=n_heads, HKV=n_kv, D=head_dim, HEAD0=n_heads, GIVEN_POS=True, num_warps=1,
+    )  # fmt: skip
 
 
 @triton.jit
