@@ -15,23 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from quantbench.engine.kernels.fused import _rope_rows, rope_kv
+from quantbench.engine.kernels.fused import rope_kv
+from quantbench.engine.kernels.triton_common import attend_block, rope_rows
 
 QUERY_BLOCK = 64  # fixed (not chosen per batch): the same tiles, the same arithmetic for a row in any batch
-
-
-@triton.jit
-def _attend(q1r, q2r, kt1, kt2, vt, keep, m_i, l_i, acc, qk_scale):
-    """One key block of the online softmax (base 2) under the ``[BM, BN]`` mask ``keep``."""
-    qk = tl.dot(q1r, kt1) + tl.dot(q2r, kt2)
-    qk = tl.where(keep, qk * qk_scale, -float("inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # no visible key yet: no NaN
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(qk - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -73,7 +60,7 @@ def _extend_attention_kernel(
     q_off = rows[:, None] * stride_qkv_row + h * D + dh[None, :]
     q1 = tl.load(qkv_ptr + q_off, mask=mmask[:, None], other=0.0)
     q2 = tl.load(qkv_ptr + q_off + HALF, mask=mmask[:, None], other=0.0)
-    q1r, q2r = _rope_rows(q1.to(tl.float32), q2.to(tl.float32), c, s)
+    q1r, q2r = rope_rows(q1.to(tl.float32), q2.to(tl.float32), c, s)
     q1r = q1r.to(dtype)
     q2r = q2r.to(dtype)
 
@@ -90,7 +77,7 @@ def _extend_attention_kernel(
             real = tl.load(pvalid_ptr + src * stride_valid + offs_n, mask=nmask, other=0) != 0
             kt1, kt2, vt = _key_block(kbase, vbase, offs_n, nmask, stride_pt, dh, dd, HALF)
             keep = real[None, :] & mmask[:, None]
-            m_i, l_i, acc = _attend(q1r, q2r, kt1, kt2, vt, keep, m_i, l_i, acc, qk_scale)
+            m_i, l_i, acc = attend_block(q1r, q2r, kt1, kt2, vt, keep, m_i, l_i, acc, qk_scale)
     # the new tokens' own keys, causally
     kbase = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
     vbase = v_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
@@ -99,7 +86,7 @@ def _extend_attention_kernel(
         nmask = offs_n < T
         kt1, kt2, vt = _key_block(kbase, vbase, offs_n, nmask, stride_kt, dh, dd, HALF)
         keep = (offs_n[None, :] <= offs_m[:, None]) & nmask[None, :]
-        m_i, l_i, acc = _attend(q1r, q2r, kt1, kt2, vt, keep, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = attend_block(q1r, q2r, kt1, kt2, vt, keep, m_i, l_i, acc, qk_scale)
     out = (acc / l_i[:, None]).to(dtype)
     tl.store(o_ptr + rows[:, None] * stride_o_row + h * D + dd[None, :], out, mask=mmask[:, None])
 

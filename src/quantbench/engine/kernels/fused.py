@@ -16,7 +16,14 @@ import triton.language as tl
 from quantbench.engine.kernels.layouts import ACT_LLM_INT8
 from quantbench.engine.kernels.partials import Partials, load_summed, parts_args
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
-from quantbench.engine.kernels.triton_common import WS_FLOATS, WS_TILES, num_sms, workspace
+from quantbench.engine.kernels.triton_common import (
+    WS_FLOATS,
+    WS_TILES,
+    attend_block,
+    num_sms,
+    rope_rows,
+    workspace,
+)
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
 
@@ -109,12 +116,6 @@ def silu_mul(
 
 
 @triton.jit
-def _rope_rows(x1, x2, c, s):
-    """Rotate-half RoPE of two halves (fp32), as HF's ``x * cos + rotate_half(x) * sin``."""
-    return x1 * c - x2 * s, x2 * c + x1 * s
-
-
-@triton.jit
 def _rope_cache_prefill_kernel(
     qkv_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, start_ptr, pos_ptr,
     T, stride_qkv_row, stride_qb, stride_qh, stride_qt, stride_cb, stride_ch, stride_ct,
@@ -139,7 +140,7 @@ def _rope_cache_prefill_kernel(
             pos = tl.maximum(t - tl.load(start_ptr + b), 0)
         c = tl.load(cos_ptr + pos * HALF + d)
         s = tl.load(sin_ptr + pos * HALF + d)
-        y1, y2 = _rope_rows(x1.to(tl.float32), x2.to(tl.float32), c, s)
+        y1, y2 = rope_rows(x1.to(tl.float32), x2.to(tl.float32), c, s)
         y1 = y1.to(x1.dtype)
         y2 = y2.to(x1.dtype)
         if head < H:
@@ -209,20 +210,6 @@ def _kv_block(kbase, vbase, s0, s_hi, st, stride_ct, dh, dd, HALF: tl.constexpr,
 
 
 @triton.jit
-def _attend_block(q1r, q2r, kt1, kt2, vt, smask, m_i, l_i, acc, qk_scale):
-    """One block of the online softmax (base 2): the running max, sum and weighted values."""
-    qk = tl.dot(q1r, kt1) + tl.dot(q2r, kt2)
-    qk = tl.where(smask[None, :], qk * qk_scale, -float("inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a block with no valid position: no NaN
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(qk - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _decode_attention_kernel(
     qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, len_ptr, start_ptr, o_ptr, ws_ptr, cnt_ptr,
     stride_len, stride_qkv_row, stride_cb, stride_ch, stride_ct, stride_o_row, sm_scale, chunk, qkv_plane,
@@ -266,13 +253,13 @@ def _decode_attention_kernel(
     q_off = row + (kvh * G + g)[:, None] * D + dh[None, :]
     q1 = load_summed(qkv_ptr, q_off, gmask[:, None], qkv_plane, QKV_PARTS, dtype)
     q2 = load_summed(qkv_ptr, q_off + HALF, gmask[:, None], qkv_plane, QKV_PARTS, dtype)
-    q1r, q2r = _rope_rows(q1.to(tl.float32), q2.to(tl.float32), c[None, :], s[None, :])
+    q1r, q2r = rope_rows(q1.to(tl.float32), q2.to(tl.float32), c[None, :], s[None, :])
     q1r = q1r.to(dtype)
     q2r = q2r.to(dtype)
     # the new k / v
     k1 = load_summed(qkv_ptr, row + (H + kvh) * D + dh, dh < HALF, qkv_plane, QKV_PARTS, dtype)
     k2 = load_summed(qkv_ptr, row + (H + kvh) * D + HALF + dh, dh < HALF, qkv_plane, QKV_PARTS, dtype)
-    k1r, k2r = _rope_rows(k1.to(tl.float32), k2.to(tl.float32), c, s)
+    k1r, k2r = rope_rows(k1.to(tl.float32), k2.to(tl.float32), c, s)
     k1r = k1r.to(dtype)
     k2r = k2r.to(dtype)
     vn = load_summed(qkv_ptr, row + (H + HKV + kvh) * D + dd, dd < D, qkv_plane, QKV_PARTS, dtype)
@@ -286,10 +273,10 @@ def _decode_attention_kernel(
     m_i = tl.full((GP,), -float("inf"), dtype=tl.float32)
     l_i = tl.zeros((GP,), dtype=tl.float32)
     acc = tl.zeros((GP, D), dtype=tl.float32)
-    m_i, l_i, acc = _attend_block(q1r, q2r, kt1_0, kt2_0, vt_0, smask0, m_i, l_i, acc, qk_scale)
+    m_i, l_i, acc = attend_block(q1r, q2r, kt1_0, kt2_0, vt_0, smask0[None, :], m_i, l_i, acc, qk_scale)
     for s0 in range(s_lo + BS, s_hi, BS):
         smask, kt1, kt2, vt = _kv_block(kbase, vbase, s0, s_hi, st, stride_ct, dh, dd, HALF, BS)
-        m_i, l_i, acc = _attend_block(q1r, q2r, kt1, kt2, vt, smask, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = attend_block(q1r, q2r, kt1, kt2, vt, smask[None, :], m_i, l_i, acc, qk_scale)
     # the new token itself (last split only)
     qk_n = (
         tl.sum(q1r.to(tl.float32) * k1r.to(tl.float32)[None, :], axis=1)

@@ -1,6 +1,7 @@
 """Triton helpers shared by the quantized-linear kernels (``wq_matmul``, ``prompt_gemm``, ``gemv_h2``,
 ``mma_gemv``, ``dequant``) and the fused ops: code-word addressing and decoding, scales, the split-K
-epilogue and its workspace, and the PTX byte-permute decoder of NF4 / FP4 tables.
+epilogue and its workspace, the PTX byte-permute decoder of NF4 / FP4 tables, and the RoPE and
+online-softmax steps of the attention kernels (decode and extend).
 """
 
 from __future__ import annotations
@@ -17,6 +18,27 @@ from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
 _INT = tl.constexpr(MODE_INT)
 _TABLE = tl.constexpr(MODE_TABLE)
+
+
+@triton.jit
+def rope_rows(x1, x2, c, s):
+    """Rotate-half RoPE of two halves (fp32), as HF's ``x * cos + rotate_half(x) * sin``."""
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
+def attend_block(q1r, q2r, kt1, kt2, vt, keep, m_i, l_i, acc, qk_scale):
+    """One block of the online softmax (base 2) over the keys ``keep`` (a mask broadcast to ``[rows, keys]``)
+    lets each query row see: the running max, sum and weighted values."""
+    qk = tl.dot(q1r, kt1) + tl.dot(q2r, kt2)
+    qk = tl.where(keep, qk * qk_scale, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a block with no valid position: no NaN
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    return m_new, l_i, acc
 
 
 @triton.jit
