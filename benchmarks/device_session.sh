@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session on the lent GPU: correctness, kernel bandwidth, engine latency (see docs/bench.md).
-# usage: bash benchmarks/device_session.sh STAGES   (STAGES: comma list of env,tests,pdltest,ab,profile,ncu,kernels,bench,hf,check)
+# usage: bash benchmarks/device_session.sh STAGES   (STAGES: comma list of env,tests,pdltest,ab,profile,ncu,kernels,bench,hf,check,mainjob)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -51,4 +51,10 @@ if has hf; then
 fi
 if has check; then
   timeout ${T_CHECK:-240} python3 benchmarks/cuda_methods_check.py --json "$OUT/cuda_methods_check.json" 2>&1 | tee "$OUT/check.txt" | tail -20
+fi
+if has mainjob; then  # the seed's table on a random 7B, each method under MAIN_VARIANTS (docs/bench.md "The main job on a GPU")
+  timeout ${T_MAINJOB:-540} python3 benchmarks/main_job_gpu.py --tokenizer "${MAIN_TOKENIZER:?a directory holding the Qwen tokenizer}" \
+    --methods "${MAIN_METHODS:-bf16;int4:group=128;nf4:block=64,compute=fp16;fp8}" --variants "${MAIN_VARIANTS:-base;tritonext}" \
+    --tasks "${MAIN_TASKS:-mmlu}" --seed-questions ${MAIN_SEED:-0} --hf-methods "${MAIN_HF:-}" ${MAIN_CALIB:+--calib "$MAIN_CALIB"} \
+    --json "$OUT/main_job.json" 2>&1 | tee "$OUT/main_job.txt" | grep -v "^block" | tail -30
 fi

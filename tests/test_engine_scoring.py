@@ -12,6 +12,9 @@ predictions must agree wherever HF's best choice leads the runner-up by more tha
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -19,6 +22,13 @@ from quantbench.eval.engine_lm import EngineLM, WindowLogits, engine_unsupported
 from quantbench.eval.harness import evaluate
 from quantbench.eval.lm import HFLM, PrefixState
 from quantbench.eval.perplexity import perplexity
+
+CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"  # set only by the test at the end of this file
+interp = pytest.mark.skipif(
+    CUDA or not HAS_TRITON or not IN_INTERPRETER, reason="runs inside test_interpreter_tests_in_own_process"
+)
 
 ARCHS = {
     "qwen2": ("qwen2.5-0.5b", {}),
@@ -262,11 +272,15 @@ def _float_twin(model):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("extend_triton", [False, True])
 @pytest.mark.parametrize("spec", [None, "int4:group=128", "nf4:block=64"])
-def test_engine_scores_like_hf_forward_cuda(spec, tokenizer):
-    """bf16 and int4 / NF4 models on the GPU, across batch sizes: the Triton-kernel engine is no further
-    from the float32 forward of the same weights than HF's own bf16 forward is (twice its error), and
-    predicts the same where the float32 margin exceeds both errors."""
+def test_engine_scores_like_hf_forward_cuda(spec, extend_triton, tokenizer):
+    """bf16 and int4 / NF4 models on the GPU, across batch sizes, attention by the reference ops or the
+    Triton extend kernel: the Triton-kernel engine is no further from the float32 forward of the same
+    weights than HF's own bf16 forward is (twice its error), and predicts the same where the float32
+    margin exceeds both errors."""
+    from quantbench.engine.options import EngineOptions
+
     model = _cuda_model(spec)
     prefixes, rows, which = _requests()
     hf = HFLM(model, tokenizer)
@@ -274,7 +288,7 @@ def test_engine_scores_like_hf_forward_cuda(spec, tokenizer):
     exact = HFLM(_float_twin(model), tokenizer)
     ref = exact.choice_logprobs(exact.prefix_state(prefixes), rows, CHOICES, which=which).float()
     hf_err = float((want - ref).abs().max())
-    lm = scoring_lm(model, tokenizer)
+    lm = scoring_lm(model, tokenizer, options=EngineOptions(extend_triton=extend_triton))
     assert isinstance(lm, EngineLM) and lm.scoring == "engine (Triton kernels)"
     clear = 0
     top2 = ref.topk(2, dim=-1).values
@@ -370,3 +384,34 @@ def test_main_job_benchmark_smoke_on_cpu(tmp_path):
     bad = subprocess.run([*argv[:2], "--model", "tiny", "--variants", "base;nope"], capture_output=True,
                          text=True, cwd=root, check=False)  # fmt: skip
     assert bad.returncode == 2 and "unknown engine variant(s) nope" in bad.stderr.strip().splitlines()[-1]
+
+
+@interp
+def test_extend_kernel_scores_like_reference_interpreter(tokenizer):
+    """The engine with its Triton ops (the extend-attention kernel included) against its reference ops, fp16
+    (the interpreter's bf16 dot is wrong), same requests in another batching: one-token and multi-token
+    choices (rows of several scored positions) within a few fp16 roundings of the log-probs' magnitude, and
+    greedy continuations (each step attends to a past with pads between prefix and row) the same tokens
+    where the reference's margin is clear."""
+    from quantbench.engine.options import EngineOptions
+
+    model = _model("qwen2", tokenizer, dtype=torch.float16)
+    prefixes, rows, which = _requests()
+    ref = EngineLM(model, tokenizer, use_kernels=False)
+    ker = EngineLM(model, tokenizer, use_kernels=True, options=EngineOptions(extend_triton=True))
+    for choices in (CHOICES, MULTI):
+        want = _batched(ref, prefixes, rows, which, list(range(6)), 6, choices).float()
+        tol = float(want.abs().max()) * 2**-9
+        got = _batched(ker, prefixes, rows, which, [3, 1, 5, 0, 4, 2], 4, choices).float()
+        torch.testing.assert_close(got, want, rtol=0, atol=tol)
+    want_text = ref.greedy(ref.prefix_state(prefixes), rows, 4, which=which)
+    got_text = ker.greedy(ker.prefix_state(prefixes), rows, 4, which=which)
+    assert sum(a == b for a, b in zip(got_text, want_text, strict=True)) >= 5, (got_text, want_text)
+
+
+@pytest.mark.skipif(CUDA or not HAS_TRITON or IN_INTERPRETER, reason="CPU with triton installed")
+def test_interpreter_tests_in_own_process() -> None:
+    """The interpreter tests above, in a fresh process with TRITON_INTERPRET=1 set before any import."""
+    from triton_interp import run_interpreter_tests
+
+    run_interpreter_tests(__file__, timeout=900)
