@@ -52,8 +52,8 @@ def main() -> None:
     from llmcompressor import oneshot
 
     import quantbench
+    from quantbench.checkpoint_export import import_checkpoint
     from quantbench.quant.calib import prepare_calibration
-    from quantbench.quant.export import import_checkpoint
 
     spec = args.model or quantbench.DEFAULT_MODEL
     args.out.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ SPECS = {
 
 @pytest.fixture(scope="module")
 def text_ids(real_model_fp32) -> torch.Tensor:
-    from quantbench.eval.corpus import evaluation_text
+    from quantbench.corpus import evaluation_text
 
     _, tokenizer = real_model_fp32
     ids = tokenizer(evaluation_text(max_chars=4000), return_tensors="pt").input_ids[:, :N_TOKENS]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import quantbench
-from quantbench.eval.corpus import CORPORA, corpus_documents, load_corpus
+from quantbench.corpus import CORPORA, corpus_documents, load_corpus
 from quantbench.eval.perplexity import PerplexityError, perplexity, sliding_windows
 
 

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 import quantbench
+from quantbench.checkpoint_export import export_checkpoint, import_checkpoint
 from quantbench.cli import main as cli_main
 from quantbench.errors import CheckpointError
 from quantbench.quant.calib import CalibData
 from quantbench.quant.export import (
-    export_checkpoint,
-    import_checkpoint,
     pack_awq,
     pack_cols,
     pack_rows,

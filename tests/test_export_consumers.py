@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import quantbench
+from quantbench.checkpoint_export import export_checkpoint
 from quantbench.quant.calib import CalibData
-from quantbench.quant.export import export_checkpoint
 from quantbench.quant.rtn import RTNLinear
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -19,9 +19,10 @@ import pytest
 import torch
 
 import quantbench
+from quantbench.checkpoint_export import export_checkpoint, import_checkpoint
 from quantbench.errors import CheckpointError
 from quantbench.quant.calib import CalibData
-from quantbench.quant.export import export_checkpoint, import_checkpoint, pack_cols, pack_rows
+from quantbench.quant.export import pack_cols, pack_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tinyqwen import tiny_qwen  # noqa: E402

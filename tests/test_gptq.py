@@ -50,7 +50,7 @@ def real_layer():
     """Layer 0 gate_proj of the real model with its real inputs: calibration and held-out tokens."""
     if not HAVE_REAL:
         pytest.skip("real model / corpus packages not installed")
-    from quantbench.eval.corpus import calibration_text, evaluation_text
+    from quantbench.corpus import calibration_text, evaluation_text
 
     model, tok = quantbench.load_model("qwen2.5-coder-0.5b", dtype="fp32")
     target = model.model.layers[0].mlp.gate_proj

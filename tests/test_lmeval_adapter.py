@@ -67,7 +67,7 @@ def mmlu_questions(n: int) -> list[dict]:
 def kjv_documents(n: int = 3, chars: int = 450) -> list[str]:
     """The first ~``chars`` characters (to a sentence end) of chapters 2..n+1 of the evaluation corpus (the
     first one is a genealogy: mostly names)."""
-    from quantbench.eval.corpus import evaluation_text
+    from quantbench.corpus import evaluation_text
 
     chapters = evaluation_text(max_chars=(n + 1) * 6000).split("\n\n")[1 : n + 1]
     docs = []

@@ -34,8 +34,8 @@ def export_cmd(
     """Write CKPT in the GPTQ, AWQ or compressed-tensors format that transformers and vLLM load, or as a
     llama.cpp GGUF file."""
     from quantbench.checkpoint import read_manifest
+    from quantbench.checkpoint_export import export_checkpoint, is_export_dir
     from quantbench.outputs import check_output_dir
-    from quantbench.quant.export import export_checkpoint, is_export_dir
 
     fmt = fmt.lower()
     if fmt == "gguf":
@@ -75,7 +75,7 @@ def import_cmd(
 ) -> None:
     """Turn a GPTQ, AWQ or compressed-tensors directory into a quantbench checkpoint (weights bit-identical)."""
     from quantbench.checkpoint import check_checkpoint_out, read_manifest
-    from quantbench.quant.export import import_checkpoint
+    from quantbench.checkpoint_export import import_checkpoint
 
     check_checkpoint_out(out, overwrite=overwrite, inputs=[src])
     path = import_checkpoint(src, out, overwrite=overwrite)

@@ -29,7 +29,7 @@ class TextSourceError(QuantbenchError):
 
 def _read_text(source: str) -> tuple[str, str]:
     """(text, label) from a file path or a named corpus."""
-    from quantbench.eval.corpus import CORPORA, load_corpus, resolve_corpus
+    from quantbench.corpus import CORPORA, load_corpus, resolve_corpus
 
     path = Path(source).expanduser()
     if path.is_file():

@@ -143,12 +143,12 @@ def read_text_file(path: str | Path) -> str:
 
 
 def corpus_calibration_text(name: str = "corpus") -> tuple[str, str, list[str]]:
-    """(text, corpus name, notes) from the project's corpus loader (:mod:`quantbench.eval.corpus`).
+    """(text, corpus name, notes) from the project's corpus loader (:mod:`quantbench.corpus`).
 
     ``corpus``/``default`` and a bare corpus name (``kjv``) mean that corpus' calibration slice,
     which is disjoint from the slice perplexity is evaluated on. This module reads no corpus itself.
     """
-    from quantbench.eval import corpus as corpus_mod
+    from quantbench import corpus as corpus_mod
 
     key = _corpus_key(name)
     resolved = corpus_mod.resolve_corpus(key)
@@ -165,7 +165,7 @@ def corpus_calibration_text(name: str = "corpus") -> tuple[str, str, list[str]]:
 
 def _corpus_key(name: str) -> str:
     """``corpus`` / ``default`` -> ``kjv-calib``; a bare corpus name -> its calibration slice."""
-    from quantbench.eval import corpus as corpus_mod
+    from quantbench import corpus as corpus_mod
 
     key = name.strip().lower()
     if key in ("corpus", "default"):

@@ -264,7 +264,7 @@ def _checkpoints(value: Any, where: str) -> list[CheckpointRow]:
 
 
 def _calib(value: Any, where: str) -> str:
-    from quantbench.eval.corpus import CORPORA, resolve_corpus
+    from quantbench.corpus import CORPORA, resolve_corpus
     from quantbench.quant.calib import _corpus_key, parse_calib
 
     if value is not None and not isinstance(value, str):
@@ -460,7 +460,7 @@ def _check_eval(cfg: SweepConfig) -> None:
 
 
 def _check_perplexity(p: PplSettings) -> None:
-    from quantbench.eval.corpus import CORPORA, resolve_corpus
+    from quantbench.corpus import CORPORA, resolve_corpus
 
     if p.stride is not None and p.stride > p.ctx:
         raise SweepError(
@@ -986,7 +986,7 @@ def _eval_stage(cfg: SweepConfig, u: Unit, model, tokenizer, store, progress: bo
 
 
 def _ppl_stage(cfg: SweepConfig, model, tokenizer, progress: bool):
-    from quantbench.eval.corpus import load_corpus, resolve_corpus
+    from quantbench.corpus import load_corpus, resolve_corpus
     from quantbench.eval.perplexity import perplexity
 
     p = cfg.perplexity
