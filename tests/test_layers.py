@@ -26,6 +26,8 @@ FORBIDDEN = {
     "engine": ABOVE_ENGINE,
     "corpus.py": ("quant", "engine", *ABOVE_ENGINE),
     "errors.py": ("quant", "engine", "corpus", *ABOVE_ENGINE),
+    **{layer: ("report", "cli") for layer in ("eval", "bench", "serve", "train")},
+    "report": ("cli",),
 }
 
 
