@@ -544,6 +544,8 @@ class EngineModel:
             if keep_kv and past is not None:  # generation: the rows' own past, then these tokens
                 k = torch.cat([pk if index is None else pk[index], k], dim=2)
                 v = torch.cat([pv if index is None else pv[index], v], dim=2)
+            elif keep_kv:  # own storage, so the fused product (queries included) is not kept alive
+                k, v = k.contiguous(), v.contiguous()
             if keep_kv:
                 keys.append(k)
                 values.append(v)

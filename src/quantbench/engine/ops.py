@@ -200,14 +200,14 @@ def extend_attention_ref(
     sm_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention of ``T`` new tokens: the fused product ``qkv [B*T, (H + 2 HKV) D]`` at ``positions [B, T]`` ->
-    (the output ``[B*T, H*D]``, the tokens' own rotated keys and values ``[B, HKV, T, D]``). Row b attends
-    to the real keys of past sequence ``index[b]`` (default b) of ``past_k / past_v [N, HKV, P, D]``
-    (``past_valid [N, P]`` marks them; :func:`extend_mask`'s ``mask`` says the same per row) and causally
-    to its own tokens. SDPA with the query heads that share a KV head stacked along the query axis
-    (``[B, HKV, G * T, D]``), so the mask is repeated instead of the keys and values."""
+    (the output ``[B*T, H*D]``, the tokens' own rotated keys and values ``[B, HKV, T, D]``: views into the
+    product here, own storage in the Triton kernel). Row b attends to the real keys of past sequence
+    ``index[b]`` (default b) of ``past_k / past_v [N, HKV, P, D]`` (``past_valid [N, P]`` marks them;
+    :func:`extend_mask`'s ``mask`` says the same per row) and causally to its own tokens. SDPA with the
+    query heads that share a KV head stacked along the query axis (``[B, HKV, G * T, D]``), so the mask is
+    repeated instead of the keys and values."""
     b, t = positions.shape
     q, k, v = rope_qkv(qkv, positions, cos, sin, n_heads, n_kv, head_dim)
-    k, v = k.contiguous(), v.contiguous()  # own storage, so the fused product is not kept alive
     if past_k is None:
         attn = sdpa(q, k, v, is_causal=True, scale=sm_scale, enable_gqa=n_heads > n_kv)
     else:
