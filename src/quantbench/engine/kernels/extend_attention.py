@@ -16,19 +16,9 @@ import triton
 import triton.language as tl
 
 from quantbench.engine.kernels.fused import rope_kv
-from quantbench.engine.kernels.triton_common import attend_block, rope_rows
+from quantbench.engine.kernels.triton_common import attend_block, kv_block, rope_rows
 
 QUERY_BLOCK = 64  # fixed (not chosen per batch): the same tiles, the same arithmetic for a row in any batch
-
-
-@triton.jit
-def _key_block(kbase, vbase, offs_n, nmask, stride_t, dh, dd, HALF: tl.constexpr):
-    """Keys (two halves, transposed ``[HALF, BN]``) and values ``[BN, D]`` at ``offs_n`` (0 where not ``nmask``)."""
-    kp = kbase + offs_n[None, :] * stride_t
-    kt1 = tl.load(kp + dh[:, None], mask=nmask[None, :], other=0.0)
-    kt2 = tl.load(kp + HALF + dh[:, None], mask=nmask[None, :], other=0.0)
-    vt = tl.load(vbase + offs_n[:, None] * stride_t + dd[None, :], mask=nmask[:, None], other=0.0)
-    return kt1, kt2, vt
 
 
 @triton.jit
@@ -72,19 +62,17 @@ def _extend_attention_kernel(
         kbase = pk_ptr + src * stride_pb + kvh * stride_ph
         vbase = pv_ptr + src * stride_pb + kvh * stride_ph
         for s0 in range(0, P, BN):
+            nmask, kt1, kt2, vt = kv_block(kbase, vbase, s0, P, 0, stride_pt, dh, dd, HALF, BN)
             offs_n = s0 + tl.arange(0, BN)
-            nmask = offs_n < P
             real = tl.load(pvalid_ptr + src * stride_valid + offs_n, mask=nmask, other=0) != 0
-            kt1, kt2, vt = _key_block(kbase, vbase, offs_n, nmask, stride_pt, dh, dd, HALF)
             keep = real[None, :] & mmask[:, None]
             m_i, l_i, acc = attend_block(q1r, q2r, kt1, kt2, vt, keep, m_i, l_i, acc, qk_scale)
     # the new tokens' own keys, causally
     kbase = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
     vbase = v_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
     for s0 in range(0, tl.minimum(tb * BM + BM, T), BN):
+        nmask, kt1, kt2, vt = kv_block(kbase, vbase, s0, T, 0, stride_kt, dh, dd, HALF, BN)
         offs_n = s0 + tl.arange(0, BN)
-        nmask = offs_n < T
-        kt1, kt2, vt = _key_block(kbase, vbase, offs_n, nmask, stride_kt, dh, dd, HALF)
         keep = (offs_n[None, :] <= offs_m[:, None]) & nmask[None, :]
         m_i, l_i, acc = attend_block(q1r, q2r, kt1, kt2, vt, keep, m_i, l_i, acc, qk_scale)
     out = (acc / l_i[:, None]).to(dtype)

@@ -20,6 +20,7 @@ from quantbench.engine.kernels.triton_common import (
     WS_FLOATS,
     WS_TILES,
     attend_block,
+    kv_block,
     num_sms,
     rope_rows,
     workspace,
@@ -198,18 +199,6 @@ def rope_kv(
 
 
 @triton.jit
-def _kv_block(kbase, vbase, s0, s_hi, st, stride_ct, dh, dd, HALF: tl.constexpr, BS: tl.constexpr):
-    """Cached keys (two halves, transposed) and values of positions ``s0 .. s0 + BS`` in [st, s_hi)."""
-    offs_s = s0 + tl.arange(0, BS)
-    smask = (offs_s < s_hi) & (offs_s >= st)
-    kp = kbase + offs_s[None, :] * stride_ct
-    kt1 = tl.load(kp + dh[:, None], mask=smask[None, :], other=0.0)  # [HALF, BS]
-    kt2 = tl.load(kp + HALF + dh[:, None], mask=smask[None, :], other=0.0)
-    vt = tl.load(vbase + offs_s[:, None] * stride_ct + dd[None, :], mask=smask[:, None], other=0.0)
-    return smask, kt1, kt2, vt
-
-
-@triton.jit
 def _decode_attention_kernel(
     qkv_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, len_ptr, start_ptr, o_ptr, ws_ptr, cnt_ptr,
     stride_len, stride_qkv_row, stride_cb, stride_ch, stride_ct, stride_o_row, sm_scale, chunk, qkv_plane,
@@ -244,7 +233,7 @@ def _decode_attention_kernel(
     vbase = v_ptr + cache_off
     s_hi = tl.minimum(L, sp * chunk + chunk)
     s_lo = tl.maximum(sp * chunk, (st // BS) * BS)  # blocks that are all left padding are skipped
-    smask0, kt1_0, kt2_0, vt_0 = _kv_block(kbase, vbase, s_lo, s_hi, st, stride_ct, dh, dd, HALF, BS)
+    smask0, kt1_0, kt2_0, vt_0 = kv_block(kbase, vbase, s_lo, s_hi, st, stride_ct, dh, dd, HALF, BS)
     wait_prior(PDL)
 
     dtype = k_ptr.dtype.element_ty
@@ -275,7 +264,7 @@ def _decode_attention_kernel(
     acc = tl.zeros((GP, D), dtype=tl.float32)
     m_i, l_i, acc = attend_block(q1r, q2r, kt1_0, kt2_0, vt_0, smask0[None, :], m_i, l_i, acc, qk_scale)
     for s0 in range(s_lo + BS, s_hi, BS):
-        smask, kt1, kt2, vt = _kv_block(kbase, vbase, s0, s_hi, st, stride_ct, dh, dd, HALF, BS)
+        smask, kt1, kt2, vt = kv_block(kbase, vbase, s0, s_hi, st, stride_ct, dh, dd, HALF, BS)
         m_i, l_i, acc = attend_block(q1r, q2r, kt1, kt2, vt, smask[None, :], m_i, l_i, acc, qk_scale)
     # the new token itself (last split only)
     qk_n = (

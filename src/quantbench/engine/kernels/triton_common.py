@@ -27,6 +27,19 @@ def rope_rows(x1, x2, c, s):
 
 
 @triton.jit
+def kv_block(kbase, vbase, s0, s_hi, st, stride_ct, dh, dd, HALF: tl.constexpr, BS: tl.constexpr):
+    """Keys (two halves, transposed ``[HALF, BS]``) and values ``[BS, D]`` of positions ``s0 .. s0 + BS``, and
+    which of them lie in [st, s_hi) (the others load as 0)."""
+    offs_s = s0 + tl.arange(0, BS)
+    smask = (offs_s < s_hi) & (offs_s >= st)
+    kp = kbase + offs_s[None, :] * stride_ct
+    kt1 = tl.load(kp + dh[:, None], mask=smask[None, :], other=0.0)  # [HALF, BS]
+    kt2 = tl.load(kp + HALF + dh[:, None], mask=smask[None, :], other=0.0)
+    vt = tl.load(vbase + offs_s[:, None] * stride_ct + dd[None, :], mask=smask[:, None], other=0.0)
+    return smask, kt1, kt2, vt
+
+
+@triton.jit
 def attend_block(q1r, q2r, kt1, kt2, vt, keep, m_i, l_i, acc, qk_scale):
     """One block of the online softmax (base 2) over the keys ``keep`` (a mask broadcast to ``[rows, keys]``)
     lets each query row see: the running max, sum and weighted values."""
