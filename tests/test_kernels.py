@@ -869,6 +869,13 @@ def _check_extend_attention(device: str, dtype: torch.dtype, heads: int, kv: int
             mask = ref.extend_mask(past_valid[index], t, heads // kv, dtype)
         sdpa_out, *_ = ref.extend_attention_ref(qkv, positions, cos, sin, *args, mask, heads, kv, d, d**-0.5)
         assert _rel(out, sdpa_out) < 1e-2, past
+        # what a generation step keeps: each row's past, then its own keys / values
+        _, kept_k, kept_v = extend_attention(
+            qkv, positions, cos, sin, *args, None, heads, kv, d, d**-0.5, with_past=True
+        )
+        if past:
+            k, v = torch.cat([past_k[index], k], dim=2), torch.cat([past_v[index], v], dim=2)
+        assert torch.equal(kept_k, k) and torch.equal(kept_v, v)
     # row 2 alone, its own width, after only its past sequence: the same bits
     alone = qkv.view(b, t, -1)[2:, :9].reshape(9, -1)
     pos = positions[2:, :9].contiguous()

@@ -528,7 +528,6 @@ class EngineModel:
         # the reference's additive mask, built once per forward (the Triton kernel reads the past's real
         # columns itself)
         mask = extend_mask(past_valid, t, self.n_heads // self.n_kv, self.dtype) if ops.extend_mask else None
-        positions = positions.contiguous()
         h = self.embed(ids).reshape(b * t, self.hidden)
         x = torch.empty_like(h)
         keys: list[torch.Tensor] = []
@@ -537,14 +536,12 @@ class EngineModel:
         for i, layer in enumerate(self.layers):
             ops.add_rmsnorm(h, pending, layer.ln1, self.eps, x)
             pk, pv, pvalid = (None, None, None) if past is None else (past.k[i], past.v[i], past.valid)
+            # with a past, keep_kv keeps each row's past followed by these tokens (generation)
             attn, k, v = ops.extend_attention(
                 layer.qkv(x), positions, self.cos, self.sin, pk, pv, pvalid, index, mask,
-                self.n_heads, self.n_kv, self.head_dim, self.sm_scale,
+                self.n_heads, self.n_kv, self.head_dim, self.sm_scale, with_past=keep_kv,
             )  # fmt: skip
-            if keep_kv and past is not None:  # generation: the rows' own past, then these tokens
-                k = torch.cat([pk if index is None else pk[index], k], dim=2)
-                v = torch.cat([pv if index is None else pv[index], v], dim=2)
-            elif keep_kv:  # own storage, so the fused product (queries included) is not kept alive
+            if keep_kv and past is None:  # own storage: the fused product (queries too) is not kept alive
                 k, v = k.contiguous(), v.contiguous()
             if keep_kv:
                 keys.append(k)

@@ -198,10 +198,13 @@ def extend_attention_ref(
     n_kv: int,
     head_dim: int,
     sm_scale: float,
+    with_past: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention of ``T`` new tokens: the fused product ``qkv [B*T, (H + 2 HKV) D]`` at ``positions [B, T]`` ->
     (the output ``[B*T, H*D]``, the tokens' own rotated keys and values ``[B, HKV, T, D]``: views into the
-    product here, own storage in the Triton kernel). Row b attends to the real keys of past sequence
+    product here, own storage in the Triton kernel; with ``with_past`` and a past, each row's past keys and
+    values followed by its own, ``[B, HKV, P + T, D]``, what a generation step keeps). Row b attends to the
+    real keys of past sequence
     ``index[b]`` (default b) of ``past_k / past_v [N, HKV, P, D]`` (``past_valid [N, P]`` marks them;
     :func:`extend_mask`'s ``mask`` says the same per row) and causally to its own tokens. SDPA with the
     query heads that share a KV head stacked along the query axis (``[B, HKV, G * T, D]``), so the mask is
@@ -216,6 +219,8 @@ def extend_attention_ref(
         q = q.reshape(b, n_kv, (n_heads // n_kv) * t, head_dim)
         # reshape: the memory-efficient kernel returns its output in a transposed layout
         attn = sdpa(q, keys, values, attn_mask=mask, scale=sm_scale).reshape(b, n_heads, t, head_dim)
+        if with_past:
+            k, v = keys, values
     return attn.transpose(1, 2).reshape(b * t, n_heads * head_dim), k, v
 
 

@@ -98,10 +98,12 @@ def extend_attention(
     n_kv: int,
     head_dim: int,
     sm_scale: float,
+    with_past: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``ops.extend_attention_ref``'s contract on the GPU: the fused product ``qkv [B*T, (H + 2 HKV) D]`` of
     tokens at ``positions [B, T]`` -> (attention output ``[B*T, H*D]``, their own rotated keys and values
-    ``[B, HKV, T, D]``). Row b attends to the real keys (``past_valid [N, P]``) of past sequence
+    ``[B, HKV, T, D]``, or with ``with_past`` and a past each row's past keys and values followed by its
+    own). Row b attends to the real keys (``past_valid [N, P]``) of past sequence
     ``index[b]`` (default b) of ``past_k / past_v [N, HKV, P, D]``, then causally to its own tokens.
     ``mask`` (the reference's) is not used."""
     del mask
@@ -112,6 +114,7 @@ def extend_attention(
     rope_kv(qkv, k, v, cos, sin, positions, n_heads, n_kv, head_dim)
     out = torch.empty((b * t, n_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
     has_past = past_k is not None
+    rows_past = index
     if has_past:
         if index is None:
             index = torch.arange(b, device=qkv.device)
@@ -155,4 +158,7 @@ def extend_attention(
         num_warps=4,
         num_stages=2,
     )
+    if with_past and has_past:  # the past was read in place above; a generation step keeps its own copy
+        k = torch.cat([past_k if rows_past is None else past_k[rows_past], k], dim=2)
+        v = torch.cat([past_v if rows_past is None else past_v[rows_past], v], dim=2)
     return out, k, v
