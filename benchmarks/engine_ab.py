@@ -43,8 +43,8 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``noover``: (slab path) prompt slabs dequantized on the main stream (no overlap with the products);
 * ``slab12`` / ``slab48``: the slab path with 12 / 48 MiB slabs instead of 24;
 * ``l2eager``: eagerly launched prompt-sized products (evaluation) on L2 slabs instead of the whole weight;
-* ``tritonext``: extend forwards' attention (evaluation) by the Triton extend-attention kernel instead of the
-  reference ops (torch RoPE, the past gathered and concatenated, SDPA under a mask);
+* ``refext``: extend forwards' attention (evaluation) by the reference ops (torch RoPE, the past gathered and
+  concatenated, SDPA under a mask) instead of the Triton extend-attention kernel;
 * ``nomma``: batches 1-16 through the half2 GEMV / ``wq_matmul`` instead of the tensor-core GEMV (the
   codes keep the tiles the first variant's engine chose: put it first to time the older engine);
 * ``mmab1off``: the tensor-core GEMV for batches 2-16 only (where the codes' tiles hold whole steps of it);
@@ -115,7 +115,7 @@ VARIANTS: dict[str, dict] = {
     "slab12": {**SLABS, "slab_elems": 6 << 20},
     "slab48": {**SLABS, "slab_elems": 24 << 20},
     "l2eager": {"eager_slab_elems": 0},
-    "tritonext": {"extend_triton": True},
+    "refext": {"extend_triton": False},
 }
 
 

@@ -156,11 +156,11 @@ def harness(
 
         sync(device)
         t0 = time.perf_counter()
-        subjects = get_task(tasks[0]).subjects()[:8]
-        evaluate(
-            model, tokenizer, tasks[0], split="val", shots=args.shots, mode=args.mode, protocol=args.protocol,
-            subjects=subjects, limit=10, batch_size=args.batch_size, lm=lm,
-        )  # fmt: skip
+        for task in tasks:  # each task's prompts: their own lengths and batch shapes
+            evaluate(
+                model, tokenizer, task, split="val", shots=args.shots, mode=args.mode, protocol=args.protocol,
+                subjects=get_task(task).subjects()[:8], limit=10, batch_size=args.batch_size, lm=lm,
+            )  # fmt: skip
         sync(device)
         out["warmup_s"] = time.perf_counter() - t0
     for task in tasks:
@@ -247,8 +247,8 @@ def main() -> None:
         "--no-warmup",
         dest="warmup",
         action="store_false",
-        help="time the first evaluation cold (default: 10 questions of 8 subjects first, untimed, reported as "
-        "warm-up s: Triton compiles each kernel specialization on its first launch)",
+        help="time the first evaluation cold (default: 10 questions of 8 subjects of each task first, untimed, "
+        "reported as warm-up s: Triton compiles each kernel specialization on its first launch)",
     )
     parser.add_argument(
         "--profile", action="store_true",

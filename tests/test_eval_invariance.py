@@ -110,3 +110,48 @@ def test_sliding_window_mistral_rows_are_exact():
         )
         torch.testing.assert_close(got_multi, want_multi, rtol=0, atol=1e-4)
         assert lm.greedy(state, rows, 5, which=which) == [t[0] for t in want_text]
+
+
+def _partitions(items: list[int]):
+    """Every partition of ``items`` into non-empty blocks."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _partitions(rest):
+        yield [[first], *part]
+        for i in range(len(part)):
+            yield [*part[:i], [first, *part[i]], *part[i + 1 :]]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_batches_is_the_cheapest_split(seed):
+    """The planned batches cost no more than the best of every partition of the rows (not only consecutive
+    runs), each batch computing its rows padded to its longest plus a fixed cost per forward."""
+    from quantbench.eval.harness import plan_batches
+
+    gen = torch.Generator().manual_seed(seed)
+    widths = sorted(torch.randint(1, 300, (7,), generator=gen).tolist(), reverse=True)
+    for max_rows in (2, 3, 7):
+        for forward_cost in (0.0, 40.0, 500.0):
+
+            def cost(blocks, max_rows=max_rows, forward_cost=forward_cost):
+                return sum(len(b) * max(widths[i] for i in b) + forward_cost for b in blocks)
+
+            runs = plan_batches(widths, max_rows, forward_cost)
+            blocks = [list(range(len(widths)))[r] for r in runs]
+            assert sorted(i for b in blocks for i in b) == list(range(len(widths)))
+            assert all(1 <= len(b) <= max_rows for b in blocks)
+            best = min(
+                cost(p) for p in _partitions(list(range(len(widths)))) if all(len(b) <= max_rows for b in p)
+            )
+            assert cost(blocks) == pytest.approx(best), (widths, max_rows, forward_cost)
+
+
+def test_plan_batches_takes_rows_longest_first():
+    from quantbench.eval.harness import plan_batches
+
+    assert plan_batches([], 4, 10.0) == []
+    assert plan_batches([5, 5, 5], 8, 1e9) == [slice(0, 3)]
+    with pytest.raises(ValueError, match="longest first"):
+        plan_batches([3, 5], 4, 10.0)

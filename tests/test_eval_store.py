@@ -183,15 +183,20 @@ def test_resume_after_interruption_recomputes_nothing_stored(tmp_path, tokenizer
             evaluate(
                 model, tokenizer, "mmlu", subjects=subjects, limit=5, batch_size=2, store=store, lm=crashing
             )
+        # the subject run first (5) and the first batch of the other (1 or 2 questions): the batch in flight
+        # is lost
         stored = store.count_results()
-        assert stored == 7  # subject 1 (5) and the first batch of subject 2: the batch in flight is lost
+        per_subject = sorted(n for (n,) in store.conn.execute("SELECT COUNT(*) FROM results GROUP BY subject"))
+        assert per_subject in ([1, 5], [2, 5])
 
         lm = HFLM(model, tokenizer)
         result = evaluate(
             model, tokenizer, "mmlu", subjects=subjects, limit=5, batch_size=2, store=store, lm=lm
         )
-        assert (result.evaluated, result.reused, result.questions) == (3, 7, 10)
-        assert lm.calls == 1 + 2  # one prefix + two batches for the 3 missing questions
+        missing = 10 - stored
+        assert (result.evaluated, result.reused, result.questions) == (missing, stored, 10)
+        # one prefix + the fewest batches of 2 for the missing questions (a forward costs more than padding)
+        assert lm.calls == 1 + (missing + 1) // 2
         assert store.count_results() == 10
 
         again = HFLM(model, tokenizer)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -555,6 +557,58 @@ def test_prompt_gemm_cuda(spec: str, m: int, tiled: bool) -> None:
     out = torch.full((m, 1024), float("nan"), device="cuda", dtype=torch.bfloat16)
     prompt_gemm(x, layout, row_factor=rf, out=out)
     assert _rel(out.cpu(), ref.cpu()) < (2e-2 if layout.act_quant else 1e-2)
+
+
+def _compiled_variants(kernel: Any) -> int:
+    caches = getattr(kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton version keeps no per-device kernel cache")
+    return sum(len(entry[0]) for entry in caches.values())
+
+
+@pytest.mark.cuda
+def test_token_counts_compile_once_cuda() -> None:
+    """Evaluation batches come in every token count. Triton specializes an int argument on ``% 16`` and
+    ``== 1``, so a kernel taking the count would compile a variant for each, in the middle of a timed
+    evaluation; the kernels of evaluation batches opt out: a second token count of the other divisibility
+    compiles nothing new."""
+    from quantbench.engine.kernels import dequant as dq
+    from quantbench.engine.kernels import fused
+    from quantbench.engine.kernels.extend_attention import _extend_attention_kernel, extend_attention
+    from quantbench.engine.kernels.layouts import ACT_LLM_INT8
+    from quantbench.engine.kernels.prompt_gemm import _prompt_gemm_kernel, prompt_gemm
+
+    def compiles(kernels: list[Any], run: Callable[[int], Any], counts: tuple[int, int]) -> None:
+        run(counts[0])
+        torch.cuda.synchronize()
+        before = [_compiled_variants(kernel) for kernel in kernels]
+        run(counts[1])
+        torch.cuda.synchronize()
+        assert [_compiled_variants(kernel) for kernel in kernels] == before, counts
+
+    heads, kv, d = 4, 2, 64
+    ang = torch.arange(256, device="cuda").float()[:, None] * torch.rand(d // 2, device="cuda")[None, :]
+    cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
+
+    def extend(t: int, p: int) -> None:
+        qkv = torch.randn(2 * t, (heads + 2 * kv) * d, device="cuda", dtype=torch.bfloat16)
+        past = torch.randn(1, kv, p, d, device="cuda", dtype=torch.bfloat16)
+        valid = torch.ones(1, p, dtype=torch.bool, device="cuda")
+        positions = (p + torch.arange(t, device="cuda")).expand(2, t).contiguous()
+        index = torch.zeros(2, dtype=torch.long, device="cuda")
+        extend_attention(qkv, positions, cos, sin, past, past, valid, index, None, heads, kv, d, d**-0.5)
+
+    compiles([_extend_attention_kernel, fused._rope_cache_prefill_kernel], lambda n: extend(n, n + 16), (32, 33))
+    _, int8, *_ = _prompt_case("int8", 64, 256, 512, "cuda", torch.bfloat16, False)
+    x = torch.randn(200, 512, device="cuda", dtype=torch.bfloat16)
+    compiles([dq._rescale_kernel], lambda m: dq.dense_matmul(x[:m], int8), (160, 161))
+    compiles([_prompt_gemm_kernel], lambda m: prompt_gemm(x[:m], int8), (96, 97))
+    big = torch.randn(400, 512, device="cuda", dtype=torch.bfloat16) * 4  # outlier columns past 6.0
+    compiles(
+        [fused._act_colmax_kernel, fused._act_stats_kernel, fused._act_apply_kernel],
+        lambda m: fused.act_quant(big[:m], ACT_LLM_INT8, 6.0, False, 512),
+        (304, 305),
+    )
 
 
 # ------------------------------------------------------------------------------------------------------

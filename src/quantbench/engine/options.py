@@ -128,11 +128,10 @@ class EngineOptions:
     """Warps per program for blocks of 256 positions (4 below)."""
 
     # ---- extend attention (evaluation, prefix and generation batches: ``EngineModel.extend``) ----
-    extend_triton: bool = False
+    extend_triton: bool = True
     """Attention of extend forwards in one Triton kernel that rotates the queries, reads the past's keys
     where they are stored and writes the o-projection's layout (``kernels/extend_attention.py``); off: the
-    reference ops (RoPE in torch, the past gathered and concatenated, SDPA under an additive mask). Off by
-    default until the kernel has passed its CUDA tests on a GPU (``docs/bench.md``, "Evaluation batches")."""
+    reference ops (RoPE in torch, the past gathered and concatenated, SDPA under an additive mask)."""
 
     # ---- W8A8 activation quantization (``fused.act_quant``) ----
     act_tiles_decode: tuple[int, int, int, int] = (1024, 64, 16, 1024)

@@ -405,6 +405,33 @@ class _Group:
 
 
 MAX_WAVE_PREFIXES = 8  # prefixes run together in one forward (their cache is kept while their questions run)
+# What one more forward costs, in tokens of compute: it reads (quantized layers: dequantizes) every weight
+# once and launches every kernel once, however few tokens it carries.
+FORWARD_COST_TOKENS = 512
+
+
+def plan_batches(widths: Sequence[int], max_rows: int, forward_cost: float) -> list[slice]:
+    """Split rows sorted longest first into consecutive batches of at most ``max_rows``, minimizing the
+    tokens the forwards compute (each batch is padded to its first, longest row) plus ``forward_cost`` per
+    batch: an exact dynamic program over the split points. Fixed-size batches of mixed lengths compute
+    mostly padding (5-shot MMLU's question rows: 1.6 tokens per real token in batches of 64).
+    Answers do not depend on the split: a row's scores are the same in any batch."""
+    n = len(widths)
+    if any(widths[i] < widths[i + 1] for i in range(n - 1)):
+        raise ValueError("plan_batches takes rows sorted longest first")
+    best = [0.0] + [float("inf")] * n  # best[j]: the cheapest split of the first j rows
+    start = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - max_rows), j):
+            cost = best[i] + (j - i) * widths[i] + forward_cost
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    runs: list[slice] = []
+    j = n
+    while j:
+        runs.append(slice(start[j], j))
+        j = start[j]
+    return runs[::-1]
 
 
 def _plan_subject(
@@ -479,9 +506,13 @@ def _evaluate_wave(
     state = lm.prefix_state([g.prefix_ids for g in wave])
     items = [(i, g, p) for i, g in enumerate(wave) for p in g.members]
     prefix_share = (time.perf_counter() - t0) / len(items)
-    items.sort(key=lambda item: -len(item[2].suffix_ids))  # similar lengths per batch: less padding
-    for start in range(0, len(items), lm.batch_size):
-        batch = items[start : start + lm.batch_size]
+    items.sort(key=lambda item: -len(item[2].suffix_ids))
+    multi_token = mode == "loglikelihood" and any(len(c) > 1 for c in choice_ids)
+    # a greedy generation's steps are forwards too; multi-token choices make one row per choice
+    forwards = 1 + (max_new_tokens if mode != "loglikelihood" and protocol.generate_tokens != 1 else 0)
+    cost = FORWARD_COST_TOKENS * forwards / (len(choice_ids) if multi_token else 1)
+    for run in plan_batches([len(p.suffix_ids) for _, _, p in items], lm.batch_size, cost):
+        batch = items[run]
         t0 = time.perf_counter()
         suffixes = [p.suffix_ids for _, _, p in batch]
         which = [i for i, _, _ in batch]

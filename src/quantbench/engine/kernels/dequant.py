@@ -159,7 +159,7 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE[key]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _rescale_kernel(o_ptr, cs_ptr, rf_ptr, b_ptr, M, N, stride_o, col_mul,
                     HAS_CS: tl.constexpr, HAS_RF: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr):  # fmt: skip

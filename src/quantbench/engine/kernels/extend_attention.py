@@ -21,7 +21,7 @@ from quantbench.engine.kernels.triton_common import attend_block, kv_block, rope
 QUERY_BLOCK = 64  # fixed (not chosen per batch): the same tiles, the same arithmetic for a row in any batch
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "P", "stride_valid"])
 def _extend_attention_kernel(
     qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pvalid_ptr, index_ptr, o_ptr,
     T, P, stride_qkv_row, stride_kb, stride_kh, stride_kt, stride_pb, stride_ph, stride_pt, stride_valid,

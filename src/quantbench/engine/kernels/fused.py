@@ -116,7 +116,7 @@ def silu_mul(
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _rope_cache_prefill_kernel(
     qkv_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, start_ptr, pos_ptr,
     T, stride_qkv_row, stride_qb, stride_qh, stride_qt, stride_cb, stride_ch, stride_ct,
@@ -510,7 +510,7 @@ def _col_absmax(x_ptr, m_lo, m_hi, M, cols, cmask, K, stride_x, ACT: tl.constexp
     return colmax
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _act_colmax_kernel(x_ptr, colmax_ptr, M, K, stride_x, RB: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr,
                        BC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """LLM.int8, one column chunk x one block of RB tokens: the column maxima of |x| (``colmax[rb, col]``)."""
@@ -525,7 +525,7 @@ def _act_colmax_kernel(x_ptr, colmax_ptr, M, K, stride_x, RB: tl.constexpr, ACT:
     tl.store(colmax_ptr + rb * K + cols, colmax, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "n_rb"])
 def _act_stats_kernel(
     x_ptr, colmax_ptr, flag_ptr, part_ptr, M, K, stride_x, threshold, n_chunks, n_rb,
     KIND: tl.constexpr, ACT: tl.constexpr, RB: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,

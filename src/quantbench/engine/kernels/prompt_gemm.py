@@ -110,7 +110,7 @@ def _decode_tile(words, t_ptr, scale, sub, row_sub, MODE: tl.constexpr, BITS: tl
     return tl.reshape(w, (BN, BK))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _prompt_gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, dqc_ptr, dqn_ptr, dqo_ptr, b_ptr, rf_ptr, o_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_om, stride_wn, stride_sn, k_split, n_groups,
