@@ -164,6 +164,7 @@ def harness(
         sync(device)
         out["warmup_s"] = time.perf_counter() - t0
     for task in tasks:
+        calls, tokens = lm.calls, lm.tokens
         sync(device)
         t0 = time.perf_counter()
         result = evaluate(
@@ -175,6 +176,8 @@ def harness(
             "seconds": time.perf_counter() - t0,
             "questions": result.questions + result.skipped,
             "accuracy": result.accuracy,
+            "forwards": lm.calls - calls,  # prefix and question forwards
+            "tokens": lm.tokens - tokens,  # tokens they computed, padding included
             "answers": {f"{a.subject}/{a.idx}": a.pred for a in result.answers},
         }
     peak, kind = peak_bytes(device)
@@ -361,7 +364,10 @@ def profiled(fn: Any, label: str, *args: Any, **kwargs: Any) -> Any:
 
 
 def _times(part: dict[str, Any]) -> str:
-    return ", ".join(f"{t} {v['seconds']:.1f}s ({v['questions']} q)" for t, v in part["tasks"].items())
+    return ", ".join(
+        f"{t} {v['seconds']:.1f}s ({v['questions']} q, {v['forwards']} forwards, {v['tokens']} tokens)"
+        for t, v in part["tasks"].items()
+    )
 
 
 def _agreement(a: dict[str, Any], b: dict[str, Any]) -> float:

@@ -366,6 +366,7 @@ def test_main_job_benchmark_smoke_on_cpu(tmp_path):
             row["engine"]["scoring"] == "engine (pure-torch reference ops)" and row["engine"]["warmup_s"] > 0
         )
         assert {t: v["questions"] for t, v in row["engine"]["tasks"].items()} == {"mmlu": 57, "ceval": 52}
+        assert all(v["tokens"] > v["forwards"] > 0 for v in row["engine"]["tasks"].values())
         assert set(row["seed"]) == {"mmlu", "ceval"} and row["seed"]["mmlu"]["questions"] == 2
     assert rows[0]["hf"]["scoring"] == "HF forward (engine off)" and 0 <= rows[0]["hf_agreement"] <= 1
     # the second engine variant: its own timing, the same answers (on CPU no kernel differs)
