@@ -124,32 +124,47 @@ def _partitions(items: list[int]):
             yield [*part[:i], [first, *part[i]], *part[i + 1 :]]
 
 
+def _consecutive(n: int) -> list[list[list[int]]]:
+    """Every split of ``range(n)`` into consecutive runs."""
+    splits = []
+    for mask in range(2 ** (n - 1)):
+        cuts = [0] + [i + 1 for i in range(n - 1) if mask >> i & 1] + [n]
+        splits.append([list(range(a, b)) for a, b in zip(cuts, cuts[1:], strict=False)])
+    return splits
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_plan_batches_is_the_cheapest_split(seed):
     """The planned batches cost no more than the best of every partition of the rows (not only consecutive
-    runs), each batch computing its rows padded to its longest plus a fixed cost per forward."""
-    from quantbench.eval.harness import plan_batches
+    runs), each batch computing its rows padded to its longest plus a fixed cost per forward; under a budget
+    of kept positions per batch, no more than the best split into consecutive runs that fit it."""
+    from quantbench.eval.batching import plan_batches
 
     gen = torch.Generator().manual_seed(seed)
     widths = sorted(torch.randint(1, 300, (7,), generator=gen).tolist(), reverse=True)
-    for max_rows in (2, 3, 7):
+    keeps = torch.randint(1, 5, (7,), generator=gen).tolist()
+    everything = list(_partitions(list(range(len(widths)))))
+    for max_rows, budget in ((2, None), (3, None), (7, None), (7, 8), (4, 6)):
         for forward_cost in (0.0, 40.0, 500.0):
 
-            def cost(blocks, max_rows=max_rows, forward_cost=forward_cost):
+            def cost(blocks, forward_cost=forward_cost):
                 return sum(len(b) * max(widths[i] for i in b) + forward_cost for b in blocks)
 
-            runs = plan_batches(widths, max_rows, forward_cost)
+            def fits(block, max_rows=max_rows, budget=budget):
+                return len(block) <= max_rows and (budget is None or len(block) * max(keeps[i] for i in block) <= budget)
+
+            runs = plan_batches(widths, max_rows, forward_cost, keeps=keeps, keep_budget=budget)
             blocks = [list(range(len(widths)))[r] for r in runs]
             assert sorted(i for b in blocks for i in b) == list(range(len(widths)))
-            assert all(1 <= len(b) <= max_rows for b in blocks)
-            best = min(
-                cost(p) for p in _partitions(list(range(len(widths)))) if all(len(b) <= max_rows for b in p)
-            )
-            assert cost(blocks) == pytest.approx(best), (widths, max_rows, forward_cost)
+            assert all(len(b) >= 1 and fits(b) for b in blocks)
+            # without a logits budget no partition beats consecutive runs; with one, the best consecutive runs
+            candidates = everything if budget is None else _consecutive(len(widths))
+            best = min(cost(p) for p in candidates if all(fits(b) for b in p))
+            assert cost(blocks) == pytest.approx(best), (widths, keeps, max_rows, budget, forward_cost)
 
 
 def test_plan_batches_takes_rows_longest_first():
-    from quantbench.eval.harness import plan_batches
+    from quantbench.eval.batching import plan_batches
 
     assert plan_batches([], 4, 10.0) == []
     assert plan_batches([5, 5, 5], 8, 1e9) == [slice(0, 3)]

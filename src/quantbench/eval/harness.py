@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from quantbench.errors import QuantbenchError
+from quantbench.eval.batching import FORWARD_COST_TOKENS, plan_batches
 from quantbench.eval.engine_lm import scoring_lm
 from quantbench.eval.lm import HFLM
 from quantbench.eval.progress import ProgressBar
@@ -405,33 +406,6 @@ class _Group:
 
 
 MAX_WAVE_PREFIXES = 8  # prefixes run together in one forward (their cache is kept while their questions run)
-# What one more forward costs, in tokens of compute: it reads (quantized layers: dequantizes) every weight
-# once and launches every kernel once, however few tokens it carries.
-FORWARD_COST_TOKENS = 512
-
-
-def plan_batches(widths: Sequence[int], max_rows: int, forward_cost: float) -> list[slice]:
-    """Split rows sorted longest first into consecutive batches of at most ``max_rows``, minimizing the
-    tokens the forwards compute (each batch is padded to its first, longest row) plus ``forward_cost`` per
-    batch: an exact dynamic program over the split points. Fixed-size batches of mixed lengths compute
-    mostly padding (5-shot MMLU's question rows: 1.6 tokens per real token in batches of 64).
-    Answers do not depend on the split: a row's scores are the same in any batch."""
-    n = len(widths)
-    if any(widths[i] < widths[i + 1] for i in range(n - 1)):
-        raise ValueError("plan_batches takes rows sorted longest first")
-    best = [0.0] + [float("inf")] * n  # best[j]: the cheapest split of the first j rows
-    start = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(max(0, j - max_rows), j):
-            cost = best[i] + (j - i) * widths[i] + forward_cost
-            if cost < best[j]:
-                best[j], start[j] = cost, i
-    runs: list[slice] = []
-    j = n
-    while j:
-        runs.append(slice(start[j], j))
-        j = start[j]
-    return runs[::-1]
 
 
 def _plan_subject(

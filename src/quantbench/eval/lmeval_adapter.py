@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantbench.errors import QuantbenchError
+from quantbench.eval.batching import plan_batches
 
 LMEVAL_PREFIX = "lmeval:"
 LMEVAL_PIP = "quantbench[lmeval]"  # pins lm-eval==0.4.13
@@ -279,7 +280,7 @@ class QuantbenchLM(_Base):  # type: ignore[misc,valid-type]
         from quantbench.eval.harness import model_identity
         from quantbench.eval.lm import HFLM
 
-        del max_batch_size  # lm-eval passes it along; batches here are fixed-size
+        del max_batch_size  # lm-eval passes it along; batch_size is the most rows a planned batch holds
         if isinstance(pretrained, nn.Module):
             model, pretrained = pretrained, None
         if path is not None and pretrained is not None and str(path) != str(pretrained):
@@ -575,25 +576,23 @@ class QuantbenchLM(_Base):  # type: ignore[misc,valid-type]
                 self._tree(state, part, common, depth + 1, pool, done)
 
     def _score_rows(self, state: Any, rows: list[_Row], done: Callable[[_Row, torch.Tensor], None]) -> None:
-        """Forward ``rows`` (token ids after the state's) in batches of ``batch_size`` within the logits budget."""
+        """Forward ``rows`` (token ids after the state's) in planned batches (``batching.plan_batches``) of at
+        most ``batch_size`` rows within the logits budget."""
         if not rows:
             return
         base = len(_state_ids(state))
         budget = max(1, self.logits_bytes // (self.vocab * 4 * 2))  # logits + log-softmax, float32
-        rows = sorted(rows, key=lambda r: (-len(r.ids), r.ids))  # similar lengths per batch: less padding
-        batch: list[_Row] = []
-        keep = 0
+        rows = sorted(rows, key=lambda r: (-len(r.ids), r.ids))
+        short: list[_Row] = []
         for row in rows:
             if row.keep > budget or len(row.ids) - base > 4 * budget:
                 self._score_long(state, row, budget, done)
-                continue
-            if batch and (len(batch) >= self.batch_size or (len(batch) + 1) * max(keep, row.keep) > budget):
-                self._forward_batch(state, batch, keep, done)
-                batch, keep = [], 0
-            batch.append(row)
-            keep = max(keep, row.keep)
-        if batch:
-            self._forward_batch(state, batch, keep, done)
+            else:
+                short.append(row)
+        widths = [len(r.ids) - base for r in short]
+        keeps = [r.keep for r in short]
+        for run in plan_batches(widths, self.batch_size, keeps=keeps, keep_budget=budget):
+            self._forward_batch(state, short[run], max(keeps[run]), done)
 
     def _forward_batch(
         self, state: Any, batch: list[_Row], keep: int, done: Callable[[_Row, torch.Tensor], None]
