@@ -719,21 +719,26 @@ def test_w8a8_kernel_interpreter(spec: str, m: int) -> None:
 
 @interp
 @pytest.mark.parametrize(
-    "kind,m,k",
-    [(kind, m, k) for kind in (1, 2, 3) for m in (1, 4, 37, 150) for k in (300, 2500)] + [(1, 300, 300)],
+    "kind,m,k,rows",
+    [(kind, m, k, False) for kind in (1, 2, 3) for m in (1, 4, 37, 150) for k in (300, 2500)]
+    + [(kind, 150, k, True) for kind in (1, 2, 3) for k in (300, 2500)]
+    + [(1, 300, 300, False), (1, 300, 300, True)],
 )
 @pytest.mark.parametrize("act", [False, True])
-def test_act_quant_kernel_matches_torch_interpreter(kind: int, m: int, act: bool, k: int) -> None:
+def test_act_quant_kernel_matches_torch_interpreter(kind: int, m: int, act: bool, k: int, rows: bool) -> None:
     """W8A8 activation quantization (one-token row tile at M = 1; column-chunk statistics, then one
-    program per token and chunk above) equals its torch twin exactly: the same codes / e4m3 values /
-    outlier columns (flagged when any token crosses the threshold) and per-token factors. LLM.int8 at
-    300 tokens takes two blocks of tokens, so a column-maxima pass runs first."""
+    program per token and chunk above; or, ``act_prompt_rows``, one row tile per token above 64 tokens)
+    equals its torch twin exactly: the same codes / e4m3 values / outlier columns (flagged when any token
+    crosses the threshold) and per-token factors. LLM.int8 at 150 and 300 tokens takes more than one block
+    of tokens, so a column-maxima pass runs first (merged atomically over the blocks for the row tiles)."""
+    from quantbench.engine import EngineOptions
     from quantbench.engine.kernels import act_quant_torch
     from quantbench.engine.kernels.fused import act_quant
 
     torch.manual_seed(kind * 10 + m)
     x = _x(m, 2 * k if act else k, "cpu", torch.float16, outliers=True) * 2
-    xe, rf = act_quant(x, kind, 6.0, act, k)
+    options = EngineOptions(act_prompt_rows=True, act_tiles_outlier=(64, 128, 64, 1024)) if rows else EngineOptions()
+    xe, rf = act_quant(x, kind, 6.0, act, k, options)
     if (
         act
     ):  # the reference gets silu(gate) * up from the kernels' own SiLU (exp differs by an ulp from torch's)

@@ -143,6 +143,9 @@ class EngineOptions:
     """LLM.int8 prompts: every token of a narrow column chunk in one load (no column-maxima pass)."""
     act_prompt_pdl: bool = False
     """Launch prompt-sized activation quantization with programmatic dependent launch."""
+    act_prompt_rows: bool = False
+    """More than 64 tokens: one program per token holding its whole row (LLM.int8: after one pass of
+    column maxima over every token) instead of the statistics and apply programs."""
 
     # ---- generation (``Engine``) ----
     greedy_pick: bool = True

@@ -474,27 +474,32 @@ def quantize_act(xf, outlier, q_scale, KIND: tl.constexpr):
 
 @triton.jit
 def _act_quant_row_kernel(
-    x_ptr, xe_ptr, rf_ptr, K, threshold, KIND: tl.constexpr, ACT: tl.constexpr, BK: tl.constexpr,
-    PDL: tl.constexpr,
+    x_ptr, xe_ptr, rf_ptr, colmax_ptr, K, stride_x, stride_xe, threshold, KIND: tl.constexpr, ACT: tl.constexpr,
+    HAS_COLMAX: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """One token, the whole row as one register tile (BK >= K): its absmax, factor and quantized values
-    from a single round of loads (decode sizes; the statistics + apply kernels serve more tokens)."""
+    """One token per program, its whole row as one register tile (BK >= K): absmax, factor and quantized
+    values from a single round of loads. LLM.int8's outlier columns are the row's own (one token) or, with
+    HAS_COLMAX, those whose column maximum over every token (``colmax``, float bits) reaches the threshold."""
     wait_prior(PDL)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BK)
     mask = cols < K
     if ACT:
-        x = _silu_mul_tile(x_ptr, 0, cols, mask, K)
+        x = _silu_mul_tile(x_ptr, row * stride_x, cols, mask, K)
     else:
-        x = tl.load(x_ptr + cols, mask=mask, other=0.0)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     xf = x.to(tl.float32)
     ax = tl.abs(xf)
-    outlier = ax >= threshold
+    if HAS_COLMAX:
+        outlier = tl.load(colmax_ptr + cols, mask=mask, other=0).to(tl.float32, bitcast=True) >= threshold
+    else:
+        outlier = ax >= threshold
     if KIND == 1:
         ax = tl.where(outlier, 0.0, ax)
     q_scale, rf = token_scales(tl.max(ax, axis=0), KIND)
-    tl.store(rf_ptr, rf)
+    tl.store(rf_ptr + row, rf)
     q = quantize_act(xf, outlier, q_scale, KIND)
-    tl.store(xe_ptr + cols, q.to(xe_ptr.dtype.element_ty), mask=mask)
+    tl.store(xe_ptr + row * stride_xe + cols, q.to(xe_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -512,8 +517,10 @@ def _col_absmax(x_ptr, m_lo, m_hi, M, cols, cmask, K, stride_x, ACT: tl.constexp
 
 @triton.jit(do_not_specialize=["M"])
 def _act_colmax_kernel(x_ptr, colmax_ptr, M, K, stride_x, RB: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr,
-                       BC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
-    """LLM.int8, one column chunk x one block of RB tokens: the column maxima of |x| (``colmax[rb, col]``)."""
+                       BC: tl.constexpr, ATOMIC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    """LLM.int8, one column chunk x one block of RB tokens: the column maxima of |x|, per block
+    (``colmax[rb, col]``) or, ATOMIC, merged over every block into ``colmax[col]`` (int32 float bits:
+    non-negative floats order like their bits; zero it first)."""
     wait_prior(PDL)
     chunk = tl.program_id(0)
     rb = tl.program_id(1)
@@ -522,7 +529,10 @@ def _act_colmax_kernel(x_ptr, colmax_ptr, M, K, stride_x, RB: tl.constexpr, ACT:
     colmax = _col_absmax(
         x_ptr, rb * RB, tl.minimum(M, rb * RB + RB), M, cols, cmask, K, stride_x, ACT, BM, BC
     )
-    tl.store(colmax_ptr + rb * K + cols, colmax, mask=cmask)
+    if ATOMIC:
+        tl.atomic_max(colmax_ptr + cols, colmax.to(tl.int32, bitcast=True), mask=cmask)
+    else:
+        tl.store(colmax_ptr + rb * K + cols, colmax, mask=cmask)
 
 
 @triton.jit(do_not_specialize=["M", "n_rb"])
@@ -624,16 +634,31 @@ def act_quant(
     ``kernels.act_quant_torch`` computes them. One token: one program holding the whole row. More:
     (LLM.int8 over more than one block of tokens: column maxima per block, then) per-chunk token maxima
     and outlier flags, then one program per (token, chunk); every step is parallel over column chunks
-    and blocks of tokens. Program sizes: ``options.act_tiles_*``."""
+    and blocks of tokens. Program sizes: ``options.act_tiles_*``. With ``options.act_prompt_rows``, more
+    than 64 tokens take one whole-row program per token instead (LLM.int8: after one column-maxima pass
+    merged over every token): one read of the activations fewer."""
     m = x.shape[0]
     pdl = launch_args(x.device, options.pdl)
     xe = torch.empty((m, k), device=x.device, dtype=x.dtype)
     rf = torch.empty((m,), device=x.device, dtype=torch.float32)
     thr = float(threshold) if threshold > 0 else float("inf")  # 0 = no outlier decomposition
-    if m == 1 and k <= ROW_TILE_MAX:
-        row = triton.next_power_of_2(k)
-        _act_quant_row_kernel[(1,)](
-            x, xe, rf, k, thr, KIND=kind, ACT=act_silu_mul, BK=row, num_warps=max(4, min(16, row // 1024)), **pdl,
+    row = triton.next_power_of_2(k)
+    rows_mode = m == 1 or (m > 64 and options.act_prompt_rows)
+    if rows_mode and row <= ROW_TILE_MAX:
+        colmax, has_colmax = rf, False
+        if m > 1:
+            if not options.act_prompt_pdl:
+                pdl = {"PDL": False}
+            if kind == ACT_LLM_INT8 and thr != float("inf"):  # outlier columns over every token first
+                chunk, rows, load_rows, _ = options.act_tiles_outlier
+                colmax, has_colmax = torch.zeros((k,), device=x.device, dtype=torch.int32), True
+                _act_colmax_kernel[(triton.cdiv(k, chunk), triton.cdiv(m, rows))](
+                    x, colmax, m, k, x.stride(0), RB=rows, ACT=act_silu_mul,
+                    BM=min(load_rows, triton.next_power_of_2(m)), BC=chunk, ATOMIC=True, num_warps=8, **pdl,
+                )  # fmt: skip
+        _act_quant_row_kernel[(m,)](
+            x, xe, rf, colmax, k, x.stride(0), xe.stride(0), thr, KIND=kind, ACT=act_silu_mul,
+            HAS_COLMAX=has_colmax, BK=row, num_warps=max(4, min(16, row // 1024)), **pdl,
         )  # fmt: skip
         return xe, rf
     # statistics programs: one column chunk x a block of tokens each; prompts take smaller ones so that
@@ -656,7 +681,8 @@ def act_quant(
         brb = max(2, triton.next_power_of_2(n_rb))
         colmax = torch.empty((n_rb, k), device=x.device, dtype=torch.float32)
         _act_colmax_kernel[(n_chunks, n_rb)](
-            x, colmax, m, k, x.stride(0), RB=rows, ACT=act_silu_mul, BM=bm, BC=chunk, num_warps=8, **pdl
+            x, colmax, m, k, x.stride(0), RB=rows, ACT=act_silu_mul, BM=bm, BC=chunk, ATOMIC=False, num_warps=8,
+            **pdl,
         )  # fmt: skip
     _act_stats_kernel[(n_chunks, n_rb)](
         x, colmax, flags, part, m, k, x.stride(0), thr, n_chunks, n_rb,
