@@ -7,8 +7,8 @@ One pass is Mistral-7B's 32 layers x the inputs of qkv, o and gate/up (4096 colu
 each ``fused.act_quant`` call captured in one CUDA graph; the time is the median of ``--repeats``
 replays. A configuration replaces ``EngineOptions.act_tiles_NAME`` (``NAME=columns,tokens,load_tokens,
 apply_columns`` with NAME decode / prompt / outlier; items joined by ``+``); ``pdl`` launches the
-prompt-sized kernels with programmatic dependent launch (``act_prompt_pdl``); ``rows``: one whole-row
-program per token above 64 tokens (``act_prompt_rows``). The activations are normal with a few columns past the LLM.int8 threshold.
+prompt-sized kernels with programmatic dependent launch (``act_prompt_pdl``); ``rows`` / ``passes``: one
+whole-row program per token above 64 tokens / never (``act_rows_min_m``; default: from 512 tokens). The activations are normal with a few columns past the LLM.int8 threshold.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def config_options(text: str) -> EngineOptions:
         if item == "pdl":
             fields["act_prompt_pdl"] = True
         elif item == "rows":
-            fields["act_prompt_rows"] = True
+            fields["act_rows_min_m"] = 65
+        elif item == "passes":
+            fields["act_rows_min_m"] = 0
         elif "=" in item:
             name, _, values = item.partition("=")
             fields[f"act_tiles_{name}"] = tuple(int(v) for v in values.split(","))

@@ -43,8 +43,10 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``noover``: (slab path) prompt slabs dequantized on the main stream (no overlap with the products);
 * ``slab12`` / ``slab48``: the slab path with 12 / 48 MiB slabs instead of 24;
 * ``l2eager``: eagerly launched prompt-sized products (evaluation) on L2 slabs instead of the whole weight;
-* ``actrows``: prompt-sized W8A8 activation quantization by one whole-row program per token
-  (``act_prompt_rows``);
+* ``actpasses``: W8A8 activation quantization of long prompts by the statistics and apply programs
+  instead of one whole-row program per token (``act_rows_min_m``);
+* ``postscale``: slab products of the exact codes, the per-row scales and W8A8 per-token factors applied
+  in one more pass over the output (``slab_fold_scales`` off);
 * ``refext``: extend forwards' attention (evaluation) by the reference ops (torch RoPE, the past gathered and
   concatenated, SDPA under a mask) instead of the Triton extend-attention kernel;
 * ``nomma``: batches 1-16 through the half2 GEMV / ``wq_matmul`` instead of the tensor-core GEMV (the
@@ -101,7 +103,8 @@ VARIANTS: dict[str, dict] = {
     "actwide": {"act_tiles_prompt": (1024, 64, 16, 1024)},
     "colmax": {"act_tiles_outlier": (256, 16, 16, 1024)},
     "actpdl": {"act_prompt_pdl": True},
-    "actrows": {"act_prompt_rows": True},
+    "actpasses": {"act_rows_min_m": 0},
+    "postscale": {"slab_fold_scales": False},
     "noxcarry": {"mma_x_carry": frozenset()},
     "xcarry": {"mma_x_carry": frozenset(DECODER_NAMES)},
     "lut0": {"mma_lut_copies": 0},

@@ -501,10 +501,13 @@ def test_prompt_slabs_on_two_streams_cuda(spec: str) -> None:
         assert torch.equal(value, outs[False, False]), key
 
 
-def _prompt_case(spec: str, m: int, n: int, k: int, device: str, dtype: torch.dtype, tiled: bool):
+def _prompt_case(
+    spec: str, m: int, n: int, k: int, device: str, dtype: torch.dtype, tiled: bool, fold: bool = False
+):
     """A module (tile-major like the engine's when ``tiled``), its layout, its input (quantized, with the
-    per-token factors, for W8A8) and the reference output: float64 ``x @ dequantize().T + bias``
-    (weight-only) or the module's own CPU forward on the unquantized input (W8A8)."""
+    per-token factors, for W8A8; ``fold``: times the factors, which are then None) and the reference
+    output: float64 ``x @ dequantize().T + bias`` (weight-only) or the module's own CPU forward on the
+    unquantized input (W8A8)."""
     from quantbench.engine.kernels import act_quant_torch, layout_for
 
     torch.manual_seed(m + len(spec))
@@ -516,7 +519,8 @@ def _prompt_case(spec: str, m: int, n: int, k: int, device: str, dtype: torch.dt
     rf = None
     if layout.act_quant:
         ref = copy.deepcopy(module).cpu()(x.cpu())
-        x, rf = act_quant_torch(x, layout.act_quant, layout.threshold, False, k)
+        x, rf = act_quant_torch(x, layout.act_quant, layout.threshold, False, k, fold=fold)
+        rf = None if fold else rf
     else:
         ref = x.double() @ module.dequantize().double().t() + module.bias.double()
     return module, layout, x, rf, ref
@@ -526,18 +530,24 @@ def _prompt_case(spec: str, m: int, n: int, k: int, device: str, dtype: torch.dt
 @pytest.mark.parametrize("spec", WEIGHT_ONLY + W8A8)
 @pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("eager_elems", [1 << 28, 64 * 512])
-def test_eager_slabs_cuda(spec: str, tiled: bool, eager_elems: int) -> None:
+@pytest.mark.parametrize("fold", [True, False])
+def test_eager_slabs_cuda(spec: str, tiled: bool, eager_elems: int, fold: bool) -> None:
     """Products launched eagerly dequantize the whole weight (or, past ``eager_slab_elems``, a few large
-    slabs through one buffer) and multiply once: against the reference, and as the L2 slabs compute."""
+    slabs through one buffer) and multiply once: against the reference, and as the L2 slabs compute;
+    with the scales folded into the slabs and activations (default) or applied after the product."""
     from quantbench.engine.kernels import dequant as dq
 
     if tiled and spec not in TILED_SPECS:
         pytest.skip("kept row-major by the engine")
-    _, layout, x, rf, ref = _prompt_case(spec, 700, 320, 512, "cuda", torch.bfloat16, tiled)
-    out = dq.dense_matmul(x, layout, row_factor=rf, options=EngineOptions(eager_slab_elems=eager_elems))
+    _, layout, x, rf, ref = _prompt_case(spec, 700, 320, 512, "cuda", torch.bfloat16, tiled, fold=fold)
+    eager = EngineOptions(eager_slab_elems=eager_elems, slab_fold_scales=fold)
+    out = dq.dense_matmul(x, layout, row_factor=rf, options=eager)
     assert _rel(out.cpu(), ref.cpu()) < (2e-2 if layout.act_quant else 1e-2)
     l2 = dq.dense_matmul(
-        x, layout, row_factor=rf, options=EngineOptions(slab_elems=64 * 512, eager_slab_elems=0)
+        x,
+        layout,
+        row_factor=rf,
+        options=EngineOptions(slab_elems=64 * 512, eager_slab_elems=0, slab_fold_scales=fold),
     )
     assert _rel(out, l2) < 1e-2
 
@@ -598,15 +608,24 @@ def test_token_counts_compile_once_cuda() -> None:
         index = torch.zeros(2, dtype=torch.long, device="cuda")
         extend_attention(qkv, positions, cos, sin, past, past, valid, index, None, heads, kv, d, d**-0.5)
 
-    compiles([_extend_attention_kernel, fused._rope_cache_prefill_kernel], lambda n: extend(n, n + 16), (32, 33))
+    compiles(
+        [_extend_attention_kernel, fused._rope_cache_prefill_kernel], lambda n: extend(n, n + 16), (32, 33)
+    )
     _, int8, *_ = _prompt_case("int8", 64, 256, 512, "cuda", torch.bfloat16, False)
     x = torch.randn(200, 512, device="cuda", dtype=torch.bfloat16)
-    compiles([dq._rescale_kernel], lambda m: dq.dense_matmul(x[:m], int8), (160, 161))
+    post = EngineOptions(slab_fold_scales=False)  # the rescale pass runs
+    compiles([dq._rescale_kernel], lambda m: dq.dense_matmul(x[:m], int8, options=post), (160, 161))
     compiles([_prompt_gemm_kernel], lambda m: prompt_gemm(x[:m], int8), (96, 97))
     big = torch.randn(400, 512, device="cuda", dtype=torch.bfloat16) * 4  # outlier columns past 6.0
     compiles(
         [fused._act_colmax_kernel, fused._act_stats_kernel, fused._act_apply_kernel],
         lambda m: fused.act_quant(big[:m], ACT_LLM_INT8, 6.0, False, 512),
+        (304, 305),
+    )
+    rows = EngineOptions(act_rows_min_m=65)
+    compiles(
+        [fused._act_colmax_kernel, fused._act_quant_row_kernel],
+        lambda m: fused.act_quant(big[:m], ACT_LLM_INT8, 6.0, False, 512, rows),
         (304, 305),
     )
 
@@ -633,18 +652,20 @@ def test_weight_only_kernel_interpreter(spec: str, m: int) -> None:
 @pytest.mark.parametrize("spec", PROMPT_SPECS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("eager_elems", [0, 1 << 28, 48 * 256])
-def test_dense_prefill_interpreter(spec: str, dtype: torch.dtype, eager_elems: int) -> None:
-    """Prompt path: dequantized slabs + matmul; in bf16 the per-row-scaled layouts multiply the scale after
-    the product. Slabs: L2-sized (``eager_elems`` 0, as in a captured graph: two for 80 rows), the whole
-    weight (an eager product), or eager slabs through one buffer (two)."""
+@pytest.mark.parametrize("fold", [True, False])
+def test_dense_prefill_interpreter(spec: str, dtype: torch.dtype, eager_elems: int, fold: bool) -> None:
+    """Prompt path: dequantized slabs + matmul (+ bias); per-row scales and W8A8 factors folded into the
+    slabs and the activations, or (``slab_fold_scales`` off, bf16) multiplied after the product. Slabs:
+    L2-sized (``eager_elems`` 0, as in a captured graph: two for 80 rows), the whole weight (an eager
+    product), or eager slabs through one buffer (two)."""
     from quantbench.engine.kernels import dequant as dq
 
     spec = spec.replace(",compute=fp16", "").replace(":compute=fp16", "")
-    module, layout, x, rf, ref = _prompt_case(spec, 70, 80, 256, "cpu", dtype, False)
+    module, layout, x, rf, ref = _prompt_case(spec, 70, 80, 256, "cpu", dtype, False, fold=fold)
     w = torch.full((80, 256), float("nan"), dtype=dtype)
     dq.dequantize_rows(layout, 0, 80, w)
     assert _rel(w, module.dequantize().to(dtype)) < (1e-3 if dtype == torch.float16 else 1e-2)  # one ulp
-    slabs = EngineOptions(slab_elems=32 * 256, eager_slab_elems=eager_elems)
+    slabs = EngineOptions(slab_elems=32 * 256, eager_slab_elems=eager_elems, slab_fold_scales=fold)
     out = dq.dense_matmul(x, layout, row_factor=rf, options=slabs)
     assert _rel(out, ref) < (2e-2 if layout.act_quant else 1e-2)
 
@@ -727,26 +748,33 @@ def test_w8a8_kernel_interpreter(spec: str, m: int) -> None:
 @pytest.mark.parametrize("act", [False, True])
 def test_act_quant_kernel_matches_torch_interpreter(kind: int, m: int, act: bool, k: int, rows: bool) -> None:
     """W8A8 activation quantization (one-token row tile at M = 1; column-chunk statistics, then one
-    program per token and chunk above; or, ``act_prompt_rows``, one row tile per token above 64 tokens)
-    equals its torch twin exactly: the same codes / e4m3 values / outlier columns (flagged when any token
-    crosses the threshold) and per-token factors. LLM.int8 at 150 and 300 tokens takes more than one block
-    of tokens, so a column-maxima pass runs first (merged atomically over the blocks for the row tiles)."""
+    program per token and chunk above; or, ``rows``, one row tile per token above 64 tokens) equals its
+    torch twin exactly: the same codes / e4m3 values / outlier columns (flagged when any token crosses the
+    threshold) and per-token factors, and, folded for the slab products, the same values times their
+    factor. LLM.int8 at 150 tokens takes one block of tokens of the default statistics programs, at 300
+    two (a column-maxima pass first); the row tiles take blocks of 128 tokens for their column maxima
+    (merged atomically)."""
     from quantbench.engine import EngineOptions
     from quantbench.engine.kernels import act_quant_torch
     from quantbench.engine.kernels.fused import act_quant
 
     torch.manual_seed(kind * 10 + m)
     x = _x(m, 2 * k if act else k, "cpu", torch.float16, outliers=True) * 2
-    options = EngineOptions(act_prompt_rows=True, act_tiles_outlier=(64, 128, 64, 1024)) if rows else EngineOptions()
-    xe, rf = act_quant(x, kind, 6.0, act, k, options)
+    if rows:
+        options = EngineOptions(act_rows_min_m=65, act_tiles_outlier=(64, 128, 64, 1024))
+    else:
+        options = EngineOptions(act_rows_min_m=0)
+    folds = (False, True) if m > 64 else (False,)
+    got = {fold: act_quant(x, kind, 6.0, act, k, options, fold=fold) for fold in folds}
     if (
         act
     ):  # the reference gets silu(gate) * up from the kernels' own SiLU (exp differs by an ulp from torch's)
         from quantbench.engine.kernels.fused import silu_mul
 
         x = silu_mul(x)
-    xe_ref, rf_ref = act_quant_torch(x, kind, 6.0, False, k)
-    assert torch.equal(xe, xe_ref) and torch.allclose(rf, rf_ref, rtol=1e-6, atol=0)
+    for fold, (xe, rf) in got.items():
+        xe_ref, rf_ref = act_quant_torch(x, kind, 6.0, False, k, fold=fold)
+        assert torch.equal(xe, xe_ref) and torch.allclose(rf, rf_ref, rtol=1e-6, atol=0), fold
 
 
 @interp

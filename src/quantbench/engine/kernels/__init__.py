@@ -81,7 +81,9 @@ def run_kernel(
         if act is ActQuant.LAUNCH:
             from quantbench.engine.kernels.fused import act_quant
 
-            x, rf = act_quant(x, layout.act_quant, layout.threshold, False, k, options)
+            fold = kernel is Kernel.SLABS and options.slab_fold_scales
+            x, rf = act_quant(x, layout.act_quant, layout.threshold, False, k, options, fold=fold)
+            rf = None if fold else rf
         if kernel is Kernel.PROMPT_GEMM:
             from quantbench.engine.kernels.prompt_gemm import prompt_gemm
 
@@ -126,9 +128,10 @@ def run_kernel(
 
 
 def act_quant_torch(
-    x: torch.Tensor, kind: int, threshold: float, act_silu_mul: bool, k: int
+    x: torch.Tensor, kind: int, threshold: float, act_silu_mul: bool, k: int, fold: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of ``fused.act_quant``: quantized activations (model dtype) and per-token factors."""
+    """Torch twin of ``fused.act_quant``: quantized activations (model dtype; ``fold``: times their
+    factor) and per-token factors."""
     from quantbench.engine.kernels.layouts import ACT_FP8, ACT_LLM_INT8
 
     if act_silu_mul:
@@ -153,6 +156,8 @@ def act_quant_torch(
         safe = (ax.amax(dim=1) / 127.0).clamp_min(1e-8)
         q = torch.round(xf / safe[:, None]).clamp(-127, 127)
         rf = safe
+    if fold:
+        q = q * rf[:, None]
     return q.to(x.dtype), rf.float().contiguous()
 
 

@@ -187,14 +187,25 @@ def dense_matmul(
 ) -> torch.Tensor:
     """``x [M, K] @ dequant(W).T (* row_factor[:, None]) + bias`` through L2-resident slabs and cuBLAS.
 
-    cuBLAS writes each slab's product straight into its columns of ``out`` (leading dimension N), so the
-    only extra pass is the per-row-scale / token-factor / bias epilogue, and only for layouts that have one.
+    cuBLAS writes each slab's product (plus bias) straight into its columns of ``out`` (leading dimension
+    N). An extra pass over ``out`` runs only for a ``row_factor`` (W8A8 activations quantized without
+    ``act_quant(fold=True)``) or, with ``options.slab_fold_scales`` off, bf16 per-row scales.
     """
     n, k = layout.out_features, layout.in_features
     m = x.shape[0]
-    # Per-row scales are applied to the fp32 value of the rounded product; group scales inside the slab.
-    # (bf16 only: fp16 products of raw codes, e.g. 127 * 127 * K, overflow its range.)
-    post_scale = layout.group == 0 and layout.mode != MODE_TABLE and x.dtype == torch.bfloat16
+    # Scales are applied as the slab is dequantized (rounded as ``dequantize()`` rounds them), unless
+    # ``slab_fold_scales`` is off: then bf16 per-row scales multiply the fp32 value of the rounded product
+    # in one more pass (fp16 products of raw codes, e.g. 127 * 127 * K, overflow its range).
+    post_scale = (
+        not options.slab_fold_scales
+        and layout.group == 0
+        and layout.mode != MODE_TABLE
+        and x.dtype == torch.bfloat16
+    )
+    bias = layout.bias  # added by cuBLAS where no epilogue pass runs (fp32, rounded once with the product)
+    if post_scale or row_factor is not None or (bias is not None and bias.dtype != x.dtype):
+        bias = None
+    epilogue = post_scale or row_factor is not None or (layout.bias is not None and bias is None)
     eager = bool(options.eager_slab_elems) and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
     budget = max(options.slab_elems, options.eager_slab_elems) if eager else options.slab_elems
     slab = max(64, (budget // k) // 64 * 64)
@@ -224,10 +235,13 @@ def dense_matmul(
             main.wait_event(ready)
         else:
             dequantize_rows(layout, r0, rows, w, apply_scale=not post_scale)
-        torch.mm(x, w.t(), out=out[:, r0 : r0 + rows])
+        if bias is None:
+            torch.mm(x, w.t(), out=out[:, r0 : r0 + rows])
+        else:
+            torch.addmm(bias[r0 : r0 + rows], x, w.t(), out=out[:, r0 : r0 + rows])
         if overlap:
             freed[i % 2] = main.record_event()
-    if post_scale or row_factor is not None or layout.bias is not None:
+    if epilogue:
         bm, bn = 16, 256
         scales = layout.scales.reshape(n, -1)[:, 0] if post_scale else out
         _rescale_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](

@@ -475,11 +475,12 @@ def quantize_act(xf, outlier, q_scale, KIND: tl.constexpr):
 @triton.jit
 def _act_quant_row_kernel(
     x_ptr, xe_ptr, rf_ptr, colmax_ptr, K, stride_x, stride_xe, threshold, KIND: tl.constexpr, ACT: tl.constexpr,
-    HAS_COLMAX: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
+    HAS_COLMAX: tl.constexpr, FOLD: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One token per program, its whole row as one register tile (BK >= K): absmax, factor and quantized
     values from a single round of loads. LLM.int8's outlier columns are the row's own (one token) or, with
-    HAS_COLMAX, those whose column maximum over every token (``colmax``, float bits) reaches the threshold."""
+    HAS_COLMAX, those whose column maximum over every token (``colmax``, float bits) reaches the threshold.
+    FOLD: the stored values are multiplied by the factor ``rf`` (see ``act_quant``)."""
     wait_prior(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BK)
@@ -499,6 +500,8 @@ def _act_quant_row_kernel(
     q_scale, rf = token_scales(tl.max(ax, axis=0), KIND)
     tl.store(rf_ptr + row, rf)
     q = quantize_act(xf, outlier, q_scale, KIND)
+    if FOLD:
+        q = q * rf
     tl.store(xe_ptr + row * stride_xe + cols, q.to(xe_ptr.dtype.element_ty), mask=mask)
 
 
@@ -571,7 +574,8 @@ def _act_stats_kernel(
 @triton.jit
 def _act_apply_kernel(
     x_ptr, xe_ptr, rf_ptr, flag_ptr, part_ptr, K, stride_x, stride_xe, n_chunks,
-    KIND: tl.constexpr, ACT: tl.constexpr, BC: tl.constexpr, BCH: tl.constexpr, PDL: tl.constexpr,
+    KIND: tl.constexpr, ACT: tl.constexpr, FOLD: tl.constexpr, BC: tl.constexpr, BCH: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """One token x one column chunk: the token scale from its chunk maxima, then the quantized values
     (int8 codes, e4m3 values, LLM.int8 outlier columns unrounded) in the model dtype; chunk 0 stores
@@ -592,6 +596,8 @@ def _act_apply_kernel(
     else:
         outlier = cols < 0
     q = quantize_act(x.to(tl.float32), outlier, q_scale, KIND)
+    if FOLD:
+        q = q * rf
     tl.store(xe_ptr + row.to(tl.int64) * stride_xe + cols, q.to(xe_ptr.dtype.element_ty), mask=cmask)
 
 
@@ -629,21 +635,23 @@ def act_quant(
     act_silu_mul: bool,
     k: int,
     options: EngineOptions = DEFAULT_OPTIONS,
+    fold: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantized activations ``[M, K]`` (model dtype) and per-token factors ``[M]`` fp32, as
-    ``kernels.act_quant_torch`` computes them. One token: one program holding the whole row. More:
+    ``kernels.act_quant_torch`` computes them; ``fold``: the activations come multiplied by their factor
+    (in fp32, then rounded to the model dtype), for a product that applies no factor afterwards. One token: one program holding the whole row. More:
     (LLM.int8 over more than one block of tokens: column maxima per block, then) per-chunk token maxima
     and outlier flags, then one program per (token, chunk); every step is parallel over column chunks
-    and blocks of tokens. Program sizes: ``options.act_tiles_*``. With ``options.act_prompt_rows``, more
-    than 64 tokens take one whole-row program per token instead (LLM.int8: after one column-maxima pass
-    merged over every token): one read of the activations fewer."""
+    and blocks of tokens. Program sizes: ``options.act_tiles_*``. From ``options.act_rows_min_m`` tokens
+    (above 64), one whole-row program per token instead (LLM.int8: after one column-maxima pass merged
+    over every token): one read of the activations fewer."""
     m = x.shape[0]
     pdl = launch_args(x.device, options.pdl)
     xe = torch.empty((m, k), device=x.device, dtype=x.dtype)
     rf = torch.empty((m,), device=x.device, dtype=torch.float32)
     thr = float(threshold) if threshold > 0 else float("inf")  # 0 = no outlier decomposition
     row = triton.next_power_of_2(k)
-    rows_mode = m == 1 or (m > 64 and options.act_prompt_rows)
+    rows_mode = m == 1 or (m > 64 and 0 < options.act_rows_min_m <= m)
     if rows_mode and row <= ROW_TILE_MAX:
         colmax, has_colmax = rf, False
         if m > 1:
@@ -658,7 +666,7 @@ def act_quant(
                 )  # fmt: skip
         _act_quant_row_kernel[(m,)](
             x, xe, rf, colmax, k, x.stride(0), xe.stride(0), thr, KIND=kind, ACT=act_silu_mul,
-            HAS_COLMAX=has_colmax, BK=row, num_warps=max(4, min(16, row // 1024)), **pdl,
+            HAS_COLMAX=has_colmax, FOLD=fold, BK=row, num_warps=max(4, min(16, row // 1024)), **pdl,
         )  # fmt: skip
         return xe, rf
     # statistics programs: one column chunk x a block of tokens each; prompts take smaller ones so that
@@ -691,6 +699,6 @@ def act_quant(
     )  # fmt: skip
     _act_apply_kernel[(m, triton.cdiv(k, apply_chunk))](
         x, xe, rf, flags, part, k, x.stride(0), xe.stride(0), n_chunks,
-        KIND=kind, ACT=act_silu_mul, BC=apply_chunk, BCH=max(2, triton.next_power_of_2(n_chunks)), num_warps=4, **pdl,
+        KIND=kind, ACT=act_silu_mul, FOLD=fold, BC=apply_chunk, BCH=max(2, triton.next_power_of_2(n_chunks)), num_warps=4, **pdl,
     )  # fmt: skip
     return xe, rf
