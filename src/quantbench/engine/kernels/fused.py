@@ -639,12 +639,14 @@ def act_quant(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantized activations ``[M, K]`` (model dtype) and per-token factors ``[M]`` fp32, as
     ``kernels.act_quant_torch`` computes them; ``fold``: the activations come multiplied by their factor
-    (in fp32, then rounded to the model dtype), for a product that applies no factor afterwards. One token: one program holding the whole row. More:
-    (LLM.int8 over more than one block of tokens: column maxima per block, then) per-chunk token maxima
-    and outlier flags, then one program per (token, chunk); every step is parallel over column chunks
-    and blocks of tokens. Program sizes: ``options.act_tiles_*``. From ``options.act_rows_min_m`` tokens
-    (above 64), one whole-row program per token instead (LLM.int8: after one column-maxima pass merged
-    over every token): one read of the activations fewer."""
+    (in fp32, then rounded to the model dtype), for a product that applies no factor afterwards.
+
+    One token: one program holding the whole row. More: (LLM.int8 over more than one block of tokens:
+    column maxima per block, then) per-chunk token maxima and outlier flags, then one program per (token,
+    chunk); every step is parallel over column chunks and blocks of tokens. Program sizes:
+    ``options.act_tiles_*``. From ``options.act_rows_min_m`` tokens (above 64), one whole-row program per
+    token instead (LLM.int8: after one column-maxima pass merged over every token): one read of the
+    activations fewer."""
     m = x.shape[0]
     pdl = launch_args(x.device, options.pdl)
     xe = torch.empty((m, k), device=x.device, dtype=x.dtype)
