@@ -202,10 +202,10 @@ def dense_matmul(
         and layout.mode != MODE_TABLE
         and x.dtype == torch.bfloat16
     )
-    bias = layout.bias  # added by cuBLAS where no epilogue pass runs (fp32, rounded once with the product)
-    if post_scale or row_factor is not None or (bias is not None and bias.dtype != x.dtype):
-        bias = None
-    epilogue = post_scale or row_factor is not None or (layout.bias is not None and bias is None)
+    mixed_bias = layout.bias is not None and layout.bias.dtype != x.dtype
+    epilogue = post_scale or row_factor is not None or mixed_bias
+    # without an epilogue pass cuBLAS adds the bias (fp32, rounded once with the product)
+    bias = None if epilogue else layout.bias
     eager = bool(options.eager_slab_elems) and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
     budget = max(options.slab_elems, options.eager_slab_elems) if eager else options.slab_elems
     slab = max(64, (budget // k) // 64 * 64)

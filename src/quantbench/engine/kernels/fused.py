@@ -652,20 +652,19 @@ def act_quant(
     xe = torch.empty((m, k), device=x.device, dtype=x.dtype)
     rf = torch.empty((m,), device=x.device, dtype=torch.float32)
     thr = float(threshold) if threshold > 0 else float("inf")  # 0 = no outlier decomposition
+    if m > 64 and not options.act_prompt_pdl:  # prompt sizes launch without PDL unless asked
+        pdl = {"PDL": False}
     row = triton.next_power_of_2(k)
     rows_mode = m == 1 or (m > 64 and 0 < options.act_rows_min_m <= m)
     if rows_mode and row <= ROW_TILE_MAX:
         colmax, has_colmax = rf, False
-        if m > 1:
-            if not options.act_prompt_pdl:
-                pdl = {"PDL": False}
-            if kind == ACT_LLM_INT8 and thr != float("inf"):  # outlier columns over every token first
-                chunk, rows, load_rows, _ = options.act_tiles_outlier
-                colmax, has_colmax = torch.zeros((k,), device=x.device, dtype=torch.int32), True
-                _act_colmax_kernel[(triton.cdiv(k, chunk), triton.cdiv(m, rows))](
-                    x, colmax, m, k, x.stride(0), RB=rows, ACT=act_silu_mul,
-                    BM=min(load_rows, triton.next_power_of_2(m)), BC=chunk, ATOMIC=True, num_warps=8, **pdl,
-                )  # fmt: skip
+        if m > 1 and kind == ACT_LLM_INT8 and thr != float("inf"):  # outlier columns over every token first
+            chunk, rows, load_rows, _ = options.act_tiles_outlier
+            colmax, has_colmax = torch.zeros((k,), device=x.device, dtype=torch.int32), True
+            _act_colmax_kernel[(triton.cdiv(k, chunk), triton.cdiv(m, rows))](
+                x, colmax, m, k, x.stride(0), RB=rows, ACT=act_silu_mul,
+                BM=min(load_rows, triton.next_power_of_2(m)), BC=chunk, ATOMIC=True, num_warps=8, **pdl,
+            )  # fmt: skip
         _act_quant_row_kernel[(m,)](
             x, xe, rf, colmax, k, x.stride(0), xe.stride(0), thr, KIND=kind, ACT=act_silu_mul,
             HAS_COLMAX=has_colmax, FOLD=fold, BK=row, num_warps=max(4, min(16, row // 1024)), **pdl,
@@ -673,15 +672,12 @@ def act_quant(
         return xe, rf
     # statistics programs: one column chunk x a block of tokens each; prompts take smaller ones so that
     # the passes spread over the SMs (128 tokens x 4096 columns: 8 programs of 1024 x 64, 128 of 256 x 16;
-    # LLM.int8: 64 of 64 columns x every token, loaded at once). Prompts launch them without PDL unless
-    # options.act_prompt_pdl.
+    # LLM.int8: 64 of 64 columns x every token, loaded at once).
     if m <= 64:
         tiles = options.act_tiles_decode
     else:
         tiles = options.act_tiles_outlier if kind == ACT_LLM_INT8 else options.act_tiles_prompt
     chunk, rows, load_rows, apply_chunk = tiles
-    if m > 64 and not options.act_prompt_pdl:
-        pdl = {"PDL": False}
     n_chunks, n_rb = triton.cdiv(k, chunk), triton.cdiv(m, rows)
     bm = min(load_rows, triton.next_power_of_2(m))
     flags = torch.empty((k,), device=x.device, dtype=torch.int8)
