@@ -16,7 +16,8 @@ Per method:
 * quantize time (``quantbench.quantize`` on the device, calibrated methods on ``--calib``);
 * quantbench's harness on the engine (``scoring_lm(..., engine=True)``: Triton kernels on CUDA, reference ops
   on CPU): wall time per task for the ``--protocol`` / ``--mode`` (default ``llmtask`` / ``generate``: one
-  greedy token per question, the seed's own task) and peak memory of the evaluation;
+  greedy token per question, the seed's own task; the fastest of ``--repeats`` evaluations, which must give
+  the same answers) and peak memory of the evaluation;
 * the seed's loop (run first, on the model as quantized): llmtask 0.0.2's ``TaskGenerator`` prompts, one HF ``generate`` of 1 token per question
   (batch 1), timed on ``--seed-questions`` questions spread over the split and projected to the split's size;
 * for the methods of ``--hf-methods``: the same harness on the HF forward (``engine=False``) on the same
@@ -164,22 +165,29 @@ def harness(
         sync(device)
         out["warmup_s"] = time.perf_counter() - t0
     for task in tasks:
-        calls, tokens = lm.calls, lm.tokens
-        sync(device)
-        t0 = time.perf_counter()
-        result = evaluate(
-            model, tokenizer, task, split="val", shots=args.shots, mode=args.mode, protocol=args.protocol,
-            limit=args.limit, batch_size=args.batch_size, lm=lm, progress=args.progress,
-        )  # fmt: skip
-        sync(device)
-        out["tasks"][task] = {
-            "seconds": time.perf_counter() - t0,
-            "questions": result.questions + result.skipped,
-            "accuracy": result.accuracy,
-            "forwards": lm.calls - calls,  # prefix and question forwards
-            "tokens": lm.tokens - tokens,  # tokens they computed, padding included
-            "answers": {f"{a.subject}/{a.idx}": a.pred for a in result.answers},
-        }
+        runs: list[float] = []
+        for _ in range(args.repeats):
+            calls, tokens = lm.calls, lm.tokens
+            sync(device)
+            t0 = time.perf_counter()
+            result = evaluate(
+                model, tokenizer, task, split="val", shots=args.shots, mode=args.mode, protocol=args.protocol,
+                limit=args.limit, batch_size=args.batch_size, lm=lm, progress=args.progress,
+            )  # fmt: skip
+            sync(device)
+            runs.append(time.perf_counter() - t0)
+            answers = {f"{a.subject}/{a.idx}": a.pred for a in result.answers}
+            if len(runs) > 1 and answers != out["tasks"][task]["answers"]:
+                raise RuntimeError(f"{task}: a repeated evaluation gave other answers than the first")
+            out["tasks"][task] = {
+                "seconds": min(runs),  # the fastest of --repeats evaluations
+                "runs": runs,
+                "questions": result.questions + result.skipped,
+                "accuracy": result.accuracy,
+                "forwards": lm.calls - calls,  # prefix and question forwards (of one evaluation)
+                "tokens": lm.tokens - tokens,  # tokens they computed, padding included
+                "answers": answers,
+            }
     peak, kind = peak_bytes(device)
     out.update(scoring=lm.scoring, peak_gib=peak / 2**30, peak_kind=kind, variant=variant)
     return out
@@ -245,6 +253,11 @@ def main() -> None:
         help="';'-separated engine variants of benchmarks/engine_ab.py to evaluate each method with (the first: "
         "the method's row; the others: extra rows)",
     )  # fmt: skip
+    parser.add_argument(
+        "--repeats", type=int, default=1,
+        help="evaluations of each task per method; the table shows the fastest, the JSON every one (answers "
+        "must agree)",
+    )  # fmt: skip
     parser.add_argument("--progress", action="store_true", help="progress bars")
     parser.add_argument(
         "--no-warmup",
@@ -273,6 +286,8 @@ def main() -> None:
     tasks = [t.name for t in parse_tasks(args.tasks)]
     methods = [(m, parse_spec(m).spec) for m in split_specs(args.methods)]  # (as given, canonical)
     hf_methods = {parse_spec(m).spec for m in split_specs(args.hf_methods)} if args.hf_methods else set()
+    if args.repeats < 1:
+        raise EvalError(f"--repeats must be >= 1, got {args.repeats}")
     if args.limit is not None and args.limit < 1:
         raise EvalError(f"--limit must be >= 1, got {args.limit}")
     if args.mode not in MODES:
@@ -285,15 +300,15 @@ def main() -> None:
     if unknown:
         raise EvalError(f"unknown engine variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     tokenizer = load_tokenizer(args.tokenizer, args.model)
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    print(f"main job: {args.model} on {device} ({name}), tasks {', '.join(tasks)}, {args.shots}-shot "
+    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    print(f"main job: {args.model} on {device} ({device_name}), tasks {', '.join(tasks)}, {args.shots}-shot "
           f"{args.protocol} {args.mode}, batch {args.batch_size}, limit {args.limit or 'none'}")  # fmt: skip
 
     rows: list[dict[str, Any]] = []
 
     def save() -> None:  # after every method, so a run stopped part-way keeps the rows it finished
         if args.json:
-            payload = {"model": args.model, "device": device, "device_name": name, "args": vars(args),
+            payload = {"model": args.model, "device": device, "device_name": device_name, "args": vars(args),
                        "rows": rows}  # fmt: skip
             Path(args.json).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 

@@ -353,13 +353,17 @@ def test_main_job_benchmark_smoke_on_cpu(tmp_path):
         "2",
         "--variants",
         "base;l2eager",
+        "--repeats",
+        "2",
         "--json",
         str(out),
     ]
     run = subprocess.run(argv, capture_output=True, text=True, cwd=root, timeout=900, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "x seed loop" in run.stdout and "bf16 (HF forward)" in run.stdout and "warm-up s" in run.stdout
-    rows = json.loads(out.read_text())["rows"]
+    payload = json.loads(out.read_text())
+    assert payload["device"] == "cpu" and payload["device_name"] == "cpu"  # not a method's label
+    rows = payload["rows"]
     assert [r["method"] for r in rows] == ["bf16", "int4:group=32"]
     for row in rows:
         assert (
@@ -367,6 +371,9 @@ def test_main_job_benchmark_smoke_on_cpu(tmp_path):
         )
         assert {t: v["questions"] for t, v in row["engine"]["tasks"].items()} == {"mmlu": 57, "ceval": 52}
         assert all(v["tokens"] > v["forwards"] > 0 for v in row["engine"]["tasks"].values())
+        assert all(
+            len(v["runs"]) == 2 and v["seconds"] == min(v["runs"]) for v in row["engine"]["tasks"].values()
+        )
         assert set(row["seed"]) == {"mmlu", "ceval"} and row["seed"]["mmlu"]["questions"] == 2
     assert rows[0]["hf"]["scoring"] == "HF forward (engine off)" and 0 <= rows[0]["hf_agreement"] <= 1
     # the second engine variant: its own timing, the same answers (on CPU no kernel differs)
