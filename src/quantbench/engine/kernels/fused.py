@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantbench.engine.kernels.layouts import ACT_LLM_INT8
+from quantbench.engine.kernels.layouts import ACT_INT8_TOKEN, ACT_LLM_INT8, ROW_TILE_MAX, WQLayout
 from quantbench.engine.kernels.partials import Partials, load_summed, parts_args
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
 from quantbench.engine.kernels.triton_common import (
@@ -475,12 +475,13 @@ def quantize_act(xf, outlier, q_scale, KIND: tl.constexpr):
 @triton.jit
 def _act_quant_row_kernel(
     x_ptr, xe_ptr, rf_ptr, colmax_ptr, K, stride_x, stride_xe, threshold, KIND: tl.constexpr, ACT: tl.constexpr,
-    HAS_COLMAX: tl.constexpr, FOLD: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
+    HAS_COLMAX: tl.constexpr, FOLD: tl.constexpr, CODES: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One token per program, its whole row as one register tile (BK >= K): absmax, factor and quantized
     values from a single round of loads. LLM.int8's outlier columns are the row's own (one token) or, with
     HAS_COLMAX, those whose column maximum over every token (``colmax``, float bits) reaches the threshold.
-    FOLD: the stored values are multiplied by the factor ``rf`` (see ``act_quant``)."""
+    FOLD: the stored values are multiplied by the factor ``rf`` (see ``act_quant``). CODES: int8 codes are
+    stored, LLM.int8's outlier columns as 0 (``act_codes``)."""
     wait_prior(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BK)
@@ -500,9 +501,14 @@ def _act_quant_row_kernel(
     q_scale, rf = token_scales(tl.max(ax, axis=0), KIND)
     tl.store(rf_ptr + row, rf)
     q = quantize_act(xf, outlier, q_scale, KIND)
-    if FOLD:
-        q = q * rf
-    tl.store(xe_ptr + row * stride_xe + cols, q.to(xe_ptr.dtype.element_ty), mask=mask)
+    if CODES:
+        if KIND == 1:
+            q = tl.where(outlier, 0.0, q)
+        tl.store(xe_ptr + row * stride_xe + cols, q.to(tl.int8), mask=mask)
+    else:
+        if FOLD:
+            q = q * rf
+        tl.store(xe_ptr + row * stride_xe + cols, q.to(xe_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -625,7 +631,18 @@ def _rint(x):
     return (x + big) - big
 
 
-ROW_TILE_MAX = 32768  # one-token rows up to this many columns are quantized from one register tile
+def _merged_colmax(
+    x: torch.Tensor, k: int, act_silu_mul: bool, options: EngineOptions, pdl: dict
+) -> torch.Tensor:
+    """LLM.int8's column maxima of |x| over every token, ``[K]`` int32 float bits (one atomic pass)."""
+    m = x.shape[0]
+    chunk, rows, load_rows, _ = options.act_tiles_outlier
+    colmax = torch.zeros((k,), device=x.device, dtype=torch.int32)
+    _act_colmax_kernel[(triton.cdiv(k, chunk), triton.cdiv(m, rows))](
+        x, colmax, m, k, x.stride(0), RB=rows, ACT=act_silu_mul, BM=min(load_rows, triton.next_power_of_2(m)),
+        BC=chunk, ATOMIC=True, num_warps=8, **pdl,
+    )  # fmt: skip
+    return colmax
 
 
 def act_quant(
@@ -659,15 +676,10 @@ def act_quant(
     if rows_mode and row <= ROW_TILE_MAX:
         colmax, has_colmax = rf, False
         if m > 1 and kind == ACT_LLM_INT8 and thr != float("inf"):  # outlier columns over every token first
-            chunk, rows, load_rows, _ = options.act_tiles_outlier
-            colmax, has_colmax = torch.zeros((k,), device=x.device, dtype=torch.int32), True
-            _act_colmax_kernel[(triton.cdiv(k, chunk), triton.cdiv(m, rows))](
-                x, colmax, m, k, x.stride(0), RB=rows, ACT=act_silu_mul,
-                BM=min(load_rows, triton.next_power_of_2(m)), BC=chunk, ATOMIC=True, num_warps=8, **pdl,
-            )  # fmt: skip
+            colmax, has_colmax = _merged_colmax(x, k, act_silu_mul, options, pdl), True
         _act_quant_row_kernel[(m,)](
             x, xe, rf, colmax, k, x.stride(0), xe.stride(0), thr, KIND=kind, ACT=act_silu_mul,
-            HAS_COLMAX=has_colmax, FOLD=fold, BK=row, num_warps=max(4, min(16, row // 1024)), **pdl,
+            HAS_COLMAX=has_colmax, FOLD=fold, CODES=False, BK=row, num_warps=max(4, min(16, row // 1024)), **pdl,
         )  # fmt: skip
         return xe, rf
     # statistics programs: one column chunk x a block of tokens each; prompts take smaller ones so that
@@ -700,3 +712,33 @@ def act_quant(
         KIND=kind, ACT=act_silu_mul, FOLD=fold, BC=apply_chunk, BCH=max(2, triton.next_power_of_2(n_chunks)), num_warps=4, **pdl,
     )  # fmt: skip
     return xe, rf
+
+
+def act_codes(
+    x: torch.Tensor, layout: WQLayout, act_silu_mul: bool = False, options: EngineOptions = DEFAULT_OPTIONS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """int8 activation codes ``[M, K]`` of ``layout``'s input (``[M, 2K]`` gate/up when ``act_silu_mul``)
+    for an int8 x int8 product (LLM.int8 or SmoothQuant), the per-token factors ``[M]`` fp32 and, for
+    LLM.int8 with a threshold, the column maxima of |x| over every token (``[K]`` fp32): the outlier
+    columns, whose codes are 0, are those reaching the threshold. The same arithmetic as ``act_quant``
+    (one whole-row program per token, K up to ``ROW_TILE_MAX``)."""
+    kind, threshold, k = layout.act_quant, layout.threshold, layout.in_features
+    if kind not in (ACT_LLM_INT8, ACT_INT8_TOKEN):
+        raise ValueError(f"act_codes quantizes to int8 (LLM.int8, SmoothQuant), not activation kind {kind}")
+    m = x.shape[0]
+    row = triton.next_power_of_2(k)
+    if row > ROW_TILE_MAX:
+        raise ValueError(f"act_codes holds a whole row in one program: K = {k} is over {ROW_TILE_MAX}")
+    pdl = launch_args(x.device, options.pdl) if m <= 64 or options.act_prompt_pdl else {"PDL": False}
+    codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
+    rf = torch.empty((m,), device=x.device, dtype=torch.float32)
+    thr = float(threshold) if threshold > 0 else float("inf")
+    colmax = None
+    if kind == ACT_LLM_INT8 and thr != float("inf"):
+        colmax = _merged_colmax(x, k, act_silu_mul, options, pdl)
+    _act_quant_row_kernel[(m,)](
+        x, codes, rf, colmax if colmax is not None else rf, k, x.stride(0), codes.stride(0), thr, KIND=kind,
+        ACT=act_silu_mul, HAS_COLMAX=colmax is not None, FOLD=False, CODES=True, BK=row,
+        num_warps=max(4, min(16, row // 1024)), **pdl,
+    )  # fmt: skip
+    return codes, rf, None if colmax is None else colmax.view(torch.float32)

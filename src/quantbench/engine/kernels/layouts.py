@@ -35,6 +35,9 @@ ACT_NONE = 0
 ACT_LLM_INT8 = 1  # per-token int8 over non-outlier columns (|x| >= threshold stays 16-bit)
 ACT_FP8 = 2  # per-token e4m3, scale absmax / 448
 ACT_INT8_TOKEN = 3  # per-token int8, scale max(absmax / 127, 1e-8) (SmoothQuant)
+# rows of activations up to this many columns are quantized by one program holding the whole row
+# (``fused.act_quant``'s row mode, ``fused.act_codes``)
+ROW_TILE_MAX = 32768
 # by the method names ``EngineOptions.mma_quantizes`` takes
 ACT_BY_NAME = {"llm.int8": ACT_LLM_INT8, "fp8": ACT_FP8, "smoothquant": ACT_INT8_TOKEN}
 

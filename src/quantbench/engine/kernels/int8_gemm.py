@@ -1,0 +1,173 @@
+"""W8A8 int8 products (LLM.int8, SmoothQuant) of many tokens on int8 tensor cores.
+
+Why: the slab path (``dequant.dense_matmul``) writes every weight as 16 bits before cuBLAS multiplies
+16-bit activations by it; int8 x int8 products with int32 accumulation are what these methods define
+(``quant.llm_int8.llm_int8_matmul``, ``SmoothQuantLinear.forward``) and run at twice the 16-bit rate.
+Here the activations are quantized to int8 codes (``fused.act_codes``), one Triton program multiplies a
+``[BM, BN]`` output tile from the codes as the engine stores them (row-major, or tile-major for the
+tensor-core GEMV: a ``[16 rows, 64 bytes]`` tile is one contiguous KiB) and scales the exact int32 sums in
+its epilogue, in the order of each method's reference:
+
+* LLM.int8: ``acc * (rf[m] * (absmax[n] / 127))``, plus the outlier columns' 16-bit product (the columns
+  where some ``|x|`` reaches the threshold: their activations and dequantized weight columns, ``torch.mm``)
+  and the bias, summed in fp32 and rounded once. Which columns are outliers is data: the host reads their
+  count, so these products run eagerly (evaluation batches), and a product whose outliers exceed
+  ``EngineOptions.int8_gemm_max_outliers`` of K goes to the slabs instead.
+* SmoothQuant: ``(acc * rf[m]) * wscale[n]`` plus the bias.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from quantbench.engine.kernels.layouts import ACT_LLM_INT8, WQLayout
+from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
+
+__all__ = ["code_columns", "int8_gemm", "w8a8_int8_product"]
+
+
+@triton.jit(do_not_specialize=["M"])
+def _int8_gemm_kernel(
+    x_ptr, w_ptr, rf_ptr, cs_ptr, e_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_wn, stride_em, stride_om,
+    TN: tl.constexpr, TKB: tl.constexpr, PAIR_FIRST: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """``o = acc * factors (+ extra) (+ bias)`` for ``acc = x_codes [M, K] @ w_codes [N, K]^T`` (int32).
+
+    Codes of w are bytes: row-major with ``stride_wn`` bytes per row (TN == 0) or tile-major
+    ``[N / TN, K / TKB, TN, TKB]``; BK is a multiple of TKB, so a K step moves every offset by the same
+    amount. Output tiles are visited GROUP_M token tiles at a time per weight tile (its codes stay in L2).
+    """
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * n_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_n.to(tl.int64)
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    if TN == 0:
+        w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
+    else:
+        w_ptrs = w_ptr + (
+            ((rows // TN) * (K // TKB))[:, None] * (TN * TKB)
+            + (offs_k // TKB)[None, :] * (TN * TKB)
+            + ((rows % TN) * TKB)[:, None]
+            + (offs_k % TKB)[None, :]
+        )
+    W_STEP: tl.constexpr = BK * (TN + (TN == 0))  # a K step: BK bytes of a row, or BK / TKB whole tiles
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for k0 in range(0, K, BK):
+        kmask = (k0 + offs_k) < K
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0)
+        b = tl.load(w_ptrs, mask=mask_n[:, None] & kmask[None, :], other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        x_ptrs += BK
+        w_ptrs += W_STEP
+    rf = tl.load(rf_ptr + offs_m, mask=mask_m, other=0.0)
+    cs = tl.load(cs_ptr + offs_n, mask=mask_n, other=0.0)
+    if PAIR_FIRST:  # LLM.int8: acc * (sx * sw)
+        v = acc.to(tl.float32) * (rf[:, None] * cs[None, :])
+    else:  # SmoothQuant: (acc * sx) * sw
+        v = (acc.to(tl.float32) * rf[:, None]) * cs[None, :]
+    omask = mask_m[:, None] & mask_n[None, :]
+    if HAS_EXTRA:
+        e = tl.load(e_ptr + offs_m.to(tl.int64)[:, None] * stride_em + offs_n[None, :], mask=omask, other=0.0)
+        v = v + e.to(tl.float32)
+    if HAS_BIAS:
+        v = v + tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    o_ptrs = o_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(o_ptrs, v.to(o_ptr.dtype.element_ty), mask=omask)
+
+
+def _col_scale(layout: WQLayout) -> torch.Tensor:
+    """Per-output-row fp32 factors as the reference computes them (LLM.int8: ``absmax / 127``)."""
+    scales = layout.scales.reshape(layout.out_features, -1)[:, 0].float()
+    if layout.act_quant == ACT_LLM_INT8:
+        return scales / 127.0
+    return scales * layout.scale_mul if layout.scale_mul != 1.0 else scales
+
+
+def int8_gemm(
+    codes: torch.Tensor,
+    rf: torch.Tensor,
+    layout: WQLayout,
+    extra: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    options: EngineOptions = DEFAULT_OPTIONS,
+) -> torch.Tensor:
+    """``codes [M, K] int8`` times the layout's int8 codes, scaled per token (``rf``) and per output row,
+    plus ``extra [M, N]`` (LLM.int8's outlier product) and the bias, rounded once to ``out_dtype``."""
+    m, k = codes.shape
+    n = layout.out_features
+    if out is None:
+        out = torch.empty((m, n), device=codes.device, dtype=out_dtype)
+    bm, bn, bk, group_m, warps, stages = options.int8_gemm_tiles
+    w8 = layout.w32.view(torch.int8)
+    stride_wn = 0 if layout.tile_n else w8.stride(0)
+    cs = _col_scale(layout)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _int8_gemm_kernel[grid](
+        codes, w8, rf, cs, extra if extra is not None else out, layout.bias if layout.bias is not None else out,
+        out, m, n, k, codes.stride(0), stride_wn, extra.stride(0) if extra is not None else 0, out.stride(0),
+        TN=layout.tile_n, TKB=4 * layout.tile_kv, PAIR_FIRST=layout.act_quant == ACT_LLM_INT8,
+        HAS_EXTRA=extra is not None, HAS_BIAS=layout.bias is not None, BM=bm, BN=bn, BK=bk, GROUP_M=group_m,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+def code_columns(layout: WQLayout, cols: torch.Tensor) -> torch.Tensor:
+    """The int8 codes of input columns ``cols`` of every output row, ``[N, len(cols)]``, from row-major or
+    tile-major storage."""
+    w8 = layout.w32.view(torch.int8)
+    n = layout.out_features
+    if not layout.tile_n:
+        return w8[:, cols]
+    tn, tkb = layout.tile_n, 4 * layout.tile_kv
+    rows = torch.arange(n, device=w8.device)[:, None]
+    c = cols[None, :]
+    tiles_k = layout.in_features // tkb
+    off = ((rows // tn) * tiles_k + c // tkb) * (tn * tkb) + (rows % tn) * tkb + c % tkb
+    return w8.reshape(-1)[off]
+
+
+def w8a8_int8_product(
+    x: torch.Tensor,
+    layout: WQLayout,
+    act_silu_mul: bool = False,
+    out: torch.Tensor | None = None,
+    options: EngineOptions = DEFAULT_OPTIONS,
+) -> torch.Tensor | None:
+    """The layer's product of ``x [M, K]`` (``[M, 2K]`` gate/up when ``act_silu_mul``) through int8 codes,
+    or None when LLM.int8's outlier columns exceed ``options.int8_gemm_max_outliers`` of K (the caller
+    then runs the slabs). Reads the outlier count on the host."""
+    from quantbench.engine.kernels.fused import act_codes
+
+    k = layout.in_features
+    codes, rf, colmax = act_codes(x, layout, act_silu_mul, options)
+    extra = None
+    if colmax is not None:
+        cols = torch.nonzero(colmax >= layout.threshold).flatten()
+        if cols.numel() > options.int8_gemm_max_outliers * k:
+            return None
+        if cols.numel():
+            if act_silu_mul:  # silu(gate) * up of the outlier columns, rounded as HF rounds it
+                x_out = F.silu(x[:, cols]) * x[:, k + cols]
+            else:
+                x_out = x[:, cols]
+            absmax = layout.scales.reshape(layout.out_features, -1)[:, 0].float()
+            w_cols = (code_columns(layout, cols).float() * (absmax / 127.0)[:, None]).to(x.dtype)
+            extra = torch.mm(x_out, w_cols.t())
+    return int8_gemm(codes, rf, layout, extra=extra, out=out, out_dtype=x.dtype, options=options)
