@@ -631,6 +631,14 @@ def _rint(x):
     return (x + big) - big
 
 
+def _act_pdl(x: torch.Tensor, options: EngineOptions) -> dict:
+    """Launch arguments of activation quantization: prompt sizes (over 64 tokens) launch without PDL
+    unless ``options.act_prompt_pdl``."""
+    if x.shape[0] > 64 and not options.act_prompt_pdl:
+        return {"PDL": False}
+    return launch_args(x.device, options.pdl)
+
+
 def _merged_colmax(
     x: torch.Tensor, k: int, act_silu_mul: bool, options: EngineOptions, pdl: dict
 ) -> torch.Tensor:
@@ -643,6 +651,27 @@ def _merged_colmax(
         BC=chunk, ATOMIC=True, num_warps=8, **pdl,
     )  # fmt: skip
     return colmax
+
+
+def _quantize_rows(
+    x: torch.Tensor, out: torch.Tensor, kind: int, thr: float, act_silu_mul: bool, k: int,
+    colmax: torch.Tensor | None, pdl: dict, fold: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """One whole-row program per token into ``out`` (model dtype, or int8 codes); the factors ``[M]``.
+    ``colmax``: LLM.int8's merged column maxima (``_merged_colmax``), else each row's own outliers."""
+    m = x.shape[0]
+    rf = torch.empty((m,), device=x.device, dtype=torch.float32)
+    row = triton.next_power_of_2(k)
+    _act_quant_row_kernel[(m,)](
+        x, out, rf, colmax if colmax is not None else rf, k, x.stride(0), out.stride(0), thr, KIND=kind,
+        ACT=act_silu_mul, HAS_COLMAX=colmax is not None, FOLD=fold, CODES=out.dtype == torch.int8, BK=row,
+        num_warps=max(4, min(16, row // 1024)), **pdl,
+    )  # fmt: skip
+    return rf
+
+
+def _threshold(threshold: float) -> float:
+    return float(threshold) if threshold > 0 else float("inf")  # 0 = no outlier decomposition
 
 
 def act_quant(
@@ -665,23 +694,16 @@ def act_quant(
     token instead (LLM.int8: after one column-maxima pass merged over every token): one read of the
     activations fewer."""
     m = x.shape[0]
-    pdl = launch_args(x.device, options.pdl)
+    pdl = _act_pdl(x, options)
     xe = torch.empty((m, k), device=x.device, dtype=x.dtype)
-    rf = torch.empty((m,), device=x.device, dtype=torch.float32)
-    thr = float(threshold) if threshold > 0 else float("inf")  # 0 = no outlier decomposition
-    if m > 64 and not options.act_prompt_pdl:  # prompt sizes launch without PDL unless asked
-        pdl = {"PDL": False}
-    row = triton.next_power_of_2(k)
+    thr = _threshold(threshold)
     rows_mode = m == 1 or (m > 64 and 0 < options.act_rows_min_m <= m)
-    if rows_mode and row <= ROW_TILE_MAX:
-        colmax, has_colmax = rf, False
+    if rows_mode and triton.next_power_of_2(k) <= ROW_TILE_MAX:
+        colmax = None
         if m > 1 and kind == ACT_LLM_INT8 and thr != float("inf"):  # outlier columns over every token first
-            colmax, has_colmax = _merged_colmax(x, k, act_silu_mul, options, pdl), True
-        _act_quant_row_kernel[(m,)](
-            x, xe, rf, colmax, k, x.stride(0), xe.stride(0), thr, KIND=kind, ACT=act_silu_mul,
-            HAS_COLMAX=has_colmax, FOLD=fold, CODES=False, BK=row, num_warps=max(4, min(16, row // 1024)), **pdl,
-        )  # fmt: skip
-        return xe, rf
+            colmax = _merged_colmax(x, k, act_silu_mul, options, pdl)
+        return xe, _quantize_rows(x, xe, kind, thr, act_silu_mul, k, colmax, pdl, fold)
+    rf = torch.empty((m,), device=x.device, dtype=torch.float32)
     # statistics programs: one column chunk x a block of tokens each; prompts take smaller ones so that
     # the passes spread over the SMs (128 tokens x 4096 columns: 8 programs of 1024 x 64, 128 of 256 x 16;
     # LLM.int8: 64 of 64 columns x every token, loaded at once).
@@ -714,31 +736,37 @@ def act_quant(
     return xe, rf
 
 
-def act_codes(
+def outlier_maxima(
     x: torch.Tensor, layout: WQLayout, act_silu_mul: bool = False, options: EngineOptions = DEFAULT_OPTIONS
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor | None:
+    """LLM.int8 with a threshold: the column maxima of |x| over every token of ``layout``'s input (``[M, 2K]``
+    gate/up when ``act_silu_mul``), ``[K]`` fp32; the outlier columns are those reaching the threshold.
+    None for other layouts."""
+    if layout.act_quant != ACT_LLM_INT8 or _threshold(layout.threshold) == float("inf"):
+        return None
+    colmax = _merged_colmax(x, layout.in_features, act_silu_mul, options, _act_pdl(x, options))
+    return colmax.view(torch.float32)
+
+
+def act_codes(
+    x: torch.Tensor,
+    layout: WQLayout,
+    colmax: torch.Tensor | None,
+    act_silu_mul: bool = False,
+    options: EngineOptions = DEFAULT_OPTIONS,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 activation codes ``[M, K]`` of ``layout``'s input (``[M, 2K]`` gate/up when ``act_silu_mul``)
-    for an int8 x int8 product (LLM.int8 or SmoothQuant), the per-token factors ``[M]`` fp32 and, for
-    LLM.int8 with a threshold, the column maxima of |x| over every token (``[K]`` fp32): the outlier
-    columns, whose codes are 0, are those reaching the threshold. The same arithmetic as ``act_quant``
-    (one whole-row program per token, K up to ``ROW_TILE_MAX``)."""
-    kind, threshold, k = layout.act_quant, layout.threshold, layout.in_features
+    for an int8 x int8 product (LLM.int8 or SmoothQuant) and the per-token factors ``[M]`` fp32. LLM.int8
+    with a threshold takes ``colmax`` from ``outlier_maxima``: the outlier columns' codes are 0. The same
+    arithmetic as ``act_quant`` (one whole-row program per token, K up to ``ROW_TILE_MAX``)."""
+    kind, k = layout.act_quant, layout.in_features
     if kind not in (ACT_LLM_INT8, ACT_INT8_TOKEN):
         raise ValueError(f"act_codes quantizes to int8 (LLM.int8, SmoothQuant), not activation kind {kind}")
-    m = x.shape[0]
-    row = triton.next_power_of_2(k)
-    if row > ROW_TILE_MAX:
+    if triton.next_power_of_2(k) > ROW_TILE_MAX:
         raise ValueError(f"act_codes holds a whole row in one program: K = {k} is over {ROW_TILE_MAX}")
-    pdl = launch_args(x.device, options.pdl) if m <= 64 or options.act_prompt_pdl else {"PDL": False}
-    codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
-    rf = torch.empty((m,), device=x.device, dtype=torch.float32)
-    thr = float(threshold) if threshold > 0 else float("inf")
-    colmax = None
-    if kind == ACT_LLM_INT8 and thr != float("inf"):
-        colmax = _merged_colmax(x, k, act_silu_mul, options, pdl)
-    _act_quant_row_kernel[(m,)](
-        x, codes, rf, colmax if colmax is not None else rf, k, x.stride(0), codes.stride(0), thr, KIND=kind,
-        ACT=act_silu_mul, HAS_COLMAX=colmax is not None, FOLD=False, CODES=True, BK=row,
-        num_warps=max(4, min(16, row // 1024)), **pdl,
-    )  # fmt: skip
-    return codes, rf, None if colmax is None else colmax.view(torch.float32)
+    thr = _threshold(layout.threshold)
+    if (colmax is None) != (kind != ACT_LLM_INT8 or thr == float("inf")):
+        raise ValueError("act_codes takes the column maxima of LLM.int8 with a threshold, and only those")
+    codes = torch.empty((x.shape[0], k), device=x.device, dtype=torch.int8)
+    bits = None if colmax is None else colmax.view(torch.int32)
+    return codes, _quantize_rows(x, codes, kind, thr, act_silu_mul, k, bits, _act_pdl(x, options))

@@ -26,7 +26,7 @@ import triton.language as tl
 from quantbench.engine.kernels.layouts import ACT_LLM_INT8, WQLayout
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
-__all__ = ["code_columns", "int8_gemm", "w8a8_int8_product"]
+__all__ = ["code_columns", "col_scale", "int8_gemm", "w8a8_int8_product"]
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -90,25 +90,27 @@ def _int8_gemm_kernel(
     tl.store(o_ptrs, v.to(o_ptr.dtype.element_ty), mask=omask)
 
 
-def _col_scale(layout: WQLayout) -> torch.Tensor:
+def col_scale(layout: WQLayout) -> torch.Tensor:
     """Per-output-row fp32 factors as the reference computes them (LLM.int8: ``absmax / 127``)."""
     scales = layout.scales.reshape(layout.out_features, -1)[:, 0].float()
     if layout.act_quant == ACT_LLM_INT8:
         return scales / 127.0
-    return scales * layout.scale_mul if layout.scale_mul != 1.0 else scales
+    return scales * layout.scale_mul
 
 
 def int8_gemm(
     codes: torch.Tensor,
     rf: torch.Tensor,
     layout: WQLayout,
+    cs: torch.Tensor,
     extra: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     options: EngineOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
-    """``codes [M, K] int8`` times the layout's int8 codes, scaled per token (``rf``) and per output row,
-    plus ``extra [M, N]`` (LLM.int8's outlier product) and the bias, rounded once to ``out_dtype``."""
+    """``codes [M, K] int8`` times the layout's int8 codes, scaled per token (``rf``) and per output row
+    (``cs``: ``col_scale(layout)``), plus ``extra [M, N]`` (LLM.int8's outlier product) and the bias,
+    rounded once to ``out_dtype``."""
     m, k = codes.shape
     n = layout.out_features
     if out is None:
@@ -116,7 +118,6 @@ def int8_gemm(
     bm, bn, bk, group_m, warps, stages = options.int8_gemm_tiles
     w8 = layout.w32.view(torch.int8)
     stride_wn = 0 if layout.tile_n else w8.stride(0)
-    cs = _col_scale(layout)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _int8_gemm_kernel[grid](
         codes, w8, rf, cs, extra if extra is not None else out, layout.bias if layout.bias is not None else out,
@@ -130,17 +131,14 @@ def int8_gemm(
 
 def code_columns(layout: WQLayout, cols: torch.Tensor) -> torch.Tensor:
     """The int8 codes of input columns ``cols`` of every output row, ``[N, len(cols)]``, from row-major or
-    tile-major storage."""
+    tile-major storage (``[N / TN, K / TKB, TN, TKB]``, as ``QuantLinear.row_major`` reads it)."""
     w8 = layout.w32.view(torch.int8)
-    n = layout.out_features
     if not layout.tile_n:
         return w8[:, cols]
     tn, tkb = layout.tile_n, 4 * layout.tile_kv
-    rows = torch.arange(n, device=w8.device)[:, None]
-    c = cols[None, :]
-    tiles_k = layout.in_features // tkb
-    off = ((rows // tn) * tiles_k + c // tkb) * (tn * tkb) + (rows % tn) * tkb + c % tkb
-    return w8.reshape(-1)[off]
+    tiles = w8.view(layout.out_features // tn, layout.in_features // tkb, tn, tkb)
+    picked = tiles[:, cols // tkb, :, cols % tkb]  # [len(cols), N / TN, TN]
+    return picked.permute(1, 2, 0).reshape(layout.out_features, cols.numel())
 
 
 def w8a8_int8_product(
@@ -152,22 +150,22 @@ def w8a8_int8_product(
 ) -> torch.Tensor | None:
     """The layer's product of ``x [M, K]`` (``[M, 2K]`` gate/up when ``act_silu_mul``) through int8 codes,
     or None when LLM.int8's outlier columns exceed ``options.int8_gemm_max_outliers`` of K (the caller
-    then runs the slabs). Reads the outlier count on the host."""
-    from quantbench.engine.kernels.fused import act_codes
+    then runs the slabs; nothing is quantized yet). Reads the outlier count on the host."""
+    from quantbench.engine.kernels.fused import act_codes, outlier_maxima
 
     k = layout.in_features
-    codes, rf, colmax = act_codes(x, layout, act_silu_mul, options)
+    colmax = outlier_maxima(x, layout, act_silu_mul, options)
+    cols = None if colmax is None else torch.nonzero(colmax >= layout.threshold).flatten()
+    if cols is not None and cols.numel() > options.int8_gemm_max_outliers * k:
+        return None
+    codes, rf = act_codes(x, layout, colmax, act_silu_mul, options)
+    cs = col_scale(layout)
     extra = None
-    if colmax is not None:
-        cols = torch.nonzero(colmax >= layout.threshold).flatten()
-        if cols.numel() > options.int8_gemm_max_outliers * k:
-            return None
-        if cols.numel():
-            if act_silu_mul:  # silu(gate) * up of the outlier columns, rounded as HF rounds it
-                x_out = F.silu(x[:, cols]) * x[:, k + cols]
-            else:
-                x_out = x[:, cols]
-            absmax = layout.scales.reshape(layout.out_features, -1)[:, 0].float()
-            w_cols = (code_columns(layout, cols).float() * (absmax / 127.0)[:, None]).to(x.dtype)
-            extra = torch.mm(x_out, w_cols.t())
-    return int8_gemm(codes, rf, layout, extra=extra, out=out, out_dtype=x.dtype, options=options)
+    if cols is not None and cols.numel():
+        if act_silu_mul:  # silu(gate) * up of the outlier columns, rounded as HF rounds it
+            x_out = F.silu(x[:, cols]) * x[:, k + cols]
+        else:
+            x_out = x[:, cols]
+        w_cols = (code_columns(layout, cols).float() * cs[:, None]).to(x.dtype)  # dequantize_int8_rows
+        extra = torch.mm(x_out, w_cols.t())
+    return int8_gemm(codes, rf, layout, cs, extra=extra, out=out, out_dtype=x.dtype, options=options)
