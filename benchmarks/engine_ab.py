@@ -47,8 +47,8 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
   instead of one whole-row program per token (``act_rows_min_m``);
 * ``postscale``: slab products of the exact codes, the per-row scales and W8A8 per-token factors applied
   in one more pass over the output (``slab_fold_scales`` off);
-* ``int8gemm``: LLM.int8 and SmoothQuant products of ``act_rows_min_m`` tokens and more, launched eagerly,
-  on int8 tensor cores (``kernels/int8_gemm.py``) instead of dequantized slabs + cuBLAS (``int8_gemm`` on);
+* ``w8a8gemm``: LLM.int8, SmoothQuant and fp8 products of ``act_rows_min_m`` tokens and more on 8-bit
+  tensor cores (``kernels/w8a8_gemm.py``) instead of dequantized slabs + cuBLAS (``w8a8_gemm`` on);
 * ``refext``: extend forwards' attention (evaluation) by the reference ops (torch RoPE, the past gathered and
   concatenated, SDPA under a mask) instead of the Triton extend-attention kernel;
 * ``nomma``: batches 1-16 through the half2 GEMV / ``wq_matmul`` instead of the tensor-core GEMV (the
@@ -107,7 +107,7 @@ VARIANTS: dict[str, dict] = {
     "actpdl": {"act_prompt_pdl": True},
     "actpasses": {"act_rows_min_m": 0},
     "postscale": {"slab_fold_scales": False},
-    "int8gemm": {"int8_gemm": True},
+    "w8a8gemm": {"w8a8_gemm": True},
     "noxcarry": {"mma_x_carry": frozenset()},
     "xcarry": {"mma_x_carry": frozenset(DECODER_NAMES)},
     "lut0": {"mma_lut_copies": 0},

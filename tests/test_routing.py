@@ -119,37 +119,42 @@ def test_w8a8_activation_quantization() -> None:
     assert route_linear(1, llm, BF16, Given("interpret"), DEFAULT) == Route(Kernel.WQ_MATMUL, ActQuant.LAUNCH)
 
 
-def test_int8_products_on_int8_tensor_cores() -> None:
-    """``int8_gemm`` (off by default) takes LLM.int8 and SmoothQuant products of ``act_rows_min_m`` tokens
-    and more past the fused prompt GEMM; LLM.int8 with a threshold not while a CUDA graph is captured (the
-    host reads its outlier count), SmoothQuant then too; never other formats."""
-    on = EngineOptions(int8_gemm=True)
+def test_w8a8_products_on_8bit_tensor_cores() -> None:
+    """``w8a8_gemm`` (off by default) takes LLM.int8, SmoothQuant and fp8 products of ``act_rows_min_m``
+    tokens and more past the fused prompt GEMM; fp8 only on sm_89+ (e4m3 tensor cores); LLM.int8 with a
+    threshold not while a CUDA graph is captured (the host reads its outlier count), the others then too;
+    never weight-only formats."""
+    on = EngineOptions(w8a8_gemm=True)
     llm, sq = _layout("llm.int8:compute=bf16", k=512), _layout("smoothquant", k=512)
-    for layout in (llm, sq):
+    fp8 = _layout("fp8", k=512)
+    for layout in (llm, sq, fp8):
         assert _kernels(layout, [512, 4096]) == [Kernel.SLABS] * 2
         assert _kernels(layout, [256, 511, 512, 4096], options=on) == [
-            Kernel.PROMPT_GEMM, Kernel.SLABS, Kernel.INT8_GEMM, Kernel.INT8_GEMM
+            Kernel.PROMPT_GEMM, Kernel.SLABS, Kernel.W8A8_GEMM, Kernel.W8A8_GEMM
         ]  # fmt: skip
         assert route_linear(512, layout, BF16, H100, on).act is ActQuant.LAUNCH
-        assert _kernels(layout, [512], target=Given("cuda", (9, 0), int8_fits=False), options=on) == [
+        assert _kernels(layout, [512], target=Given("cuda", (9, 0), w8a8_fits=False), options=on) == [
             Kernel.SLABS
         ]
         assert _kernels(layout, [1024], options=dataclasses.replace(on, act_rows_min_m=2048)) == [
             Kernel.SLABS
         ]
+    assert _kernels(fp8, [1024], target=A100, options=on) == [Kernel.SLABS]
+    assert _kernels(sq, [1024], target=A100, options=on) == [Kernel.W8A8_GEMM]
     capturing = Given("cuda", (9, 0), capturing=True)
     assert _kernels(llm, [1024], target=capturing, options=on) == [Kernel.SLABS]
-    assert _kernels(sq, [1024], target=capturing, options=on) == [Kernel.INT8_GEMM]
+    assert _kernels(sq, [1024], target=capturing, options=on) == [Kernel.W8A8_GEMM]
+    assert _kernels(fp8, [1024], target=capturing, options=on) == [Kernel.W8A8_GEMM]
     no_outliers = _layout("llm.int8:compute=bf16,threshold=0", k=512)
-    assert _kernels(no_outliers, [1024], target=capturing, options=on) == [Kernel.INT8_GEMM]
-    # the measured fact: only int8 codes with per-row scales and int8 activations, K whole steps
-    from quantbench.engine.kernels.routing import int8_gemm_fits
+    assert _kernels(no_outliers, [1024], target=capturing, options=on) == [Kernel.W8A8_GEMM]
+    # the measured fact: only 8-bit codes with per-row scales and activations of the same kind, K whole steps
+    from quantbench.engine.kernels.routing import w8a8_gemm_fits
 
-    assert int8_gemm_fits(llm, on) and int8_gemm_fits(sq, on)
-    assert not any(int8_gemm_fits(_layout(spec, k=512), on) for spec in ("int8", "fp8", "int4:group=128"))
-    assert not int8_gemm_fits(_layout("smoothquant", k=320), on)  # K not a multiple of the 128-column step
+    assert w8a8_gemm_fits(llm, on) and w8a8_gemm_fits(sq, on) and w8a8_gemm_fits(fp8, on)
+    assert not any(w8a8_gemm_fits(_layout(spec, k=512), on) for spec in ("int8", "int4:group=128"))
+    assert not w8a8_gemm_fits(_layout("smoothquant", k=320), on)  # K not a multiple of the 128-column step
     tiled = _layout("llm.int8:compute=bf16", k=512, tile=(16, 16))
-    assert tiled.tile_n == 16 and int8_gemm_fits(tiled, on)
+    assert tiled.tile_n == 16 and w8a8_gemm_fits(tiled, on)
 
 
 def test_fp8_weight_only_needs_fp16_activations_on_tensor_cores() -> None:
@@ -224,9 +229,9 @@ def test_options_reject_values_the_engine_cannot_run() -> None:
         {"attn_block": 96},
         {"mma_depth_4bit": 3},
         {"act_tiles_prompt": (256, 16, 16)},
-        {"int8_gemm_tiles": (128, 128, 96, 8, 8, 3)},
-        {"int8_gemm_tiles": (8, 128, 128, 8, 8, 3)},
-        {"int8_gemm_max_outliers": 1.5},
+        {"w8a8_gemm_tiles": (128, 128, 96, 8, 8, 3)},
+        {"w8a8_gemm_tiles": (8, 128, 128, 8, 8, 3)},
+        {"w8a8_gemm_max_outliers": 1.5},
     ):
         with pytest.raises(EngineOptionsError):
             EngineOptions(**fields)

@@ -116,17 +116,17 @@ class EngineOptions:
     product per layer. Launching a kernel pair per L2 slab from Python leaves the GPU idle there; writing
     the whole 16-bit weight out costs less. 0: L2 slabs for every product."""
 
-    # ---- W8A8 int8 products on int8 tensor cores (``kernels/int8_gemm.py``) ----
-    int8_gemm: bool = False
-    """LLM.int8 and SmoothQuant products of more than ``prompt_gemm_max_m`` tokens (and at least
-    ``act_rows_min_m``) launched eagerly multiply int8 activation codes by the int8 weight codes
-    (int32 sums, as the methods define them) instead of dequantized slabs + cuBLAS. Off until it is
-    measured against the slabs on a GPU."""
-    int8_gemm_tiles: tuple[int, int, int, int, int, int] = (128, 128, 128, 8, 8, 3)
+    # ---- W8A8 products on 8-bit tensor cores (``kernels/w8a8_gemm.py``) ----
+    w8a8_gemm: bool = False
+    """W8A8 products of more than ``prompt_gemm_max_m`` tokens (and at least ``act_rows_min_m``) multiply
+    8-bit activation codes by the 8-bit weight codes, as the methods define them (LLM.int8 and SmoothQuant:
+    int8 with int32 sums, LLM.int8 only when launched eagerly; fp8: e4m3 with fp32 sums, sm_89+), instead
+    of dequantized slabs + cuBLAS. Off until it is measured against the slabs on a GPU."""
+    w8a8_gemm_tiles: tuple[int, int, int, int, int, int] = (128, 128, 128, 8, 8, 3)
     """Tokens, outputs and K per step of a program, token tiles per weight tile's group, warps, stages."""
-    int8_gemm_max_outliers: float = 0.25
+    w8a8_gemm_max_outliers: float = 0.25
     """LLM.int8: the largest share of K in outlier columns (multiplied in 16 bits beside the int8
-    product) for the int8 product; more go to the slabs."""
+    product) for the 8-bit product; more go to the slabs."""
 
     # ---- launches ----
     pdl: bool = True
@@ -193,7 +193,7 @@ class EngineOptions:
             if len(tiles) != 4 or any(t < 1 for t in tiles):
                 raise EngineOptionsError(f"{name} takes four positive sizes, not {tiles}")
             object.__setattr__(self, name, tiles)
-        tiles = tuple(self.int8_gemm_tiles)
+        tiles = tuple(self.w8a8_gemm_tiles)
         if (
             len(tiles) != 6
             or min(tiles) < 1
@@ -202,13 +202,13 @@ class EngineOptions:
             or any(t & (t - 1) for t in tiles[:3])
         ):
             raise EngineOptionsError(
-                f"int8_gemm_tiles takes six positive sizes, the first three powers of two (tokens and outputs "
+                f"w8a8_gemm_tiles takes six positive sizes, the first three powers of two (tokens and outputs "
                 f"at least 16, K per step a multiple of 32), not {tiles}"
             )
-        object.__setattr__(self, "int8_gemm_tiles", tiles)
-        if not 0 <= self.int8_gemm_max_outliers <= 1:
+        object.__setattr__(self, "w8a8_gemm_tiles", tiles)
+        if not 0 <= self.w8a8_gemm_max_outliers <= 1:
             raise EngineOptionsError(
-                f"int8_gemm_max_outliers is a share of K (0-1), not {self.int8_gemm_max_outliers}"
+                f"w8a8_gemm_max_outliers is a share of K (0-1), not {self.w8a8_gemm_max_outliers}"
             )
         if self.mma_depth_4bit not in (1, 2):
             raise EngineOptionsError(f"mma_depth_4bit takes 1 or 2, not {self.mma_depth_4bit}")

@@ -72,10 +72,10 @@ def run_kernel(
     """The routed kernel itself (for layouts with offsets: the ``(u - zero) * scale`` part alone)."""
     kernel, act = route
     k = layout.in_features
-    if kernel is Kernel.INT8_GEMM:
-        from quantbench.engine.kernels.int8_gemm import w8a8_int8_product
+    if kernel is Kernel.W8A8_GEMM:
+        from quantbench.engine.kernels.w8a8_gemm import w8a8_product
 
-        y = w8a8_int8_product(x, layout, act_silu_mul, out, options)
+        y = w8a8_product(x, layout, act_silu_mul, out, options)
         if y is not None:
             return y
         kernel = Kernel.SLABS  # LLM.int8 with more outlier columns than the int8 product takes

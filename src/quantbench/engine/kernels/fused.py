@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantbench.engine.kernels.layouts import ACT_INT8_TOKEN, ACT_LLM_INT8, ROW_TILE_MAX, WQLayout
+from quantbench.engine.kernels.layouts import ACT_FP8, ACT_INT8_TOKEN, ACT_LLM_INT8, ROW_TILE_MAX, WQLayout
 from quantbench.engine.kernels.partials import Partials, load_summed, parts_args
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
 from quantbench.engine.kernels.triton_common import (
@@ -26,6 +26,10 @@ from quantbench.engine.kernels.triton_common import (
     workspace,
 )
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
+
+# act_codes' code dtype per activation kind
+_CODE_DTYPE_OF = {ACT_LLM_INT8: torch.int8, ACT_INT8_TOKEN: torch.int8, ACT_FP8: torch.float8_e4m3fn}
+_CODE_DTYPES = frozenset(_CODE_DTYPE_OF.values())
 
 
 @triton.jit
@@ -480,8 +484,8 @@ def _act_quant_row_kernel(
     """One token per program, its whole row as one register tile (BK >= K): absmax, factor and quantized
     values from a single round of loads. LLM.int8's outlier columns are the row's own (one token) or, with
     HAS_COLMAX, those whose column maximum over every token (``colmax``, float bits) reaches the threshold.
-    FOLD: the stored values are multiplied by the factor ``rf`` (see ``act_quant``). CODES: int8 codes are
-    stored, LLM.int8's outlier columns as 0 (``act_codes``)."""
+    FOLD: the stored values are multiplied by the factor ``rf`` (see ``act_quant``). CODES: the codes are
+    stored (int8, or e4m3 for fp8), LLM.int8's outlier columns as 0 (``act_codes``)."""
     wait_prior(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BK)
@@ -504,7 +508,7 @@ def _act_quant_row_kernel(
     if CODES:
         if KIND == 1:
             q = tl.where(outlier, 0.0, q)
-        tl.store(xe_ptr + row * stride_xe + cols, q.to(tl.int8), mask=mask)
+        tl.store(xe_ptr + row * stride_xe + cols, q.to(xe_ptr.dtype.element_ty), mask=mask)
     else:
         if FOLD:
             q = q * rf
@@ -657,14 +661,14 @@ def _quantize_rows(
     x: torch.Tensor, out: torch.Tensor, kind: int, thr: float, act_silu_mul: bool, k: int,
     colmax: torch.Tensor | None, pdl: dict, fold: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    """One whole-row program per token into ``out`` (model dtype, or int8 codes); the factors ``[M]``.
+    """One whole-row program per token into ``out`` (model dtype, or 8-bit codes); the factors ``[M]``.
     ``colmax``: LLM.int8's merged column maxima (``_merged_colmax``), else each row's own outliers."""
     m = x.shape[0]
     rf = torch.empty((m,), device=x.device, dtype=torch.float32)
     row = triton.next_power_of_2(k)
     _act_quant_row_kernel[(m,)](
         x, out, rf, colmax if colmax is not None else rf, k, x.stride(0), out.stride(0), thr, KIND=kind,
-        ACT=act_silu_mul, HAS_COLMAX=colmax is not None, FOLD=fold, CODES=out.dtype == torch.int8, BK=row,
+        ACT=act_silu_mul, HAS_COLMAX=colmax is not None, FOLD=fold, CODES=out.dtype in _CODE_DTYPES, BK=row,
         num_warps=max(4, min(16, row // 1024)), **pdl,
     )  # fmt: skip
     return rf
@@ -755,18 +759,19 @@ def act_codes(
     act_silu_mul: bool = False,
     options: EngineOptions = DEFAULT_OPTIONS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 activation codes ``[M, K]`` of ``layout``'s input (``[M, 2K]`` gate/up when ``act_silu_mul``)
-    for an int8 x int8 product (LLM.int8 or SmoothQuant) and the per-token factors ``[M]`` fp32. LLM.int8
-    with a threshold takes ``colmax`` from ``outlier_maxima``: the outlier columns' codes are 0. The same
-    arithmetic as ``act_quant`` (one whole-row program per token, K up to ``ROW_TILE_MAX``)."""
+    """Activation codes ``[M, K]`` of ``layout``'s input (``[M, 2K]`` gate/up when ``act_silu_mul``) for an
+    8-bit x 8-bit product, and the per-token factors ``[M]`` fp32: int8 codes for LLM.int8 and SmoothQuant,
+    float8_e4m3fn for fp8. LLM.int8 with a threshold takes ``colmax`` from ``outlier_maxima``: the outlier
+    columns' codes are 0. The same arithmetic as ``act_quant`` (one whole-row program per token, K up to
+    ``ROW_TILE_MAX``)."""
     kind, k = layout.act_quant, layout.in_features
-    if kind not in (ACT_LLM_INT8, ACT_INT8_TOKEN):
-        raise ValueError(f"act_codes quantizes to int8 (LLM.int8, SmoothQuant), not activation kind {kind}")
+    if kind not in _CODE_DTYPE_OF:
+        raise ValueError(f"act_codes quantizes LLM.int8, SmoothQuant or fp8 activations, not kind {kind}")
     if triton.next_power_of_2(k) > ROW_TILE_MAX:
         raise ValueError(f"act_codes holds a whole row in one program: K = {k} is over {ROW_TILE_MAX}")
     thr = _threshold(layout.threshold)
     if (colmax is None) != (kind != ACT_LLM_INT8 or thr == float("inf")):
         raise ValueError("act_codes takes the column maxima of LLM.int8 with a threshold, and only those")
-    codes = torch.empty((x.shape[0], k), device=x.device, dtype=torch.int8)
+    codes = torch.empty((x.shape[0], k), device=x.device, dtype=_CODE_DTYPE_OF[kind])
     bits = None if colmax is None else colmax.view(torch.int32)
     return codes, _quantize_rows(x, codes, kind, thr, act_silu_mul, k, bits, _act_pdl(x, options))

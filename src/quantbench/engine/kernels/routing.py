@@ -12,8 +12,8 @@ product                        M           when                                 
 quantized layer                >= 64       GPU, ``prompt_kernel`` "prompt_gemm", M <= ``prompt_gemm_    prompt_gemm
                                            max_m``, the kernel has a launch config for the shape; NF4 /
                                            FP4 only with the PTX table decoder (``table_prmt``)
-W8A8 int8 layer (LLM.int8,     > ``prompt  GPU, ``int8_gemm`` on, at least ``act_rows_min_m`` tokens,      int8_gemm
-SmoothQuant)                   _gemm_max_  ``int8_gemm_fits``; LLM.int8 with a threshold
+W8A8 layer (LLM.int8,          > ``prompt  GPU, ``w8a8_gemm`` on, at least ``act_rows_min_m`` tokens,      w8a8_gemm
+SmoothQuant, fp8)              _gemm_max_  ``w8a8_gemm_fits``; fp8 on sm_89+; LLM.int8 with a threshold
                                m``         only launched eagerly (the host reads the outlier count;
                                            too many outliers: slabs)
 quantized layer                >= 64       GPU, ``prompt_kernel`` not "wq_matmul", K whole words        slabs (dequant)
@@ -61,6 +61,7 @@ import torch
 
 from quantbench.engine.kernels.layouts import (
     ACT_BY_NAME,
+    ACT_FP8,
     ACT_INT8_TOKEN,
     ACT_LLM_INT8,
     ACT_NONE,
@@ -85,7 +86,7 @@ _HALF = (torch.bfloat16, torch.float16)
 class Kernel(enum.Enum):
     PROMPT_GEMM = "prompt_gemm"  # kernels/prompt_gemm.py: fused dequantize-GEMM for prompts
     SLABS = "slabs"  # kernels/dequant.py: dequantized L2 slabs + cuBLAS
-    INT8_GEMM = "int8_gemm"  # kernels/int8_gemm.py: int8 activation codes x int8 weight codes
+    W8A8_GEMM = "w8a8_gemm"  # kernels/w8a8_gemm.py: 8-bit activation codes x 8-bit weight codes
     MMA_GEMV = "mma_gemv"  # kernels/mma_gemv.py: tensor-core GEMV, 1-16 tokens
     GEMV_H2 = "gemv_h2"  # kernels/gemv_h2.py: packed-half2 GEMV, one token
     WQ_MATMUL = "wq_matmul"  # kernels/wq_matmul.py: the generic Triton dequantize-matmul
@@ -116,7 +117,7 @@ class Target(Protocol):
     codes_aligned: bool  # the codes at the tensor-core GEMV's load width (4 * words per lane bytes)
     prompt_fits: bool  # the fused prompt GEMM has a launch configuration for this product
     table_asm: bool  # NF4 / FP4: the PTX byte-permute decoder is in use on this device
-    int8_fits: bool  # int8_gemm reads this layout (``int8_gemm_fits``)
+    w8a8_fits: bool  # w8a8_gemm reads this layout (``w8a8_gemm_fits``)
     capturing: bool  # the product is being captured into a CUDA graph
 
 
@@ -131,7 +132,7 @@ class Given:
     codes_aligned: bool = True
     prompt_fits: bool = True
     table_asm: bool = True
-    int8_fits: bool = True
+    w8a8_fits: bool = True
     capturing: bool = False
 
 
@@ -193,8 +194,8 @@ class Operands:
         )
 
     @functools.cached_property
-    def int8_fits(self) -> bool:
-        return int8_gemm_fits(self.layout, self.options)
+    def w8a8_fits(self) -> bool:
+        return w8a8_gemm_fits(self.layout, self.options)
 
     @functools.cached_property
     def capturing(self) -> bool:
@@ -259,25 +260,26 @@ def h2_takes(m: int, layout: WQLayout, target: Target, options: EngineOptions) -
     return target.capability >= ((8, 9) if layout.mode == MODE_FP8 else (8, 0))
 
 
-def int8_gemm_fits(layout: WQLayout, options: EngineOptions = DEFAULT_OPTIONS) -> bool:
-    """Whether ``int8_gemm`` reads this layout: int8 codes with one scale per output row, activations
-    quantized to int8 per token (LLM.int8, SmoothQuant), K a multiple of the K step and of any code tile
-    and at most one activation-quantization row tile."""
-    if layout.mode != MODE_INT or layout.bits != 8 or layout.group or not layout.signed8:
+def w8a8_gemm_fits(layout: WQLayout, options: EngineOptions = DEFAULT_OPTIONS) -> bool:
+    """Whether ``w8a8_gemm`` reads this layout: 8-bit codes with one scale per output row and activations
+    quantized per token to the same kind (int8: LLM.int8, SmoothQuant; e4m3: fp8), K a multiple of the K
+    step and of any code tile and at most one activation-quantization row tile."""
+    if layout.bits != 8 or layout.group or layout.offsets is not None:
         return False
-    if layout.act_quant not in (ACT_LLM_INT8, ACT_INT8_TOKEN) or layout.offsets is not None:
+    int8 = layout.mode == MODE_INT and layout.signed8 and layout.act_quant in (ACT_LLM_INT8, ACT_INT8_TOKEN)
+    if not (int8 or (layout.mode == MODE_FP8 and layout.act_quant == ACT_FP8)):
         return False
-    bk, k = options.int8_gemm_tiles[2], layout.in_features
+    bk, k = options.w8a8_gemm_tiles[2], layout.in_features
     tile_bytes = 4 * layout.tile_kv
     return k % bk == 0 and k <= ROW_TILE_MAX and (not layout.tile_n or bk % tile_bytes == 0)
 
 
-def int8_gemm_takes(m: int, layout: WQLayout, target: Target, options: EngineOptions) -> bool:
-    """Whether a W8A8 int8 product of ``m`` (prompt-sized, past the fused prompt GEMM) tokens runs on
-    int8 tensor cores (``kernels/int8_gemm.py``)."""
-    if not options.int8_gemm or options.act_rows_min_m < 1 or m < options.act_rows_min_m:
+def w8a8_gemm_takes(m: int, layout: WQLayout, target: Target, options: EngineOptions) -> bool:
+    """Whether a W8A8 product of ``m`` (prompt-sized, past the fused prompt GEMM) tokens runs on 8-bit
+    tensor cores (``kernels/w8a8_gemm.py``)."""
+    if not options.w8a8_gemm or options.act_rows_min_m < 1 or m < options.act_rows_min_m:
         return False
-    if not target.int8_fits:
+    if not target.w8a8_fits or target.capability < ((8, 9) if layout.mode == MODE_FP8 else (8, 0)):
         return False
     host_reads = layout.act_quant == ACT_LLM_INT8 and layout.threshold > 0
     return not (host_reads and target.capturing)
@@ -306,8 +308,8 @@ def route_linear(
         )
         if fused and not (layout.mode == MODE_TABLE and not target.table_asm):
             return Route(Kernel.PROMPT_GEMM, act)
-        if int8_gemm_takes(m, layout, target, options):
-            return Route(Kernel.INT8_GEMM, act)
+        if w8a8_gemm_takes(m, layout, target, options):
+            return Route(Kernel.W8A8_GEMM, act)
         return Route(Kernel.SLABS, act)
     x_aligned = target.x_aligned
     act = ActQuant.NONE

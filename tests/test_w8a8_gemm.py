@@ -1,10 +1,15 @@
-"""W8A8 int8 products on int8 tensor cores (``engine/kernels/int8_gemm.py``) against the methods' own math.
+"""W8A8 products on 8-bit tensor cores (``engine/kernels/w8a8_gemm.py``) against the methods' own math.
 
-The reference is each module's CPU forward: ``quant.llm_int8.llm_int8_matmul`` (int8 codes per token over
-the non-outlier columns, ``torch._int_mm``, the outlier columns in 16 bits) and ``SmoothQuantLinear``'s
-forward. int32 sums are exact in both, and the factors are applied in the reference's order, so the
-kernel's output is the reference's bit for bit, up to the 16-bit outlier product's own rounding order
-(compared within one unit in the last place of the output). Interpreter tests (fp16: the interpreter's
+int8 (LLM.int8, SmoothQuant): the reference is each module's CPU forward: ``quant.llm_int8.llm_int8_matmul``
+(int8 codes per token over the non-outlier columns, ``torch._int_mm``, the outlier columns in 16 bits) and
+``SmoothQuantLinear``'s forward. int32 sums are exact in both, and the factors are applied in the
+reference's order, so the kernel's output is the reference's bit for bit, up to the 16-bit outlier
+product's own rounding order (compared within one unit in the last place of the output).
+
+fp8: the activation codes are ``quantize_fp8_rows``' exactly; the product is compared with the float64
+value of ``(x_codes @ w_codes^T) * sx * sw + bias`` within the a-priori error bound of fp32 summation of K
+exact products, the fp32 epilogue and the output's rounding (fp32 sums in another order than the CPU's
+are not bit-equal). Interpreter tests (fp16: the interpreter's
 bf16 ``tl.dot`` is wrong; the int8 one is exact) run in their own process on CPU; CUDA tests at real sizes.
 """
 
@@ -30,7 +35,7 @@ interp = pytest.mark.skipif(
     CUDA or not HAS_TRITON or not IN_INTERPRETER, reason="runs inside test_interpreter_tests_in_own_process"
 )
 cuda = pytest.mark.cuda
-ON = EngineOptions(int8_gemm=True, int8_gemm_tiles=(32, 32, 64, 2, 4, 2))
+ON = EngineOptions(w8a8_gemm=True, w8a8_gemm_tiles=(32, 32, 64, 2, 4, 2))
 
 
 def _module(spec: str, k: int, n: int, bias: bool, dtype: torch.dtype, device: str, tile: bool):
@@ -120,9 +125,9 @@ def _check_act_codes(device: str, dtype: torch.dtype) -> None:
 def _check_products(device: str, dtype: torch.dtype, m: int, k: int, n: int, options: EngineOptions) -> None:
     """The int8 product of LLM.int8 (no outlier, some, the SiLU-gate input) and SmoothQuant, codes
     row-major and tile-major, with and without bias, against the module's own forward; LLM.int8 with more
-    outlier columns than ``int8_gemm_max_outliers`` returns None (the slabs run it)."""
-    from quantbench.engine.kernels.int8_gemm import code_columns, w8a8_int8_product
+    outlier columns than ``w8a8_gemm_max_outliers`` returns None (the slabs run it)."""
     from quantbench.engine.kernels.layouts import layout_for
+    from quantbench.engine.kernels.w8a8_gemm import code_columns, w8a8_product
 
     compute = "bf16" if dtype == torch.bfloat16 else "fp16"
     cases = [
@@ -142,16 +147,86 @@ def _check_products(device: str, dtype: torch.dtype, m: int, k: int, n: int, opt
                     code_columns(layout, cols).cpu(), module.row_major("qweight")[:, cols].cpu()
                 )
                 x = _activations(m, k, dtype, device, outliers)
-                got = w8a8_int8_product(x, layout, options=options)
+                got = w8a8_product(x, layout, options=options)
                 _close_to_the_ulp(got, _reference(module, x), module, x)
     module = _module(f"llm.int8:compute={compute}", k, n, True, dtype, device, True)
     layout = layout_for(module)
     gate_up = _activations(m, 2 * k, dtype, device, outliers=(7, 40))
-    got = w8a8_int8_product(gate_up, layout, act_silu_mul=True, options=options)
+    got = w8a8_product(gate_up, layout, act_silu_mul=True, options=options)
     down_in = F.silu(gate_up[:, :k]) * gate_up[:, k:]
     _close_to_the_ulp(got, _reference(module, down_in), module, down_in)
-    few = dataclasses.replace(options, int8_gemm_max_outliers=2 / k)
-    assert w8a8_int8_product(_activations(m, k, dtype, device, (1, 2, 3)), layout, options=few) is None
+    few = dataclasses.replace(options, w8a8_gemm_max_outliers=2 / k)
+    assert w8a8_product(_activations(m, k, dtype, device, (1, 2, 3)), layout, options=few) is None
+
+
+def _fp8_module(k: int, n: int, bias: bool, dtype: torch.dtype, device: str, tile: bool):
+    compute = "bf16" if dtype == torch.bfloat16 else "fp16"
+    return _module(f"fp8:compute={compute}", k, n, bias, dtype, device, tile)
+
+
+def _check_fp8_codes(device: str, dtype: torch.dtype) -> None:
+    """fp8's ``act_codes``: the e4m3 codes and factors of ``quantize_fp8_rows``, bit for bit (also of
+    ``silu(gate) * up``, and of an all-zero token: factor 0, codes 0)."""
+    from quantbench.engine.kernels.fused import act_codes
+    from quantbench.engine.kernels.layouts import layout_for
+    from quantbench.quant.fp8 import quantize_fp8_rows
+
+    m, k = 37, 192
+    layout = layout_for(_fp8_module(k, 16, False, dtype, device, False))
+    for silu in (False, True):
+        x = _activations(m, 2 * k if silu else k, dtype, device, outliers=(5,))
+        x[4] = 0
+        xin = F.silu(x[:, :k]) * x[:, k:] if silu else x
+        codes, rf = act_codes(x, layout, None, silu)
+        want, scale = quantize_fp8_rows(xin.cpu())
+        assert codes.dtype == torch.float8_e4m3fn
+        assert torch.equal(codes.cpu().view(torch.uint8), want.view(torch.uint8))
+        assert torch.equal(rf.cpu(), scale)
+
+
+def _check_fp8_products(
+    device: str, dtype: torch.dtype, m: int, k: int, n: int, options: EngineOptions
+) -> None:
+    """fp8 products (codes row-major and tile-major, with and without bias, the SiLU-gate input) against the
+    float64 value of the reference's arithmetic (``fp8_matmul_reference``), within the error bound of
+    its fp32 arithmetic: K - 1 summation roundings of the exact code products, the two factor products and
+    the bias addition (``(K + 3) u`` of the summed magnitudes, u = 2^-24), then the output's rounding (half
+    a unit in the last place of the output dtype)."""
+    from quantbench.engine.kernels.layouts import layout_for
+    from quantbench.engine.kernels.w8a8_gemm import w8a8_product
+    from quantbench.quant.fp8 import quantize_fp8_rows
+
+    u32, u_out = 2.0**-24, torch.finfo(dtype).eps / 2
+    for tile in (False, True):
+        for bias in (False, True):
+            module = _fp8_module(k, n, bias, dtype, device, tile)
+            layout = layout_for(module)
+            assert bool(layout.tile_n) == tile
+            for silu in (False, True):
+                x = _activations(m, 2 * k if silu else k, dtype, device, outliers=(3,))
+                got = w8a8_product(x, layout, act_silu_mul=silu, options=options)
+                xin = (F.silu(x[:, :k]) * x[:, k:] if silu else x).cpu()
+                xq, sx = quantize_fp8_rows(xin)
+                wq, sw = module.row_major("qweight").cpu(), module.weight_scale.cpu().double()
+                factors = sx.double()[:, None] * sw[None, :]
+                exact = (xq.double() @ wq.double().t()) * factors
+                magnitude = (xq.double().abs() @ wq.double().abs().t()) * factors
+                if bias:
+                    b = module.bias.detach().cpu().double()
+                    exact, magnitude = exact + b, magnitude + b.abs()
+                bound = u_out * exact.abs() + (1 + u_out) * (k + 3) * u32 * magnitude
+                err = (got.cpu().double() - exact).abs()
+                assert got.dtype == dtype and bool((err <= bound).all()), float((err - bound).max())
+
+
+@interp
+def test_fp8_codes_interpreter() -> None:
+    _check_fp8_codes("cpu", torch.float16)
+
+
+@interp
+def test_fp8_products_interpreter() -> None:
+    _check_fp8_products("cpu", torch.float16, m=40, k=128, n=48, options=ON)
 
 
 @interp
@@ -182,24 +257,37 @@ def test_act_codes_cuda() -> None:
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("tiles", [(128, 128, 128, 8, 8, 3), (64, 64, 64, 4, 4, 2)])
 def test_int8_products_cuda(tiles: tuple[int, ...]) -> None:
-    options = EngineOptions(int8_gemm=True, int8_gemm_tiles=tiles)
+    options = EngineOptions(w8a8_gemm=True, w8a8_gemm_tiles=tiles)
     _check_products("cuda", torch.bfloat16, m=600, k=1024, n=384, options=options)
     _check_products("cuda", torch.float16, m=513, k=512, n=272, options=options)
 
 
 @cuda
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() < (8, 9), reason="needs e4m3 tensor cores")
+@pytest.mark.parametrize("tiles", [(128, 128, 128, 8, 8, 3), (64, 64, 64, 4, 4, 2)])
+def test_fp8_products_cuda(tiles: tuple[int, ...]) -> None:
+    options = EngineOptions(w8a8_gemm=True, w8a8_gemm_tiles=tiles)
+    _check_fp8_codes("cuda", torch.bfloat16)
+    _check_fp8_products("cuda", torch.bfloat16, m=600, k=1024, n=384, options=options)
+    _check_fp8_products("cuda", torch.float16, m=513, k=512, n=272, options=options)
+
+
+@cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_engine_scores_alike_with_int8_products_cuda() -> None:
-    """An LLM.int8 and a SmoothQuant model evaluated through the engine with ``int8_gemm`` on: the
-    product of a 600-token batch runs the int8 kernel and the logits stay within the W8A8 bound of the
-    slab path's (the two differ only in how the int8 x int8 sums are accumulated)."""
+def test_engine_products_alike_with_8bit_products_cuda() -> None:
+    """LLM.int8, SmoothQuant and (sm_89+) fp8 layers of a 7B's shapes with ``w8a8_gemm`` on: every product
+    of a 600-token batch runs the 8-bit kernel and stays within the W8A8 bound of the slab path's (which
+    multiplies the same codes dequantized to 16 bits)."""
     import quantbench
     from quantbench.engine.kernels import linear, route_for
     from quantbench.engine.kernels.layouts import layout_for
     from quantbench.engine.kernels.routing import Kernel
     from quantbench.quant import QuantLinear
 
-    for spec in ("llm.int8:compute=bf16", "smoothquant"):
+    specs = ["llm.int8:compute=bf16", "smoothquant"]
+    if torch.cuda.get_device_capability() >= (8, 9):
+        specs.append("fp8")
+    for spec in specs:
         model = quantbench.random_model("mistral-7b", dtype="bf16", device="cuda", num_hidden_layers=1)
         kwargs = {"calib": torch.randint(0, 32000, (2, 64)).cuda()} if spec == "smoothquant" else {}
         quantbench.quantize(model, spec, **kwargs)
@@ -207,8 +295,8 @@ def test_engine_scores_alike_with_int8_products_cuda() -> None:
             if isinstance(mod, QuantLinear):
                 layout = layout_for(mod)
                 x = torch.randn(600, mod.in_features, device="cuda", dtype=torch.bfloat16)
-                on = EngineOptions(int8_gemm=True)
-                assert route_for(x, layout, on).kernel is Kernel.INT8_GEMM
+                on = EngineOptions(w8a8_gemm=True)
+                assert route_for(x, layout, on).kernel is Kernel.W8A8_GEMM
                 got, slab = linear(layout, x, options=on), linear(layout, x)
                 err = float((got.double() - slab.double()).norm() / slab.double().norm())
                 assert err < 2e-2, (spec, err)

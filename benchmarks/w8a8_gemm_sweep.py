@@ -1,12 +1,13 @@
-"""W8A8 int8 products of evaluation-sized batches: int8 tensor cores (``kernels/int8_gemm.py``, by tile
-configuration) against dequantized slabs + cuBLAS (the default) and bf16 cuBLAS (needs a CUDA GPU).
+"""W8A8 products of evaluation-sized batches: 8-bit tensor cores (``kernels/w8a8_gemm.py``, by tile
+configuration) against dequantized slabs + cuBLAS (the default) and bf16 cuBLAS (needs a CUDA GPU; fp8
+an sm_89+ one).
 
-    python benchmarks/int8_gemm_sweep.py --methods llm.int8,smoothquant --m 1024,2752 \
+    python benchmarks/w8a8_gemm_sweep.py --methods llm.int8,smoothquant,fp8 --m 1024,2752 \
         --tiles "128,128,128,8,8,3;128,256,128,8,8,3" --json sweep.json
 
 Shapes: one layer of Qwen2.5-7B (q/k/v fused 3584 -> 4608, o 3584 -> 3584, gate/up fused 3584 -> 37888,
 down 18944 -> 3584), codes tile-major as the engine stores them, activations normal (no LLM.int8 outlier
-column: the int8 product alone). Each product is launched eagerly, as evaluation launches it, activation
+column: the 8-bit product alone). Each product is launched eagerly, as evaluation launches it, activation
 quantization included; the time is the median of ``--repeats`` CUDA-event timings of the layer's four
 products. Every configuration's output is checked against the slab path's (relative error).
 """
@@ -27,7 +28,7 @@ from quantbench.engine.kernels.layouts import layout_for, tiling_for
 from quantbench.quant import METHODS, parse_spec
 
 SHAPES = {"qkv": (3584, 4608), "o": (3584, 3584), "gate_up": (3584, 37888), "down": (18944, 3584)}
-SPECS = {"llm.int8": "llm.int8:compute=bf16", "smoothquant": "smoothquant"}
+SPECS = {"llm.int8": "llm.int8:compute=bf16", "smoothquant": "smoothquant", "fp8": "fp8"}
 
 
 def layer(spec: str) -> dict[str, torch.nn.Module]:
@@ -69,10 +70,10 @@ def time_ms(fn, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default="llm.int8,smoothquant")
+    ap.add_argument("--methods", default="llm.int8,smoothquant,fp8")
     ap.add_argument("--m", default="512,1024,2752,4096", help="tokens per product (comma list)")
     ap.add_argument("--tiles", default="128,128,128,8,8,3;128,256,128,8,8,3;256,128,128,8,8,3;128,128,64,8,4,4",
-                    help="';'-separated EngineOptions.int8_gemm_tiles")  # fmt: skip
+                    help="';'-separated EngineOptions.w8a8_gemm_tiles")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -93,7 +94,7 @@ def main() -> None:
 
             base = products(layouts, xs, dense, EngineOptions())
             for label, options in [("bf16 cuBLAS", None), ("slabs", EngineOptions())] + [
-                (f"int8 {t}", EngineOptions(int8_gemm=True, int8_gemm_tiles=t)) for t in tiles
+                (f"8-bit {t}", EngineOptions(w8a8_gemm=True, w8a8_gemm_tiles=t)) for t in tiles
             ]:
                 row = {"method": method, "m": m, "path": label}
                 try:

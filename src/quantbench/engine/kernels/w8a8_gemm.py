@@ -1,19 +1,21 @@
-"""W8A8 int8 products (LLM.int8, SmoothQuant) of many tokens on int8 tensor cores.
+"""W8A8 products (LLM.int8, SmoothQuant, fp8) of many tokens on 8-bit tensor cores.
 
 Why: the slab path (``dequant.dense_matmul``) writes every weight as 16 bits before cuBLAS multiplies
-16-bit activations by it; int8 x int8 products with int32 accumulation are what these methods define
-(``quant.llm_int8.llm_int8_matmul``, ``SmoothQuantLinear.forward``) and run at twice the 16-bit rate.
-Here the activations are quantized to int8 codes (``fused.act_codes``), one Triton program multiplies a
-``[BM, BN]`` output tile from the codes as the engine stores them (row-major, or tile-major for the
-tensor-core GEMV: a ``[16 rows, 64 bytes]`` tile is one contiguous KiB) and scales the exact int32 sums in
-its epilogue, in the order of each method's reference:
+16-bit activations by it; 8-bit x 8-bit products are what these methods define (int8 x int8 with int32
+sums: ``quant.llm_int8.llm_int8_matmul``, ``SmoothQuantLinear.forward``; e4m3 x e4m3 with fp32 sums:
+``quant.fp8.fp8_linear``) and run at twice the 16-bit rate. Here the activations are quantized to codes
+(``fused.act_codes``), one Triton program multiplies a ``[BM, BN]`` output tile from the codes as the
+engine stores them (row-major, or tile-major for the tensor-core GEMV: a ``[16 rows, 64 bytes]`` tile is
+one contiguous KiB) and scales the sums in its epilogue, in the order of each method's reference:
 
 * LLM.int8: ``acc * (rf[m] * (absmax[n] / 127))``, plus the outlier columns' 16-bit product (the columns
   where some ``|x|`` reaches the threshold: their activations and dequantized weight columns, ``torch.mm``)
   and the bias, summed in fp32 and rounded once. Which columns are outliers is data: the host reads their
   count, so these products run eagerly (evaluation batches), and a product whose outliers exceed
-  ``EngineOptions.int8_gemm_max_outliers`` of K goes to the slabs instead.
+  ``EngineOptions.w8a8_gemm_max_outliers`` of K goes to the slabs instead.
 * SmoothQuant: ``(acc * rf[m]) * wscale[n]`` plus the bias.
+* fp8: ``acc * (rf[m] * wscale[n])`` plus the bias (``fp8_matmul_reference``); e4m3 tensor cores need
+  sm_89+.
 """
 
 from __future__ import annotations
@@ -23,19 +25,25 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from quantbench.engine.kernels.layouts import ACT_LLM_INT8, WQLayout
+from quantbench.engine.kernels.layouts import ACT_FP8, ACT_LLM_INT8, WQLayout
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
-__all__ = ["code_columns", "col_scale", "int8_gemm", "w8a8_int8_product"]
+__all__ = ["code_columns", "col_scale", "w8a8_gemm", "w8a8_product"]
+
+
+def weight_codes(layout: WQLayout) -> torch.Tensor:
+    """The layout's 8-bit weight codes as stored (int8, or float8_e4m3fn for fp8)."""
+    return layout.w32.view(torch.float8_e4m3fn if layout.act_quant == ACT_FP8 else torch.int8)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _int8_gemm_kernel(
+def _w8a8_gemm_kernel(
     x_ptr, w_ptr, rf_ptr, cs_ptr, e_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_wn, stride_em, stride_om,
-    TN: tl.constexpr, TKB: tl.constexpr, PAIR_FIRST: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    TN: tl.constexpr, TKB: tl.constexpr, FP8: tl.constexpr, PAIR_FIRST: tl.constexpr, HAS_EXTRA: tl.constexpr,
     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """``o = acc * factors (+ extra) (+ bias)`` for ``acc = x_codes [M, K] @ w_codes [N, K]^T`` (int32).
+    """``o = acc * factors (+ extra) (+ bias)`` for ``acc = x_codes [M, K] @ w_codes [N, K]^T``: int8 codes
+    summed in int32, or (FP8) e4m3 codes summed in fp32.
 
     Codes of w are bytes: row-major with ``stride_wn`` bytes per row (TN == 0) or tile-major
     ``[N / TN, K / TKB, TN, TKB]``; BK is a multiple of TKB, so a K step moves every offset by the same
@@ -66,17 +74,23 @@ def _int8_gemm_kernel(
             + (offs_k % TKB)[None, :]
         )
     W_STEP: tl.constexpr = BK * (TN + (TN == 0))  # a K step: BK bytes of a row, or BK / TKB whole tiles
-    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    if FP8:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
     for k0 in range(0, K, BK):
         kmask = (k0 + offs_k) < K
-        a = tl.load(x_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0)
-        b = tl.load(w_ptrs, mask=mask_n[:, None] & kmask[None, :], other=0)
-        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=mask_n[:, None] & kmask[None, :], other=0.0)
+        if FP8:
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.float32)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         x_ptrs += BK
         w_ptrs += W_STEP
     rf = tl.load(rf_ptr + offs_m, mask=mask_m, other=0.0)
     cs = tl.load(cs_ptr + offs_n, mask=mask_n, other=0.0)
-    if PAIR_FIRST:  # LLM.int8: acc * (sx * sw)
+    if PAIR_FIRST:  # LLM.int8, fp8: acc * (sx * sw)
         v = acc.to(tl.float32) * (rf[:, None] * cs[None, :])
     else:  # SmoothQuant: (acc * sx) * sw
         v = (acc.to(tl.float32) * rf[:, None]) * cs[None, :]
@@ -98,7 +112,7 @@ def col_scale(layout: WQLayout) -> torch.Tensor:
     return scales * layout.scale_mul
 
 
-def int8_gemm(
+def w8a8_gemm(
     codes: torch.Tensor,
     rf: torch.Tensor,
     layout: WQLayout,
@@ -108,21 +122,24 @@ def int8_gemm(
     out_dtype: torch.dtype = torch.bfloat16,
     options: EngineOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
-    """``codes [M, K] int8`` times the layout's int8 codes, scaled per token (``rf``) and per output row
-    (``cs``: ``col_scale(layout)``), plus ``extra [M, N]`` (LLM.int8's outlier product) and the bias,
-    rounded once to ``out_dtype``."""
+    """``codes [M, K]`` (int8, or e4m3 for fp8) times the layout's codes of the same kind, scaled per token
+    (``rf``) and per output row (``cs``: ``col_scale(layout)``), plus ``extra [M, N]`` (LLM.int8's outlier
+    product) and the bias, rounded once to ``out_dtype``."""
     m, k = codes.shape
     n = layout.out_features
     if out is None:
         out = torch.empty((m, n), device=codes.device, dtype=out_dtype)
-    bm, bn, bk, group_m, warps, stages = options.int8_gemm_tiles
-    w8 = layout.w32.view(torch.int8)
+    bm, bn, bk, group_m, warps, stages = options.w8a8_gemm_tiles
+    w8 = weight_codes(layout)
+    if codes.dtype != w8.dtype:
+        raise ValueError(f"{codes.dtype} activation codes cannot multiply {w8.dtype} weight codes")
     stride_wn = 0 if layout.tile_n else w8.stride(0)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _int8_gemm_kernel[grid](
+    _w8a8_gemm_kernel[grid](
         codes, w8, rf, cs, extra if extra is not None else out, layout.bias if layout.bias is not None else out,
         out, m, n, k, codes.stride(0), stride_wn, extra.stride(0) if extra is not None else 0, out.stride(0),
-        TN=layout.tile_n, TKB=4 * layout.tile_kv, PAIR_FIRST=layout.act_quant == ACT_LLM_INT8,
+        TN=layout.tile_n, TKB=4 * layout.tile_kv, FP8=layout.act_quant == ACT_FP8,
+        PAIR_FIRST=layout.act_quant in (ACT_LLM_INT8, ACT_FP8),
         HAS_EXTRA=extra is not None, HAS_BIAS=layout.bias is not None, BM=bm, BN=bn, BK=bk, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -141,22 +158,22 @@ def code_columns(layout: WQLayout, cols: torch.Tensor) -> torch.Tensor:
     return picked.permute(1, 2, 0).reshape(layout.out_features, cols.numel())
 
 
-def w8a8_int8_product(
+def w8a8_product(
     x: torch.Tensor,
     layout: WQLayout,
     act_silu_mul: bool = False,
     out: torch.Tensor | None = None,
     options: EngineOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor | None:
-    """The layer's product of ``x [M, K]`` (``[M, 2K]`` gate/up when ``act_silu_mul``) through int8 codes,
-    or None when LLM.int8's outlier columns exceed ``options.int8_gemm_max_outliers`` of K (the caller
+    """The layer's product of ``x [M, K]`` (``[M, 2K]`` gate/up when ``act_silu_mul``) through 8-bit codes,
+    or None when LLM.int8's outlier columns exceed ``options.w8a8_gemm_max_outliers`` of K (the caller
     then runs the slabs; nothing is quantized yet). Reads the outlier count on the host."""
     from quantbench.engine.kernels.fused import act_codes, outlier_maxima
 
     k = layout.in_features
     colmax = outlier_maxima(x, layout, act_silu_mul, options)
     cols = None if colmax is None else torch.nonzero(colmax >= layout.threshold).flatten()
-    if cols is not None and cols.numel() > options.int8_gemm_max_outliers * k:
+    if cols is not None and cols.numel() > options.w8a8_gemm_max_outliers * k:
         return None
     codes, rf = act_codes(x, layout, colmax, act_silu_mul, options)
     cs = col_scale(layout)
@@ -168,4 +185,4 @@ def w8a8_int8_product(
             x_out = x[:, cols]
         w_cols = (code_columns(layout, cols).float() * cs[:, None]).to(x.dtype)  # dequantize_int8_rows
         extra = torch.mm(x_out, w_cols.t())
-    return int8_gemm(codes, rf, layout, cs, extra=extra, out=out, out_dtype=x.dtype, options=options)
+    return w8a8_gemm(codes, rf, layout, cs, extra=extra, out=out, out_dtype=x.dtype, options=options)
