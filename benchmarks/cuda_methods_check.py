@@ -13,8 +13,12 @@ included, quantizes in seconds) for each method in ``quant.METHODS``:
 
 Bounds (relative Frobenius error): weight-only 1e-2 per linear; W8A8 methods (llm.int8, fp8,
 smoothquant) 3e-2 per linear (activation quantization of bf16 inputs that differ by one rounding can
-flip a code); logits 5e-2 (two layers of bf16 rounding differences, amplified through the W8A8
-rounding). ``python benchmarks/cuda_methods_check.py [--json out.json]``; exit code 1 on a failure.
+flip a code); logits 5e-2 (two layers of bf16 rounding differences), or, where the CPU reference itself
+moves more than that under rounding-level changes, twice its largest move: the reference's logits with
+every decoder layer's input moved by one bf16 unit in the last place at random, three times (activation
+quantization turns a one-ulp input difference into a whole code step, fp8's e4m3 step being 2^5 times
+bf16's, so CUDA and CPU cannot agree more closely than the reference agrees with itself).
+``python benchmarks/cuda_methods_check.py [--json out.json]``; exit code 1 on a failure.
 """
 
 from __future__ import annotations
@@ -40,6 +44,33 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     if not bool(torch.isfinite(a).all()):
         return float("inf")
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def ulp_jitter(module: torch.nn.Module, args: tuple, gen: torch.Generator) -> tuple:
+    """A decoder layer's forward pre-hook: its hidden states moved by one bf16 ulp up or down at random."""
+    h = args[0]
+    step = torch.randint(0, 3, h.shape, generator=gen).to(h.dtype) - 1  # -1, 0, +1
+    up = torch.nextafter(h, torch.full_like(h, float("inf")))
+    down = torch.nextafter(h, torch.full_like(h, float("-inf")))
+    return (torch.where(step > 0, up, torch.where(step < 0, down, h)), *args[1:])
+
+
+def reference_spread(cpu_model: torch.nn.Module, ids: torch.Tensor, logits: torch.Tensor, runs: int = 3) -> float:
+    """The largest relative change of the CPU reference's last-position logits over ``runs`` forwards with
+    every decoder layer's input jittered by one ulp (``ulp_jitter``)."""
+    import functools
+
+    gen = torch.Generator().manual_seed(1)
+    hooks = [
+        layer.register_forward_pre_hook(functools.partial(ulp_jitter, gen=gen))
+        for layer in cpu_model.model.layers
+    ]
+    try:
+        with torch.no_grad():
+            return max(rel(cpu_model(ids).logits[:, -1].float(), logits) for _ in range(runs))
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def main() -> int:
@@ -82,15 +113,17 @@ def main() -> int:
                 gpu_logits = model(ids.cuda()).logits[:, -1].float()
                 cpu_model = copy.deepcopy(model).cpu()
                 cpu_logits = cpu_model(ids).logits[:, -1].float()
+                row["reference_spread"] = reference_spread(cpu_model, ids, cpu_logits)
                 del cpu_model
             row["logits_rel_err"] = rel(gpu_logits, cpu_logits)
+            row["logits_tol"] = max(5e-2, 2 * row["reference_spread"])
             from quantbench.engine import Engine
 
             engine = Engine(model)
             out = engine.generate(ids.cuda(), max_new_tokens=16, ignore_eos=True)
             row["engine_path"] = engine.last_path
             row["engine_tokens"] = list(out.shape)
-            row["ok"] = bool(worst < tol and worst_kernel < tol and row["logits_rel_err"] < 5e-2)
+            row["ok"] = bool(worst < tol and worst_kernel < tol and row["logits_rel_err"] < row["logits_tol"])
         except Exception as exc:  # noqa: BLE001 - report and go on with the next method
             row["ok"] = False
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -100,11 +133,12 @@ def main() -> int:
         print(json.dumps(row), flush=True)
         model = None
         torch.cuda.empty_cache()
-    print(f"\n{'method':12s} {'layer err':>10s} {'kernel err':>10s} {'logits err':>10s}  ok  path")
+    print(f"\n{'method':12s} {'layer err':>10s} {'kernel err':>10s} {'logits err':>10s} {'bound':>9s}  ok  path")
     for r in results:
         print(
             f"{r['method']:12s} {r.get('layer_rel_err', float('nan')):10.2e} {r.get('kernel_rel_err', float('nan')):10.2e} "
-            f"{r.get('logits_rel_err', float('nan')):10.2e}  {'yes' if r['ok'] else 'NO '} "
+            f"{r.get('logits_rel_err', float('nan')):10.2e} {r.get('logits_tol', float('nan')):9.2e}  "
+            f"{'yes' if r['ok'] else 'NO '} "
             f"{r.get('engine_path', r.get('error', ''))}"
         )
     if args.json:
