@@ -220,23 +220,15 @@ def _check_fp8_products(
 
 
 @interp
-def test_fp8_codes_interpreter() -> None:
-    _check_fp8_codes("cpu", torch.float16)
+@pytest.mark.parametrize("check", [_check_act_codes, _check_fp8_codes], ids=["int8", "fp8"])
+def test_act_codes_interpreter(check) -> None:
+    check("cpu", torch.float16)
 
 
 @interp
-def test_fp8_products_interpreter() -> None:
-    _check_fp8_products("cpu", torch.float16, m=40, k=128, n=48, options=ON)
-
-
-@interp
-def test_act_codes_interpreter() -> None:
-    _check_act_codes("cpu", torch.float16)
-
-
-@interp
-def test_int8_products_interpreter() -> None:
-    _check_products("cpu", torch.float16, m=40, k=128, n=48, options=ON)
+@pytest.mark.parametrize("check", [_check_products, _check_fp8_products], ids=["int8", "fp8"])
+def test_products_interpreter(check) -> None:
+    check("cpu", torch.float16, m=40, k=128, n=48, options=ON)
 
 
 @pytest.mark.skipif(CUDA or not HAS_TRITON or IN_INTERPRETER, reason="CPU with triton installed")
