@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantbench.engine.kernels.layouts import ACT_FP8, ACT_INT8_TOKEN, ACT_LLM_INT8, ROW_TILE_MAX, WQLayout
+from quantbench.engine.kernels.layouts import ACT_LLM_INT8, CODE_DTYPE_OF_ACT, ROW_TILE_MAX, WQLayout
 from quantbench.engine.kernels.partials import Partials, load_summed, parts_args
 from quantbench.engine.kernels.pdl import launch_args, wait_prior
 from quantbench.engine.kernels.triton_common import (
@@ -27,9 +27,7 @@ from quantbench.engine.kernels.triton_common import (
 )
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
-# act_codes' code dtype per activation kind
-_CODE_DTYPE_OF = {ACT_LLM_INT8: torch.int8, ACT_INT8_TOKEN: torch.int8, ACT_FP8: torch.float8_e4m3fn}
-_CODE_DTYPES = frozenset(_CODE_DTYPE_OF.values())
+_CODE_DTYPES = frozenset(CODE_DTYPE_OF_ACT.values())
 
 
 @triton.jit
@@ -508,11 +506,9 @@ def _act_quant_row_kernel(
     if CODES:
         if KIND == 1:
             q = tl.where(outlier, 0.0, q)
-        tl.store(xe_ptr + row * stride_xe + cols, q.to(xe_ptr.dtype.element_ty), mask=mask)
-    else:
-        if FOLD:
-            q = q * rf
-        tl.store(xe_ptr + row * stride_xe + cols, q.to(xe_ptr.dtype.element_ty), mask=mask)
+    elif FOLD:
+        q = q * rf
+    tl.store(xe_ptr + row * stride_xe + cols, q.to(xe_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -765,13 +761,13 @@ def act_codes(
     columns' codes are 0. The same arithmetic as ``act_quant`` (one whole-row program per token, K up to
     ``ROW_TILE_MAX``)."""
     kind, k = layout.act_quant, layout.in_features
-    if kind not in _CODE_DTYPE_OF:
+    if kind not in CODE_DTYPE_OF_ACT:
         raise ValueError(f"act_codes quantizes LLM.int8, SmoothQuant or fp8 activations, not kind {kind}")
     if triton.next_power_of_2(k) > ROW_TILE_MAX:
         raise ValueError(f"act_codes holds a whole row in one program: K = {k} is over {ROW_TILE_MAX}")
     thr = _threshold(layout.threshold)
     if (colmax is None) != (kind != ACT_LLM_INT8 or thr == float("inf")):
         raise ValueError("act_codes takes the column maxima of LLM.int8 with a threshold, and only those")
-    codes = torch.empty((x.shape[0], k), device=x.device, dtype=_CODE_DTYPE_OF[kind])
+    codes = torch.empty((x.shape[0], k), device=x.device, dtype=CODE_DTYPE_OF_ACT[kind])
     bits = None if colmax is None else colmax.view(torch.int32)
     return codes, _quantize_rows(x, codes, kind, thr, act_silu_mul, k, bits, _act_pdl(x, options))

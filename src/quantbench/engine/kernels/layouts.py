@@ -40,6 +40,8 @@ ACT_INT8_TOKEN = 3  # per-token int8, scale max(absmax / 127, 1e-8) (SmoothQuant
 ROW_TILE_MAX = 32768
 # by the method names ``EngineOptions.mma_quantizes`` takes
 ACT_BY_NAME = {"llm.int8": ACT_LLM_INT8, "fp8": ACT_FP8, "smoothquant": ACT_INT8_TOKEN}
+# the 8-bit codes a W8A8 product multiplies (activations and weights alike), per activation kind
+CODE_DTYPE_OF_ACT = {ACT_LLM_INT8: torch.int8, ACT_INT8_TOKEN: torch.int8, ACT_FP8: torch.float8_e4m3fn}
 
 
 @dataclass

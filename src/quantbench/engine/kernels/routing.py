@@ -227,6 +227,11 @@ def decoder_kind(layout: WQLayout, dtype: torch.dtype) -> int | None:
     return None
 
 
+def _capability_needed(layout: WQLayout) -> tuple[int, int]:
+    """e4m3 conversions (cvt.f16x2.e4m3x2, e4m3 tensor-core dots) need sm_89; 16-bit and int8 mma sm_80."""
+    return (8, 9) if layout.mode == MODE_FP8 else (8, 0)
+
+
 def mma_takes(
     m: int, layout: WQLayout, dtype: torch.dtype, target: Target, options: EngineOptions, x_aligned: bool
 ) -> bool:
@@ -243,8 +248,7 @@ def mma_takes(
     words = mma_words_per_lane(layout)
     if not words or (kind == D_PLAIN and words % 2):
         return False
-    need = (8, 9) if kind == D_FP8 else (8, 0)  # cvt.f16x2.e4m3x2: sm_89; mma.sync bf16 / f16: sm_80
-    if target.capability < need:
+    if target.capability < _capability_needed(layout):
         return False
     if layout.tile_n and layout.tile_kv != 4 * words:
         return False  # a step would straddle tile columns (codes tiled for another kernel)
@@ -257,7 +261,7 @@ def h2_takes(m: int, layout: WQLayout, target: Target, options: EngineOptions) -
         return False
     if layout.offsets is not None:  # its output is 16-bit; the offset correction needs a float32 product
         return False
-    return target.capability >= ((8, 9) if layout.mode == MODE_FP8 else (8, 0))
+    return target.capability >= _capability_needed(layout)
 
 
 def w8a8_gemm_fits(layout: WQLayout, options: EngineOptions = DEFAULT_OPTIONS) -> bool:
@@ -279,7 +283,7 @@ def w8a8_gemm_takes(m: int, layout: WQLayout, target: Target, options: EngineOpt
     tensor cores (``kernels/w8a8_gemm.py``)."""
     if not options.w8a8_gemm or options.act_rows_min_m < 1 or m < options.act_rows_min_m:
         return False
-    if not target.w8a8_fits or target.capability < ((8, 9) if layout.mode == MODE_FP8 else (8, 0)):
+    if not target.w8a8_fits or target.capability < _capability_needed(layout):
         return False
     host_reads = layout.act_quant == ACT_LLM_INT8 and layout.threshold > 0
     return not (host_reads and target.capturing)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from quantbench.engine.kernels.layouts import ACT_FP8, ACT_LLM_INT8, WQLayout
+from quantbench.engine.kernels.layouts import ACT_FP8, ACT_LLM_INT8, CODE_DTYPE_OF_ACT, WQLayout
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
 __all__ = ["code_columns", "col_scale", "w8a8_gemm", "w8a8_product"]
@@ -33,7 +33,7 @@ __all__ = ["code_columns", "col_scale", "w8a8_gemm", "w8a8_product"]
 
 def weight_codes(layout: WQLayout) -> torch.Tensor:
     """The layout's 8-bit weight codes as stored (int8, or float8_e4m3fn for fp8)."""
-    return layout.w32.view(torch.float8_e4m3fn if layout.act_quant == ACT_FP8 else torch.int8)
+    return layout.w32.view(CODE_DTYPE_OF_ACT[layout.act_quant])
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -149,7 +149,7 @@ def w8a8_gemm(
 def code_columns(layout: WQLayout, cols: torch.Tensor) -> torch.Tensor:
     """The int8 codes of input columns ``cols`` of every output row, ``[N, len(cols)]``, from row-major or
     tile-major storage (``[N / TN, K / TKB, TN, TKB]``, as ``QuantLinear.row_major`` reads it)."""
-    w8 = layout.w32.view(torch.int8)
+    w8 = weight_codes(layout)
     if not layout.tile_n:
         return w8[:, cols]
     tn, tkb = layout.tile_n, 4 * layout.tile_kv
