@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device session on the lent GPU: correctness, kernel bandwidth, engine latency (see docs/bench.md).
-# usage: bash benchmarks/device_session.sh STAGES   (STAGES: comma list of env,tests,pdltest,ab,profile,ncu,kernels,bench,hf,check,mainjob)
+# usage: bash benchmarks/device_session.sh STAGES   (STAGES: comma list of env,tests,suite,pdltest,ab,w8a8,profile,ncu,kernels,bench,hf,check,mainjob)
+# Carry what benchmarks/device_inputs.sh prepares (.whl, .devdata): the wheels are installed and the Qwen tokenizer
+# and calibration text there are the defaults of the tests and the main job.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -10,6 +12,11 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+if [ -f .devdata/tokenizer/tokenizer.json ]; then
+  export QUANTBENCH_TEST_TOKENIZER=${QUANTBENCH_TEST_TOKENIZER:-$PWD/.devdata/tokenizer}
+  MAIN_TOKENIZER=${MAIN_TOKENIZER:-$PWD/.devdata/tokenizer}
+fi
+[ -f .devdata/calib.txt ] && MAIN_CALIB=${MAIN_CALIB:-$PWD/.devdata/calib.txt}
 if has env; then
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv 2>&1 | tee "$OUT/env.txt"
   python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/env.txt"
@@ -17,7 +24,10 @@ if has env; then
   (which ncu nvcc; nvidia-smi --query-gpu=clocks.sm,clocks.mem --format=csv) 2>&1 | tee -a "$OUT/env.txt"
 fi
 if has tests; then
-  timeout ${T_TESTS:-240} python3 -m pytest -q -x -m cuda tests/test_kernels.py -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/tests.txt"
+  timeout ${T_TESTS:-240} python3 -m pytest -q -x -m cuda ${TESTS_PATHS:-tests/test_kernels.py} -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/tests.txt"
+fi
+if has suite; then  # every CUDA test
+  timeout ${T_SUITE:-300} python3 -m pytest -q -m cuda -n ${SUITE_WORKERS:-6} tests -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/suite.txt"
 fi
 if has pdltest; then  # PDL on vs off: identical tokens; CUDA graph vs eager
   timeout ${T_PDLTEST:-200} python3 -m pytest -q -x -m cuda tests/test_kernels.py -k "${PDLTEST_K:-pdl or engine_graph}" -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pdltest.txt"
@@ -25,6 +35,10 @@ fi
 if has ab; then
   timeout ${T_AB:-300} python3 benchmarks/engine_ab.py --methods "${AB_METHODS:-int4:group=128;nf4:block=64;int8;fp8}" \
     --variants "${AB_VARIANTS:-base;nopdl}" --batch ${AB_BATCH:-1,8} --input ${AB_INPUT:-128} --output ${AB_OUTPUT:-128} --json "$OUT/engine_ab.json" 2>&1 | tee "$OUT/engine_ab.txt" | tail -30
+fi
+if has w8a8; then  # W8A8 products of evaluation-sized batches: 8-bit tensor cores against slabs + cuBLAS
+  timeout ${T_W8A8:-240} python3 benchmarks/w8a8_gemm_sweep.py --methods "${W8A8_METHODS:-llm.int8,smoothquant,fp8}" \
+    --m "${W8A8_M:-1024,2752}" --json "$OUT/w8a8_gemm_sweep.json" 2>&1 | tee "$OUT/w8a8_gemm_sweep.txt" | tail -40
 fi
 if has profile; then  # top kernels of a prompt pass and of a decode step, per method
   timeout ${T_PROFILE:-300} python3 benchmarks/decode_profile.py --methods "${PROF_METHODS:-int4:group=128;nf4:block=64;int8;fp8;llm.int8:compute=bf16}" \
@@ -54,7 +68,7 @@ if has check; then
 fi
 if has mainjob; then  # the seed's table on a random 7B, each method under MAIN_VARIANTS (docs/bench.md "The main job on a GPU")
   timeout ${T_MAINJOB:-540} python3 benchmarks/main_job_gpu.py --tokenizer "${MAIN_TOKENIZER:?a directory holding the Qwen tokenizer}" \
-    --methods "${MAIN_METHODS:-bf16;int4:group=128;nf4:block=64,compute=fp16;fp8}" --variants "${MAIN_VARIANTS:-base;refext}" \
-    --tasks "${MAIN_TASKS:-mmlu}" --seed-questions ${MAIN_SEED:-0} --hf-methods "${MAIN_HF:-}" ${MAIN_CALIB:+--calib "$MAIN_CALIB"} \
+    --methods "${MAIN_METHODS:-bf16;int4:group=128;nf4:block=64,compute=fp16;fp8}" --variants "${MAIN_VARIANTS:-base}" \
+    --tasks "${MAIN_TASKS:-mmlu}" --seed-questions ${MAIN_SEED:-0} --hf-methods "${MAIN_HF:-}" ${MAIN_CALIB:+--calib "$MAIN_CALIB"} ${MAIN_ARGS:-} \
     --json "$OUT/main_job.json" 2>&1 | tee "$OUT/main_job.txt" | grep -v "^block" | tail -30
 fi

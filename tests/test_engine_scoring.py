@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 import pytest
 import torch
@@ -384,6 +385,13 @@ def test_main_job_benchmark_smoke_on_cpu(tmp_path):
             other["tasks"][t]["answers"] == row["engine"]["tasks"][t]["answers"] for t in other["tasks"]
         )
     assert "bf16 [l2eager]" in run.stdout
+    # "time x bf16": the method's seconds over bf16's, both tasks
+    seconds = [sum(v["seconds"] for v in r["engine"]["tasks"].values()) for r in rows]
+    lines = run.stdout.splitlines()
+    at = next(i for i, x in enumerate(lines) if x.startswith("method "))
+    column = re.split(r"\s{2,}", lines[at].strip()).index("time x bf16")
+    int4_cells = next(x for x in lines[at:] if x.startswith("int4:group=32 ")).split()
+    assert int4_cells[column] == f"{seconds[1] / seconds[0]:.2f}"
     bad = subprocess.run([*argv[:2], "--model", "tiny", "--methods", "int5"], capture_output=True, text=True,
                          cwd=root, check=False)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
