@@ -48,6 +48,23 @@ def tiny_model():
     return quantbench.random_model("qwen2.5-0.5b", dtype="fp32", num_hidden_layers=2, vocab_size=512)
 
 
+@pytest.fixture
+def small_random_model():
+    """Two layers of the Qwen2.5 architecture at reduced width: a checkpoint round trip in a second."""
+    import quantbench
+
+    return quantbench.random_model(
+        "qwen2.5-0.5b",
+        dtype="fp32",
+        num_hidden_layers=2,
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=640,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_base(tmp_path_factory) -> Path:
     """A 2-layer Qwen2-architecture HF directory with the real tokenizer: a base load_model reads."""

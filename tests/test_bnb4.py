@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import quantbench
+from quant_checks import assert_checkpoint_roundtrip, first_real_layers
 from quantbench import QuantConfigError
 from quantbench.quant import bnb4
 from quantbench.quant.bnb4 import Bnb4Linear, dequantize_4bit, quantize_4bit
@@ -221,38 +222,9 @@ def test_linear_module_buffers_and_forward() -> None:
         assert torch.equal(skeleton.dequantize(), module.dequantize())
 
 
-def _first_real_layers(model: nn.Module, n: int = 1) -> nn.Module:
-    """A copy of the real model keeping its first ``n`` decoder layers (real weights, fast to quantize)."""
-    layers = model.model.layers
-    model.model.layers = nn.ModuleList(list(layers[:n]))
-    try:
-        small = copy.deepcopy(model)
-    finally:
-        model.model.layers = layers
-    small.config.num_hidden_layers = n
-    if getattr(small.config, "layer_types", None):
-        small.config.layer_types = small.config.layer_types[:n]
-    return small
-
-
-@pytest.fixture
-def small_random_model() -> nn.Module:
-    """Two layers of the Qwen2.5 architecture at reduced width: a checkpoint round trip in a second."""
-    return quantbench.random_model(
-        "qwen2.5-0.5b",
-        dtype="fp32",
-        num_hidden_layers=2,
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=640,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-
-
 def test_quantize_real_model(real_model_fp32) -> None:
     model, tokenizer = real_model_fp32
-    small = _first_real_layers(model, 1)
+    small = first_real_layers(model, 1)
     ids = tokenizer("def quicksort(items):\n    if len(items) <= 1:", return_tensors="pt").input_ids
     with torch.no_grad():
         ref = small(ids).logits
@@ -277,16 +249,7 @@ def test_quantize_real_model(real_model_fp32) -> None:
 def test_save_load_roundtrip_bit_exact(small_random_model, tmp_path, spec: str) -> None:
     model = small_random_model
     quantbench.quantize(model, spec)
-    quantbench.save_quantized(model, None, tmp_path / "ckpt")
-    loaded, _ = quantbench.load_quantized(tmp_path / "ckpt")
-    original = model.state_dict()
-    assert any(isinstance(m, Bnb4Linear) for m in loaded.modules())
-    for key, value in loaded.state_dict().items():
-        assert value.dtype == original[key].dtype and torch.equal(value, original[key]), key
-    ids = torch.randint(0, 512, (2, 12))
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, loaded(ids).logits)
-    assert loaded.quantbench_config == model.quantbench_config
+    assert_checkpoint_roundtrip(model, tmp_path / "ckpt", Bnb4Linear)
 
 
 @pytest.mark.parametrize(

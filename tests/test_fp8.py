@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import quantbench
+from quant_checks import assert_checkpoint_roundtrip, first_real_layers
 from quantbench import QuantConfigError
 from quantbench.quant.config import parse_spec
 from quantbench.quant.fp8 import (
@@ -137,23 +138,9 @@ def test_zero_rows_and_tokens() -> None:
     assert torch.isfinite(out).all() and (out[1] == 0).all() and (out[:, 2] == 0).all()
 
 
-def _first_real_layers(model: nn.Module, n: int = 1) -> nn.Module:
-    """A copy of the real model keeping its first ``n`` decoder layers (real weights, fast to quantize)."""
-    layers = model.model.layers
-    model.model.layers = nn.ModuleList(list(layers[:n]))
-    try:
-        small = copy.deepcopy(model)
-    finally:
-        model.model.layers = layers
-    small.config.num_hidden_layers = n
-    if getattr(small.config, "layer_types", None):
-        small.config.layer_types = small.config.layer_types[:n]
-    return small
-
-
 def test_quantize_real_model(real_model_fp32) -> None:
     model, tokenizer = real_model_fp32
-    small = _first_real_layers(model, 1)
+    small = first_real_layers(model, 1)
     ids = tokenizer("def quicksort(items):\n    if len(items) <= 1:", return_tensors="pt").input_ids
     with torch.no_grad():
         ref = small(ids).logits
@@ -167,40 +154,10 @@ def test_quantize_real_model(real_model_fp32) -> None:
     assert quantbench.weight_report(small).bits_per_weight == pytest.approx(8.0, abs=0.05)
 
 
-@pytest.fixture
-def small_random_model() -> nn.Module:
-    """Two layers of the Qwen2.5 architecture at reduced width: a checkpoint round trip in a second."""
-    return quantbench.random_model(
-        "qwen2.5-0.5b",
-        dtype="fp32",
-        num_hidden_layers=2,
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=640,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-
-
 def test_save_load_roundtrip_bit_exact(small_random_model, tmp_path) -> None:
     model = small_random_model
     quantbench.quantize(model, "fp8")
-    quantbench.save_quantized(model, None, tmp_path / "ckpt")
-    loaded, _ = quantbench.load_quantized(tmp_path / "ckpt")
-    original = model.state_dict()
-    assert any(isinstance(m, FP8Linear) for m in loaded.modules())
-    for key, value in loaded.state_dict().items():
-        assert value.dtype == original[key].dtype, key
-        # fp8 compared by bit pattern (stricter than value equality: tells -0 from +0).
-        if value.dtype == E4M3:
-            value, ref = value.view(torch.uint8), original[key].view(torch.uint8)
-        else:
-            ref = original[key]
-        assert torch.equal(value, ref), key
-    ids = torch.randint(0, 512, (2, 12))
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, loaded(ids).logits)
-    assert loaded.quantbench_config == model.quantbench_config
+    assert_checkpoint_roundtrip(model, tmp_path / "ckpt", FP8Linear)
 
 
 @pytest.mark.parametrize(("spec", "key"), [("fp8:compute=int8", "compute"), ("fp8:block=64", "block")])

@@ -16,6 +16,7 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 import quantbench
+from quant_checks import assert_checkpoint_roundtrip
 from quantbench.errors import QuantConfigError
 from quantbench.quant import METHODS, parse_spec
 from quantbench.quant.apply import replace_with_empty
@@ -333,14 +334,7 @@ def test_quantize_tiny_model_and_state_dict_roundtrip() -> None:
 def test_checkpoint_roundtrip(tmp_path: Path) -> None:
     model = _tiny()
     quantbench.quantize(model, "q5_1:compute=bf16")
-    quantbench.save_quantized(model, None, tmp_path / "ckpt")
-    loaded, _ = quantbench.load_quantized(tmp_path / "ckpt")
-    assert loaded.quantbench_config == model.quantbench_config
-    for key, value in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
-    ids = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert_checkpoint_roundtrip(model, tmp_path / "ckpt", GGMLLinear)
 
 
 @pytest.mark.slow
