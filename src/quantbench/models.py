@@ -3,12 +3,14 @@ build random-weight models of real architectures for GPU speed work."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,6 +281,21 @@ def model_fingerprint(model_dir: Path) -> str:
     return _hash_files(files)
 
 
+@contextlib.contextmanager
+def _no_weight_loading_bar() -> Iterator[None]:
+    """Without transformers' per-load "Loading weights" bar: a local load takes seconds, every command
+    prints its own load line, and a sweep loads once per method."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     path_or_spec: str = DEFAULT_MODEL,
     dtype: str | torch.dtype = "bf16",
@@ -314,9 +331,10 @@ def load_model(
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=torch_dtype, local_files_only=True, low_cpu_mem_usage=True
-        )
+        with _no_weight_loading_bar():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=torch_dtype, local_files_only=True, low_cpu_mem_usage=True
+            )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(f"cannot load model from {model_dir}: {first}") from None
