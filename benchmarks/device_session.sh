@@ -68,7 +68,7 @@ if has check; then
 fi
 if has mainjob; then  # the seed's table on a random 7B, each method under MAIN_VARIANTS (docs/bench.md "The main job on a GPU")
   timeout ${T_MAINJOB:-540} python3 benchmarks/main_job_gpu.py --tokenizer "${MAIN_TOKENIZER:?a directory holding the Qwen tokenizer}" \
-    --methods "${MAIN_METHODS:-bf16;int4:group=128;nf4:block=64,compute=fp16;fp8}" --variants "${MAIN_VARIANTS:-base}" \
+    --methods "${MAIN_METHODS:-bf16;int4:group=128;nf4:block=64,compute=fp16;fp8}" --variants "${MAIN_VARIANTS:-base;refext}" \
     --tasks "${MAIN_TASKS:-mmlu}" --seed-questions ${MAIN_SEED:-0} --hf-methods "${MAIN_HF:-}" ${MAIN_CALIB:+--calib "$MAIN_CALIB"} ${MAIN_ARGS:-} \
     --json "$OUT/main_job.json" 2>&1 | tee "$OUT/main_job.txt" | grep -v "^block" | tail -30
 fi

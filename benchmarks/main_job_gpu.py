@@ -395,9 +395,13 @@ def _agreement(a: dict[str, Any], b: dict[str, Any]) -> float:
     return same / total if total else float("nan")
 
 
+def _seconds(part: dict[str, Any]) -> float:
+    return sum(v["seconds"] for v in part["tasks"].values())
+
+
 def _rate(part: dict[str, Any]) -> float:
     questions = sum(v["questions"] for v in part["tasks"].values())
-    seconds = sum(v["seconds"] for v in part["tasks"].values())
+    seconds = _seconds(part)
     return questions / seconds if seconds else float("nan")
 
 
@@ -413,7 +417,7 @@ def print_table(rows: list[dict[str, Any]], tasks: list[str]) -> None:
               "x seed loop", "time x bf16", "peak GiB", "warm-up s"]  # fmt: skip
     lines = [header]
     bf16 = next((r for r in rows if r["spec"] == "bf16" and "engine" in r), None)
-    base_rate = _rate(bf16["engine"]) if bf16 else None  # same questions in every row: time ratio = rate ratio
+    base_s = _seconds(bf16["engine"]) if bf16 else None
     for row in rows:
         if "engine" not in row:
             lines.append(
@@ -423,23 +427,23 @@ def print_table(rows: list[dict[str, Any]], tasks: list[str]) -> None:
         eng = row["engine"]
         counts = {t: eng["tasks"][t]["questions"] for t in tasks}
         seed = _seed_projection(row, tasks, counts)
-        total = sum(eng["tasks"][t]["seconds"] for t in tasks)
+        total = _seconds(eng)
         rate = _rate(eng)
         lines.append([
             row["method"], f"{row['quantize_s']:.1f}", *(f"{eng['tasks'][t]['seconds']:.1f}" for t in tasks),
             f"{rate:.2f}", f"{seed / total:.1f}" if seed else "-",
-            f"{base_rate / rate:.2f}" if base_rate else "-", f"{eng['peak_gib']:.2f}",
+            f"{total / base_s:.2f}" if base_s else "-", f"{eng['peak_gib']:.2f}",
             f"{eng['warmup_s']:.1f}" if "warmup_s" in eng else "",
         ])  # fmt: skip
         for variant, other in row.get("variants", {}).items():
             lines.append([
                 f"  {row['method']} [{variant}]", "", *(f"{other['tasks'][t]['seconds']:.1f}" for t in tasks),
-                f"{_rate(other):.2f}", "", f"{base_rate / _rate(other):.2f}" if base_rate else "-",
+                f"{_rate(other):.2f}", "", f"{_seconds(other) / base_s:.2f}" if base_s else "-",
                 f"{other['peak_gib']:.2f}", f"{other['warmup_s']:.1f}" if "warmup_s" in other else "",
             ])  # fmt: skip
         if "hf" in row:
             hf = row["hf"]
-            hf_total = sum(hf["tasks"][t]["seconds"] for t in tasks)
+            hf_total = _seconds(hf)
             lines.append([
                 f"  {row['method']} (HF forward)", "", *(f"{hf['tasks'][t]['seconds']:.1f}" for t in tasks),
                 f"{_rate(hf):.2f}", f"{seed / hf_total:.1f}" if seed else "-", "", f"{hf['peak_gib']:.2f}",

@@ -104,9 +104,14 @@ def _w8a8_gemm_kernel(
     tl.store(o_ptrs, v.to(o_ptr.dtype.element_ty), mask=omask)
 
 
+def _row_scales(layout: WQLayout) -> torch.Tensor:
+    """The layer's one stored scale per output row, fp32 (LLM.int8: the row's absmax)."""
+    return layout.scales.reshape(layout.out_features, -1)[:, 0].float()
+
+
 def col_scale(layout: WQLayout) -> torch.Tensor:
     """Per-output-row fp32 factors as the reference computes them (LLM.int8: ``absmax / 127``)."""
-    scales = layout.scales.reshape(layout.out_features, -1)[:, 0].float()
+    scales = _row_scales(layout)
     if layout.act_quant == ACT_LLM_INT8:
         return scales / 127.0
     return scales * layout.scale_mul
@@ -169,6 +174,7 @@ def w8a8_product(
     or None when LLM.int8's outlier columns exceed ``options.w8a8_gemm_max_outliers`` of K (the caller
     then runs the slabs; nothing is quantized yet). Reads the outlier count on the host."""
     from quantbench.engine.kernels.fused import act_codes, outlier_maxima
+    from quantbench.quant.llm_int8 import dequantize_int8_rows
 
     k = layout.in_features
     colmax = outlier_maxima(x, layout, act_silu_mul, options)
@@ -183,6 +189,6 @@ def w8a8_product(
             x_out = F.silu(x[:, cols]) * x[:, k + cols]
         else:
             x_out = x[:, cols]
-        w_cols = (code_columns(layout, cols).float() * cs[:, None]).to(x.dtype)  # dequantize_int8_rows
+        w_cols = dequantize_int8_rows(code_columns(layout, cols), _row_scales(layout), x.dtype)
         extra = torch.mm(x_out, w_cols.t())
     return w8a8_gemm(codes, rf, layout, cs, extra=extra, out=out, out_dtype=x.dtype, options=options)
