@@ -27,7 +27,9 @@ if has tests; then
   timeout ${T_TESTS:-240} python3 -m pytest -q -x -m cuda ${TESTS_PATHS:-tests/test_kernels.py} -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/tests.txt"
 fi
 if has suite; then  # every CUDA test
-  timeout ${T_SUITE:-300} python3 -m pytest -q -m cuda -n ${SUITE_WORKERS:-6} tests -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/suite.txt"
+  workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${SUITE_WORKERS:-6}")
+  timeout ${T_SUITE:-300} python3 -m pytest -q -rfE -m cuda $workers tests -p no:cacheprovider > "$OUT/suite.txt" 2>&1
+  tail -25 "$OUT/suite.txt"
 fi
 if has pdltest; then  # PDL on vs off: identical tokens; CUDA graph vs eager
   timeout ${T_PDLTEST:-200} python3 -m pytest -q -x -m cuda tests/test_kernels.py -k "${PDLTEST_K:-pdl or engine_graph}" -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pdltest.txt"
@@ -38,7 +40,7 @@ if has ab; then
 fi
 if has w8a8; then  # W8A8 products of evaluation-sized batches: 8-bit tensor cores against slabs + cuBLAS
   timeout ${T_W8A8:-240} python3 benchmarks/w8a8_gemm_sweep.py --methods "${W8A8_METHODS:-llm.int8,smoothquant,fp8}" \
-    --m "${W8A8_M:-1024,2752}" --json "$OUT/w8a8_gemm_sweep.json" 2>&1 | tee "$OUT/w8a8_gemm_sweep.txt" | tail -40
+    --m "${W8A8_M:-1024,2752}" ${W8A8_ARGS:-} --json "$OUT/w8a8_gemm_sweep.json" 2>&1 | tee "$OUT/w8a8_gemm_sweep.txt" | tail -40
 fi
 if has profile; then  # top kernels of a prompt pass and of a decode step, per method
   timeout ${T_PROFILE:-300} python3 benchmarks/decode_profile.py --methods "${PROF_METHODS:-int4:group=128;nf4:block=64;int8;fp8;llm.int8:compute=bf16}" \

@@ -254,6 +254,10 @@ def main() -> None:
         "the method's row; the others: extra rows)",
     )  # fmt: skip
     parser.add_argument(
+        "--variant-methods", default=None,
+        help="';'-separated methods evaluated under the variants after the first (default: every method)",
+    )  # fmt: skip
+    parser.add_argument(
         "--repeats", type=int, default=1,
         help="evaluations of each task per method; the table shows the fastest, the JSON every one (answers "
         "must agree)",
@@ -299,6 +303,9 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise EvalError(f"unknown engine variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    variant_specs = (
+        {parse_spec(m).spec for m in split_specs(args.variant_methods)} if args.variant_methods else None
+    )
     tokenizer = load_tokenizer(args.tokenizer, args.model)
     device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     print(f"main job: {args.model} on {device} ({device_name}), tasks {', '.join(tasks)}, {args.shots}-shot "
@@ -330,6 +337,8 @@ def main() -> None:
                 row["hf"] = harness(model, tokenizer, tasks, args, engine=False)
                 print(f"{label}: HF forward {_times(row['hf'])}")
             for i, variant in enumerate(variants):
+                if i and variant_specs is not None and spec not in variant_specs:
+                    continue
                 name = label if variant == "base" else f"{label} [{variant}]"
                 if args.profile:
                     result = profiled(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from quantbench.errors import QuantbenchError
 
-# W8A8 methods whose one-token activations the tensor-core GEMV can quantize itself (``mma_quantizes``)
+# W8A8 methods (``mma_quantizes``: one token quantized inside the GEMV; ``w8a8_gemm``: 8-bit products)
 ACT_QUANT_NAMES = ("llm.int8", "fp8", "smoothquant")
 # Tensor-core GEMV decoders (``mma_x_carry``): int4 codes, NF4 / FP4 tables, int8 codes, e4m3 codes, and
 # plain 16-bit weights
@@ -117,16 +117,13 @@ class EngineOptions:
     the whole 16-bit weight out costs less. 0: L2 slabs for every product."""
 
     # ---- W8A8 products on 8-bit tensor cores (``kernels/w8a8_gemm.py``) ----
-    w8a8_gemm: bool = False
-    """W8A8 products of more than ``prompt_gemm_max_m`` tokens (and at least ``act_rows_min_m``) multiply
-    8-bit activation codes by the 8-bit weight codes, as the methods define them (LLM.int8 and SmoothQuant:
-    int8 with int32 sums, LLM.int8 only when launched eagerly; fp8: e4m3 with fp32 sums, sm_89+), instead
-    of dequantized slabs + cuBLAS. Off until it is measured against the slabs on a GPU."""
-    w8a8_gemm_tiles: tuple[int, int, int, int, int, int] = (128, 128, 128, 8, 8, 3)
+    w8a8_gemm: frozenset[str] = frozenset(ACT_QUANT_NAMES)
+    """W8A8 methods (of ``ACT_QUANT_NAMES``) whose products of more than ``prompt_gemm_max_m`` tokens (and at
+    least ``act_rows_min_m``) multiply 8-bit activation codes by the 8-bit weight codes, as the methods
+    define them (LLM.int8 and SmoothQuant: int8 with int32 sums; fp8: e4m3 with fp32 sums, sm_89+), instead
+    of dequantized slabs + cuBLAS: half the operand bytes at twice the 16-bit rate."""
+    w8a8_gemm_tiles: tuple[int, int, int, int, int, int] = (128, 128, 64, 8, 4, 4)
     """Tokens, outputs and K per step of a program, token tiles per weight tile's group, warps, stages."""
-    w8a8_gemm_max_outliers: float = 0.25
-    """LLM.int8: the largest share of K in outlier columns (multiplied in 16 bits beside the int8
-    product) for the 8-bit product; more go to the slabs."""
 
     # ---- launches ----
     pdl: bool = True
@@ -173,8 +170,15 @@ class EngineOptions:
             raise EngineOptionsError(
                 f"prompt_kernel must be one of {', '.join(PROMPT_KERNELS)}, not {self.prompt_kernel!r}"
             )
-        for name, allowed in (("mma_quantizes", ACT_QUANT_NAMES), ("mma_x_carry", DECODER_NAMES)):
-            unknown = set(getattr(self, name)) - set(allowed)
+        for name, allowed in (
+            ("mma_quantizes", ACT_QUANT_NAMES),
+            ("w8a8_gemm", ACT_QUANT_NAMES),
+            ("mma_x_carry", DECODER_NAMES),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, (set, frozenset, tuple, list)) or not all(isinstance(v, str) for v in value):
+                raise EngineOptionsError(f"{name} takes a set of names from {', '.join(allowed)}, not {value!r}")
+            unknown = set(value) - set(allowed)
             if unknown:
                 raise EngineOptionsError(
                     f"{name}: unknown {', '.join(sorted(unknown))} (known: {', '.join(allowed)})"
@@ -206,10 +210,6 @@ class EngineOptions:
                 f"at least 16, K per step a multiple of 32), not {tiles}"
             )
         object.__setattr__(self, "w8a8_gemm_tiles", tiles)
-        if not 0 <= self.w8a8_gemm_max_outliers <= 1:
-            raise EngineOptionsError(
-                f"w8a8_gemm_max_outliers is a share of K (0-1), not {self.w8a8_gemm_max_outliers}"
-            )
         if self.mma_depth_4bit not in (1, 2):
             raise EngineOptionsError(f"mma_depth_4bit takes 1 or 2, not {self.mma_depth_4bit}")
         positive = ("prompt_gemm_max_m", "plain_max_m", "slab_elems", "attn_split_min")

@@ -75,10 +75,7 @@ def run_kernel(
     if kernel is Kernel.W8A8_GEMM:
         from quantbench.engine.kernels.w8a8_gemm import w8a8_product
 
-        y = w8a8_product(x, layout, act_silu_mul, out, options)
-        if y is not None:
-            return y
-        kernel = Kernel.SLABS  # LLM.int8 with more outlier columns than the int8 product takes
+        return w8a8_product(x, layout, act_silu_mul, out, options)
     if kernel in (Kernel.PROMPT_GEMM, Kernel.SLABS):  # prompt sizes: SiLU-gate and quantize x first
         rf = None
         if act_silu_mul:

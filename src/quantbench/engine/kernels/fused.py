@@ -22,7 +22,9 @@ from quantbench.engine.kernels.triton_common import (
     attend_block,
     kv_block,
     num_sms,
+    rint,
     rope_rows,
+    silu_gate,
     workspace,
 )
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
@@ -93,9 +95,7 @@ def _silu_mul_kernel(x_ptr, o_ptr, inter, stride_x, stride_o, x_plane, X_PARTS: 
     dt = o_ptr.dtype.element_ty
     g = load_summed(x_ptr, row * stride_x + offs, mask, x_plane, X_PARTS, dt)
     u = load_summed(x_ptr, row * stride_x + inter + offs, mask, x_plane, X_PARTS, dt)
-    g32 = g.to(tl.float32)
-    s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)
-    tl.store(o_ptr + row * stride_o + offs, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
+    tl.store(o_ptr + row * stride_o + offs, silu_gate(g, u), mask=mask)
 
 
 def silu_mul(
@@ -438,9 +438,7 @@ def greedy_pick(
 def _silu_mul_tile(x_ptr, rows, cols, mask, K):
     g = tl.load(x_ptr + rows + cols, mask=mask, other=0.0)
     u = tl.load(x_ptr + rows + K + cols, mask=mask, other=0.0)
-    g32 = g.to(tl.float32)
-    s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)
-    return (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+    return silu_gate(g, u)
 
 
 @triton.jit
@@ -449,12 +447,12 @@ def token_scales(amax, KIND: tl.constexpr):
     (``quantize_act``) and the product is multiplied by rf afterwards."""
     if KIND == 1:  # LLM.int8: x * (127 / absmax); a token with no non-outlier mass keeps factor 1
         q_scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax * 0.0 + 127.0, amax))
-        rf = tl.where(amax == 0.0, 1.0, amax / 127.0)
+        rf = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, 127.0))
     elif KIND == 2:  # fp8: x / (absmax / 448)
-        rf = amax / 448.0
+        rf = tl.math.div_rn(amax, 448.0)
         q_scale = tl.where(rf == 0.0, 1.0, rf)
     else:  # SmoothQuant: x / max(absmax / 127, 1e-8)
-        q_scale = tl.maximum(amax / 127.0, 1e-8)
+        q_scale = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-8)
         rf = q_scale
     return q_scale, rf
 
@@ -465,12 +463,12 @@ def quantize_act(xf, outlier, q_scale, KIND: tl.constexpr):
     columns) the unrounded ``x * 127 / absmax``."""
     if KIND == 1:
         scaled = xf * q_scale
-        q = tl.minimum(tl.maximum(_rint(scaled), -127.0), 127.0)
+        q = tl.minimum(tl.maximum(rint(scaled), -127.0), 127.0)
         q = tl.where(outlier, scaled, q)
     elif KIND == 2:
         q = _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(xf, q_scale), -448.0), 448.0))
     else:
-        q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(xf, q_scale)), -127.0), 127.0)
+        q = tl.minimum(tl.maximum(rint(tl.math.div_rn(xf, q_scale)), -127.0), 127.0)
     return q
 
 
@@ -619,16 +617,10 @@ def _act_tile(x_ptr, rows, cols, mask, K, ACT: tl.constexpr):
 def _round_e4m3(v):
     """Round fp32 ``|v| <= 448`` to the nearest float8 e4m3fn value (ties to even), as fp32: the grid
     spacing is 2**(max(e, -6) - 3) for binary exponent e (subnormals below 2**-6)."""
-    e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    ulp = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    return _rint(v / ulp) * ulp
-
-
-@triton.jit
-def _rint(x):
-    """Round half to even (torch.round) for |x| < 2**22: add and subtract 1.5 * 2**23."""
-    big = 12582912.0
-    return (x + big) - big
+    e = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6) - 3
+    ulp = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    per_ulp = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 1 / ulp: the product is exact
+    return rint(v * per_ulp) * ulp
 
 
 def _act_pdl(x: torch.Tensor, options: EngineOptions) -> dict:
@@ -746,6 +738,29 @@ def outlier_maxima(
         return None
     colmax = _merged_colmax(x, layout.in_features, act_silu_mul, options, _act_pdl(x, options))
     return colmax.view(torch.float32)
+
+
+@triton.jit
+def _outlier_list_kernel(colmax_ptr, cols_ptr, count_ptr, K, threshold, BC: tl.constexpr):
+    """The input columns whose maximum |x| reaches the threshold, in order, and how many there are."""
+    n = tl.full((), 0, tl.int32)
+    for c0 in range(0, K, BC):
+        offs = c0 + tl.arange(0, BC)
+        hit = (tl.load(colmax_ptr + offs, mask=offs < K, other=0.0) >= threshold).to(tl.int32)
+        tl.store(cols_ptr + n + tl.cumsum(hit, 0) - 1, offs, mask=hit != 0)
+        n += tl.sum(hit, 0)
+    tl.store(count_ptr, n)
+
+
+def outlier_list(colmax: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM.int8's outlier columns from ``outlier_maxima``'s column maxima, without reading them on the host:
+    the columns reaching ``threshold`` in order (int32 ``[K]``, the first ``count`` valid) and ``count``
+    (int32 ``[1]``)."""
+    k = colmax.numel()
+    cols = torch.empty((k,), device=colmax.device, dtype=torch.int32)
+    count = torch.empty((1,), device=colmax.device, dtype=torch.int32)
+    _outlier_list_kernel[(1,)](colmax, cols, count, k, _threshold(threshold), BC=2048, num_warps=8)
+    return cols, count
 
 
 def act_codes(

@@ -12,10 +12,9 @@ product                        M           when                                 
 quantized layer                >= 64       GPU, ``prompt_kernel`` "prompt_gemm", M <= ``prompt_gemm_    prompt_gemm
                                            max_m``, the kernel has a launch config for the shape; NF4 /
                                            FP4 only with the PTX table decoder (``table_prmt``)
-W8A8 layer (LLM.int8,          > ``prompt  GPU, ``w8a8_gemm`` on, at least ``act_rows_min_m`` tokens,      w8a8_gemm
-SmoothQuant, fp8)              _gemm_max_  ``w8a8_gemm_fits``; fp8 on sm_89+; LLM.int8 with a threshold
-                               m``         only launched eagerly (the host reads the outlier count;
-                                           too many outliers: slabs)
+W8A8 layer (LLM.int8,          > ``prompt  GPU, method in ``w8a8_gemm`` (default: all three), at least     w8a8_gemm
+SmoothQuant, fp8)              _gemm_max_  ``act_rows_min_m`` tokens, ``w8a8_gemm_fits``; fp8 on sm_89+
+                               m``
 quantized layer                >= 64       GPU, ``prompt_kernel`` not "wq_matmul", K whole words        slabs (dequant)
 W8A8 layer (fp8 by default)    1           method in ``mma_quantizes``, the tensor-core GEMV takes it   mma_gemv (it
                                                                                                        quantizes x)
@@ -118,7 +117,6 @@ class Target(Protocol):
     prompt_fits: bool  # the fused prompt GEMM has a launch configuration for this product
     table_asm: bool  # NF4 / FP4: the PTX byte-permute decoder is in use on this device
     w8a8_fits: bool  # w8a8_gemm reads this layout (``w8a8_gemm_fits``)
-    capturing: bool  # the product is being captured into a CUDA graph
 
 
 @dataclass(frozen=True)
@@ -133,7 +131,6 @@ class Given:
     prompt_fits: bool = True
     table_asm: bool = True
     w8a8_fits: bool = True
-    capturing: bool = False
 
 
 def interpreting() -> bool:
@@ -196,10 +193,6 @@ class Operands:
     @functools.cached_property
     def w8a8_fits(self) -> bool:
         return w8a8_gemm_fits(self.layout, self.options)
-
-    @functools.cached_property
-    def capturing(self) -> bool:
-        return self.x.is_cuda and torch.cuda.is_current_stream_capturing()
 
     @functools.cached_property
     def table_asm(self) -> bool:
@@ -281,12 +274,11 @@ def w8a8_gemm_fits(layout: WQLayout, options: EngineOptions = DEFAULT_OPTIONS) -
 def w8a8_gemm_takes(m: int, layout: WQLayout, target: Target, options: EngineOptions) -> bool:
     """Whether a W8A8 product of ``m`` (prompt-sized, past the fused prompt GEMM) tokens runs on 8-bit
     tensor cores (``kernels/w8a8_gemm.py``)."""
-    if not options.w8a8_gemm or options.act_rows_min_m < 1 or m < options.act_rows_min_m:
+    if options.act_rows_min_m < 1 or m < options.act_rows_min_m:
         return False
-    if not target.w8a8_fits or target.capability < _capability_needed(layout):
+    if layout.act_quant not in {ACT_BY_NAME[name] for name in options.w8a8_gemm}:
         return False
-    host_reads = layout.act_quant == ACT_LLM_INT8 and layout.threshold > 0
-    return not (host_reads and target.capturing)
+    return target.w8a8_fits and target.capability >= _capability_needed(layout)
 
 
 def wq_matmul_fits(m: int, k: int, bits: int) -> bool:

@@ -1,7 +1,12 @@
 """Triton helpers shared by the quantized-linear kernels (``wq_matmul``, ``prompt_gemm``, ``gemv_h2``,
 ``mma_gemv``, ``dequant``) and the fused ops: code-word addressing and decoding, scales, the split-K
-epilogue and its workspace, the PTX byte-permute decoder of NF4 / FP4 tables, and the RoPE and
-online-softmax steps of the attention kernels (decode and extend).
+epilogue and its workspace, the PTX byte-permute decoder of NF4 / FP4 tables, the RoPE and
+online-softmax steps of the attention kernels (decode and extend), and correctly rounded math.
+
+Correctly rounded math: Triton's fp32 ``tl.exp`` and ``/`` are approximations (``ex2.approx``, ``div.full``)
+and it may fuse ``a * b + c`` into one FMA, so the SiLU gate and activation quantization call libdevice
+(``expf`` as torch's CUDA ops call it, ``rint``) and ``div_rn``: their results are torch's, bit for bit.
+Triton's interpreter computes with numpy, exactly, and has no libdevice.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import warnings
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+from triton.runtime.interpreter import InterpretedFunction
 
 from quantbench.engine.kernels.layouts import MODE_INT, MODE_TABLE, WQLayout
 from quantbench.engine.kernels.mma_ptx import table_planes
@@ -18,6 +25,33 @@ from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
 _INT = tl.constexpr(MODE_INT)
 _TABLE = tl.constexpr(MODE_TABLE)
+
+
+@triton.jit
+def _probe(x):
+    return x
+
+
+INTERPRETED = tl.constexpr(isinstance(_probe, InterpretedFunction))
+"""Whether Triton runs these kernels in its interpreter (``TRITON_INTERPRET=1``, decided by ``triton.jit``)."""
+
+
+@triton.jit
+def exp_f32(x):
+    """``expf`` of fp32 ``x``, as CUDA's math library (and torch's CUDA ops) compute it."""
+    if INTERPRETED:
+        return tl.exp(x)
+    else:
+        return libdevice.exp(x)
+
+
+@triton.jit
+def rint(x):
+    """Round fp32 ``x`` to the nearest integer, half to even (``torch.round``), as fp32."""
+    if INTERPRETED:
+        return (x + 12582912.0) - 12582912.0  # 1.5 * 2**23: exact in numpy, whose products are rounded
+    else:
+        return libdevice.rint(x)
 
 
 @triton.jit
@@ -56,8 +90,9 @@ def attend_block(q1r, q2r, kt1, kt2, vt, keep, m_i, l_i, acc, qk_scale):
 
 @triton.jit
 def silu_gate(g, up):
+    """``silu(g) * up`` rounded as torch rounds ``F.silu(g) * up`` in the 16-bit dtype of ``g``."""
     g32 = g.to(tl.float32)
-    s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)
+    s = tl.math.div_rn(g32, 1.0 + exp_f32(-g32)).to(g.dtype)
     return (s.to(tl.float32) * up.to(tl.float32)).to(g.dtype)
 
 

@@ -9,10 +9,10 @@ engine stores them (row-major, or tile-major for the tensor-core GEMV: a ``[16 r
 one contiguous KiB) and scales the sums in its epilogue, in the order of each method's reference:
 
 * LLM.int8: ``acc * (rf[m] * (absmax[n] / 127))``, plus the outlier columns' 16-bit product (the columns
-  where some ``|x|`` reaches the threshold: their activations and dequantized weight columns, ``torch.mm``)
-  and the bias, summed in fp32 and rounded once. Which columns are outliers is data: the host reads their
-  count, so these products run eagerly (evaluation batches), and a product whose outliers exceed
-  ``EngineOptions.w8a8_gemm_max_outliers`` of K goes to the slabs instead.
+  where some ``|x|`` reaches the threshold: their activations times the dequantized weight columns, rounded
+  to the output dtype as the reference's 16-bit matmul rounds it) and the bias, summed in fp32 and rounded
+  once. Which columns are outliers is data: a list and its count stay on the GPU and each program reads the
+  count, so nothing waits for the host and the products can be captured in CUDA graphs.
 * SmoothQuant: ``(acc * rf[m]) * wscale[n]`` plus the bias.
 * fp8: ``acc * (rf[m] * wscale[n])`` plus the bias (``fp8_matmul_reference``); e4m3 tensor cores need
   sm_89+.
@@ -20,15 +20,17 @@ one contiguous KiB) and scales the sums in its epilogue, in the order of each me
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from quantbench.engine.kernels.layouts import ACT_FP8, ACT_LLM_INT8, CODE_DTYPE_OF_ACT, WQLayout
+from quantbench.engine.kernels.triton_common import num_sms, silu_gate
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
-__all__ = ["code_columns", "col_scale", "w8a8_gemm", "w8a8_product"]
+__all__ = ["Outliers", "col_scale", "w8a8_gemm", "w8a8_product"]
 
 
 def weight_codes(layout: WQLayout) -> torch.Tensor:
@@ -36,18 +38,64 @@ def weight_codes(layout: WQLayout) -> torch.Tensor:
     return layout.w32.view(CODE_DTYPE_OF_ACT[layout.act_quant])
 
 
+@triton.jit
+def _code_offsets(rows, ks, K, stride_wn, TN: tl.constexpr, TKB: tl.constexpr):
+    """Byte offsets of the weight codes at (output ``rows`` [BN, 1], input columns ``ks`` [1, BK]): row-major
+    with ``stride_wn`` bytes per row (TN == 0) or tile-major ``[N / TN, K / TKB, TN, TKB]``."""
+    if TN == 0:
+        return rows * stride_wn + ks
+    return (rows // TN) * (K // TKB) * (TN * TKB) + (ks // TKB) * (TN * TKB) + (rows % TN) * TKB + ks % TKB
+
+
+@triton.jit(do_not_specialize=["M"])
+def _outlier_product_kernel(
+    xs_ptr, w_ptr, cs_ptr, cols_ptr, count_ptr, o_ptr, M, N, K, stride_xs, stride_wn, stride_om,
+    TN: tl.constexpr, TKB: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr,
+):  # fmt: skip
+    """LLM.int8's 16-bit product of its ``count`` outlier columns (listed at ``cols``) into ``o``, rounded to
+    the output dtype: the activations ``xs`` (``silu(gate) * up`` of ``[M, 2K]`` when ACT) times the weight
+    columns dequantized as ``codes * cs``. Programs stride over the output tiles; with no outlier column
+    each returns at once (``w8a8_gemm`` then leaves ``o`` unread)."""
+    n_out = tl.load(count_ptr)
+    if n_out > 0:
+        n_n = tl.cdiv(N, BN)
+        for tile in range(tl.program_id(0), tl.cdiv(M, BM) * n_n, tl.num_programs(0)):
+            offs_m = (tile // n_n) * BM + tl.arange(0, BM)
+            offs_n = (tile % n_n) * BN + tl.arange(0, BN)
+            mask_m = offs_m < M
+            mask_n = offs_n < N
+            rows = offs_n.to(tl.int64)[:, None]
+            xs_rows = offs_m.to(tl.int64)[:, None] * stride_xs
+            cs = tl.load(cs_ptr + offs_n, mask=mask_n, other=0.0)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for j0 in range(0, n_out, BO):
+                offs_j = j0 + tl.arange(0, BO)
+                jmask = offs_j < n_out
+                c = tl.load(cols_ptr + offs_j, mask=jmask, other=0)[None, :]
+                xmask = mask_m[:, None] & jmask[None, :]
+                xo = tl.load(xs_ptr + xs_rows + c, mask=xmask, other=0.0)
+                if ACT:
+                    xo = silu_gate(xo, tl.load(xs_ptr + xs_rows + K + c, mask=xmask, other=0.0))
+                wo = tl.load(w_ptr + _code_offsets(rows, c, K, stride_wn, TN, TKB),
+                             mask=mask_n[:, None] & jmask[None, :], other=0)  # fmt: skip
+                acc = tl.dot(xo, tl.trans((wo.to(tl.float32) * cs[:, None]).to(xo.dtype)), acc)
+            o_ptrs = o_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+            tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
 @triton.jit(do_not_specialize=["M"])
 def _w8a8_gemm_kernel(
-    x_ptr, w_ptr, rf_ptr, cs_ptr, e_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_wn, stride_em, stride_om,
-    TN: tl.constexpr, TKB: tl.constexpr, FP8: tl.constexpr, PAIR_FIRST: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    x_ptr, w_ptr, rf_ptr, cs_ptr, b_ptr, o_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    TN: tl.constexpr, TKB: tl.constexpr, FP8: tl.constexpr, PAIR_FIRST: tl.constexpr, OUTLIERS: tl.constexpr,
     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """``o = acc * factors (+ extra) (+ bias)`` for ``acc = x_codes [M, K] @ w_codes [N, K]^T``: int8 codes
+    """``o = acc * factors (+ outliers) (+ bias)`` for ``acc = x_codes [M, K] @ w_codes [N, K]^T``: int8 codes
     summed in int32, or (FP8) e4m3 codes summed in fp32.
 
-    Codes of w are bytes: row-major with ``stride_wn`` bytes per row (TN == 0) or tile-major
-    ``[N / TN, K / TKB, TN, TKB]``; BK is a multiple of TKB, so a K step moves every offset by the same
-    amount. Output tiles are visited GROUP_M token tiles at a time per weight tile (its codes stay in L2).
+    Codes of w are bytes (``_code_offsets``); BK is a multiple of TKB, so a K step moves every offset by
+    the same amount. Output tiles are visited GROUP_M token tiles at a time per weight tile (its codes stay
+    in L2). OUTLIERS (LLM.int8): when ``count`` is not 0, ``o`` holds the outlier columns' product
+    (``_outlier_product_kernel``), added here.
     """
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BM)
@@ -59,20 +107,12 @@ def _w8a8_gemm_kernel(
     pid_n = (pid % per_group) // group_m
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_k = tl.arange(0, BK)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    rows = offs_n.to(tl.int64)
+    rows = offs_n.to(tl.int64)[:, None]
+    offs_k = tl.arange(0, BK)
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-    if TN == 0:
-        w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
-    else:
-        w_ptrs = w_ptr + (
-            ((rows // TN) * (K // TKB))[:, None] * (TN * TKB)
-            + (offs_k // TKB)[None, :] * (TN * TKB)
-            + ((rows % TN) * TKB)[:, None]
-            + (offs_k % TKB)[None, :]
-        )
+    w_ptrs = w_ptr + _code_offsets(rows, offs_k[None, :], K, stride_wn, TN, TKB)
     W_STEP: tl.constexpr = BK * (TN + (TN == 0))  # a K step: BK bytes of a row, or BK / TKB whole tiles
     if FP8:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -95,26 +135,33 @@ def _w8a8_gemm_kernel(
     else:  # SmoothQuant: (acc * sx) * sw
         v = (acc.to(tl.float32) * rf[:, None]) * cs[None, :]
     omask = mask_m[:, None] & mask_n[None, :]
-    if HAS_EXTRA:
-        e = tl.load(e_ptr + offs_m.to(tl.int64)[:, None] * stride_em + offs_n[None, :], mask=omask, other=0.0)
-        v = v + e.to(tl.float32)
+    o_ptrs = o_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    if OUTLIERS:
+        if tl.load(count_ptr) > 0:
+            v = v + tl.load(o_ptrs, mask=omask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         v = v + tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    o_ptrs = o_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(o_ptrs, v.to(o_ptr.dtype.element_ty), mask=omask)
 
 
-def _row_scales(layout: WQLayout) -> torch.Tensor:
-    """The layer's one stored scale per output row, fp32 (LLM.int8: the row's absmax)."""
-    return layout.scales.reshape(layout.out_features, -1)[:, 0].float()
-
-
 def col_scale(layout: WQLayout) -> torch.Tensor:
-    """Per-output-row fp32 factors as the reference computes them (LLM.int8: ``absmax / 127``)."""
-    scales = _row_scales(layout)
+    """Per-output-row fp32 factors as the reference computes them (LLM.int8: ``absmax / 127``) from the
+    layer's one stored scale per row."""
+    scales = layout.scales.reshape(layout.out_features, -1)[:, 0].float()
     if layout.act_quant == ACT_LLM_INT8:
         return scales / 127.0
     return scales * layout.scale_mul
+
+
+class Outliers(NamedTuple):
+    """LLM.int8's outlier columns of one product, on the GPU: the 16-bit input ``x`` (``[M, 2K]`` gate/up
+    when ``act_silu_mul``), the listed columns ``cols`` (int32 ``[K]``) and how many are listed (``count``,
+    int32 ``[1]``)."""
+
+    x: torch.Tensor
+    cols: torch.Tensor
+    count: torch.Tensor
+    act_silu_mul: bool
 
 
 def w8a8_gemm(
@@ -122,14 +169,14 @@ def w8a8_gemm(
     rf: torch.Tensor,
     layout: WQLayout,
     cs: torch.Tensor,
-    extra: torch.Tensor | None = None,
+    outliers: Outliers | None = None,
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     options: EngineOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """``codes [M, K]`` (int8, or e4m3 for fp8) times the layout's codes of the same kind, scaled per token
-    (``rf``) and per output row (``cs``: ``col_scale(layout)``), plus ``extra [M, N]`` (LLM.int8's outlier
-    product) and the bias, rounded once to ``out_dtype``."""
+    (``rf``) and per output row (``cs``: ``col_scale(layout)``), plus LLM.int8's 16-bit product of the
+    ``outliers`` columns and the bias, rounded once to ``out_dtype``."""
     m, k = codes.shape
     n = layout.out_features
     if out is None:
@@ -139,28 +186,21 @@ def w8a8_gemm(
     if codes.dtype != w8.dtype:
         raise ValueError(f"{codes.dtype} activation codes cannot multiply {w8.dtype} weight codes")
     stride_wn = 0 if layout.tile_n else w8.stride(0)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _w8a8_gemm_kernel[grid](
-        codes, w8, rf, cs, extra if extra is not None else out, layout.bias if layout.bias is not None else out,
-        out, m, n, k, codes.stride(0), stride_wn, extra.stride(0) if extra is not None else 0, out.stride(0),
-        TN=layout.tile_n, TKB=4 * layout.tile_kv, FP8=layout.act_quant == ACT_FP8,
-        PAIR_FIRST=layout.act_quant in (ACT_LLM_INT8, ACT_FP8),
-        HAS_EXTRA=extra is not None, HAS_BIAS=layout.bias is not None, BM=bm, BN=bn, BK=bk, GROUP_M=group_m,
+    tn, tkb = layout.tile_n, 4 * layout.tile_kv
+    if outliers is not None:
+        xs = outliers.x
+        _outlier_product_kernel[(min(num_sms(codes.device) * 4, triton.cdiv(m, 64) * triton.cdiv(n, 64)),)](
+            xs, w8, cs, outliers.cols, outliers.count, out, m, n, k, xs.stride(0), stride_wn, out.stride(0),
+            TN=tn, TKB=tkb, ACT=outliers.act_silu_mul, BM=64, BN=64, BO=32, num_warps=4,
+        )  # fmt: skip
+    _w8a8_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
+        codes, w8, rf, cs, layout.bias if layout.bias is not None else out, out,
+        outliers.count if outliers is not None else rf, m, n, k, codes.stride(0), stride_wn, out.stride(0),
+        TN=tn, TKB=tkb, FP8=layout.act_quant == ACT_FP8, PAIR_FIRST=layout.act_quant in (ACT_LLM_INT8, ACT_FP8),
+        OUTLIERS=outliers is not None, HAS_BIAS=layout.bias is not None, BM=bm, BN=bn, BK=bk, GROUP_M=group_m,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
-
-
-def code_columns(layout: WQLayout, cols: torch.Tensor) -> torch.Tensor:
-    """The int8 codes of input columns ``cols`` of every output row, ``[N, len(cols)]``, from row-major or
-    tile-major storage (``[N / TN, K / TKB, TN, TKB]``, as ``QuantLinear.row_major`` reads it)."""
-    w8 = weight_codes(layout)
-    if not layout.tile_n:
-        return w8[:, cols]
-    tn, tkb = layout.tile_n, 4 * layout.tile_kv
-    tiles = w8.view(layout.out_features // tn, layout.in_features // tkb, tn, tkb)
-    picked = tiles[:, cols // tkb, :, cols % tkb]  # [len(cols), N / TN, TN]
-    return picked.permute(1, 2, 0).reshape(layout.out_features, cols.numel())
 
 
 def w8a8_product(
@@ -169,26 +209,16 @@ def w8a8_product(
     act_silu_mul: bool = False,
     out: torch.Tensor | None = None,
     options: EngineOptions = DEFAULT_OPTIONS,
-) -> torch.Tensor | None:
-    """The layer's product of ``x [M, K]`` (``[M, 2K]`` gate/up when ``act_silu_mul``) through 8-bit codes,
-    or None when LLM.int8's outlier columns exceed ``options.w8a8_gemm_max_outliers`` of K (the caller
-    then runs the slabs; nothing is quantized yet). Reads the outlier count on the host."""
-    from quantbench.engine.kernels.fused import act_codes, outlier_maxima
-    from quantbench.quant.llm_int8 import dequantize_int8_rows
+) -> torch.Tensor:
+    """The layer's product of ``x [M, K]`` (``[M, 2K]`` gate/up when ``act_silu_mul``) through 8-bit codes:
+    the activations quantized (``fused.act_codes``; LLM.int8 with a threshold: its outlier columns listed
+    first, ``fused.outlier_list``), then ``w8a8_gemm``."""
+    from quantbench.engine.kernels.fused import act_codes, outlier_list, outlier_maxima
 
-    k = layout.in_features
     colmax = outlier_maxima(x, layout, act_silu_mul, options)
-    cols = None if colmax is None else torch.nonzero(colmax >= layout.threshold).flatten()
-    if cols is not None and cols.numel() > options.w8a8_gemm_max_outliers * k:
-        return None
     codes, rf = act_codes(x, layout, colmax, act_silu_mul, options)
-    cs = col_scale(layout)
-    extra = None
-    if cols is not None and cols.numel():
-        if act_silu_mul:  # silu(gate) * up of the outlier columns, rounded as HF rounds it
-            x_out = F.silu(x[:, cols]) * x[:, k + cols]
-        else:
-            x_out = x[:, cols]
-        w_cols = dequantize_int8_rows(code_columns(layout, cols), _row_scales(layout), x.dtype)
-        extra = torch.mm(x_out, w_cols.t())
-    return w8a8_gemm(codes, rf, layout, cs, extra=extra, out=out, out_dtype=x.dtype, options=options)
+    outliers = None
+    if colmax is not None:
+        cols, count = outlier_list(colmax, layout.threshold)
+        outliers = Outliers(x, cols, count, act_silu_mul)
+    return w8a8_gemm(codes, rf, layout, col_scale(layout), outliers, out=out, out_dtype=x.dtype, options=options)
