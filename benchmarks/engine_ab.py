@@ -47,9 +47,9 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
   instead of one whole-row program per token (``act_rows_min_m``);
 * ``postscale``: slab products of the exact codes, the per-row scales and W8A8 per-token factors applied
   in one more pass over the output (``slab_fold_scales`` off);
-* ``w8a8slabs``: LLM.int8, SmoothQuant and fp8 products of ``act_rows_min_m`` tokens and more on
-  dequantized slabs + cuBLAS instead of 8-bit tensor cores (``kernels/w8a8_gemm.py``; ``w8a8_gemm`` empty);
-  ``llmslabs``: LLM.int8's alone on the slabs;
+* ``w8a8slabs``: SmoothQuant, fp8 and LLM.int8-without-outliers products of ``act_rows_min_m`` tokens
+  and more on dequantized slabs + cuBLAS instead of 8-bit tensor cores (``kernels/w8a8_gemm.py``;
+  ``w8a8_gemm`` empty);
 * ``refext``: extend forwards' attention (evaluation) by the reference ops (torch RoPE, the past gathered and
   concatenated, SDPA under a mask) instead of the Triton extend-attention kernel;
 * ``nomma``: batches 1-16 through the half2 GEMV / ``wq_matmul`` instead of the tensor-core GEMV (the
@@ -109,7 +109,6 @@ VARIANTS: dict[str, dict] = {
     "actpasses": {"act_rows_min_m": 0},
     "postscale": {"slab_fold_scales": False},
     "w8a8slabs": {"w8a8_gemm": frozenset()},
-    "llmslabs": {"w8a8_gemm": frozenset(ACT_QUANT_NAMES) - {"llm.int8"}},
     "noxcarry": {"mma_x_carry": frozenset()},
     "xcarry": {"mma_x_carry": frozenset(DECODER_NAMES)},
     "lut0": {"mma_lut_copies": 0},

@@ -6,8 +6,8 @@ an sm_89+ one).
         --tiles "128,128,128,8,8,3;128,256,128,8,8,3" --json sweep.json
 
 Shapes: one layer of Qwen2.5-7B (q/k/v fused 3584 -> 4608, o 3584 -> 3584, gate/up fused 3584 -> 37888,
-down 18944 -> 3584), codes tile-major as the engine stores them, activations normal (LLM.int8: with
-``--outliers N``, N columns of each input reach the threshold in one token; default none). Each product is launched eagerly, as evaluation launches it, activation
+down 18944 -> 3584), codes tile-major as the engine stores them, activations normal. LLM.int8 without
+outlier decomposition (threshold 0): with its threshold the engine runs its products on the slabs. Each product is launched eagerly, as evaluation launches it, activation
 quantization included; the time is the median of ``--repeats`` CUDA-event timings of the layer's four
 products. Every configuration's output is checked against the slab path's (relative error).
 """
@@ -28,7 +28,7 @@ from quantbench.engine.kernels.layouts import layout_for, tiling_for
 from quantbench.quant import METHODS, parse_spec
 
 SHAPES = {"qkv": (3584, 4608), "o": (3584, 3584), "gate_up": (3584, 37888), "down": (18944, 3584)}
-SPECS = {"llm.int8": "llm.int8:compute=bf16", "smoothquant": "smoothquant", "fp8": "fp8"}
+SPECS = {"llm.int8": "llm.int8:compute=bf16,threshold=0", "smoothquant": "smoothquant", "fp8": "fp8"}
 
 
 def layer(spec: str) -> dict[str, torch.nn.Module]:
@@ -74,7 +74,6 @@ def main() -> None:
     ap.add_argument("--m", default="512,1024,2752,4096", help="tokens per product (comma list)")
     ap.add_argument("--tiles", default="128,128,128,8,8,3;128,256,128,8,8,3;256,128,128,8,8,3;128,128,64,8,4,4",
                     help="';'-separated EngineOptions.w8a8_gemm_tiles")  # fmt: skip
-    ap.add_argument("--outliers", type=int, default=0, help="LLM.int8 outlier columns per input")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -88,8 +87,6 @@ def main() -> None:
                 name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 for name, (k, _) in SHAPES.items()
             }
-            for x in xs.values():
-                x[0, torch.randperm(x.shape[1], device="cuda")[: args.outliers]] = 9.5
             dense = {
                 name: torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
                 for name, (k, n) in SHAPES.items()

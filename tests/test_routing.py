@@ -120,13 +120,14 @@ def test_w8a8_activation_quantization() -> None:
 
 
 def test_w8a8_products_on_8bit_tensor_cores() -> None:
-    """``w8a8_gemm`` (by default every W8A8 method) takes LLM.int8, SmoothQuant and fp8 products of
-    ``act_rows_min_m`` tokens and more past the fused prompt GEMM; fp8 only on sm_89+ (e4m3 tensor cores);
-    the methods it leaves out, and weight-only formats, run the slabs."""
+    """``w8a8_gemm`` (by default every W8A8 method) takes SmoothQuant, fp8 and LLM.int8-without-outliers
+    products of ``act_rows_min_m`` tokens and more past the fused prompt GEMM; fp8 only on sm_89+ (e4m3
+    tensor cores); LLM.int8 with its threshold, the methods the option leaves out and weight-only formats
+    run the slabs."""
     on = DEFAULT
     off = EngineOptions(w8a8_gemm=frozenset())
-    llm, sq = _layout("llm.int8:compute=bf16", k=512), _layout("smoothquant", k=512)
-    fp8 = _layout("fp8", k=512)
+    llm = _layout("llm.int8:compute=bf16,threshold=0", k=512)
+    sq, fp8 = _layout("smoothquant", k=512), _layout("fp8", k=512)
     for layout in (llm, sq, fp8):
         assert _kernels(layout, [512, 4096], options=off) == [Kernel.SLABS] * 2
         assert _kernels(layout, [256, 511, 512, 4096], options=on) == [
@@ -145,15 +146,15 @@ def test_w8a8_products_on_8bit_tensor_cores() -> None:
     assert [_kernels(layout, [1024], options=only_fp8)[0] for layout in (llm, sq, fp8)] == [
         Kernel.SLABS, Kernel.SLABS, Kernel.W8A8_GEMM
     ]  # fmt: skip
-    no_outliers = _layout("llm.int8:compute=bf16,threshold=0", k=512)
-    assert _kernels(no_outliers, [1024], options=on) == [Kernel.W8A8_GEMM]
+    outliers = _layout("llm.int8:compute=bf16", k=512)
+    assert outliers.threshold == 6.0 and _kernels(outliers, [512, 4096], options=on) == [Kernel.SLABS] * 2
     # the measured fact: only 8-bit codes with per-row scales and activations of the same kind, K whole steps
     from quantbench.engine.kernels.routing import w8a8_gemm_fits
 
     assert w8a8_gemm_fits(llm, on) and w8a8_gemm_fits(sq, on) and w8a8_gemm_fits(fp8, on)
     assert not any(w8a8_gemm_fits(_layout(spec, k=512), on) for spec in ("int8", "int4:group=128"))
-    assert not w8a8_gemm_fits(_layout("smoothquant", k=352), on)  # K not a multiple of the 64-column step
-    tiled = _layout("llm.int8:compute=bf16", k=512, tile=(16, 16))
+    assert not w8a8_gemm_fits(_layout("smoothquant", k=320), on)  # K not a multiple of the 128-column step
+    tiled = _layout("llm.int8:compute=bf16,threshold=0", k=512, tile=(16, 16))
     assert tiled.tile_n == 16 and w8a8_gemm_fits(tiled, on)
 
 

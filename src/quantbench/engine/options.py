@@ -120,9 +120,10 @@ class EngineOptions:
     w8a8_gemm: frozenset[str] = frozenset(ACT_QUANT_NAMES)
     """W8A8 methods (of ``ACT_QUANT_NAMES``) whose products of more than ``prompt_gemm_max_m`` tokens (and at
     least ``act_rows_min_m``) multiply 8-bit activation codes by the 8-bit weight codes, as the methods
-    define them (LLM.int8 and SmoothQuant: int8 with int32 sums; fp8: e4m3 with fp32 sums, sm_89+), instead
-    of dequantized slabs + cuBLAS: half the operand bytes at twice the 16-bit rate."""
-    w8a8_gemm_tiles: tuple[int, int, int, int, int, int] = (128, 128, 64, 8, 4, 4)
+    define them (SmoothQuant, and LLM.int8 without outlier decomposition: int8 with int32 sums; fp8: e4m3
+    with fp32 sums, sm_89+), instead of dequantized slabs + cuBLAS. LLM.int8 with a threshold always runs
+    the slabs (``routing.w8a8_gemm_fits``)."""
+    w8a8_gemm_tiles: tuple[int, int, int, int, int, int] = (128, 128, 128, 8, 8, 3)
     """Tokens, outputs and K per step of a program, token tiles per weight tile's group, warps, stages."""
 
     # ---- launches ----

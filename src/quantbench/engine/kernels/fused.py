@@ -446,7 +446,7 @@ def token_scales(amax, KIND: tl.constexpr):
     """Per-token ``(q_scale, rf)`` from the (non-outlier) absmax: activations quantize with q_scale
     (``quantize_act``) and the product is multiplied by rf afterwards."""
     if KIND == 1:  # LLM.int8: x * (127 / absmax); a token with no non-outlier mass keeps factor 1
-        q_scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax * 0.0 + 127.0, amax))
+        q_scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax * 0.0 + 127.0, tl.where(amax == 0.0, 1.0, amax)))
         rf = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, 127.0))
     elif KIND == 2:  # fp8: x / (absmax / 448)
         rf = tl.math.div_rn(amax, 448.0)
@@ -481,7 +481,7 @@ def _act_quant_row_kernel(
     values from a single round of loads. LLM.int8's outlier columns are the row's own (one token) or, with
     HAS_COLMAX, those whose column maximum over every token (``colmax``, float bits) reaches the threshold.
     FOLD: the stored values are multiplied by the factor ``rf`` (see ``act_quant``). CODES: the codes are
-    stored (int8, or e4m3 for fp8), LLM.int8's outlier columns as 0 (``act_codes``)."""
+    stored (int8, or e4m3 for fp8; ``act_codes``)."""
     wait_prior(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BK)
@@ -501,10 +501,7 @@ def _act_quant_row_kernel(
     q_scale, rf = token_scales(tl.max(ax, axis=0), KIND)
     tl.store(rf_ptr + row, rf)
     q = quantize_act(xf, outlier, q_scale, KIND)
-    if CODES:
-        if KIND == 1:
-            q = tl.where(outlier, 0.0, q)
-    elif FOLD:
+    if FOLD and not CODES:
         q = q * rf
     tl.store(xe_ptr + row * stride_xe + cols, q.to(xe_ptr.dtype.element_ty), mask=mask)
 
@@ -728,61 +725,23 @@ def act_quant(
     return xe, rf
 
 
-def outlier_maxima(
-    x: torch.Tensor, layout: WQLayout, act_silu_mul: bool = False, options: EngineOptions = DEFAULT_OPTIONS
-) -> torch.Tensor | None:
-    """LLM.int8 with a threshold: the column maxima of |x| over every token of ``layout``'s input (``[M, 2K]``
-    gate/up when ``act_silu_mul``), ``[K]`` fp32; the outlier columns are those reaching the threshold.
-    None for other layouts."""
-    if layout.act_quant != ACT_LLM_INT8 or _threshold(layout.threshold) == float("inf"):
-        return None
-    colmax = _merged_colmax(x, layout.in_features, act_silu_mul, options, _act_pdl(x, options))
-    return colmax.view(torch.float32)
-
-
-@triton.jit
-def _outlier_list_kernel(colmax_ptr, cols_ptr, count_ptr, K, threshold, BC: tl.constexpr):
-    """The input columns whose maximum |x| reaches the threshold, in order, and how many there are."""
-    n = tl.full((), 0, tl.int32)
-    for c0 in range(0, K, BC):
-        offs = c0 + tl.arange(0, BC)
-        hit = (tl.load(colmax_ptr + offs, mask=offs < K, other=0.0) >= threshold).to(tl.int32)
-        tl.store(cols_ptr + n + tl.cumsum(hit, 0) - 1, offs, mask=hit != 0)
-        n += tl.sum(hit, 0)
-    tl.store(count_ptr, n)
-
-
-def outlier_list(colmax: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """LLM.int8's outlier columns from ``outlier_maxima``'s column maxima, without reading them on the host:
-    the columns reaching ``threshold`` in order (int32 ``[K]``, the first ``count`` valid) and ``count``
-    (int32 ``[1]``)."""
-    k = colmax.numel()
-    cols = torch.empty((k,), device=colmax.device, dtype=torch.int32)
-    count = torch.empty((1,), device=colmax.device, dtype=torch.int32)
-    _outlier_list_kernel[(1,)](colmax, cols, count, k, _threshold(threshold), BC=2048, num_warps=8)
-    return cols, count
-
-
 def act_codes(
     x: torch.Tensor,
     layout: WQLayout,
-    colmax: torch.Tensor | None,
     act_silu_mul: bool = False,
     options: EngineOptions = DEFAULT_OPTIONS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Activation codes ``[M, K]`` of ``layout``'s input (``[M, 2K]`` gate/up when ``act_silu_mul``) for an
-    8-bit x 8-bit product, and the per-token factors ``[M]`` fp32: int8 codes for LLM.int8 and SmoothQuant,
-    float8_e4m3fn for fp8. LLM.int8 with a threshold takes ``colmax`` from ``outlier_maxima``: the outlier
-    columns' codes are 0. The same arithmetic as ``act_quant`` (one whole-row program per token, K up to
-    ``ROW_TILE_MAX``)."""
+    8-bit x 8-bit product, and the per-token factors ``[M]`` fp32: int8 codes for LLM.int8 without outlier
+    decomposition and SmoothQuant, float8_e4m3fn for fp8. The same arithmetic as ``act_quant`` (one
+    whole-row program per token, K up to ``ROW_TILE_MAX``)."""
     kind, k = layout.act_quant, layout.in_features
     if kind not in CODE_DTYPE_OF_ACT:
         raise ValueError(f"act_codes quantizes LLM.int8, SmoothQuant or fp8 activations, not kind {kind}")
     if triton.next_power_of_2(k) > ROW_TILE_MAX:
         raise ValueError(f"act_codes holds a whole row in one program: K = {k} is over {ROW_TILE_MAX}")
     thr = _threshold(layout.threshold)
-    if (colmax is None) != (kind != ACT_LLM_INT8 or thr == float("inf")):
-        raise ValueError("act_codes takes the column maxima of LLM.int8 with a threshold, and only those")
+    if kind == ACT_LLM_INT8 and thr != float("inf"):
+        raise ValueError("act_codes quantizes LLM.int8 activations without outlier decomposition only")
     codes = torch.empty((x.shape[0], k), device=x.device, dtype=CODE_DTYPE_OF_ACT[kind])
-    bits = None if colmax is None else colmax.view(torch.int32)
-    return codes, _quantize_rows(x, codes, kind, thr, act_silu_mul, k, bits, _act_pdl(x, options))
+    return codes, _quantize_rows(x, codes, kind, thr, act_silu_mul, k, None, _act_pdl(x, options))

@@ -12,9 +12,9 @@ product                        M           when                                 
 quantized layer                >= 64       GPU, ``prompt_kernel`` "prompt_gemm", M <= ``prompt_gemm_    prompt_gemm
                                            max_m``, the kernel has a launch config for the shape; NF4 /
                                            FP4 only with the PTX table decoder (``table_prmt``)
-W8A8 layer (LLM.int8,          > ``prompt  GPU, method in ``w8a8_gemm`` (default: all three), at least     w8a8_gemm
-SmoothQuant, fp8)              _gemm_max_  ``act_rows_min_m`` tokens, ``w8a8_gemm_fits``; fp8 on sm_89+
-                               m``
+W8A8 layer (SmoothQuant, fp8,  > ``prompt  GPU, method in ``w8a8_gemm`` (default: all three), at least     w8a8_gemm
+LLM.int8 without outlier       _gemm_max_  ``act_rows_min_m`` tokens, ``w8a8_gemm_fits``; fp8 on sm_89+
+decomposition)                 m``
 quantized layer                >= 64       GPU, ``prompt_kernel`` not "wq_matmul", K whole words        slabs (dequant)
 W8A8 layer (fp8 by default)    1           method in ``mma_quantizes``, the tensor-core GEMV takes it   mma_gemv (it
                                                                                                        quantizes x)
@@ -278,6 +278,8 @@ def w8a8_gemm_takes(m: int, layout: WQLayout, target: Target, options: EngineOpt
         return False
     if layout.act_quant not in {ACT_BY_NAME[name] for name in options.w8a8_gemm}:
         return False
+    if layout.act_quant == ACT_LLM_INT8 and layout.threshold > 0:
+        return False  # the outlier columns are data: their 16-bit product runs on the slabs
     return target.w8a8_fits and target.capability >= _capability_needed(layout)
 
 

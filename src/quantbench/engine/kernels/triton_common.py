@@ -3,10 +3,10 @@
 epilogue and its workspace, the PTX byte-permute decoder of NF4 / FP4 tables, the RoPE and
 online-softmax steps of the attention kernels (decode and extend), and correctly rounded math.
 
-Correctly rounded math: Triton's fp32 ``tl.exp`` and ``/`` are approximations (``ex2.approx``, ``div.full``)
-and it may fuse ``a * b + c`` into one FMA, so the SiLU gate and activation quantization call libdevice
-(``expf`` as torch's CUDA ops call it, ``rint``) and ``div_rn``: their results are torch's, bit for bit.
-Triton's interpreter computes with numpy, exactly, and has no libdevice.
+Correctly rounded math: Triton's fp32 ``/`` is an approximation (``div.full``) and it may fuse ``a * b + c``
+into one FMA, so activation quantization divides with ``div_rn`` and rounds with libdevice's ``rint``: its
+codes and factors are the reference's, bit for bit, for the same input. Triton's interpreter computes with
+numpy, exactly, and has no libdevice.
 """
 
 from __future__ import annotations
@@ -34,15 +34,6 @@ def _probe(x):
 
 INTERPRETED = tl.constexpr(isinstance(_probe, InterpretedFunction))
 """Whether Triton runs these kernels in its interpreter (``TRITON_INTERPRET=1``, decided by ``triton.jit``)."""
-
-
-@triton.jit
-def exp_f32(x):
-    """``expf`` of fp32 ``x``, as CUDA's math library (and torch's CUDA ops) compute it."""
-    if INTERPRETED:
-        return tl.exp(x)
-    else:
-        return libdevice.exp(x)
 
 
 @triton.jit
@@ -90,9 +81,11 @@ def attend_block(q1r, q2r, kt1, kt2, vt, keep, m_i, l_i, acc, qk_scale):
 
 @triton.jit
 def silu_gate(g, up):
-    """``silu(g) * up`` rounded as torch rounds ``F.silu(g) * up`` in the 16-bit dtype of ``g``."""
+    """``silu(g) * up`` rounded to the 16-bit dtype of ``g`` after each step, as torch rounds
+    ``F.silu(g) * up``; the sigmoid's exp and division are Triton's fast ones (within a few fp32 units in the
+    last place of the exact value: whole-row kernels keep their registers)."""
     g32 = g.to(tl.float32)
-    s = tl.math.div_rn(g32, 1.0 + exp_f32(-g32)).to(g.dtype)
+    s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)
     return (s.to(tl.float32) * up.to(tl.float32)).to(g.dtype)
 
 

@@ -8,11 +8,9 @@ sums: ``quant.llm_int8.llm_int8_matmul``, ``SmoothQuantLinear.forward``; e4m3 x 
 engine stores them (row-major, or tile-major for the tensor-core GEMV: a ``[16 rows, 64 bytes]`` tile is
 one contiguous KiB) and scales the sums in its epilogue, in the order of each method's reference:
 
-* LLM.int8: ``acc * (rf[m] * (absmax[n] / 127))``, plus the outlier columns' 16-bit product (the columns
-  where some ``|x|`` reaches the threshold: their activations times the dequantized weight columns, rounded
-  to the output dtype as the reference's 16-bit matmul rounds it) and the bias, summed in fp32 and rounded
-  once. Which columns are outliers is data: a list and its count stay on the GPU and each program reads the
-  count, so nothing waits for the host and the products can be captured in CUDA graphs.
+* LLM.int8 without outlier decomposition (threshold 0): ``acc * (rf[m] * (absmax[n] / 127))`` plus the
+  bias. With a threshold its products stay on the slabs: which columns are outliers is data, and their
+  16-bit product, gathered column by column on the GPU, cost far more than the 8-bit product saves.
 * SmoothQuant: ``(acc * rf[m]) * wscale[n]`` plus the bias.
 * fp8: ``acc * (rf[m] * wscale[n])`` plus the bias (``fp8_matmul_reference``); e4m3 tensor cores need
   sm_89+.
@@ -20,17 +18,14 @@ one contiguous KiB) and scales the sums in its epilogue, in the order of each me
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
 from quantbench.engine.kernels.layouts import ACT_FP8, ACT_LLM_INT8, CODE_DTYPE_OF_ACT, WQLayout
-from quantbench.engine.kernels.triton_common import num_sms, silu_gate
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
-__all__ = ["Outliers", "col_scale", "w8a8_gemm", "w8a8_product"]
+__all__ = ["col_scale", "w8a8_gemm", "w8a8_product"]
 
 
 def weight_codes(layout: WQLayout) -> torch.Tensor:
@@ -48,54 +43,17 @@ def _code_offsets(rows, ks, K, stride_wn, TN: tl.constexpr, TKB: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _outlier_product_kernel(
-    xs_ptr, w_ptr, cs_ptr, cols_ptr, count_ptr, o_ptr, M, N, K, stride_xs, stride_wn, stride_om,
-    TN: tl.constexpr, TKB: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr,
-):  # fmt: skip
-    """LLM.int8's 16-bit product of its ``count`` outlier columns (listed at ``cols``) into ``o``, rounded to
-    the output dtype: the activations ``xs`` (``silu(gate) * up`` of ``[M, 2K]`` when ACT) times the weight
-    columns dequantized as ``codes * cs``. Programs stride over the output tiles; with no outlier column
-    each returns at once (``w8a8_gemm`` then leaves ``o`` unread)."""
-    n_out = tl.load(count_ptr)
-    if n_out > 0:
-        n_n = tl.cdiv(N, BN)
-        for tile in range(tl.program_id(0), tl.cdiv(M, BM) * n_n, tl.num_programs(0)):
-            offs_m = (tile // n_n) * BM + tl.arange(0, BM)
-            offs_n = (tile % n_n) * BN + tl.arange(0, BN)
-            mask_m = offs_m < M
-            mask_n = offs_n < N
-            rows = offs_n.to(tl.int64)[:, None]
-            xs_rows = offs_m.to(tl.int64)[:, None] * stride_xs
-            cs = tl.load(cs_ptr + offs_n, mask=mask_n, other=0.0)
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for j0 in range(0, n_out, BO):
-                offs_j = j0 + tl.arange(0, BO)
-                jmask = offs_j < n_out
-                c = tl.load(cols_ptr + offs_j, mask=jmask, other=0)[None, :]
-                xmask = mask_m[:, None] & jmask[None, :]
-                xo = tl.load(xs_ptr + xs_rows + c, mask=xmask, other=0.0)
-                if ACT:
-                    xo = silu_gate(xo, tl.load(xs_ptr + xs_rows + K + c, mask=xmask, other=0.0))
-                wo = tl.load(w_ptr + _code_offsets(rows, c, K, stride_wn, TN, TKB),
-                             mask=mask_n[:, None] & jmask[None, :], other=0)  # fmt: skip
-                acc = tl.dot(xo, tl.trans((wo.to(tl.float32) * cs[:, None]).to(xo.dtype)), acc)
-            o_ptrs = o_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-            tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit(do_not_specialize=["M"])
 def _w8a8_gemm_kernel(
-    x_ptr, w_ptr, rf_ptr, cs_ptr, b_ptr, o_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    TN: tl.constexpr, TKB: tl.constexpr, FP8: tl.constexpr, PAIR_FIRST: tl.constexpr, OUTLIERS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    x_ptr, w_ptr, rf_ptr, cs_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_wn, stride_om, TN: tl.constexpr,
+    TKB: tl.constexpr, FP8: tl.constexpr, PAIR_FIRST: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """``o = acc * factors (+ outliers) (+ bias)`` for ``acc = x_codes [M, K] @ w_codes [N, K]^T``: int8 codes
+    """``o = acc * factors (+ bias)`` for ``acc = x_codes [M, K] @ w_codes [N, K]^T``: int8 codes
     summed in int32, or (FP8) e4m3 codes summed in fp32.
 
     Codes of w are bytes (``_code_offsets``); BK is a multiple of TKB, so a K step moves every offset by
     the same amount. Output tiles are visited GROUP_M token tiles at a time per weight tile (its codes stay
-    in L2). OUTLIERS (LLM.int8): when ``count`` is not 0, ``o`` holds the outlier columns' product
-    (``_outlier_product_kernel``), added here.
+    in L2).
     """
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BM)
@@ -134,14 +92,10 @@ def _w8a8_gemm_kernel(
         v = acc.to(tl.float32) * (rf[:, None] * cs[None, :])
     else:  # SmoothQuant: (acc * sx) * sw
         v = (acc.to(tl.float32) * rf[:, None]) * cs[None, :]
-    omask = mask_m[:, None] & mask_n[None, :]
-    o_ptrs = o_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    if OUTLIERS:
-        if tl.load(count_ptr) > 0:
-            v = v + tl.load(o_ptrs, mask=omask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         v = v + tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(o_ptrs, v.to(o_ptr.dtype.element_ty), mask=omask)
+    o_ptrs = o_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(o_ptrs, v.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def col_scale(layout: WQLayout) -> torch.Tensor:
@@ -153,30 +107,18 @@ def col_scale(layout: WQLayout) -> torch.Tensor:
     return scales * layout.scale_mul
 
 
-class Outliers(NamedTuple):
-    """LLM.int8's outlier columns of one product, on the GPU: the 16-bit input ``x`` (``[M, 2K]`` gate/up
-    when ``act_silu_mul``), the listed columns ``cols`` (int32 ``[K]``) and how many are listed (``count``,
-    int32 ``[1]``)."""
-
-    x: torch.Tensor
-    cols: torch.Tensor
-    count: torch.Tensor
-    act_silu_mul: bool
-
-
 def w8a8_gemm(
     codes: torch.Tensor,
     rf: torch.Tensor,
     layout: WQLayout,
     cs: torch.Tensor,
-    outliers: Outliers | None = None,
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     options: EngineOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """``codes [M, K]`` (int8, or e4m3 for fp8) times the layout's codes of the same kind, scaled per token
-    (``rf``) and per output row (``cs``: ``col_scale(layout)``), plus LLM.int8's 16-bit product of the
-    ``outliers`` columns and the bias, rounded once to ``out_dtype``."""
+    (``rf``) and per output row (``cs``: ``col_scale(layout)``), plus the bias, rounded once to
+    ``out_dtype``."""
     m, k = codes.shape
     n = layout.out_features
     if out is None:
@@ -186,19 +128,11 @@ def w8a8_gemm(
     if codes.dtype != w8.dtype:
         raise ValueError(f"{codes.dtype} activation codes cannot multiply {w8.dtype} weight codes")
     stride_wn = 0 if layout.tile_n else w8.stride(0)
-    tn, tkb = layout.tile_n, 4 * layout.tile_kv
-    if outliers is not None:
-        xs = outliers.x
-        _outlier_product_kernel[(min(num_sms(codes.device) * 4, triton.cdiv(m, 64) * triton.cdiv(n, 64)),)](
-            xs, w8, cs, outliers.cols, outliers.count, out, m, n, k, xs.stride(0), stride_wn, out.stride(0),
-            TN=tn, TKB=tkb, ACT=outliers.act_silu_mul, BM=64, BN=64, BO=32, num_warps=4,
-        )  # fmt: skip
     _w8a8_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
-        codes, w8, rf, cs, layout.bias if layout.bias is not None else out, out,
-        outliers.count if outliers is not None else rf, m, n, k, codes.stride(0), stride_wn, out.stride(0),
-        TN=tn, TKB=tkb, FP8=layout.act_quant == ACT_FP8, PAIR_FIRST=layout.act_quant in (ACT_LLM_INT8, ACT_FP8),
-        OUTLIERS=outliers is not None, HAS_BIAS=layout.bias is not None, BM=bm, BN=bn, BK=bk, GROUP_M=group_m,
-        num_warps=warps, num_stages=stages,
+        codes, w8, rf, cs, layout.bias if layout.bias is not None else out, out, m, n, k, codes.stride(0),
+        stride_wn, out.stride(0), TN=layout.tile_n, TKB=4 * layout.tile_kv, FP8=layout.act_quant == ACT_FP8,
+        PAIR_FIRST=layout.act_quant in (ACT_LLM_INT8, ACT_FP8), HAS_BIAS=layout.bias is not None, BM=bm, BN=bn,
+        BK=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 
@@ -211,14 +145,10 @@ def w8a8_product(
     options: EngineOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """The layer's product of ``x [M, K]`` (``[M, 2K]`` gate/up when ``act_silu_mul``) through 8-bit codes:
-    the activations quantized (``fused.act_codes``; LLM.int8 with a threshold: its outlier columns listed
-    first, ``fused.outlier_list``), then ``w8a8_gemm``."""
-    from quantbench.engine.kernels.fused import act_codes, outlier_list, outlier_maxima
+    the activations quantized (``fused.act_codes``), then ``w8a8_gemm``."""
+    from quantbench.engine.kernels.fused import act_codes
 
-    colmax = outlier_maxima(x, layout, act_silu_mul, options)
-    codes, rf = act_codes(x, layout, colmax, act_silu_mul, options)
-    outliers = None
-    if colmax is not None:
-        cols, count = outlier_list(colmax, layout.threshold)
-        outliers = Outliers(x, cols, count, act_silu_mul)
-    return w8a8_gemm(codes, rf, layout, col_scale(layout), outliers, out=out, out_dtype=x.dtype, options=options)
+    if layout.act_quant == ACT_LLM_INT8 and layout.threshold > 0:
+        raise ValueError("LLM.int8 with outlier decomposition multiplies on the slabs, not in w8a8_product")
+    codes, rf = act_codes(x, layout, act_silu_mul, options)
+    return w8a8_gemm(codes, rf, layout, col_scale(layout), out=out, out_dtype=x.dtype, options=options)
