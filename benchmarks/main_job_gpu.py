@@ -313,7 +313,7 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
 
-    def save() -> None:  # after every method, so a run stopped part-way keeps the rows it finished
+    def save() -> None:  # after every evaluation, so a run stopped part-way keeps what it finished
         if args.json:
             payload = {"model": args.model, "device": device, "device_name": device_name, "args": vars(args),
                        "rows": rows}  # fmt: skip
@@ -351,6 +351,7 @@ def main() -> None:
                 else:
                     row.setdefault("variants", {})[variant] = result
                 print(f"{name}: {result['scoring']} {_times(result)}, peak {result['peak_gib']:.2f} GiB")
+                save()  # a run stopped during the next variant keeps this one
             if "hf" in row:
                 row["hf_agreement"] = _agreement(row["hf"], row["engine"])
                 print(
