@@ -446,7 +446,8 @@ def token_scales(amax, KIND: tl.constexpr):
     """Per-token ``(q_scale, rf)`` from the (non-outlier) absmax: activations quantize with q_scale
     (``quantize_act``) and the product is multiplied by rf afterwards."""
     if KIND == 1:  # LLM.int8: x * (127 / absmax); a token with no non-outlier mass keeps factor 1
-        q_scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax * 0.0 + 127.0, tl.where(amax == 0.0, 1.0, amax)))
+        nonzero = tl.where(amax == 0.0, 1.0, amax)
+        q_scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(nonzero * 0.0 + 127.0, nonzero))
         rf = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, 127.0))
     elif KIND == 2:  # fp8: x / (absmax / 448)
         rf = tl.math.div_rn(amax, 448.0)

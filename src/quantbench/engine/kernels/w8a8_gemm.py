@@ -145,10 +145,9 @@ def w8a8_product(
     options: EngineOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """The layer's product of ``x [M, K]`` (``[M, 2K]`` gate/up when ``act_silu_mul``) through 8-bit codes:
-    the activations quantized (``fused.act_codes``), then ``w8a8_gemm``."""
+    the activations quantized (``fused.act_codes``, which refuses LLM.int8 with outlier decomposition),
+    then ``w8a8_gemm``."""
     from quantbench.engine.kernels.fused import act_codes
 
-    if layout.act_quant == ACT_LLM_INT8 and layout.threshold > 0:
-        raise ValueError("LLM.int8 with outlier decomposition multiplies on the slabs, not in w8a8_product")
     codes, rf = act_codes(x, layout, act_silu_mul, options)
     return w8a8_gemm(codes, rf, layout, col_scale(layout), out=out, out_dtype=x.dtype, options=options)
