@@ -47,6 +47,9 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
   instead of one whole-row program per token (``act_rows_min_m``);
 * ``postscale``: slab products of the exact codes, the per-row scales and W8A8 per-token factors applied
   in one more pass over the output (``slab_fold_scales`` off);
+* ``silusplit``: prompt-sized W8A8 products of the down projection (LLM.int8 with outliers: slabs) after a
+  separate SiLU-gate pass instead of quantizing ``silu(gate) * up`` as they read the gate/up output
+  (``act_silu_gate`` off);
 * ``w8a8slabs``: SmoothQuant, fp8 and LLM.int8-without-outliers products of ``act_rows_min_m`` tokens
   and more on dequantized slabs + cuBLAS instead of 8-bit tensor cores (``kernels/w8a8_gemm.py``;
   ``w8a8_gemm`` empty);
@@ -108,6 +111,7 @@ VARIANTS: dict[str, dict] = {
     "actpdl": {"act_prompt_pdl": True},
     "actpasses": {"act_rows_min_m": 0},
     "postscale": {"slab_fold_scales": False},
+    "silusplit": {"act_silu_gate": False},
     "w8a8slabs": {"w8a8_gemm": frozenset()},
     "noxcarry": {"mma_x_carry": frozenset()},
     "xcarry": {"mma_x_carry": frozenset(DECODER_NAMES)},
