@@ -50,6 +50,8 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``silusplit``: prompt-sized W8A8 products of the down projection (LLM.int8 with outliers: slabs) after a
   separate SiLU-gate pass instead of quantizing ``silu(gate) * up`` as they read the gate/up output
   (``act_silu_gate`` off);
+* ``fp8fastacc``: fp8 products on 8-bit tensor cores summed in the tensor cores' own accumulator
+  throughout, not added into fp32 after every MMA instruction (``w8a8_fp8_promote_k`` 0);
 * ``w8a8slabs``: SmoothQuant, fp8 and LLM.int8-without-outliers products of ``act_rows_min_m`` tokens
   and more on dequantized slabs + cuBLAS instead of 8-bit tensor cores (``kernels/w8a8_gemm.py``;
   ``w8a8_gemm`` empty);
@@ -112,6 +114,7 @@ VARIANTS: dict[str, dict] = {
     "actpasses": {"act_rows_min_m": 0},
     "postscale": {"slab_fold_scales": False},
     "silusplit": {"act_silu_gate": False},
+    "fp8fastacc": {"w8a8_fp8_promote_k": 0},
     "w8a8slabs": {"w8a8_gemm": frozenset()},
     "noxcarry": {"mma_x_carry": frozenset()},
     "xcarry": {"mma_x_carry": frozenset(DECODER_NAMES)},

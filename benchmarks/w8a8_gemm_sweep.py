@@ -74,10 +74,13 @@ def main() -> None:
     ap.add_argument("--m", default="512,1024,2752,4096", help="tokens per product (comma list)")
     ap.add_argument("--tiles", default="128,128,128,8,8,3;128,256,128,8,8,3;256,128,128,8,8,3;128,128,64,8,4,4",
                     help="';'-separated EngineOptions.w8a8_gemm_tiles")  # fmt: skip
+    ap.add_argument("--promote", default="32,0",
+                    help="fp8: EngineOptions.w8a8_fp8_promote_k values to time (comma list; capped at the K step)")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles.split(";") if t]
+    promotes = [int(v) for v in args.promote.split(",")]
     rows = []
     for method in args.methods.split(","):
         mods = layer(SPECS[method])
@@ -95,8 +98,10 @@ def main() -> None:
             slabs = EngineOptions(w8a8_gemm=frozenset())
             base = products(layouts, xs, dense, slabs)
             for label, options in [("bf16 cuBLAS", None), ("slabs", slabs)] + [
-                (f"8-bit {t}", EngineOptions(w8a8_gemm_tiles=t)) for t in tiles
-            ]:
+                (f"8-bit {t}" + (f" promote {p}" if method == "fp8" else ""),
+                 EngineOptions(w8a8_gemm_tiles=t, w8a8_fp8_promote_k=min(p, t[2])))
+                for t in tiles for p in (promotes if method == "fp8" else promotes[:1])
+            ]:  # fmt: skip
                 row = {"method": method, "m": m, "path": label}
                 try:
                     out = products(layouts, xs, dense, options)

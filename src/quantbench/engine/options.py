@@ -125,6 +125,11 @@ class EngineOptions:
     the slabs (``routing.w8a8_gemm_fits``)."""
     w8a8_gemm_tiles: tuple[int, int, int, int, int, int] = (128, 128, 128, 8, 8, 3)
     """Tokens, outputs and K per step of a program, token tiles per weight tile's group, warps, stages."""
+    w8a8_fp8_promote_k: int = 32
+    """fp8 products: columns that Hopper's fp8 tensor cores sum in their own accumulator, narrower than
+    fp32, before the sum is added into the fp32 accumulator (Triton's ``max_num_imprecise_acc``; 32:
+    after every MMA instruction, the fp32 sum the method defines). 0: the tensor cores' accumulation
+    throughout (faster, less exact)."""
 
     # ---- launches ----
     pdl: bool = True
@@ -189,6 +194,11 @@ class EngineOptions:
                     f"{name}: unknown {', '.join(sorted(unknown))} (known: {', '.join(allowed)})"
                 )
             object.__setattr__(self, name, frozenset(getattr(self, name)))
+        promote, bk = self.w8a8_fp8_promote_k, self.w8a8_gemm_tiles[2]
+        if promote < 0 or promote % 32 or promote > bk:
+            raise EngineOptionsError(
+                f"w8a8_fp8_promote_k takes 0 or a multiple of 32 up to the K step ({bk}), not {promote}"
+            )
         if self.mma_lut_copies < 0 or self.mma_lut_copies % 4:
             raise EngineOptionsError(f"mma_lut_copies takes 0 or a multiple of 4, not {self.mma_lut_copies}")
         for name in ("attn_block", "attn_warps", "mma_table_warps"):

@@ -149,8 +149,8 @@ def act_quant_torch(
         outlier = (ax >= threshold).any(dim=0) if threshold > 0 else torch.zeros_like(ax[0], dtype=torch.bool)
         amax = ax.masked_fill(outlier, 0.0).amax(dim=1)
         zero = amax == 0
-        # tensor / tensor: torch's CPU scalar / tensor multiplies by a reciprocal (not correctly rounded)
-        inv = torch.where(zero, torch.ones_like(amax), torch.full_like(amax, 127.0) / amax)
+        # ``quantize_int8_rows``' factor: torch's ``127 / t`` is ``t.reciprocal() * 127``
+        inv = torch.where(zero, torch.ones_like(amax), 127.0 / amax)
         rf = torch.where(zero, torch.ones_like(amax), amax / 127.0)
         scaled = xf * inv[:, None]
         q = torch.where(outlier, scaled, torch.round(scaled).clamp(-127, 127))

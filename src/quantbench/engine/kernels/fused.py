@@ -447,7 +447,8 @@ def token_scales(amax, KIND: tl.constexpr):
     (``quantize_act``) and the product is multiplied by rf afterwards."""
     if KIND == 1:  # LLM.int8: x * (127 / absmax); a token with no non-outlier mass keeps factor 1
         nonzero = tl.where(amax == 0.0, 1.0, amax)
-        q_scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(nonzero * 0.0 + 127.0, nonzero))
+        # torch's ``127 / t`` is ``t.reciprocal() * 127`` (two roundings): the reference's arithmetic
+        q_scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(nonzero * 0.0 + 1.0, nonzero) * 127.0)
         rf = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, 127.0))
     elif KIND == 2:  # fp8: x / (absmax / 448)
         rf = tl.math.div_rn(amax, 448.0)

@@ -265,7 +265,7 @@ def _mma_gemv_kernel(
             rfv = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-8)
             inv = tl.math.div_rn(1.0, rfv)
         else:  # LLM.int8: x * (127 / amax), factor amax / 127 (1 and 1 for an all-zero row)
-            inv = tl.where(amax == 0.0, 1.0, tl.math.div_rn(127.0, amax))
+            inv = tl.where(amax == 0.0, 1.0, tl.math.div_rn(1.0, amax) * 127.0)  # torch's 127 / t
             rfv = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, 127.0))
 
     zg = tl.full((32 * NW,), 0, tl.int32)
