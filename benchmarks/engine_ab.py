@@ -47,9 +47,6 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
   instead of one whole-row program per token (``act_rows_min_m``);
 * ``postscale``: slab products of the exact codes, the per-row scales and W8A8 per-token factors applied
   in one more pass over the output (``slab_fold_scales`` off);
-* ``silusplit``: prompt-sized W8A8 products of the down projection (LLM.int8 with outliers: slabs) after a
-  separate SiLU-gate pass instead of quantizing ``silu(gate) * up`` as they read the gate/up output
-  (``act_silu_gate`` off);
 * ``fp8fastacc``: fp8 products on 8-bit tensor cores summed in the tensor cores' own accumulator
   throughout, not added into fp32 after every MMA instruction (``w8a8_fp8_promote_k`` 0);
 * ``w8a8slabs``: SmoothQuant, fp8 and LLM.int8-without-outliers products of ``act_rows_min_m`` tokens
@@ -113,7 +110,6 @@ VARIANTS: dict[str, dict] = {
     "actpdl": {"act_prompt_pdl": True},
     "actpasses": {"act_rows_min_m": 0},
     "postscale": {"slab_fold_scales": False},
-    "silusplit": {"act_silu_gate": False},
     "fp8fastacc": {"w8a8_fp8_promote_k": 0},
     "w8a8slabs": {"w8a8_gemm": frozenset()},
     "noxcarry": {"mma_x_carry": frozenset()},

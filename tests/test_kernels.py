@@ -671,42 +671,6 @@ def test_dense_prefill_interpreter(spec: str, dtype: torch.dtype, eager_elems: i
 
 
 @interp
-@pytest.mark.parametrize("spec", ["llm.int8:threshold=6.0", "smoothquant", "fp8"])
-@pytest.mark.parametrize("kernel", ["slabs", "prompt_gemm"])
-@pytest.mark.parametrize("rows", [False, True])
-def test_prompt_silu_gate_in_act_quant_interpreter(
-    spec: str, kernel: str, rows: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A prompt-sized W8A8 down projection quantizes ``silu(gate) * up`` as it reads the gate/up output
-    (``act_silu_gate``): the same output, bit for bit, as a separate SiLU-gate pass first, and the module's
-    CPU forward on the gated activations within the W8A8 tolerance. Statistics and apply programs, or
-    (``rows``) one whole-row program per token after merged column maxima."""
-    from quantbench.engine.kernels import Kernel, run_kernel
-    from quantbench.engine.kernels.fused import silu_mul
-    from quantbench.engine.kernels.layouts import layout_for
-    from quantbench.engine.kernels.routing import ActQuant, Route
-
-    torch.manual_seed(len(spec))
-    k, n, m = 256, 48, 80
-    module = _module(spec, n, k, True, "cpu", torch.float16)  # fp16 compute
-    layout = layout_for(module)
-    gate_up = _x(m, 2 * k, "cpu", torch.float16, outliers=True) * 2
-    route = Route(Kernel(kernel), ActQuant.LAUNCH)
-    base = {"act_rows_min_m": 65 if rows else 0, "act_tiles_outlier": (64, 32, 32, 1024)}
-    from quantbench.engine.kernels import fused as fused_ops
-
-    gate_passes = []
-    monkeypatch.setattr(fused_ops, "silu_mul", lambda x, **kw: gate_passes.append(1) or silu_mul(x, **kw))
-    fused = run_kernel(route, layout, gate_up, act_silu_mul=True, options=EngineOptions(**base))
-    assert not gate_passes  # the default quantizes the gated activations as it reads gate/up
-    split = run_kernel(route, layout, gate_up, True, options=EngineOptions(**base, act_silu_gate=False))
-    assert gate_passes and torch.equal(fused, split)
-    with torch.no_grad():
-        ref = module(silu_mul(gate_up))
-    assert _rel(fused, ref) < 2e-2
-
-
-@interp
 @pytest.mark.parametrize("spec", PROMPT_SPECS)
 @pytest.mark.parametrize("tiled", [False, True])
 def test_prompt_gemm_interpreter(spec: str, tiled: bool) -> None:

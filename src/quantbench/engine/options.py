@@ -166,10 +166,6 @@ class EngineOptions:
     """From this many tokens (0: never): one program per token holding its whole row (LLM.int8: after one
     pass of column maxima merged over every token) instead of the statistics and apply programs, one read
     of the activations fewer. Measured faster at 1024 and 4096 tokens; fewer keep the tuned programs."""
-    act_silu_gate: bool = True
-    """Prompt-sized W8A8 products of a gate/up output (the MLP's down projection) quantize ``silu(gate) * up``
-    as they read it, rounded as the separate SiLU-gate kernel rounds it (the same activations); off: the
-    SiLU-gate kernel writes the gated activations first and the quantization reads them."""
 
     # ---- generation (``Engine``) ----
     greedy_pick: bool = True

@@ -78,8 +78,7 @@ def run_kernel(
         return w8a8_product(x, layout, act_silu_mul, out, options)
     if kernel in (Kernel.PROMPT_GEMM, Kernel.SLABS):  # prompt sizes: SiLU-gate and quantize x first
         rf = None
-        gate_in_quant = act is ActQuant.LAUNCH and options.act_silu_gate
-        if act_silu_mul and not gate_in_quant:
+        if act_silu_mul:
             from quantbench.engine.kernels.fused import silu_mul
 
             x = silu_mul(x, options=options)
@@ -87,9 +86,7 @@ def run_kernel(
             from quantbench.engine.kernels.fused import act_quant
 
             fold = kernel is Kernel.SLABS and options.slab_fold_scales
-            x, rf = act_quant(
-                x, layout.act_quant, layout.threshold, act_silu_mul and gate_in_quant, k, options, fold=fold
-            )
+            x, rf = act_quant(x, layout.act_quant, layout.threshold, False, k, options, fold=fold)
             rf = None if fold else rf
         if kernel is Kernel.PROMPT_GEMM:
             from quantbench.engine.kernels.prompt_gemm import prompt_gemm
