@@ -9,7 +9,10 @@ Shapes: one layer of Qwen2.5-7B (q/k/v fused 3584 -> 4608, o 3584 -> 3584, gate/
 down 18944 -> 3584), codes tile-major as the engine stores them, activations normal. LLM.int8 without
 outlier decomposition (threshold 0): with its threshold the engine runs its products on the slabs. Each
 product is launched eagerly, as evaluation launches it, activation quantization included; the time is the
-median of ``--repeats`` CUDA-event timings of the layer's four products. Every configuration's output is checked against the slab path's (relative error).
+median of ``--repeats`` CUDA-event timings of the layer's four products. Every configuration's output is
+checked against the slab path's (relative error). fp8 runs each tile configuration once per ``--promote``
+value (``EngineOptions.w8a8_fp8_promote_k``: partial sums added into fp32 every 32 columns, or 0: the tensor
+cores' own accumulation throughout).
 """
 
 from __future__ import annotations
