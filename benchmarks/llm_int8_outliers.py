@@ -25,6 +25,15 @@ from typing import Any
 
 import torch
 
+# projections that read the same input (the engine fuses them into one product)
+SHARED_INPUT = {
+    "q_proj": "q/k/v",
+    "k_proj": "q/k/v",
+    "v_proj": "q/k/v",
+    "gate_proj": "gate/up",
+    "up_proj": "gate/up",
+}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,6 +50,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import quantbench
+    from main_job_gpu import load_tokenizer
     from quantbench.eval.engine_lm import scoring_lm
     from quantbench.eval.harness import evaluate
     from quantbench.eval.tasks import get_task
@@ -52,13 +62,7 @@ def main() -> None:
         model_spec, f"llm.int8:threshold={args.threshold}", device=args.device, dtype=args.dtype,
         need_tokenizer=args.tokenizer is None,
     )  # fmt: skip
-    tokenizer = loaded.tokenizer
-    if args.tokenizer:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(args.tokenizer, model_spec) if args.tokenizer else loaded.tokenizer
     records: list[dict[str, Any]] = []
 
     def hook(name: str):
@@ -84,14 +88,7 @@ def main() -> None:
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for rec in records:
         leaf = rec["layer"].rsplit(".", 1)[-1]
-        group = {
-            "q_proj": "q/k/v",
-            "k_proj": "q/k/v",
-            "v_proj": "q/k/v",
-            "gate_proj": "gate/up",
-            "up_proj": "gate/up",
-        }
-        groups[group.get(leaf, re.sub(r"_proj$", "", leaf))].append(rec)
+        groups[SHARED_INPUT.get(leaf, re.sub(r"_proj$", "", leaf))].append(rec)
     print(
         f"{model_spec} llm.int8 threshold {args.threshold} on {args.device}: {result.questions} questions of "
         f"{args.task}, {lm.calls} forwards, {len(records)} products in {seconds:.1f}s"

@@ -232,6 +232,7 @@ def test_options_reject_values_the_engine_cannot_run() -> None:
         {"act_tiles_prompt": (256, 16, 16)},
         {"w8a8_gemm_tiles": (128, 128, 96, 8, 8, 3)},
         {"w8a8_gemm_tiles": (8, 128, 128, 8, 8, 3)},
+        {"w8a8_gemm_tiles": (128,)},  # the one-line option error, before anything reads its K step
         {"w8a8_gemm": frozenset({"int8"})},
         {"w8a8_gemm": True},
         {"w8a8_fp8_promote_k": 48},  # not a whole number of fp8 MMA instructions (32 columns each)

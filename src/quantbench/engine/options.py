@@ -122,7 +122,7 @@ class EngineOptions:
     least ``act_rows_min_m``) multiply 8-bit activation codes by the 8-bit weight codes, as the methods
     define them (SmoothQuant, and LLM.int8 without outlier decomposition: int8 with int32 sums; fp8: e4m3
     with fp32 sums, sm_89+), instead of dequantized slabs + cuBLAS. LLM.int8 with a threshold always runs
-    the slabs (``routing.w8a8_gemm_fits``)."""
+    the slabs (``routing.w8a8_gemm_takes``)."""
     w8a8_gemm_tiles: tuple[int, int, int, int, int, int] = (128, 128, 128, 8, 8, 3)
     """Tokens, outputs and K per step of a program, token tiles per weight tile's group, warps, stages."""
     w8a8_fp8_promote_k: int = 32
@@ -190,11 +190,6 @@ class EngineOptions:
                     f"{name}: unknown {', '.join(sorted(unknown))} (known: {', '.join(allowed)})"
                 )
             object.__setattr__(self, name, frozenset(getattr(self, name)))
-        promote, bk = self.w8a8_fp8_promote_k, self.w8a8_gemm_tiles[2]
-        if promote < 0 or promote % 32 or promote > bk:
-            raise EngineOptionsError(
-                f"w8a8_fp8_promote_k takes 0 or a multiple of 32 up to the K step ({bk}), not {promote}"
-            )
         if self.mma_lut_copies < 0 or self.mma_lut_copies % 4:
             raise EngineOptionsError(f"mma_lut_copies takes 0 or a multiple of 4, not {self.mma_lut_copies}")
         for name in ("attn_block", "attn_warps", "mma_table_warps"):
@@ -221,6 +216,11 @@ class EngineOptions:
                 f"at least 16, K per step a multiple of 32), not {tiles}"
             )
         object.__setattr__(self, "w8a8_gemm_tiles", tiles)
+        promote, bk = self.w8a8_fp8_promote_k, tiles[2]
+        if promote < 0 or promote % 32 or promote > bk:
+            raise EngineOptionsError(
+                f"w8a8_fp8_promote_k takes 0 or a multiple of 32 up to the K step ({bk}), not {promote}"
+            )
         if self.mma_depth_4bit not in (1, 2):
             raise EngineOptionsError(f"mma_depth_4bit takes 1 or 2, not {self.mma_depth_4bit}")
         positive = ("prompt_gemm_max_m", "plain_max_m", "slab_elems", "attn_split_min")
