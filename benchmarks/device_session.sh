@@ -44,7 +44,7 @@ if has w8a8; then  # W8A8 products of evaluation-sized batches: 8-bit tensor cor
 fi
 if has profile; then  # top kernels of a prompt pass and of a decode step, per method
   timeout ${T_PROFILE:-300} python3 benchmarks/decode_profile.py --methods "${PROF_METHODS:-int4:group=128;nf4:block=64;int8;fp8;llm.int8:compute=bf16}" \
-    --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.txt" | tail -${PROF_TAIL:-150}
+    ${PROF_ARGS:-} --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.txt" | tail -${PROF_TAIL:-150}
 fi
 if has ncu; then  # hardware counters of the four GEMVs of one layer, in their real sequence (eager decode)
   for m in ${NCU_METHODS:-int4:group=128}; do

@@ -45,6 +45,8 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
 * ``l2eager``: eagerly launched prompt-sized products (evaluation) on L2 slabs instead of the whole weight;
 * ``actpasses``: W8A8 activation quantization of long prompts by the statistics and apply programs
   instead of one whole-row program per token (``act_rows_min_m``);
+* ``colmaxpass``: LLM.int8 prompts find their outlier columns by a column-maxima pass over each product's
+  input instead of RMSNorm / SiLU-gate recording them as they write it (``act_producer_colmax`` off);
 * ``postscale``: slab products of the exact codes, the per-row scales and W8A8 per-token factors applied
   in one more pass over the output (``slab_fold_scales`` off);
 * ``fp8fastacc``: fp8 products on 8-bit tensor cores summed in the tensor cores' own accumulator
@@ -109,6 +111,7 @@ VARIANTS: dict[str, dict] = {
     "colmax": {"act_tiles_outlier": (256, 16, 16, 1024)},
     "actpdl": {"act_prompt_pdl": True},
     "actpasses": {"act_rows_min_m": 0},
+    "colmaxpass": {"act_producer_colmax": False},
     "postscale": {"slab_fold_scales": False},
     "fp8fastacc": {"w8a8_fp8_promote_k": 0},
     "w8a8slabs": {"w8a8_gemm": frozenset()},

@@ -476,6 +476,49 @@ def test_pdl_launch_changes_no_output_cuda(spec: str) -> None:
 
 
 @pytest.mark.cuda
+def test_llm_int8_outlier_columns_recorded_by_producers_cuda(monkeypatch) -> None:
+    """LLM.int8 prompts of ``act_rows_min_m`` tokens and more: RMSNorm (q/k/v, gate/up) and the SiLU-gate
+    (down) record the outlier columns as they write a product's input, so only the o projection's input
+    takes the column-maxima pass; prefill logits and extend's hidden states are bit-identical to the
+    column-maxima pass everywhere (``act_producer_colmax`` off), with outlier columns present."""
+    import quantbench
+    from quantbench.engine import EngineModel
+    from quantbench.engine.kernels import fused
+
+    model = quantbench.random_model(
+        "mistral-7b", dtype="bf16", device="cuda", num_hidden_layers=2, vocab_size=1024
+    )
+    quantbench.quantize(model, "llm.int8:threshold=3.5,compute=bf16")
+    b, t = 2, 300  # 600 tokens: whole-row activation programs (act_rows_min_m 512)
+    ids = torch.randint(0, 1024, (b, t), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    start = torch.zeros((b,), dtype=torch.int32, device="cuda")
+    positions = torch.arange(t, device="cuda").expand(b, t).contiguous()
+    scored = torch.tensor([[t - 3, t - 1]] * b, device="cuda")
+    passes, outlier_cols = [], []
+    merged = fused._merged_colmax
+
+    def counting(x, *args):
+        colmax = merged(x, *args)
+        passes.append(x.shape[1])
+        outlier_cols.append(int((colmax.view(torch.float32) >= 3.5).sum()))
+        return colmax
+
+    monkeypatch.setattr(fused, "_merged_colmax", counting)
+    outs = {}
+    for on in (True, False):
+        passes.clear()
+        em = EngineModel(model, use_kernels=True, options=EngineOptions(act_producer_colmax=on))
+        em.allocate_cache(b, t)
+        logits = em.prefill(ids, start, False)
+        hidden, _ = em.extend(ids, positions, scored=scored)
+        outs[on] = (logits, hidden)
+        per_layer = [4096] if on else [4096, 4096, 4096, 14336]  # o only / q/k/v, o, gate/up, down
+        assert passes == per_layer * 4, (on, passes)  # 2 layers x (prefill, extend)
+    assert any(0 < n < 4096 for n in outlier_cols), outlier_cols
+    assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1])
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("spec", ["int4:group=128", "int8"])
 def test_prompt_slabs_on_two_streams_cuda(spec: str) -> None:
     """Prompt-sized products dequantize the next slab on a side stream while cuBLAS multiplies this one:
@@ -775,6 +818,39 @@ def test_act_quant_kernel_matches_torch_interpreter(kind: int, m: int, act: bool
     for fold, (xe, rf) in got.items():
         xe_ref, rf_ref = act_quant_torch(x, kind, 6.0, False, k, fold=fold)
         assert torch.equal(xe, xe_ref) and torch.allclose(rf, rf_ref, rtol=1e-6, atol=0), fold
+
+
+@interp
+@pytest.mark.parametrize("producer", ["silu_mul", "add_rmsnorm"])
+def test_producers_record_outlier_columns_interpreter(producer: str) -> None:
+    """RMSNorm and the SiLU-gate, given an ``OutlierColumns``, record exactly the columns where any token
+    of what they write reaches the threshold (each column's largest such |x|, others 0), and activation
+    quantization from that record equals its torch twin (and the column-maxima pass) bit for bit."""
+    from quantbench.engine import EngineOptions
+    from quantbench.engine.kernels import act_quant_torch
+    from quantbench.engine.kernels.fused import OutlierColumns, act_quant, add_rmsnorm, silu_mul
+
+    torch.manual_seed(7)
+    m, k = 150, 300
+    thr = 6.0 if producer == "silu_mul" else 2.5  # a few columns over it, besides the two scaled ones
+    rec = OutlierColumns(torch.zeros((k,), dtype=torch.int32), thr)
+    if producer == "silu_mul":
+        x = silu_mul(_x(m, 2 * k, "cpu", torch.float16, outliers=True), outliers=rec)
+    else:
+        h = _x(m, k, "cpu", torch.float16, outliers=True)
+        weight = (torch.rand(k) + 0.5).to(torch.float16)
+        x = add_rmsnorm(h, None, weight, 1e-6, torch.empty_like(h), outliers=rec)
+    ax = x.float().abs()
+    col = torch.where(ax >= thr, ax, torch.zeros_like(ax)).amax(0)
+    assert 0 < int((col > 0).sum()) < k
+    assert torch.equal(rec.colmax.view(torch.float32), col)
+    options = EngineOptions(act_rows_min_m=65)
+    for fold in (False, True):
+        xe, rf = act_quant(x, 1, thr, False, k, options, fold=fold, outliers=rec)
+        xe_pass, rf_pass = act_quant(x, 1, thr, False, k, options, fold=fold)
+        xe_ref, rf_ref = act_quant_torch(x, 1, thr, False, k, fold=fold)
+        assert torch.equal(xe, xe_ref) and torch.equal(xe, xe_pass) and torch.equal(rf, rf_pass)
+        assert torch.allclose(rf, rf_ref, rtol=1e-6, atol=0)
 
 
 @interp

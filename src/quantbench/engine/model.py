@@ -99,10 +99,22 @@ class LinearOp:
                 total += t.numel() * t.element_size()
         return total
 
-    def __call__(self, x, act_silu_mul: bool = False, partials: bool = False):
+    def outlier_columns(self, m: int):
+        """For a kernel writing this product's input of ``m`` tokens: where it is one LLM.int8 layer whose
+        activation quantization would pass over that input for its outlier columns, a buffer to record them
+        in as the input is written (``fused.outlier_columns``); else None."""
+        layout = self.layouts[0] if len(self.layouts) == 1 else None
+        if layout is None or not layout.w32.is_cuda:
+            return None
+        from quantbench.engine.kernels.fused import outlier_columns
+
+        return outlier_columns(m, layout, layout.w32.device, self.options)
+
+    def __call__(self, x, act_silu_mul: bool = False, partials: bool = False, outliers=None):
         """The product of ``x`` (a tensor, or the previous product's split-K partials); ``partials``: the
         result may be left as split-K partials too (one module, a tensor-core GEMV: ``kernels/partials.py``),
-        for a consumer that takes them."""
+        for a consumer that takes them; ``outliers``: x's LLM.int8 outlier columns (``outlier_columns``),
+        recorded as x was written."""
         if not isinstance(x, torch.Tensor):  # Partials: SiLU-gate them, or sum them, before any other path
             from quantbench.engine.kernels.fused import silu_mul
 
@@ -120,16 +132,16 @@ class LinearOp:
             act_silu_mul = False
         partials = partials and len(self.modules) == 1
         outs = [
-            self._one(m, lay, plain, x, act_silu_mul, partials)
+            self._one(m, lay, plain, x, act_silu_mul, partials, outliers)
             for m, lay, plain in zip(self.modules, self.layouts, self.plain, strict=True)
         ]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
-    def _one(self, module: nn.Module, layout, plain, x: torch.Tensor, act: bool, partials: bool):
+    def _one(self, module: nn.Module, layout, plain, x: torch.Tensor, act: bool, partials: bool, outliers=None):
         if layout is not None:
             from quantbench.engine.kernels import linear
 
-            return linear(layout, x, act_silu_mul=act, partials=partials, options=self.options)
+            return linear(layout, x, act_silu_mul=act, partials=partials, options=self.options, outliers=outliers)
         if isinstance(module, QuantLinear):
             return module(x)
         if plain is not None:  # act is False here: a plain part means the caller applied SiLU-gate already
@@ -423,6 +435,16 @@ class EngineModel:
         return total
 
     # ---- forward ----
+    def _norm_into(self, h: torch.Tensor, residual, weight: torch.Tensor, x: torch.Tensor, consumer: LinearOp):
+        """``h += residual; x = rmsnorm(h) * weight`` for the product ``consumer``, recording x's LLM.int8
+        outlier columns where that product quantizes them (``LinearOp.outlier_columns``); returns those."""
+        outliers = consumer.outlier_columns(h.shape[0])
+        if outliers is None:
+            self.ops.add_rmsnorm(h, residual, weight, self.eps, x)
+        else:
+            self.ops.add_rmsnorm(h, residual, weight, self.eps, x, outliers=outliers)
+        return outliers
+
     def prefill(
         self,
         ids: torch.Tensor,
@@ -442,8 +464,7 @@ class EngineModel:
         q = torch.empty((b, self.n_heads, t, self.head_dim), device=self.device, dtype=self.dtype)
         pending = None
         for i, layer in enumerate(self.layers):
-            ops.add_rmsnorm(h, pending, layer.ln1, self.eps, x)
-            qkv = layer.qkv(x)
+            qkv = layer.qkv(x, outliers=self._norm_into(h, pending, layer.ln1, x, layer.qkv))
             kc, vc = k_all[i], v_all[i]
             ops.rope_cache_prefill(
                 qkv, q, kc, vc, self.cos, self.sin, start, self.n_heads, self.n_kv, self.head_dim
@@ -453,8 +474,8 @@ class EngineModel:
             )
             attn = attn.transpose(1, 2).reshape(b * t, self.n_heads * self.head_dim)
             o = layer.o(attn)
-            ops.add_rmsnorm(h, o, layer.ln2, self.eps, x)
-            pending = layer.down(layer.gate_up(x), act_silu_mul=True)
+            gate_up = layer.gate_up(x, outliers=self._norm_into(h, o, layer.ln2, x, layer.gate_up))
+            pending = layer.down(gate_up, act_silu_mul=True)
         last_h = h.view(b, t, self.hidden)[:, -1]
         last_p = pending.view(b, t, self.hidden)[:, -1]
         x_last = torch.empty((b, self.hidden), device=self.device, dtype=self.dtype)
@@ -534,11 +555,11 @@ class EngineModel:
         values: list[torch.Tensor] = []
         pending = None
         for i, layer in enumerate(self.layers):
-            ops.add_rmsnorm(h, pending, layer.ln1, self.eps, x)
+            qkv = layer.qkv(x, outliers=self._norm_into(h, pending, layer.ln1, x, layer.qkv))
             pk, pv, pvalid = (None, None, None) if past is None else (past.k[i], past.v[i], past.valid)
             # with a past, keep_kv keeps each row's past followed by these tokens (generation)
             attn, k, v = ops.extend_attention(
-                layer.qkv(x), positions, self.cos, self.sin, pk, pv, pvalid, index, mask,
+                qkv, positions, self.cos, self.sin, pk, pv, pvalid, index, mask,
                 self.n_heads, self.n_kv, self.head_dim, self.sm_scale, with_past=keep_kv,
             )  # fmt: skip
             if keep_kv and past is None:  # own storage: the fused product (queries too) is not kept alive
@@ -547,8 +568,8 @@ class EngineModel:
                 keys.append(k)
                 values.append(v)
             o = layer.o(attn)
-            ops.add_rmsnorm(h, o, layer.ln2, self.eps, x)
-            pending = layer.down(layer.gate_up(x), act_silu_mul=True)
+            gate_up = layer.gate_up(x, outliers=self._norm_into(h, o, layer.ln2, x, layer.gate_up))
+            pending = layer.down(gate_up, act_silu_mul=True)
         kv = None
         if keep_kv:
             own = torch.ones((b, t), dtype=torch.bool, device=self.device) if valid is None else valid.bool()

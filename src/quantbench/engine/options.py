@@ -160,6 +160,9 @@ class EngineOptions:
     """More tokens (smaller statistics programs spread over the SMs)."""
     act_tiles_outlier: tuple[int, int, int, int] = (64, 256, 256, 1024)
     """LLM.int8 prompts: every token of a narrow column chunk in one load (no column-maxima pass)."""
+    act_producer_colmax: bool = True
+    """LLM.int8 prompts on whole-row programs: the kernel writing a product's input (RMSNorm, SiLU-gate) also
+    records its outlier columns (``fused.outlier_columns``), in place of a column-maxima pass over it."""
     act_prompt_pdl: bool = False
     """Launch prompt-sized activation quantization with programmatic dependent launch."""
     act_rows_min_m: int = 512

@@ -9,6 +9,8 @@ kernel is needed, so CPU-only installs work.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -24,6 +26,9 @@ from quantbench.engine.kernels.routing import (
 )
 from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 
+if TYPE_CHECKING:
+    from quantbench.engine.kernels.fused import OutlierColumns
+
 __all__ = ["WQLayout", "dispatch", "layout_for", "linear", "run_kernel", "run_route", "triton_available"]
 
 
@@ -34,13 +39,15 @@ def linear(
     out: torch.Tensor | None = None,
     partials: bool = False,
     options: EngineOptions = DEFAULT_OPTIONS,
+    outliers: OutlierColumns | None = None,
 ):
     """Kernel forward of a quantized layer on 2-D ``x`` (``[M, 2K]`` gate/up when ``act_silu_mul``), by the
     kernel ``routing.route_linear`` picks.
 
     ``partials`` (no ``out``): a tensor-core GEMV may return its split-K partials (``kernels/partials.py``)
-    instead of the summed tensor."""
-    return run_route(route_for(x, layout, options), layout, x, act_silu_mul, out, partials, options)
+    instead of the summed tensor. ``outliers``: LLM.int8's outlier columns of x, recorded by the kernel that
+    wrote it (``fused.outlier_columns``)."""
+    return run_route(route_for(x, layout, options), layout, x, act_silu_mul, out, partials, options, outliers)
 
 
 def run_route(
@@ -51,13 +58,14 @@ def run_route(
     out: torch.Tensor | None = None,
     partials: bool = False,
     options: EngineOptions = DEFAULT_OPTIONS,
+    outliers: OutlierColumns | None = None,
 ):
     """Run a quantized layer's product the way ``route`` says (arguments as :func:`linear`)."""
     if layout.offsets is not None:  # w = scale * code - offset (llama.cpp's q4_1, q5_1, q4_K, q5_K)
         from quantbench.engine.kernels.offsets import offset_linear
 
         return offset_linear(route, layout, x, act_silu_mul, out, partials, options)
-    return run_kernel(route, layout, x, act_silu_mul, out, partials, options)
+    return run_kernel(route, layout, x, act_silu_mul, out, partials, options, outliers)
 
 
 def run_kernel(
@@ -68,6 +76,7 @@ def run_kernel(
     out: torch.Tensor | None = None,
     partials: bool = False,
     options: EngineOptions = DEFAULT_OPTIONS,
+    outliers: OutlierColumns | None = None,
 ):
     """The routed kernel itself (for layouts with offsets: the ``(u - zero) * scale`` part alone)."""
     kernel, act = route
@@ -79,14 +88,16 @@ def run_kernel(
     if kernel in (Kernel.PROMPT_GEMM, Kernel.SLABS):  # prompt sizes: SiLU-gate and quantize x first
         rf = None
         if act_silu_mul:
-            from quantbench.engine.kernels.fused import silu_mul
+            from quantbench.engine.kernels.fused import outlier_columns, silu_mul
 
-            x = silu_mul(x, options=options)
+            # the SiLU-gate writes the product's input: it records the outlier columns
+            outliers = outlier_columns(x.shape[0], layout, x.device, options) if act is ActQuant.LAUNCH else None
+            x = silu_mul(x, options=options, outliers=outliers)
         if act is ActQuant.LAUNCH:
             from quantbench.engine.kernels.fused import act_quant
 
             fold = kernel is Kernel.SLABS and options.slab_fold_scales
-            x, rf = act_quant(x, layout.act_quant, layout.threshold, False, k, options, fold=fold)
+            x, rf = act_quant(x, layout.act_quant, layout.threshold, False, k, options, fold=fold, outliers=outliers)
             rf = None if fold else rf
         if kernel is Kernel.PROMPT_GEMM:
             from quantbench.engine.kernels.prompt_gemm import prompt_gemm
@@ -112,7 +123,7 @@ def run_kernel(
         from quantbench.engine.kernels.fused import act_quant
 
         m = x.shape[0]
-        x, rf = act_quant(x, layout.act_quant, layout.threshold, act_silu_mul, k, options)
+        x, rf = act_quant(x, layout.act_quant, layout.threshold, act_silu_mul, k, options, outliers=outliers)
         act_silu_mul = False
         if out is None and not partials:
             out = torch.empty((m, layout.out_features), device=x.device, dtype=x.dtype)

@@ -9,6 +9,8 @@ rounded to the model dtype for the ``P @ V`` product (as flash attention does).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -32,10 +34,51 @@ from quantbench.engine.options import DEFAULT_OPTIONS, EngineOptions
 _CODE_DTYPES = frozenset(CODE_DTYPE_OF_ACT.values())
 
 
+class OutlierColumns(NamedTuple):
+    """LLM.int8's outlier columns of one product's input, recorded by the kernel that writes the input:
+    ``colmax [K]`` int32 float bits (zeroed, then ``|x|`` of each value at or over ``threshold``)."""
+
+    colmax: torch.Tensor
+    threshold: float
+
+
+def _rows_mode(m: int, k: int, options: EngineOptions) -> bool:
+    """``act_quant`` quantizes each token by one whole-row program (LLM.int8: after the column maxima)."""
+    whole = m == 1 or (m > 64 and 0 < options.act_rows_min_m <= m)
+    return whole and triton.next_power_of_2(k) <= ROW_TILE_MAX
+
+
+def outlier_columns(
+    m: int, layout: WQLayout, device: torch.device, options: EngineOptions = DEFAULT_OPTIONS
+) -> OutlierColumns | None:
+    """Where ``act_quant`` of ``m`` tokens into ``layout`` would make a pass over the activations for
+    LLM.int8's outlier columns (more than one token, whole-row programs), a zeroed buffer for the kernel
+    producing them to record those columns in instead (``options.act_producer_colmax``); else None."""
+    if not (
+        options.act_producer_colmax
+        and m > 1
+        and layout.act_quant == ACT_LLM_INT8
+        and layout.threshold > 0
+        and _rows_mode(m, layout.in_features, options)
+    ):
+        return None
+    return OutlierColumns(torch.zeros((layout.in_features,), device=device, dtype=torch.int32), float(layout.threshold))
+
+
+@triton.jit
+def _record_outliers(colmax_ptr, cols, mask, y, threshold):
+    """LLM.int8: raise ``colmax[col]`` (int32 float bits, zeroed first) to ``|y|`` where ``|y| >= threshold``.
+
+    Only the outlier test ``colmax >= threshold`` reads it, so values below the threshold are not sent
+    (an outlier column's entry is its largest outlier value, any other column stays 0)."""
+    a = tl.abs(y.to(tl.float32))
+    tl.atomic_max(colmax_ptr + cols, a.to(tl.int32, bitcast=True), mask=mask & (a >= threshold), sem="relaxed")
+
+
 @triton.jit
 def _add_rmsnorm_kernel(
-    h_ptr, r_ptr, w_ptr, o_ptr, D, stride_h, stride_r, stride_o, eps, r_plane,
-    HAS_RES: tl.constexpr, R_PARTS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    h_ptr, r_ptr, w_ptr, o_ptr, cm_ptr, D, stride_h, stride_r, stride_o, eps, r_plane, threshold,
+    HAS_RES: tl.constexpr, R_PARTS: tl.constexpr, COLMAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -50,7 +93,10 @@ def _add_rmsnorm_kernel(
     hf = h.to(tl.float32)
     var = tl.sum(hf * hf, axis=0) / D
     normed = (hf * tl.math.rsqrt(var + eps)).to(h.dtype)
-    tl.store(o_ptr + row * stride_o + offs, (normed.to(tl.float32) * w.to(tl.float32)).to(h.dtype), mask=mask)
+    y = (normed.to(tl.float32) * w.to(tl.float32)).to(h.dtype)
+    tl.store(o_ptr + row * stride_o + offs, y, mask=mask)
+    if COLMAX:
+        _record_outliers(cm_ptr, offs, mask, y, threshold)
 
 
 def add_rmsnorm(
@@ -60,9 +106,11 @@ def add_rmsnorm(
     eps: float,
     out: torch.Tensor,
     options: EngineOptions = DEFAULT_OPTIONS,
+    outliers: OutlierColumns | None = None,
 ) -> torch.Tensor:
     """``h += residual`` (in place, rounded to h's dtype), then ``out = rmsnorm(h) * weight``; 2-D tensors
-    (the residual may be a GEMV's split-K partials)."""
+    (the residual may be a GEMV's split-K partials). ``outliers``: also record out's LLM.int8 outlier
+    columns there (``outlier_columns``)."""
     rows, d = h.shape
     res, stride_r, r_parts, r_plane = parts_args(residual if residual is not None else h)
     _add_rmsnorm_kernel[(rows,)](
@@ -70,14 +118,17 @@ def add_rmsnorm(
         res,
         weight,
         out,
+        outliers.colmax if outliers is not None else out,
         d,
         h.stride(0),
         stride_r,
         out.stride(0),
         eps,
         r_plane,
+        outliers.threshold if outliers is not None else 0.0,
         HAS_RES=residual is not None,
         R_PARTS=r_parts,
+        COLMAX=outliers is not None,
         BLOCK=triton.next_power_of_2(d),
         num_warps=8 if d >= 4096 else 4,
         **launch_args(h.device, options.pdl),
@@ -86,8 +137,8 @@ def add_rmsnorm(
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, o_ptr, inter, stride_x, stride_o, x_plane, X_PARTS: tl.constexpr, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr):  # fmt: skip
+def _silu_mul_kernel(x_ptr, o_ptr, cm_ptr, inter, stride_x, stride_o, x_plane, threshold, X_PARTS: tl.constexpr,
+                     COLMAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     wait_prior(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -95,16 +146,20 @@ def _silu_mul_kernel(x_ptr, o_ptr, inter, stride_x, stride_o, x_plane, X_PARTS: 
     dt = o_ptr.dtype.element_ty
     g = load_summed(x_ptr, row * stride_x + offs, mask, x_plane, X_PARTS, dt)
     u = load_summed(x_ptr, row * stride_x + inter + offs, mask, x_plane, X_PARTS, dt)
-    tl.store(o_ptr + row * stride_o + offs, silu_gate(g, u), mask=mask)
+    y = silu_gate(g, u)
+    tl.store(o_ptr + row * stride_o + offs, y, mask=mask)
+    if COLMAX:
+        _record_outliers(cm_ptr, offs, mask, y, threshold)
 
 
 def silu_mul(
     gate_up: torch.Tensor | Partials,
     out: torch.Tensor | None = None,
     options: EngineOptions = DEFAULT_OPTIONS,
+    outliers: OutlierColumns | None = None,
 ) -> torch.Tensor:
     """``silu(gate) * up`` of a ``[M, 2I]`` gate/up output (or its split-K partials), rounded like HF's two
-    bf16 ops."""
+    bf16 ops. ``outliers``: also record the result's LLM.int8 outlier columns there (``outlier_columns``)."""
     rows, two_i = gate_up.shape
     inter = two_i // 2
     if out is None:
@@ -112,8 +167,9 @@ def silu_mul(
     block = 1024
     x, stride_x, x_parts, x_plane = parts_args(gate_up)
     _silu_mul_kernel[(rows, triton.cdiv(inter, block))](
-        x, out, inter, stride_x, out.stride(0), x_plane, X_PARTS=x_parts, BLOCK=block,
-        **launch_args(gate_up.device, options.pdl),
+        x, out, outliers.colmax if outliers is not None else out, inter, stride_x, out.stride(0), x_plane,
+        outliers.threshold if outliers is not None else 0.0, X_PARTS=x_parts, COLMAX=outliers is not None,
+        BLOCK=block, **launch_args(gate_up.device, options.pdl),
     )  # fmt: skip
     return out
 
@@ -673,10 +729,13 @@ def act_quant(
     k: int,
     options: EngineOptions = DEFAULT_OPTIONS,
     fold: bool = False,
+    outliers: OutlierColumns | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantized activations ``[M, K]`` (model dtype) and per-token factors ``[M]`` fp32, as
     ``kernels.act_quant_torch`` computes them; ``fold``: the activations come multiplied by their factor
-    (in fp32, then rounded to the model dtype), for a product that applies no factor afterwards.
+    (in fp32, then rounded to the model dtype), for a product that applies no factor afterwards;
+    ``outliers``: LLM.int8's outlier columns of x as its producer recorded them (``outlier_columns``), in
+    place of the column-maxima pass.
 
     One token: one program holding the whole row. More: (LLM.int8 over more than one block of tokens:
     column maxima per block, then) per-chunk token maxima and outlier flags, then one program per (token,
@@ -688,11 +747,13 @@ def act_quant(
     pdl = _act_pdl(x, options)
     xe = torch.empty((m, k), device=x.device, dtype=x.dtype)
     thr = _threshold(threshold)
-    rows_mode = m == 1 or (m > 64 and 0 < options.act_rows_min_m <= m)
-    if rows_mode and triton.next_power_of_2(k) <= ROW_TILE_MAX:
+    if _rows_mode(m, k, options):
         colmax = None
         if m > 1 and kind == ACT_LLM_INT8 and thr != float("inf"):  # outlier columns over every token first
-            colmax = _merged_colmax(x, k, act_silu_mul, options, pdl)
+            if outliers is not None and not act_silu_mul:
+                colmax = outliers.colmax
+            else:
+                colmax = _merged_colmax(x, k, act_silu_mul, options, pdl)
         return xe, _quantize_rows(x, xe, kind, thr, act_silu_mul, k, colmax, pdl, fold)
     rf = torch.empty((m,), device=x.device, dtype=torch.float32)
     # statistics programs: one column chunk x a block of tokens each; prompts take smaller ones so that
