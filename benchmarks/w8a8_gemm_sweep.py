@@ -10,9 +10,9 @@ down 18944 -> 3584), codes tile-major as the engine stores them, activations nor
 outlier decomposition (threshold 0): with its threshold the engine runs its products on the slabs. Each
 product is launched eagerly, as evaluation launches it, activation quantization included; the time is the
 median of ``--repeats`` CUDA-event timings of the layer's four products. Every configuration's output is
-checked against the slab path's (relative error). fp8 runs each tile configuration once per ``--promote``
-value (``EngineOptions.w8a8_fp8_promote_k``: partial sums added into fp32 every 32 columns, or 0: the tensor
-cores' own accumulation throughout).
+checked against the slab path's (relative error). fp8 runs each tile configuration once per ``--fp8-mma``
+value (``EngineOptions.w8a8_fp8_mma``: fp16, the codes widened on 16-bit tensor cores with fp32 sums, or
+e4m3, the fp8 tensor cores' own accumulation).
 """
 
 from __future__ import annotations
@@ -77,13 +77,13 @@ def main() -> None:
     ap.add_argument("--m", default="512,1024,2752,4096", help="tokens per product (comma list)")
     ap.add_argument("--tiles", default="128,128,128,8,8,3;128,256,128,8,8,3;256,128,128,8,8,3;128,128,64,8,4,4",
                     help="';'-separated EngineOptions.w8a8_gemm_tiles")  # fmt: skip
-    ap.add_argument("--promote", default="32,0",
-                    help="fp8: EngineOptions.w8a8_fp8_promote_k values to time (comma list; capped at the K step)")  # fmt: skip
+    ap.add_argument("--fp8-mma", default="fp16,e4m3",
+                    help="fp8: EngineOptions.w8a8_fp8_mma values to time (comma list)")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles.split(";") if t]
-    promotes = [int(v) for v in args.promote.split(",")]
+    mmas = [v for v in args.fp8_mma.split(",") if v]
     rows = []
     for method in args.methods.split(","):
         mods = layer(SPECS[method])
@@ -101,9 +101,9 @@ def main() -> None:
             slabs = EngineOptions(w8a8_gemm=frozenset())
             base = products(layouts, xs, dense, slabs)
             for label, options in [("bf16 cuBLAS", None), ("slabs", slabs)] + [
-                (f"8-bit {t}" + (f" promote {p}" if method == "fp8" else ""),
-                 EngineOptions(w8a8_gemm_tiles=t, w8a8_fp8_promote_k=min(p, t[2])))
-                for t in tiles for p in (promotes if method == "fp8" else promotes[:1])
+                (f"8-bit {t}" + (f" {mma}" if method == "fp8" else ""),
+                 EngineOptions(w8a8_gemm_tiles=t, w8a8_fp8_mma=mma))
+                for t in tiles for mma in (mmas if method == "fp8" else mmas[:1])
             ]:  # fmt: skip
                 row = {"method": method, "m": m, "path": label}
                 try:

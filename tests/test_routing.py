@@ -235,16 +235,14 @@ def test_options_reject_values_the_engine_cannot_run() -> None:
         {"w8a8_gemm_tiles": (128,)},  # the one-line option error, before anything reads its K step
         {"w8a8_gemm": frozenset({"int8"})},
         {"w8a8_gemm": True},
-        {"w8a8_fp8_promote_k": 48},  # not a whole number of fp8 MMA instructions (32 columns each)
-        {"w8a8_fp8_promote_k": -32},
-        {"w8a8_fp8_promote_k": 256},  # over the K step (128)
-        {"w8a8_gemm_tiles": (128, 128, 64, 8, 4, 4), "w8a8_fp8_promote_k": 128},
+        {"w8a8_fp8_mma": "fp8"},
+        {"w8a8_fp8_mma": "bf16"},
     ):
         with pytest.raises(EngineOptionsError):
             EngineOptions(**fields)
     assert EngineOptions(mma_quantizes={"llm.int8"}).mma_quantizes == frozenset({"llm.int8"})  # sets frozen
-    for promote in (0, 32, 128):
-        assert EngineOptions(w8a8_fp8_promote_k=promote).w8a8_fp8_promote_k == promote
+    for kind in ("fp16", "e4m3"):
+        assert EngineOptions(w8a8_fp8_mma=kind).w8a8_fp8_mma == kind
 
 
 def test_engine_ab_variants_are_options() -> None:

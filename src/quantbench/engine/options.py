@@ -23,6 +23,8 @@ ACT_QUANT_NAMES = ("llm.int8", "fp8", "smoothquant")
 # plain 16-bit weights
 DECODER_NAMES = ("int4", "table", "int8", "fp8", "plain")
 PROMPT_KERNELS = ("prompt_gemm", "slabs", "wq_matmul")
+# how fp8 products of many tokens multiply their codes (``EngineOptions.w8a8_fp8_mma``)
+FP8_MMA_KINDS = ("fp16", "e4m3")
 
 
 class EngineOptionsError(QuantbenchError, ValueError):
@@ -125,11 +127,11 @@ class EngineOptions:
     the slabs (``routing.w8a8_gemm_takes``)."""
     w8a8_gemm_tiles: tuple[int, int, int, int, int, int] = (128, 128, 128, 8, 8, 3)
     """Tokens, outputs and K per step of a program, token tiles per weight tile's group, warps, stages."""
-    w8a8_fp8_promote_k: int = 32
-    """fp8 products: columns that Hopper's fp8 tensor cores sum in their own accumulator, narrower than
-    fp32, before the sum is added into the fp32 accumulator (Triton's ``max_num_imprecise_acc``; 32:
-    after every MMA instruction, the fp32 sum the method defines). 0: the tensor cores' accumulation
-    throughout (faster, less exact)."""
+    w8a8_fp8_mma: str = "fp16"
+    """fp8 products: "fp16": the e4m3 codes widened to fp16 (exactly) on 16-bit tensor cores, exact products
+    summed in fp32 as the method defines; "e4m3": on e4m3 tensor cores at twice the rate, whose sums on
+    Hopper are kept narrower than fp32 (outside fp32's error bound, also when added into fp32 after every
+    MMA instruction)."""
 
     # ---- launches ----
     pdl: bool = True
@@ -219,10 +221,9 @@ class EngineOptions:
                 f"at least 16, K per step a multiple of 32), not {tiles}"
             )
         object.__setattr__(self, "w8a8_gemm_tiles", tiles)
-        promote, bk = self.w8a8_fp8_promote_k, tiles[2]
-        if promote < 0 or promote % 32 or promote > bk:
+        if self.w8a8_fp8_mma not in FP8_MMA_KINDS:
             raise EngineOptionsError(
-                f"w8a8_fp8_promote_k takes 0 or a multiple of 32 up to the K step ({bk}), not {promote}"
+                f"w8a8_fp8_mma must be one of {', '.join(FP8_MMA_KINDS)}, not {self.w8a8_fp8_mma!r}"
             )
         if self.mma_depth_4bit not in (1, 2):
             raise EngineOptionsError(f"mma_depth_4bit takes 1 or 2, not {self.mma_depth_4bit}")

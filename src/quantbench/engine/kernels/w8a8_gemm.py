@@ -46,7 +46,7 @@ def _code_offsets(rows, ks, K, stride_wn, TN: tl.constexpr, TKB: tl.constexpr):
 def _w8a8_gemm_kernel(
     x_ptr, w_ptr, rf_ptr, cs_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_wn, stride_om, TN: tl.constexpr,
     TKB: tl.constexpr, FP8: tl.constexpr, PAIR_FIRST: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, FP8_MMA: tl.constexpr,
 ):  # fmt: skip
     """``o = acc * factors (+ bias)`` for ``acc = x_codes [M, K] @ w_codes [N, K]^T``: int8 codes
     summed in int32, or (FP8) e4m3 codes summed in fp32.
@@ -80,10 +80,10 @@ def _w8a8_gemm_kernel(
         kmask = (k0 + offs_k) < K
         a = tl.load(x_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=mask_n[:, None] & kmask[None, :], other=0.0)
-        if FP8 and PROMOTE > 0:  # the tensor cores' partial sums added into fp32 every PROMOTE columns
-            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.float32, max_num_imprecise_acc=PROMOTE)
-        elif FP8:
+        if FP8 and FP8_MMA:  # e4m3 tensor cores: sums in their own accumulator, narrower than fp32
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.float32)
+        elif FP8:  # codes widened to fp16 (exactly): exact products, fp32 sums
+            acc = tl.dot(a.to(tl.float16), tl.trans(b).to(tl.float16), acc, out_dtype=tl.float32)
         else:
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         x_ptrs += BK
@@ -134,7 +134,7 @@ def w8a8_gemm(
         codes, w8, rf, cs, layout.bias if layout.bias is not None else out, out, m, n, k, codes.stride(0),
         stride_wn, out.stride(0), TN=layout.tile_n, TKB=4 * layout.tile_kv, FP8=layout.act_quant == ACT_FP8,
         PAIR_FIRST=layout.act_quant in (ACT_LLM_INT8, ACT_FP8), HAS_BIAS=layout.bias is not None, BM=bm, BN=bn,
-        BK=bk, GROUP_M=group_m, PROMOTE=options.w8a8_fp8_promote_k, num_warps=warps, num_stages=stages,
+        BK=bk, GROUP_M=group_m, FP8_MMA=options.w8a8_fp8_mma == "e4m3", num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 
