@@ -712,7 +712,7 @@ def _quantize_rows(
     _act_quant_row_kernel[(m,)](
         x, out, rf, colmax if colmax is not None else rf, k, x.stride(0), out.stride(0), thr, KIND=kind,
         ACT=act_silu_mul, HAS_COLMAX=colmax is not None, FOLD=fold, CODES=out.dtype in _CODE_DTYPES, BK=row,
-        num_warps=max(4, min(16, row // 1024)), **pdl,
+        num_warps=max(4, min(32, row // 1024)), **pdl,
     )  # fmt: skip
     return rf
 
