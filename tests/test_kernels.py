@@ -479,7 +479,8 @@ def test_pdl_launch_changes_no_output_cuda(spec: str) -> None:
 def test_llm_int8_outlier_columns_recorded_by_producers_cuda(monkeypatch) -> None:
     """LLM.int8 prompts of ``act_rows_min_m`` tokens and more: RMSNorm (q/k/v, gate/up) and the SiLU-gate
     (down) record the outlier columns as they write a product's input, so only the o projection's input
-    takes the column-maxima pass; prefill logits and extend's hidden states are bit-identical to the
+    takes the column-maxima pass (also with ``act_producer_rowmax``: each token's factor recorded too, the
+    values quantized as they stream); prefill logits and extend's hidden states are bit-identical to the
     column-maxima pass everywhere (``act_producer_colmax`` off), with outlier columns present."""
     import quantbench
     from quantbench.engine import EngineModel
@@ -505,17 +506,19 @@ def test_llm_int8_outlier_columns_recorded_by_producers_cuda(monkeypatch) -> Non
 
     monkeypatch.setattr(fused, "_merged_colmax", counting)
     outs = {}
-    for on in (True, False):
+    for mode in ("pass", "colmax", "rowmax"):
         passes.clear()
-        em = EngineModel(model, use_kernels=True, options=EngineOptions(act_producer_colmax=on))
+        options = EngineOptions(act_producer_colmax=mode != "pass", act_producer_rowmax=mode == "rowmax")
+        em = EngineModel(model, use_kernels=True, options=options)
         em.allocate_cache(b, t)
         logits = em.prefill(ids, start, False)
         hidden, _ = em.extend(ids, positions, scored=scored)
-        outs[on] = (logits, hidden)
-        per_layer = [4096] if on else [4096, 4096, 4096, 14336]  # o only / q/k/v, o, gate/up, down
-        assert passes == per_layer * 4, (on, passes)  # 2 layers x (prefill, extend)
+        outs[mode] = (logits, hidden)
+        per_layer = [4096, 4096, 4096, 14336] if mode == "pass" else [4096]  # q/k/v, o, gate/up, down / o only
+        assert passes == per_layer * 4, (mode, passes)  # 2 layers x (prefill, extend)
     assert any(0 < n < 4096 for n in outlier_cols), outlier_cols
-    assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1])
+    for mode in ("colmax", "rowmax"):
+        assert torch.equal(outs[mode][0], outs["pass"][0]) and torch.equal(outs[mode][1], outs["pass"][1]), mode
 
 
 @pytest.mark.cuda
@@ -822,10 +825,13 @@ def test_act_quant_kernel_matches_torch_interpreter(kind: int, m: int, act: bool
 
 @interp
 @pytest.mark.parametrize("producer", ["silu_mul", "add_rmsnorm"])
-def test_producers_record_outlier_columns_interpreter(producer: str) -> None:
+@pytest.mark.parametrize("rowmax", [False, True])
+def test_producers_record_outlier_columns_interpreter(producer: str, rowmax: bool) -> None:
     """RMSNorm and the SiLU-gate, given an ``OutlierColumns``, record exactly the columns where any token
-    of what they write reaches the threshold (each column's largest such |x|, others 0), and activation
-    quantization from that record equals its torch twin (and the column-maxima pass) bit for bit."""
+    of what they write reaches the threshold (each column's largest such |x|, others 0) and, ``rowmax``,
+    each token's largest |x| below the threshold with a column holding it; activation quantization from that
+    record (``rowmax``: streamed in column chunks, also for tokens whose value lies in an outlier column)
+    equals its torch twin (and the column-maxima pass) bit for bit."""
     from quantbench.engine import EngineOptions
     from quantbench.engine.kernels import act_quant_torch
     from quantbench.engine.kernels.fused import OutlierColumns, act_quant, add_rmsnorm, silu_mul
@@ -833,9 +839,13 @@ def test_producers_record_outlier_columns_interpreter(producer: str) -> None:
     torch.manual_seed(7)
     m, k = 150, 300
     thr = 6.0 if producer == "silu_mul" else 2.5  # a few columns over it, besides the two scaled ones
-    rec = OutlierColumns(torch.zeros((k,), dtype=torch.int32), thr)
+    rec = OutlierColumns(
+        torch.zeros((k,), dtype=torch.int32), thr, torch.zeros((m,), dtype=torch.int64) if rowmax else None
+    )
     if producer == "silu_mul":
-        x = silu_mul(_x(m, 2 * k, "cpu", torch.float16, outliers=True), outliers=rec)
+        gate_up = _x(m, 2 * k, "cpu", torch.float16, outliers=True)
+        gate_up[9, 5], gate_up[9, k + 5] = 2.0, 2.5  # token 9's largest value below 6 in outlier column 5
+        x = silu_mul(gate_up, outliers=rec)
     else:
         h = _x(m, k, "cpu", torch.float16, outliers=True)
         weight = (torch.rand(k) + 0.5).to(torch.float16)
@@ -844,7 +854,13 @@ def test_producers_record_outlier_columns_interpreter(producer: str) -> None:
     col = torch.where(ax >= thr, ax, torch.zeros_like(ax)).amax(0)
     assert 0 < int((col > 0).sum()) < k
     assert torch.equal(rec.colmax.view(torch.float32), col)
-    options = EngineOptions(act_rows_min_m=65)
+    if rowmax:
+        below = torch.where(ax < thr, ax, torch.zeros_like(ax))
+        top = (rec.rowmax >> 32).to(torch.int32).view(torch.float32)
+        where = (rec.rowmax & 0xFFFFFFFF).long()
+        assert torch.equal(top, below.amax(1)) and torch.equal(below.gather(1, where[:, None])[:, 0], top)
+        assert int((col[where] > 0).sum()) > 0  # some tokens' factor needs their row read again
+    options = EngineOptions(act_rows_min_m=65, act_tiles_outlier=(64, 256, 256, 128))  # three chunks a row
     for fold in (False, True):
         xe, rf = act_quant(x, 1, thr, False, k, options, fold=fold, outliers=rec)
         xe_pass, rf_pass = act_quant(x, 1, thr, False, k, options, fold=fold)

@@ -36,10 +36,13 @@ _CODE_DTYPES = frozenset(CODE_DTYPE_OF_ACT.values())
 
 class OutlierColumns(NamedTuple):
     """LLM.int8's outlier columns of one product's input, recorded by the kernel that writes the input:
-    ``colmax [K]`` int32 float bits (zeroed, then ``|x|`` of each value at or over ``threshold``)."""
+    ``colmax [K]`` int32 float bits (zeroed, then ``|x|`` of each value at or over ``threshold``) and,
+    optionally, ``rowmax [M]`` int64 (zeroed, then per token the float bits of its largest ``|x|`` below the
+    threshold, shifted up 32 bits, over that value's column): a token's factor before its row is read."""
 
     colmax: torch.Tensor
     threshold: float
+    rowmax: torch.Tensor | None = None
 
 
 def _rows_mode(m: int, k: int, options: EngineOptions) -> bool:
@@ -62,7 +65,9 @@ def outlier_columns(
         and _rows_mode(m, layout.in_features, options)
     ):
         return None
-    return OutlierColumns(torch.zeros((layout.in_features,), device=device, dtype=torch.int32), float(layout.threshold))
+    colmax = torch.zeros((layout.in_features,), device=device, dtype=torch.int32)
+    rowmax = torch.zeros((m,), device=device, dtype=torch.int64) if options.act_producer_rowmax else None
+    return OutlierColumns(colmax, float(layout.threshold), rowmax)
 
 
 @triton.jit
@@ -76,9 +81,23 @@ def _record_outliers(colmax_ptr, cols, mask, y, threshold):
 
 
 @triton.jit
+def _record_rowmax(rowmax_ptr, row, cols, mask, y, threshold):
+    """LLM.int8: raise ``rowmax[row]`` (int64, zeroed first) to this block's largest ``|y|`` below the
+    threshold, as ``float bits << 32 | column``. Over every block that is the token's largest such value
+    (which of equal values' columns wins does not matter to ``_act_quant_scaled_kernel``)."""
+    a = tl.where(mask, tl.abs(y.to(tl.float32)), 0.0)
+    below = tl.where(a < threshold, a, 0.0)
+    top = tl.max(below, axis=0)
+    col = tl.min(tl.where(below == top, cols, 2147483647), axis=0)
+    packed = (top.to(tl.int32, bitcast=True).to(tl.int64) << 32) | col.to(tl.int64)
+    tl.atomic_max(rowmax_ptr + row, packed, sem="relaxed")
+
+
+@triton.jit
 def _add_rmsnorm_kernel(
-    h_ptr, r_ptr, w_ptr, o_ptr, cm_ptr, D, stride_h, stride_r, stride_o, eps, r_plane, threshold,
-    HAS_RES: tl.constexpr, R_PARTS: tl.constexpr, COLMAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    h_ptr, r_ptr, w_ptr, o_ptr, cm_ptr, rm_ptr, D, stride_h, stride_r, stride_o, eps, r_plane, threshold,
+    HAS_RES: tl.constexpr, R_PARTS: tl.constexpr, COLMAX: tl.constexpr, ROWMAX: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -97,6 +116,12 @@ def _add_rmsnorm_kernel(
     tl.store(o_ptr + row * stride_o + offs, y, mask=mask)
     if COLMAX:
         _record_outliers(cm_ptr, offs, mask, y, threshold)
+    if ROWMAX:
+        _record_rowmax(rm_ptr, row, offs, mask, y, threshold)
+
+
+def _rowmax_arg(outliers: OutlierColumns | None, other):
+    return outliers.rowmax if outliers is not None and outliers.rowmax is not None else other
 
 
 def add_rmsnorm(
@@ -119,6 +144,7 @@ def add_rmsnorm(
         weight,
         out,
         outliers.colmax if outliers is not None else out,
+        _rowmax_arg(outliers, out),
         d,
         h.stride(0),
         stride_r,
@@ -129,6 +155,7 @@ def add_rmsnorm(
         HAS_RES=residual is not None,
         R_PARTS=r_parts,
         COLMAX=outliers is not None,
+        ROWMAX=_rowmax_arg(outliers, None) is not None,
         BLOCK=triton.next_power_of_2(d),
         num_warps=8 if d >= 4096 else 4,
         **launch_args(h.device, options.pdl),
@@ -137,8 +164,9 @@ def add_rmsnorm(
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, o_ptr, cm_ptr, inter, stride_x, stride_o, x_plane, threshold, X_PARTS: tl.constexpr,
-                     COLMAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+def _silu_mul_kernel(x_ptr, o_ptr, cm_ptr, rm_ptr, inter, stride_x, stride_o, x_plane, threshold,
+                     X_PARTS: tl.constexpr, COLMAX: tl.constexpr, ROWMAX: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):  # fmt: skip
     wait_prior(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -150,6 +178,8 @@ def _silu_mul_kernel(x_ptr, o_ptr, cm_ptr, inter, stride_x, stride_o, x_plane, t
     tl.store(o_ptr + row * stride_o + offs, y, mask=mask)
     if COLMAX:
         _record_outliers(cm_ptr, offs, mask, y, threshold)
+    if ROWMAX:
+        _record_rowmax(rm_ptr, row, offs, mask, y, threshold)
 
 
 def silu_mul(
@@ -167,9 +197,10 @@ def silu_mul(
     block = 1024
     x, stride_x, x_parts, x_plane = parts_args(gate_up)
     _silu_mul_kernel[(rows, triton.cdiv(inter, block))](
-        x, out, outliers.colmax if outliers is not None else out, inter, stride_x, out.stride(0), x_plane,
-        outliers.threshold if outliers is not None else 0.0, X_PARTS=x_parts, COLMAX=outliers is not None,
-        BLOCK=block, **launch_args(gate_up.device, options.pdl),
+        x, out, outliers.colmax if outliers is not None else out, _rowmax_arg(outliers, out), inter, stride_x,
+        out.stride(0), x_plane, outliers.threshold if outliers is not None else 0.0, X_PARTS=x_parts,
+        COLMAX=outliers is not None, ROWMAX=_rowmax_arg(outliers, None) is not None, BLOCK=block,
+        **launch_args(gate_up.device, options.pdl),
     )  # fmt: skip
     return out
 
@@ -565,6 +596,45 @@ def _act_quant_row_kernel(
 
 
 @triton.jit
+def _act_quant_scaled_kernel(
+    x_ptr, xe_ptr, rf_ptr, colmax_ptr, rowmax_ptr, K, stride_x, stride_xe, threshold, FOLD: tl.constexpr,
+    BC: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """LLM.int8, one token x one chunk of BC columns, the token's factor known from ``rowmax`` (its largest
+    |x| below the threshold and that value's column, recorded by the producer): the chunk is quantized as
+    it streams through. Every column outside the outlier set is below the threshold in every token, so the
+    token's non-outlier absmax is at most that value, and equal to it unless its column is an outlier column
+    (then the token's row is read once more for the true maximum). Values, factor and FOLD as
+    ``_act_quant_row_kernel``."""
+    wait_prior(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    packed = tl.load(rowmax_ptr + row)
+    amax = (packed >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    col = (packed & 0xFFFFFFFF).to(tl.int32)
+    if amax > 0.0:
+        if tl.load(colmax_ptr + col).to(tl.float32, bitcast=True) >= threshold:
+            amax = amax * 0.0
+            for k0 in range(0, K, BC):
+                cols = k0 + tl.arange(0, BC)
+                mask = cols < K
+                out = tl.load(colmax_ptr + cols, mask=mask, other=0).to(tl.float32, bitcast=True) >= threshold
+                ax = tl.abs(tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32))
+                amax = tl.maximum(amax, tl.max(tl.where(out, 0.0, ax), axis=0))
+    q_scale, rf = token_scales(amax, 1)
+    if chunk == 0:
+        tl.store(rf_ptr + row, rf)
+    cols = chunk * BC + tl.arange(0, BC)
+    mask = cols < K
+    xf = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    outlier = tl.load(colmax_ptr + cols, mask=mask, other=0).to(tl.float32, bitcast=True) >= threshold
+    q = quantize_act(xf, outlier, q_scale, 1)
+    if FOLD:
+        q = q * rf
+    tl.store(xe_ptr + row * stride_xe + cols, q.to(xe_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _col_absmax(x_ptr, m_lo, m_hi, M, cols, cmask, K, stride_x, ACT: tl.constexpr, BM: tl.constexpr,
                 BC: tl.constexpr):  # fmt: skip
     """max |x| per column of ``cols`` over tokens ``m_lo .. m_hi`` (in steps of BM)."""
@@ -752,6 +822,14 @@ def act_quant(
         if m > 1 and kind == ACT_LLM_INT8 and thr != float("inf"):  # outlier columns over every token first
             if outliers is not None and not act_silu_mul:
                 colmax = outliers.colmax
+                if outliers.rowmax is not None:  # each token's factor known: quantize as the values stream
+                    rf = torch.empty((m,), device=x.device, dtype=torch.float32)
+                    chunk = options.act_tiles_outlier[3]
+                    _act_quant_scaled_kernel[(m, triton.cdiv(k, chunk))](
+                        x, xe, rf, colmax, outliers.rowmax, k, x.stride(0), xe.stride(0), thr, FOLD=fold, BC=chunk,
+                        num_warps=4, **pdl,
+                    )  # fmt: skip
+                    return xe, rf
             else:
                 colmax = _merged_colmax(x, k, act_silu_mul, options, pdl)
         return xe, _quantize_rows(x, xe, kind, thr, act_silu_mul, k, colmax, pdl, fold)
