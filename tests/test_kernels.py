@@ -522,6 +522,21 @@ def test_llm_int8_outlier_columns_recorded_by_producers_cuda(monkeypatch) -> Non
 
 
 @pytest.mark.cuda
+def test_act_quant_bandwidth_benchmark_cuda(tmp_path) -> None:
+    """``benchmarks/act_quant_bw.py`` runs every kernel of its table and writes one JSON row each."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "act_quant_bw.py"
+    out = tmp_path / "act.json"
+    subprocess.run([sys.executable, str(script), "--m", "600", "--k", "512", "--json", str(out)], check=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 10 and all(r["us"] > 0 and r["gbps"] > 0 for r in rows)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("spec", ["int4:group=128", "int8"])
 def test_prompt_slabs_on_two_streams_cuda(spec: str) -> None:
     """Prompt-sized products dequantize the next slab on a side stream while cuBLAS multiplies this one:
