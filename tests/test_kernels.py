@@ -477,11 +477,12 @@ def test_pdl_launch_changes_no_output_cuda(spec: str) -> None:
 
 @pytest.mark.cuda
 def test_llm_int8_outlier_columns_recorded_by_producers_cuda(monkeypatch) -> None:
-    """LLM.int8 prompts of ``act_rows_min_m`` tokens and more: RMSNorm (q/k/v, gate/up) and the SiLU-gate
-    (down) record the outlier columns as they write a product's input, so only the o projection's input
-    takes the column-maxima pass (also with ``act_producer_rowmax``: each token's factor recorded too, the
-    values quantized as they stream); prefill logits and extend's hidden states are bit-identical to the
-    column-maxima pass everywhere (``act_producer_colmax`` off), with outlier columns present."""
+    """LLM.int8 prompts of ``act_rows_min_m`` tokens and more: RMSNorm (q/k/v, gate/up), the SiLU-gate
+    (down) and extend's attention (o) record the outlier columns as they write a product's input, so only
+    prefill's o projection input takes the column-maxima pass (also with ``act_producer_rowmax``: each
+    token's factor recorded too, the values quantized as they stream); prefill logits and extend's hidden
+    states are bit-identical to the column-maxima pass everywhere (``act_producer_colmax`` off), with
+    outlier columns present."""
     import quantbench
     from quantbench.engine import EngineModel
     from quantbench.engine.kernels import fused
@@ -514,8 +515,10 @@ def test_llm_int8_outlier_columns_recorded_by_producers_cuda(monkeypatch) -> Non
         logits = em.prefill(ids, start, False)
         hidden, _ = em.extend(ids, positions, scored=scored)
         outs[mode] = (logits, hidden)
-        per_layer = [4096, 4096, 4096, 14336] if mode == "pass" else [4096]  # q/k/v, o, gate/up, down / o only
-        assert passes == per_layer * 4, (mode, passes)  # 2 layers x (prefill, extend)
+        # 2 layers x (prefill, extend): q/k/v, o, gate/up, down each; with the records, prefill's o alone
+        # (its attention is SDPA's; extend's Triton attention records the o projection's input)
+        want = [4096, 4096, 4096, 14336] * 4 if mode == "pass" else [4096] * 2
+        assert passes == want, (mode, passes)
     assert any(0 < n < 4096 for n in outlier_cols), outlier_cols
     for mode in ("colmax", "rowmax"):
         assert torch.equal(outs[mode][0], outs["pass"][0]) and torch.equal(outs[mode][1], outs["pass"][1]), mode
@@ -847,9 +850,7 @@ def test_producers_record_outlier_columns_interpreter(producer: str, rowmax: boo
     each token's largest |x| below the threshold with a column holding it; activation quantization from that
     record (``rowmax``: streamed in column chunks, also for tokens whose value lies in an outlier column)
     equals its torch twin (and the column-maxima pass) bit for bit."""
-    from quantbench.engine import EngineOptions
-    from quantbench.engine.kernels import act_quant_torch
-    from quantbench.engine.kernels.fused import OutlierColumns, act_quant, add_rmsnorm, silu_mul
+    from quantbench.engine.kernels.fused import OutlierColumns, add_rmsnorm, silu_mul
 
     torch.manual_seed(7)
     m, k = 150, 300
@@ -865,11 +866,24 @@ def test_producers_record_outlier_columns_interpreter(producer: str, rowmax: boo
         h = _x(m, k, "cpu", torch.float16, outliers=True)
         weight = (torch.rand(k) + 0.5).to(torch.float16)
         x = add_rmsnorm(h, None, weight, 1e-6, torch.empty_like(h), outliers=rec)
+    _check_outlier_record(x, rec, thr)
+
+
+def _check_outlier_record(x: torch.Tensor, rec, thr: float) -> None:
+    """``rec`` (an ``OutlierColumns`` a kernel filled as it wrote ``x``) holds x's outlier columns and, if
+    it has one, each token's largest |x| below ``thr`` at a column holding it (some tokens' in an outlier
+    column); LLM.int8 activation quantization from the record (streamed with the token factors) equals its
+    torch twin and the column-maxima pass bit for bit."""
+    from quantbench.engine import EngineOptions
+    from quantbench.engine.kernels import act_quant_torch
+    from quantbench.engine.kernels.fused import act_quant
+
+    k = x.shape[1]
     ax = x.float().abs()
     col = torch.where(ax >= thr, ax, torch.zeros_like(ax)).amax(0)
     assert 0 < int((col > 0).sum()) < k
     assert torch.equal(rec.colmax.view(torch.float32), col)
-    if rowmax:
+    if rec.rowmax is not None:
         below = torch.where(ax < thr, ax, torch.zeros_like(ax))
         top = (rec.rowmax >> 32).to(torch.int32).view(torch.float32)
         where = (rec.rowmax & 0xFFFFFFFF).long()
@@ -882,6 +896,31 @@ def test_producers_record_outlier_columns_interpreter(producer: str, rowmax: boo
         xe_ref, rf_ref = act_quant_torch(x, 1, thr, False, k, fold=fold)
         assert torch.equal(xe, xe_ref) and torch.equal(xe, xe_pass) and torch.equal(rf, rf_pass)
         assert torch.allclose(rf, rf_ref, rtol=1e-6, atol=0)
+
+
+@interp
+@pytest.mark.parametrize("rowmax", [False, True])
+def test_extend_attention_records_outlier_columns_interpreter(rowmax: bool) -> None:
+    """The extend-attention kernel writes the o projection's input and, given an ``OutlierColumns``,
+    records its outlier columns (and token maxima) there, its output unchanged."""
+    from quantbench.engine.kernels.extend_attention import extend_attention
+    from quantbench.engine.kernels.fused import OutlierColumns
+
+    torch.manual_seed(11)
+    heads, kv, d, b, t, thr = 4, 2, 32, 2, 75, 0.75
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    ang = torch.arange(128).float()[:, None] * inv[None, :]
+    cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
+    qkv = torch.randn(b * t, (heads + 2 * kv) * d).to(torch.float16)
+    positions = torch.arange(t).expand(b, t).contiguous()
+    rec = OutlierColumns(
+        torch.zeros((heads * d,), dtype=torch.int32), thr, torch.zeros((b * t,), dtype=torch.int64) if rowmax else None
+    )
+    args = (qkv, positions, cos, sin, None, None, None, None, None, heads, kv, d, d**-0.5)
+    out, _, _ = extend_attention(*args, outliers=rec)
+    plain, _, _ = extend_attention(*args)
+    assert torch.equal(out, plain)
+    _check_outlier_record(out, rec, thr)
 
 
 @interp

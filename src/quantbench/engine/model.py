@@ -557,17 +557,20 @@ class EngineModel:
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(x, outliers=self._norm_into(h, pending, layer.ln1, x, layer.qkv))
             pk, pv, pvalid = (None, None, None) if past is None else (past.k[i], past.v[i], past.valid)
+            # the Triton kernel records the o projection's LLM.int8 outlier columns as it writes its input
+            o_rec = None if ops.extend_mask else layer.o.outlier_columns(b * t)
             # with a past, keep_kv keeps each row's past followed by these tokens (generation)
             attn, k, v = ops.extend_attention(
                 qkv, positions, self.cos, self.sin, pk, pv, pvalid, index, mask,
                 self.n_heads, self.n_kv, self.head_dim, self.sm_scale, with_past=keep_kv,
+                **({} if o_rec is None else {"outliers": o_rec}),
             )  # fmt: skip
             if keep_kv and past is None:  # own storage: the fused product (queries too) is not kept alive
                 k, v = k.contiguous(), v.contiguous()
             if keep_kv:
                 keys.append(k)
                 values.append(v)
-            o = layer.o(attn)
+            o = layer.o(attn, outliers=o_rec)
             gate_up = layer.gate_up(x, outliers=self._norm_into(h, o, layer.ln2, x, layer.gate_up))
             pending = layer.down(gate_up, act_silu_mul=True)
         kv = None

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantbench.engine.kernels.fused import rope_kv
+from quantbench.engine.kernels.fused import OutlierColumns, record_tile, rope_kv
 from quantbench.engine.kernels.triton_common import attend_block, kv_block, rope_rows
 
 QUERY_BLOCK = 64  # fixed (not chosen per batch): the same tiles, the same arithmetic for a row in any batch
@@ -25,11 +25,12 @@ QUERY_BLOCK = 64  # fixed (not chosen per batch): the same tiles, the same arith
 def _extend_attention_kernel(
     qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pvalid_ptr, index_ptr, o_ptr,
     T, P, stride_qkv_row, stride_kb, stride_kh, stride_kt, stride_pb, stride_ph, stride_pt, stride_valid,
-    stride_o_row, qk_scale,
+    stride_o_row, qk_scale, cm_ptr, rm_ptr, threshold,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_PAST: tl.constexpr,
+    HAS_PAST: tl.constexpr, COLMAX: tl.constexpr, ROWMAX: tl.constexpr,
 ):  # fmt: skip
-    """One program per (row b, query head h, block of BM new tokens)."""
+    """One program per (row b, query head h, block of BM new tokens). COLMAX / ROWMAX: record the output's
+    LLM.int8 outlier columns / token maxima for the o projection (``fused.record_tile``)."""
     bh = tl.program_id(0)  # heads of one row side by side: the programs sharing a kv head run together
     tb = tl.program_id(1)
     b = bh // H
@@ -77,6 +78,8 @@ def _extend_attention_kernel(
         m_i, l_i, acc = attend_block(q1r, q2r, kt1, kt2, vt, keep, m_i, l_i, acc, qk_scale)
     out = (acc / l_i[:, None]).to(dtype)
     tl.store(o_ptr + rows[:, None] * stride_o_row + h * D + dd[None, :], out, mask=mmask[:, None])
+    if COLMAX:
+        record_tile(cm_ptr, rm_ptr, rows, mmask, h * D + dd, out, threshold, ROWMAX)
 
 
 def key_block(head_dim: int) -> int:
@@ -99,8 +102,10 @@ def extend_attention(
     head_dim: int,
     sm_scale: float,
     with_past: bool = False,
+    outliers: OutlierColumns | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``ops.extend_attention_ref``'s contract on the GPU: the fused product ``qkv [B*T, (H + 2 HKV) D]`` of
+    """``ops.extend_attention_ref``'s contract on the GPU (``outliers``: also record the output's LLM.int8
+    outlier columns there, ``fused.outlier_columns``): the fused product ``qkv [B*T, (H + 2 HKV) D]`` of
     tokens at ``positions [B, T]`` -> (attention output ``[B*T, H*D]``, their own rotated keys and values
     ``[B, HKV, T, D]``, or with ``with_past`` and a past each row's past keys and values followed by its
     own). Row b attends to the real keys (``past_valid [N, P]``) of past sequence
@@ -149,12 +154,17 @@ def extend_attention(
         valid.stride(0) if has_past else 0,
         out.stride(0),
         sm_scale * 1.4426950408889634,  # softmax in base 2
+        outliers.colmax if outliers is not None else out,
+        outliers.rowmax if outliers is not None and outliers.rowmax is not None else out,
+        outliers.threshold if outliers is not None else 0.0,
         H=n_heads,
         HKV=n_kv,
         D=head_dim,
         BM=QUERY_BLOCK,
         BN=block_n,
         HAS_PAST=has_past,
+        COLMAX=outliers is not None,
+        ROWMAX=outliers is not None and outliers.rowmax is not None,
         num_warps=4,
         num_stages=2,
     )

@@ -94,6 +94,22 @@ def _record_rowmax(rowmax_ptr, row, cols, mask, y, threshold):
 
 
 @triton.jit
+def record_tile(colmax_ptr, rowmax_ptr, rows, rmask, cols, y, threshold, ROWMAX: tl.constexpr):
+    """``_record_outliers`` and (ROWMAX) ``_record_rowmax`` for a ``[tokens, columns]`` tile of an output
+    (``rows`` / ``cols`` its token and column indices, ``rmask`` the tokens written), one atomic per column
+    and per token."""
+    a = tl.where(rmask[:, None], tl.abs(y.to(tl.float32)), 0.0)
+    cm = tl.max(tl.where(a >= threshold, a, 0.0), axis=0)
+    tl.atomic_max(colmax_ptr + cols, cm.to(tl.int32, bitcast=True), mask=cm > 0.0, sem="relaxed")
+    if ROWMAX:
+        below = tl.where(a < threshold, a, 0.0)
+        top = tl.max(below, axis=1)
+        col = tl.min(tl.where(below == top[:, None], cols[None, :], 2147483647), axis=1)
+        packed = (top.to(tl.int32, bitcast=True).to(tl.int64) << 32) | col.to(tl.int64)
+        tl.atomic_max(rowmax_ptr + rows, packed, mask=rmask, sem="relaxed")
+
+
+@triton.jit
 def _add_rmsnorm_kernel(
     h_ptr, r_ptr, w_ptr, o_ptr, cm_ptr, rm_ptr, D, stride_h, stride_r, stride_o, eps, r_plane, threshold,
     HAS_RES: tl.constexpr, R_PARTS: tl.constexpr, COLMAX: tl.constexpr, ROWMAX: tl.constexpr, BLOCK: tl.constexpr,
