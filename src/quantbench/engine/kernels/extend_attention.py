@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantbench.engine.kernels.fused import OutlierColumns, record_tile, rope_kv
+from quantbench.engine.kernels.fused import OutlierColumns, record_args, record_tile, rope_kv
 from quantbench.engine.kernels.triton_common import attend_block, kv_block, rope_rows
 
 QUERY_BLOCK = 64  # fixed (not chosen per batch): the same tiles, the same arithmetic for a row in any batch
@@ -79,7 +79,7 @@ def _extend_attention_kernel(
     out = (acc / l_i[:, None]).to(dtype)
     tl.store(o_ptr + rows[:, None] * stride_o_row + h * D + dd[None, :], out, mask=mmask[:, None])
     if COLMAX:
-        record_tile(cm_ptr, rm_ptr, rows, mmask, h * D + dd, out, threshold, ROWMAX)
+        record_tile(cm_ptr, rm_ptr, rows, mmask, h * D + dd, dd < D, out, threshold, ROWMAX)
 
 
 def key_block(head_dim: int) -> int:
@@ -132,6 +132,7 @@ def extend_attention(
         index, valid, p = positions, positions, 0  # placeholders, never read
         pk, pv, pstrides = k, v, (0, 0, 0)
     block_n = key_block(head_dim)
+    records, switches = record_args(outliers, out)
     _extend_attention_kernel[(b * n_heads, triton.cdiv(t, QUERY_BLOCK))](
         qkv,
         positions,
@@ -154,17 +155,14 @@ def extend_attention(
         valid.stride(0) if has_past else 0,
         out.stride(0),
         sm_scale * 1.4426950408889634,  # softmax in base 2
-        outliers.colmax if outliers is not None else out,
-        outliers.rowmax if outliers is not None and outliers.rowmax is not None else out,
-        outliers.threshold if outliers is not None else 0.0,
+        *records,
         H=n_heads,
         HKV=n_kv,
         D=head_dim,
         BM=QUERY_BLOCK,
         BN=block_n,
         HAS_PAST=has_past,
-        COLMAX=outliers is not None,
-        ROWMAX=outliers is not None and outliers.rowmax is not None,
+        **switches,
         num_warps=4,
         num_stages=2,
     )

@@ -70,35 +70,25 @@ def outlier_columns(
     return OutlierColumns(colmax, float(layout.threshold), rowmax)
 
 
-@triton.jit
-def _record_outliers(colmax_ptr, cols, mask, y, threshold):
-    """LLM.int8: raise ``colmax[col]`` (int32 float bits, zeroed first) to ``|y|`` where ``|y| >= threshold``.
-
-    Only the outlier test ``colmax >= threshold`` reads it, so values below the threshold are not sent
-    (an outlier column's entry is its largest outlier value, any other column stays 0)."""
-    a = tl.abs(y.to(tl.float32))
-    tl.atomic_max(colmax_ptr + cols, a.to(tl.int32, bitcast=True), mask=mask & (a >= threshold), sem="relaxed")
-
-
-@triton.jit
-def _record_rowmax(rowmax_ptr, row, cols, mask, y, threshold):
-    """LLM.int8: raise ``rowmax[row]`` (int64, zeroed first) to this block's largest ``|y|`` below the
-    threshold, as ``float bits << 32 | column``. Over every block that is the token's largest such value
-    (which of equal values' columns wins does not matter to ``_act_quant_scaled_kernel``)."""
-    a = tl.where(mask, tl.abs(y.to(tl.float32)), 0.0)
-    below = tl.where(a < threshold, a, 0.0)
-    top = tl.max(below, axis=0)
-    col = tl.min(tl.where(below == top, cols, 2147483647), axis=0)
-    packed = (top.to(tl.int32, bitcast=True).to(tl.int64) << 32) | col.to(tl.int64)
-    tl.atomic_max(rowmax_ptr + row, packed, sem="relaxed")
+def record_args(outliers: OutlierColumns | None, placeholder: torch.Tensor) -> tuple[tuple, dict]:
+    """A writing kernel's recording arguments ``(colmax, rowmax, threshold)`` (``placeholder`` for the
+    buffers it does not record into) and its ``COLMAX`` / ``ROWMAX`` switches, for ``outliers``."""
+    if outliers is None:
+        return (placeholder, placeholder, 0.0), {"COLMAX": False, "ROWMAX": False}
+    rowmax = outliers.rowmax
+    args = (outliers.colmax, placeholder if rowmax is None else rowmax, outliers.threshold)
+    return args, {"COLMAX": True, "ROWMAX": rowmax is not None}
 
 
 @triton.jit
-def record_tile(colmax_ptr, rowmax_ptr, rows, rmask, cols, y, threshold, ROWMAX: tl.constexpr):
-    """``_record_outliers`` and (ROWMAX) ``_record_rowmax`` for a ``[tokens, columns]`` tile of an output
-    (``rows`` / ``cols`` its token and column indices, ``rmask`` the tokens written), one atomic per column
-    and per token."""
-    a = tl.where(rmask[:, None], tl.abs(y.to(tl.float32)), 0.0)
+def record_tile(colmax_ptr, rowmax_ptr, rows, rmask, cols, cmask, y, threshold, ROWMAX: tl.constexpr):
+    """LLM.int8 records of a ``[tokens, columns]`` tile of a product's input as a kernel writes it (``rows`` /
+    ``cols`` its indices, ``rmask`` / ``cmask`` those written): raise ``colmax[col]`` (int32 float bits,
+    zeroed first) to the column's largest ``|y|`` at or over the threshold (only ``colmax >= threshold`` is
+    ever read, so other columns stay 0) and, ROWMAX, ``rowmax[row]`` (int64, zeroed first) to the token's
+    largest ``|y|`` below the threshold as ``float bits << 32 | column`` (which of equal values' columns
+    wins does not matter to ``_act_quant_scaled_kernel``). One atomic per column and per token."""
+    a = tl.where(rmask[:, None] & cmask[None, :], tl.abs(y.to(tl.float32)), 0.0)
     cm = tl.max(tl.where(a >= threshold, a, 0.0), axis=0)
     tl.atomic_max(colmax_ptr + cols, cm.to(tl.int32, bitcast=True), mask=cm > 0.0, sem="relaxed")
     if ROWMAX:
@@ -110,8 +100,15 @@ def record_tile(colmax_ptr, rowmax_ptr, rows, rmask, cols, y, threshold, ROWMAX:
 
 
 @triton.jit
+def _record_row(colmax_ptr, rowmax_ptr, row, cols, cmask, y, threshold, ROWMAX: tl.constexpr):
+    """``record_tile`` of one token's values ``y`` (a kernel writing one row, or a block of one)."""
+    one = tl.full((1,), 0, tl.int64) + row
+    record_tile(colmax_ptr, rowmax_ptr, one, one == row, cols, cmask, y[None, :], threshold, ROWMAX)
+
+
+@triton.jit
 def _add_rmsnorm_kernel(
-    h_ptr, r_ptr, w_ptr, o_ptr, cm_ptr, rm_ptr, D, stride_h, stride_r, stride_o, eps, r_plane, threshold,
+    h_ptr, r_ptr, w_ptr, o_ptr, cm_ptr, rm_ptr, threshold, D, stride_h, stride_r, stride_o, eps, r_plane,
     HAS_RES: tl.constexpr, R_PARTS: tl.constexpr, COLMAX: tl.constexpr, ROWMAX: tl.constexpr, BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
@@ -131,13 +128,7 @@ def _add_rmsnorm_kernel(
     y = (normed.to(tl.float32) * w.to(tl.float32)).to(h.dtype)
     tl.store(o_ptr + row * stride_o + offs, y, mask=mask)
     if COLMAX:
-        _record_outliers(cm_ptr, offs, mask, y, threshold)
-    if ROWMAX:
-        _record_rowmax(rm_ptr, row, offs, mask, y, threshold)
-
-
-def _rowmax_arg(outliers: OutlierColumns | None, other):
-    return outliers.rowmax if outliers is not None and outliers.rowmax is not None else other
+        _record_row(cm_ptr, rm_ptr, row, offs, mask, y, threshold, ROWMAX)
 
 
 def add_rmsnorm(
@@ -154,24 +145,22 @@ def add_rmsnorm(
     columns there (``outlier_columns``)."""
     rows, d = h.shape
     res, stride_r, r_parts, r_plane = parts_args(residual if residual is not None else h)
+    records, switches = record_args(outliers, out)
     _add_rmsnorm_kernel[(rows,)](
         h,
         res,
         weight,
         out,
-        outliers.colmax if outliers is not None else out,
-        _rowmax_arg(outliers, out),
+        *records,
         d,
         h.stride(0),
         stride_r,
         out.stride(0),
         eps,
         r_plane,
-        outliers.threshold if outliers is not None else 0.0,
         HAS_RES=residual is not None,
         R_PARTS=r_parts,
-        COLMAX=outliers is not None,
-        ROWMAX=_rowmax_arg(outliers, None) is not None,
+        **switches,
         BLOCK=triton.next_power_of_2(d),
         num_warps=8 if d >= 4096 else 4,
         **launch_args(h.device, options.pdl),
@@ -180,7 +169,7 @@ def add_rmsnorm(
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, o_ptr, cm_ptr, rm_ptr, inter, stride_x, stride_o, x_plane, threshold,
+def _silu_mul_kernel(x_ptr, o_ptr, cm_ptr, rm_ptr, threshold, inter, stride_x, stride_o, x_plane,
                      X_PARTS: tl.constexpr, COLMAX: tl.constexpr, ROWMAX: tl.constexpr, BLOCK: tl.constexpr,
                      PDL: tl.constexpr):  # fmt: skip
     wait_prior(PDL)
@@ -193,9 +182,7 @@ def _silu_mul_kernel(x_ptr, o_ptr, cm_ptr, rm_ptr, inter, stride_x, stride_o, x_
     y = silu_gate(g, u)
     tl.store(o_ptr + row * stride_o + offs, y, mask=mask)
     if COLMAX:
-        _record_outliers(cm_ptr, offs, mask, y, threshold)
-    if ROWMAX:
-        _record_rowmax(rm_ptr, row, offs, mask, y, threshold)
+        _record_row(cm_ptr, rm_ptr, row, offs, mask, y, threshold, ROWMAX)
 
 
 def silu_mul(
@@ -212,10 +199,9 @@ def silu_mul(
         out = torch.empty((rows, inter), device=gate_up.device, dtype=gate_up.dtype)
     block = 1024
     x, stride_x, x_parts, x_plane = parts_args(gate_up)
+    records, switches = record_args(outliers, out)
     _silu_mul_kernel[(rows, triton.cdiv(inter, block))](
-        x, out, outliers.colmax if outliers is not None else out, _rowmax_arg(outliers, out), inter, stride_x,
-        out.stride(0), x_plane, outliers.threshold if outliers is not None else 0.0, X_PARTS=x_parts,
-        COLMAX=outliers is not None, ROWMAX=_rowmax_arg(outliers, None) is not None, BLOCK=block,
+        x, out, *records, inter, stride_x, out.stride(0), x_plane, X_PARTS=x_parts, **switches, BLOCK=block,
         **launch_args(gate_up.device, options.pdl),
     )  # fmt: skip
     return out
