@@ -4,9 +4,8 @@
 
 Evaluation quantizes a product's input (M tokens x K columns, bf16) before the slab product. The rows: the
 producers that write an input (RMSNorm of K columns, the SiLU-gate of 2K), alone and recording LLM.int8's
-outlier columns (``fused.outlier_columns``) and each token's factor (``act_producer_rowmax``); the
-column-maxima pass over every token; the whole-row quantization (one program per token, the default); the
-streaming quantization with the factors recorded (``rowscale``); and a device copy of the input for scale.
+outlier columns (``fused.outlier_columns``); the column-maxima pass over every token; the whole-row
+quantization (one program per token, the default); and a device copy of the input for scale.
 Bytes per call: every tensor read plus written once. Timing: ``kernel_bw.bench`` (CUDA-graph replays, L2
 flushed before each, median). Inputs are normal; the quantizers' input is the SiLU-gate of one (a gate
 column times 10 makes outlier columns).
@@ -28,12 +27,8 @@ from quantbench.engine.kernels.layouts import ACT_LLM_INT8
 THRESHOLD = 6.0
 
 
-def record(m: int, k: int, rowmax: bool) -> OutlierColumns:
-    return OutlierColumns(
-        torch.zeros((k,), device="cuda", dtype=torch.int32),
-        THRESHOLD,
-        torch.zeros((m,), device="cuda", dtype=torch.int64) if rowmax else None,
-    )
+def record(k: int) -> OutlierColumns:
+    return OutlierColumns(torch.zeros((k,), device="cuda", dtype=torch.int32), THRESHOLD)
 
 
 def cases(m: int, k: int) -> list[tuple[str, object, int]]:
@@ -45,8 +40,8 @@ def cases(m: int, k: int) -> list[tuple[str, object, int]]:
     weight = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
     out = torch.empty_like(x)
     opts = EngineOptions()
-    with_cols, with_rows = record(m, k, False), record(m, k, True)
-    q_in, q_rec = torch.empty_like(x), record(m, k, True)
+    with_cols = record(k)
+    q_in, q_rec = torch.empty_like(x), record(k)
     fused.silu_mul(gate_up, out=q_in, outliers=q_rec)  # the quantizers' input and its record
     size = 2 * m * k
     quant = fused.act_quant
@@ -55,16 +50,11 @@ def cases(m: int, k: int) -> list[tuple[str, object, int]]:
         ("rmsnorm", lambda: fused.add_rmsnorm(h, None, weight, 1e-6, out), 2 * size),
         ("rmsnorm + outlier columns", lambda: fused.add_rmsnorm(h, None, weight, 1e-6, out, outliers=with_cols),
          2 * size),
-        ("rmsnorm + columns + factors", lambda: fused.add_rmsnorm(h, None, weight, 1e-6, out, outliers=with_rows),
-         2 * size),
         ("silu_mul", lambda: fused.silu_mul(gate_up, out=out), 3 * size),
         ("silu_mul + outlier columns", lambda: fused.silu_mul(gate_up, out=out, outliers=with_cols), 3 * size),
-        ("silu_mul + columns + factors", lambda: fused.silu_mul(gate_up, out=out, outliers=with_rows), 3 * size),
         ("column-maxima pass", lambda: fused._merged_colmax(q_in, k, False, opts, {"PDL": False}), size),
         ("whole-row quantization", lambda: quant(q_in, ACT_LLM_INT8, THRESHOLD, False, k, opts, fold=True,
-                                                  outliers=q_rec._replace(rowmax=None)), 2 * size),
-        ("streamed quantization", lambda: quant(q_in, ACT_LLM_INT8, THRESHOLD, False, k, opts, fold=True,
-                                                 outliers=q_rec), 2 * size),
+                                                  outliers=q_rec), 2 * size),
     ]  # fmt: skip
 
 

@@ -47,8 +47,6 @@ tokens) at each batch size: median of ``--repeats`` after one warm-up. Variants:
   instead of one whole-row program per token (``act_rows_min_m``);
 * ``colmaxpass``: LLM.int8 prompts find their outlier columns by a column-maxima pass over each product's
   input instead of RMSNorm / SiLU-gate recording them as they write it (``act_producer_colmax`` off);
-* ``rowscale``: LLM.int8 prompts' producers also record each token's largest value below the threshold, and
-  quantization streams in column chunks with the factor known (``act_producer_rowmax``);
 * ``postscale``: slab products of the exact codes, the per-row scales and W8A8 per-token factors applied
   in one more pass over the output (``slab_fold_scales`` off);
 * ``fp8exact``: fp8 products of many tokens with the codes widened to fp16 (exact products, fp32 sums)
@@ -114,7 +112,6 @@ VARIANTS: dict[str, dict] = {
     "actpdl": {"act_prompt_pdl": True},
     "actpasses": {"act_rows_min_m": 0},
     "colmaxpass": {"act_producer_colmax": False},
-    "rowscale": {"act_producer_rowmax": True},
     "postscale": {"slab_fold_scales": False},
     "fp8exact": {"w8a8_fp8_mma": "fp16"},
     "w8a8slabs": {"w8a8_gemm": frozenset()},
@@ -173,6 +170,13 @@ def config_edit(text: str, fixed: tuple[str, ...] = ()):
     return edit
 
 
+PARAMETRIC = ("cfg:", "mcfg:")
+
+
+def is_variant(name: str) -> bool:
+    return name in VARIANTS or name.startswith(PARAMETRIC)
+
+
 def variant_options(name: str) -> EngineOptions:
     if name.startswith("cfg:"):  # the half2 GEMV: cfg:num_warps=4,STAGES=3,split=2
         return EngineOptions(h2_config_edit=config_edit(name[4:], fixed=("BN", "BKV")))
@@ -227,7 +231,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("engine_ab: needs a CUDA GPU")
     variants = args.variants.split(";")
-    unknown = [v for v in variants if v not in VARIANTS and not v.startswith(("cfg:", "mcfg:"))]
+    unknown = [v for v in variants if not is_variant(v)]
     if unknown:
         sys.exit(f"engine_ab: unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     batches = [int(b) for b in args.batch.split(",")]

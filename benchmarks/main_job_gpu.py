@@ -140,8 +140,7 @@ def harness(
 ) -> dict[str, Any]:
     """quantbench's harness on ``tasks``: per task wall time, questions, accuracy and answers; peak memory.
     ``variant``: the engine's options, a variant of ``benchmarks/engine_ab.py``."""
-    from engine_ab import VARIANTS
-    from quantbench.engine.options import EngineOptions
+    from engine_ab import variant_options
     from quantbench.eval.engine_lm import scoring_lm
     from quantbench.eval.harness import evaluate
     from quantbench.eval.memory import peak_bytes, reset_peak
@@ -149,7 +148,7 @@ def harness(
     device = str(next(model.parameters()).device)
     gc.collect()
     reset_peak(device)
-    options = EngineOptions(**VARIANTS[variant])
+    options = variant_options(variant)
     lm = scoring_lm(model, tokenizer, engine=engine, batch_size=args.batch_size, options=options)
     out: dict[str, Any] = {"scoring": lm.scoring, "tasks": {}}
     if args.warmup:  # compile the kernels (Triton's first launch of each specialization) untimed
@@ -297,12 +296,18 @@ def main() -> None:
     if args.mode not in MODES:
         raise EvalError(f"unknown mode '{args.mode}'; allowed: {', '.join(MODES)}")
     get_protocol(args.protocol)
-    from engine_ab import VARIANTS
+    from engine_ab import VARIANTS, is_variant, variant_options
+    from quantbench.engine.options import EngineOptionsError
 
     variants = [v.strip() for v in args.variants.split(";") if v.strip()] or ["base"]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if not is_variant(v)]
     if unknown:
         raise EvalError(f"unknown engine variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    for variant in variants:
+        try:
+            variant_options(variant)
+        except (ValueError, EngineOptionsError) as exc:
+            raise EvalError(f"engine variant {variant}: {exc}") from None
     variant_specs = (
         {parse_spec(m).spec for m in split_specs(args.variant_methods)} if args.variant_methods else None
     )

@@ -479,10 +479,9 @@ def test_pdl_launch_changes_no_output_cuda(spec: str) -> None:
 def test_llm_int8_outlier_columns_recorded_by_producers_cuda(monkeypatch) -> None:
     """LLM.int8 prompts of ``act_rows_min_m`` tokens and more: RMSNorm (q/k/v, gate/up), the SiLU-gate
     (down) and extend's attention (o) record the outlier columns as they write a product's input, so only
-    prefill's o projection input takes the column-maxima pass (also with ``act_producer_rowmax``: each
-    token's factor recorded too, the values quantized as they stream); prefill logits and extend's hidden
-    states are bit-identical to the column-maxima pass everywhere (``act_producer_colmax`` off), with
-    outlier columns present."""
+    prefill's o projection input takes the column-maxima pass; prefill logits and extend's hidden states are
+    bit-identical to the column-maxima pass everywhere (``act_producer_colmax`` off), with outlier columns
+    present."""
     import quantbench
     from quantbench.engine import EngineModel
     from quantbench.engine.kernels import fused
@@ -507,9 +506,9 @@ def test_llm_int8_outlier_columns_recorded_by_producers_cuda(monkeypatch) -> Non
 
     monkeypatch.setattr(fused, "_merged_colmax", counting)
     outs = {}
-    for mode in ("pass", "colmax", "rowmax"):
+    for mode in ("pass", "colmax"):
         passes.clear()
-        options = EngineOptions(act_producer_colmax=mode != "pass", act_producer_rowmax=mode == "rowmax")
+        options = EngineOptions(act_producer_colmax=mode != "pass")
         em = EngineModel(model, use_kernels=True, options=options)
         em.allocate_cache(b, t)
         logits = em.prefill(ids, start, False)
@@ -520,8 +519,7 @@ def test_llm_int8_outlier_columns_recorded_by_producers_cuda(monkeypatch) -> Non
         want = [4096, 4096, 4096, 14336] * 4 if mode == "pass" else [4096] * 2
         assert passes == want, (mode, passes)
     assert any(0 < n < 4096 for n in outlier_cols), outlier_cols
-    for mode in ("colmax", "rowmax"):
-        assert torch.equal(outs[mode][0], outs["pass"][0]) and torch.equal(outs[mode][1], outs["pass"][1]), mode
+    assert torch.equal(outs["colmax"][0], outs["pass"][0]) and torch.equal(outs["colmax"][1], outs["pass"][1])
 
 
 @pytest.mark.cuda
@@ -536,7 +534,26 @@ def test_act_quant_bandwidth_benchmark_cuda(tmp_path) -> None:
     out = tmp_path / "act.json"
     subprocess.run([sys.executable, str(script), "--m", "600", "--k", "512", "--json", str(out)], check=True)
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 10 and all(r["us"] > 0 and r["gbps"] > 0 for r in rows)
+    assert len(rows) == 7 and all(r["us"] > 0 and r["gbps"] > 0 for r in rows)
+
+
+@pytest.mark.cuda
+def test_dequant_bandwidth_benchmark_cuda(tmp_path) -> None:
+    """``benchmarks/dequant_bw.py`` times every (method, product) it is given and writes one JSON row each."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "dequant_bw.py"
+    out = tmp_path / "dequant.json"
+    subprocess.run([sys.executable, str(script), "--methods", "llm.int8;int4:group=128", "--shapes", "o,down",
+                    "--json", str(out)], check=True)  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["product"]) for r in rows] == [
+        (m, p) for m in ("llm.int8", "int4:group=128") for p in ("o", "down")
+    ]
+    assert all(r["us"] > 0 and r["gbps"] > 0 for r in rows)
 
 
 @pytest.mark.cuda
@@ -843,24 +860,19 @@ def test_act_quant_kernel_matches_torch_interpreter(kind: int, m: int, act: bool
 
 @interp
 @pytest.mark.parametrize("producer", ["silu_mul", "add_rmsnorm"])
-@pytest.mark.parametrize("rowmax", [False, True])
-def test_producers_record_outlier_columns_interpreter(producer: str, rowmax: bool) -> None:
+def test_producers_record_outlier_columns_interpreter(producer: str) -> None:
     """RMSNorm and the SiLU-gate, given an ``OutlierColumns``, record exactly the columns where any token
-    of what they write reaches the threshold (each column's largest such |x|, others 0) and, ``rowmax``,
-    each token's largest |x| below the threshold with a column holding it; activation quantization from that
-    record (``rowmax``: streamed in column chunks, also for tokens whose value lies in an outlier column)
-    equals its torch twin (and the column-maxima pass) bit for bit."""
+    of what they write reaches the threshold (each column's largest such |x|, others 0), and activation
+    quantization from that record equals its torch twin (and the column-maxima pass) bit for bit."""
     from quantbench.engine.kernels.fused import OutlierColumns, add_rmsnorm, silu_mul
 
     torch.manual_seed(7)
     m, k = 150, 300
     thr = 6.0 if producer == "silu_mul" else 2.5  # a few columns over it, besides the two scaled ones
-    rec = OutlierColumns(
-        torch.zeros((k,), dtype=torch.int32), thr, torch.zeros((m,), dtype=torch.int64) if rowmax else None
-    )
+    rec = OutlierColumns(torch.zeros((k,), dtype=torch.int32), thr)
     if producer == "silu_mul":
         gate_up = _x(m, 2 * k, "cpu", torch.float16, outliers=True)
-        gate_up[9, 5], gate_up[9, k + 5] = 2.0, 2.5  # token 9's largest value below 6 in outlier column 5
+        gate_up[9, 5], gate_up[9, k + 5] = 2.0, 2.5  # token 9: a value below 6 in outlier column 5
         x = silu_mul(gate_up, outliers=rec)
     else:
         h = _x(m, k, "cpu", torch.float16, outliers=True)
@@ -870,10 +882,8 @@ def test_producers_record_outlier_columns_interpreter(producer: str, rowmax: boo
 
 
 def _check_outlier_record(x: torch.Tensor, rec, thr: float) -> None:
-    """``rec`` (an ``OutlierColumns`` a kernel filled as it wrote ``x``) holds x's outlier columns and, if
-    it has one, each token's largest |x| below ``thr`` at a column holding it (some tokens' in an outlier
-    column); LLM.int8 activation quantization from the record (streamed with the token factors) equals its
-    torch twin and the column-maxima pass bit for bit."""
+    """``rec`` (an ``OutlierColumns`` a kernel filled as it wrote ``x``) holds x's outlier columns; LLM.int8
+    activation quantization from the record equals its torch twin and the column-maxima pass bit for bit."""
     from quantbench.engine import EngineOptions
     from quantbench.engine.kernels import act_quant_torch
     from quantbench.engine.kernels.fused import act_quant
@@ -883,12 +893,6 @@ def _check_outlier_record(x: torch.Tensor, rec, thr: float) -> None:
     col = torch.where(ax >= thr, ax, torch.zeros_like(ax)).amax(0)
     assert 0 < int((col > 0).sum()) < k
     assert torch.equal(rec.colmax.view(torch.float32), col)
-    if rec.rowmax is not None:
-        below = torch.where(ax < thr, ax, torch.zeros_like(ax))
-        top = (rec.rowmax >> 32).to(torch.int32).view(torch.float32)
-        where = (rec.rowmax & 0xFFFFFFFF).long()
-        assert torch.equal(top, below.amax(1)) and torch.equal(below.gather(1, where[:, None])[:, 0], top)
-        assert int((col[where] > 0).sum()) > 0  # some tokens' factor needs their row read again
     options = EngineOptions(act_rows_min_m=65, act_tiles_outlier=(64, 256, 256, 128))  # three chunks a row
     for fold in (False, True):
         xe, rf = act_quant(x, 1, thr, False, k, options, fold=fold, outliers=rec)
@@ -899,10 +903,9 @@ def _check_outlier_record(x: torch.Tensor, rec, thr: float) -> None:
 
 
 @interp
-@pytest.mark.parametrize("rowmax", [False, True])
-def test_extend_attention_records_outlier_columns_interpreter(rowmax: bool) -> None:
+def test_extend_attention_records_outlier_columns_interpreter() -> None:
     """The extend-attention kernel writes the o projection's input and, given an ``OutlierColumns``,
-    records its outlier columns (and token maxima) there, its output unchanged."""
+    records its outlier columns there, its output unchanged."""
     from quantbench.engine.kernels.extend_attention import extend_attention
     from quantbench.engine.kernels.fused import OutlierColumns
 
@@ -913,9 +916,7 @@ def test_extend_attention_records_outlier_columns_interpreter(rowmax: bool) -> N
     cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
     qkv = torch.randn(b * t, (heads + 2 * kv) * d).to(torch.float16)
     positions = torch.arange(t).expand(b, t).contiguous()
-    rec = OutlierColumns(
-        torch.zeros((heads * d,), dtype=torch.int32), thr, torch.zeros((b * t,), dtype=torch.int64) if rowmax else None
-    )
+    rec = OutlierColumns(torch.zeros((heads * d,), dtype=torch.int32), thr)
     args = (qkv, positions, cos, sin, None, None, None, None, None, heads, kv, d, d**-0.5)
     out, _, _ = extend_attention(*args, outliers=rec)
     plain, _, _ = extend_attention(*args)

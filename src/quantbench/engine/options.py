@@ -165,10 +165,6 @@ class EngineOptions:
     act_producer_colmax: bool = True
     """LLM.int8 prompts on whole-row programs: the kernel writing a product's input (RMSNorm, SiLU-gate) also
     records its outlier columns (``fused.outlier_columns``), in place of a column-maxima pass over it."""
-    act_producer_rowmax: bool = False
-    """With ``act_producer_colmax``: those kernels also record each token's largest |x| below the threshold
-    and its column, so that quantization streams in column chunks with the token's factor known instead of
-    one program holding the token's whole row."""
     act_prompt_pdl: bool = False
     """Launch prompt-sized activation quantization with programmatic dependent launch."""
     act_rows_min_m: int = 512

@@ -13,11 +13,11 @@ one buffer and multiplies once: a dozen kernel pairs per layer launched from Pyt
 idle between them, and at evaluation sizes (thousands of tokens) the product, not the extra HBM pass,
 dominates.
 
-Per-output-row scales (int8 / fp8 / LLM.int8 / SmoothQuant) are not applied to the slab: the slab holds the
-exact integer (or e4m3) code values and the scale multiplies the product afterwards, so ``code * scale`` is
-never rounded to 16 bits. Group-wise layouts (int4, NF4, FP4)
-get ``code * scale`` rounded to the compute dtype, as ``dequantize()`` does; layouts with per-group
-offsets (llama.cpp's q4_K ..., ``kernels/offsets.py``) get ``code * scale - offset``, llama.cpp's weight.
+The slab holds ``code * scale`` rounded to the compute dtype, as ``dequantize()`` does (per-output-row
+scales of int8 / fp8 / LLM.int8 / SmoothQuant too, unless ``EngineOptions.slab_fold_scales`` is off: then
+the exact code values, and the scales multiply the product afterwards); layouts with per-group offsets
+(llama.cpp's q4_K ..., ``kernels/offsets.py``) get ``code * scale - offset``, llama.cpp's weight.
+``benchmarks/dequant_bw.py`` times the dequantization of whole weights.
 """
 
 from __future__ import annotations

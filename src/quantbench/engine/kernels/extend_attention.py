@@ -25,12 +25,12 @@ QUERY_BLOCK = 64  # fixed (not chosen per batch): the same tiles, the same arith
 def _extend_attention_kernel(
     qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, pvalid_ptr, index_ptr, o_ptr,
     T, P, stride_qkv_row, stride_kb, stride_kh, stride_kt, stride_pb, stride_ph, stride_pt, stride_valid,
-    stride_o_row, qk_scale, cm_ptr, rm_ptr, threshold,
+    stride_o_row, qk_scale, cm_ptr, threshold,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_PAST: tl.constexpr, COLMAX: tl.constexpr, ROWMAX: tl.constexpr,
+    HAS_PAST: tl.constexpr, COLMAX: tl.constexpr,
 ):  # fmt: skip
-    """One program per (row b, query head h, block of BM new tokens). COLMAX / ROWMAX: record the output's
-    LLM.int8 outlier columns / token maxima for the o projection (``fused.record_tile``)."""
+    """One program per (row b, query head h, block of BM new tokens). COLMAX: record the output's LLM.int8
+    outlier columns for the o projection (``fused.record_tile``)."""
     bh = tl.program_id(0)  # heads of one row side by side: the programs sharing a kv head run together
     tb = tl.program_id(1)
     b = bh // H
@@ -79,7 +79,7 @@ def _extend_attention_kernel(
     out = (acc / l_i[:, None]).to(dtype)
     tl.store(o_ptr + rows[:, None] * stride_o_row + h * D + dd[None, :], out, mask=mmask[:, None])
     if COLMAX:
-        record_tile(cm_ptr, rm_ptr, rows, mmask, h * D + dd, dd < D, out, threshold, ROWMAX)
+        record_tile(cm_ptr, mmask, h * D + dd, dd < D, out, threshold)
 
 
 def key_block(head_dim: int) -> int:

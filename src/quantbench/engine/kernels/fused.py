@@ -36,13 +36,10 @@ _CODE_DTYPES = frozenset(CODE_DTYPE_OF_ACT.values())
 
 class OutlierColumns(NamedTuple):
     """LLM.int8's outlier columns of one product's input, recorded by the kernel that writes the input:
-    ``colmax [K]`` int32 float bits (zeroed, then ``|x|`` of each value at or over ``threshold``) and,
-    optionally, ``rowmax [M]`` int64 (zeroed, then per token the float bits of its largest ``|x|`` below the
-    threshold, shifted up 32 bits, over that value's column): a token's factor before its row is read."""
+    ``colmax [K]`` int32 float bits (zeroed, then ``|x|`` of each value at or over ``threshold``)."""
 
     colmax: torch.Tensor
     threshold: float
-    rowmax: torch.Tensor | None = None
 
 
 def _rows_mode(m: int, k: int, options: EngineOptions) -> bool:
@@ -66,50 +63,39 @@ def outlier_columns(
     ):
         return None
     colmax = torch.zeros((layout.in_features,), device=device, dtype=torch.int32)
-    rowmax = torch.zeros((m,), device=device, dtype=torch.int64) if options.act_producer_rowmax else None
-    return OutlierColumns(colmax, float(layout.threshold), rowmax)
+    return OutlierColumns(colmax, float(layout.threshold))
 
 
 def record_args(outliers: OutlierColumns | None, placeholder: torch.Tensor) -> tuple[tuple, dict]:
-    """A writing kernel's recording arguments ``(colmax, rowmax, threshold)`` (``placeholder`` for the
-    buffers it does not record into) and its ``COLMAX`` / ``ROWMAX`` switches, for ``outliers``."""
+    """A writing kernel's recording arguments ``(colmax, threshold)`` (``placeholder`` for the buffer when
+    it records nothing) and its ``COLMAX`` switch, for ``outliers``."""
     if outliers is None:
-        return (placeholder, placeholder, 0.0), {"COLMAX": False, "ROWMAX": False}
-    rowmax = outliers.rowmax
-    args = (outliers.colmax, placeholder if rowmax is None else rowmax, outliers.threshold)
-    return args, {"COLMAX": True, "ROWMAX": rowmax is not None}
+        return (placeholder, 0.0), {"COLMAX": False}
+    return (outliers.colmax, outliers.threshold), {"COLMAX": True}
 
 
 @triton.jit
-def record_tile(colmax_ptr, rowmax_ptr, rows, rmask, cols, cmask, y, threshold, ROWMAX: tl.constexpr):
-    """LLM.int8 records of a ``[tokens, columns]`` tile of a product's input as a kernel writes it (``rows`` /
-    ``cols`` its indices, ``rmask`` / ``cmask`` those written): raise ``colmax[col]`` (int32 float bits,
-    zeroed first) to the column's largest ``|y|`` at or over the threshold (only ``colmax >= threshold`` is
-    ever read, so other columns stay 0) and, ROWMAX, ``rowmax[row]`` (int64, zeroed first) to the token's
-    largest ``|y|`` below the threshold as ``float bits << 32 | column`` (which of equal values' columns
-    wins does not matter to ``_act_quant_scaled_kernel``). One atomic per column and per token."""
+def record_tile(colmax_ptr, rmask, cols, cmask, y, threshold):
+    """LLM.int8 record of a ``[tokens, columns]`` tile of a product's input as a kernel writes it (``cols``
+    its column indices, ``rmask`` / ``cmask`` the tokens / columns written): raise ``colmax[col]`` (int32
+    float bits, zeroed first) to the column's largest ``|y|`` at or over the threshold (only
+    ``colmax >= threshold`` is ever read, so other columns stay 0). One atomic per column."""
     a = tl.where(rmask[:, None] & cmask[None, :], tl.abs(y.to(tl.float32)), 0.0)
     cm = tl.max(tl.where(a >= threshold, a, 0.0), axis=0)
     tl.atomic_max(colmax_ptr + cols, cm.to(tl.int32, bitcast=True), mask=cm > 0.0, sem="relaxed")
-    if ROWMAX:
-        below = tl.where(a < threshold, a, 0.0)
-        top = tl.max(below, axis=1)
-        col = tl.min(tl.where(below == top[:, None], cols[None, :], 2147483647), axis=1)
-        packed = (top.to(tl.int32, bitcast=True).to(tl.int64) << 32) | col.to(tl.int64)
-        tl.atomic_max(rowmax_ptr + rows, packed, mask=rmask, sem="relaxed")
 
 
 @triton.jit
-def _record_row(colmax_ptr, rowmax_ptr, row, cols, cmask, y, threshold, ROWMAX: tl.constexpr):
+def _record_row(colmax_ptr, row, cols, cmask, y, threshold):
     """``record_tile`` of one token's values ``y`` (a kernel writing one row, or a block of one)."""
     one = tl.full((1,), 0, tl.int64) + row
-    record_tile(colmax_ptr, rowmax_ptr, one, one == row, cols, cmask, y[None, :], threshold, ROWMAX)
+    record_tile(colmax_ptr, one == row, cols, cmask, y[None, :], threshold)
 
 
 @triton.jit
 def _add_rmsnorm_kernel(
-    h_ptr, r_ptr, w_ptr, o_ptr, cm_ptr, rm_ptr, threshold, D, stride_h, stride_r, stride_o, eps, r_plane,
-    HAS_RES: tl.constexpr, R_PARTS: tl.constexpr, COLMAX: tl.constexpr, ROWMAX: tl.constexpr, BLOCK: tl.constexpr,
+    h_ptr, r_ptr, w_ptr, o_ptr, cm_ptr, threshold, D, stride_h, stride_r, stride_o, eps, r_plane,
+    HAS_RES: tl.constexpr, R_PARTS: tl.constexpr, COLMAX: tl.constexpr, BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -128,7 +114,7 @@ def _add_rmsnorm_kernel(
     y = (normed.to(tl.float32) * w.to(tl.float32)).to(h.dtype)
     tl.store(o_ptr + row * stride_o + offs, y, mask=mask)
     if COLMAX:
-        _record_row(cm_ptr, rm_ptr, row, offs, mask, y, threshold, ROWMAX)
+        _record_row(cm_ptr, row, offs, mask, y, threshold)
 
 
 def add_rmsnorm(
@@ -169,8 +155,8 @@ def add_rmsnorm(
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, o_ptr, cm_ptr, rm_ptr, threshold, inter, stride_x, stride_o, x_plane,
-                     X_PARTS: tl.constexpr, COLMAX: tl.constexpr, ROWMAX: tl.constexpr, BLOCK: tl.constexpr,
+def _silu_mul_kernel(x_ptr, o_ptr, cm_ptr, threshold, inter, stride_x, stride_o, x_plane,
+                     X_PARTS: tl.constexpr, COLMAX: tl.constexpr, BLOCK: tl.constexpr,
                      PDL: tl.constexpr):  # fmt: skip
     wait_prior(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -182,7 +168,7 @@ def _silu_mul_kernel(x_ptr, o_ptr, cm_ptr, rm_ptr, threshold, inter, stride_x, s
     y = silu_gate(g, u)
     tl.store(o_ptr + row * stride_o + offs, y, mask=mask)
     if COLMAX:
-        _record_row(cm_ptr, rm_ptr, row, offs, mask, y, threshold, ROWMAX)
+        _record_row(cm_ptr, row, offs, mask, y, threshold)
 
 
 def silu_mul(
@@ -598,45 +584,6 @@ def _act_quant_row_kernel(
 
 
 @triton.jit
-def _act_quant_scaled_kernel(
-    x_ptr, xe_ptr, rf_ptr, colmax_ptr, rowmax_ptr, K, stride_x, stride_xe, threshold, FOLD: tl.constexpr,
-    BC: tl.constexpr, PDL: tl.constexpr,
-):  # fmt: skip
-    """LLM.int8, one token x one chunk of BC columns, the token's factor known from ``rowmax`` (its largest
-    |x| below the threshold and that value's column, recorded by the producer): the chunk is quantized as
-    it streams through. Every column outside the outlier set is below the threshold in every token, so the
-    token's non-outlier absmax is at most that value, and equal to it unless its column is an outlier column
-    (then the token's row is read once more for the true maximum). Values, factor and FOLD as
-    ``_act_quant_row_kernel``."""
-    wait_prior(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    packed = tl.load(rowmax_ptr + row)
-    amax = (packed >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    col = (packed & 0xFFFFFFFF).to(tl.int32)
-    if amax > 0.0:
-        if tl.load(colmax_ptr + col).to(tl.float32, bitcast=True) >= threshold:
-            amax = amax * 0.0
-            for k0 in range(0, K, BC):
-                cols = k0 + tl.arange(0, BC)
-                mask = cols < K
-                out = tl.load(colmax_ptr + cols, mask=mask, other=0).to(tl.float32, bitcast=True) >= threshold
-                ax = tl.abs(tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32))
-                amax = tl.maximum(amax, tl.max(tl.where(out, 0.0, ax), axis=0))
-    q_scale, rf = token_scales(amax, 1)
-    if chunk == 0:
-        tl.store(rf_ptr + row, rf)
-    cols = chunk * BC + tl.arange(0, BC)
-    mask = cols < K
-    xf = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    outlier = tl.load(colmax_ptr + cols, mask=mask, other=0).to(tl.float32, bitcast=True) >= threshold
-    q = quantize_act(xf, outlier, q_scale, 1)
-    if FOLD:
-        q = q * rf
-    tl.store(xe_ptr + row * stride_xe + cols, q.to(xe_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _col_absmax(x_ptr, m_lo, m_hi, M, cols, cmask, K, stride_x, ACT: tl.constexpr, BM: tl.constexpr,
                 BC: tl.constexpr):  # fmt: skip
     """max |x| per column of ``cols`` over tokens ``m_lo .. m_hi`` (in steps of BM)."""
@@ -810,8 +757,8 @@ def act_quant(
     place of the column-maxima pass.
 
     One token: one program holding the whole row. More: (LLM.int8 over more than one block of tokens:
-    column maxima per block, then) per-chunk token maxima and outlier flags, then one program per (token,
-    chunk); every step is parallel over column chunks and blocks of tokens. Program sizes:
+    column maxima per block, then) each token's maximum per chunk and outlier flags, then one program per
+    (token, chunk); every step is parallel over column chunks and blocks of tokens. Program sizes:
     ``options.act_tiles_*``. From ``options.act_rows_min_m`` tokens (above 64), one whole-row program per
     token instead (LLM.int8: after one column-maxima pass merged over every token): one read of the
     activations fewer."""
@@ -824,14 +771,6 @@ def act_quant(
         if m > 1 and kind == ACT_LLM_INT8 and thr != float("inf"):  # outlier columns over every token first
             if outliers is not None and not act_silu_mul:
                 colmax = outliers.colmax
-                if outliers.rowmax is not None:  # each token's factor known: quantize as the values stream
-                    rf = torch.empty((m,), device=x.device, dtype=torch.float32)
-                    chunk = options.act_tiles_outlier[3]
-                    _act_quant_scaled_kernel[(m, triton.cdiv(k, chunk))](
-                        x, xe, rf, colmax, outliers.rowmax, k, x.stride(0), xe.stride(0), thr, FOLD=fold, BC=chunk,
-                        num_warps=4, **pdl,
-                    )  # fmt: skip
-                    return xe, rf
             else:
                 colmax = _merged_colmax(x, k, act_silu_mul, options, pdl)
         return xe, _quantize_rows(x, xe, kind, thr, act_silu_mul, k, colmax, pdl, fold)
