@@ -20,27 +20,15 @@ import json
 import torch
 
 from quantbench.bench.runner import device_name, measure_copy_bandwidth
-from quantbench.engine import EngineOptions
 from quantbench.engine.kernels.dequant import dequantize_rows
-from quantbench.engine.kernels.layouts import layout_for, tiling_for
+from quantbench.engine.kernels.layouts import layout_for
 
-SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
 LAYERS = 28
-
-
-def product(spec: str, n: int, k: int):
-    """A quantized layer of random weights stored as the engine stores it, and its layout."""
-    from kernel_bw import make_module
-
-    module = make_module(spec, n, k)
-    tiles = tiling_for(module, EngineOptions())
-    if tiles is not None:
-        module.store_tiled(tiles)
-    return module, layout_for(module)
 
 
 def main() -> None:
     from kernel_bw import bench
+    from w8a8_gemm_sweep import SHAPES, layer  # Qwen2.5-7B's products, stored as the engine stores them
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="llm.int8;int8;fp8;smoothquant;int4:group=128;nf4:block=64")
@@ -55,27 +43,29 @@ def main() -> None:
     copy_gbps = measure_copy_bandwidth(dev)
     print(f"device {device_name(dev)}, copy {copy_gbps:.0f} GB/s")
     print(f"{'method':18s} {'product':8s} {'us':>8} {'GB/s':>7} {'% copy':>7}")
-    rows, layer = [], {}
+    rows, layer_us = [], {}
     for spec in (s.strip() for s in args.methods.split(";") if s.strip()):
-        for name, (n, k) in shapes.items():
-            module, layout = product(spec, n, k)
+        modules = layer(spec)
+        for name, (k, n) in shapes.items():
+            layout = layout_for(modules[name])
             out = torch.empty((n, k), device="cuda", dtype=torch.bfloat16)
             ms = bench(lambda layout=layout, n=n, out=out: dequantize_rows(layout, 0, n, out))
             gbps = (layout.weight_bytes + 2 * n * k) / ms / 1e6
             rows.append({"method": spec, "product": name, "n": n, "k": k, "tiled_codes": bool(layout.tile_n),
                          "us": ms * 1e3, "gbps": gbps, "pct_copy": 100 * gbps / copy_gbps})  # fmt: skip
-            layer[spec] = layer.get(spec, 0.0) + ms * 1e3
+            layer_us[spec] = layer_us.get(spec, 0.0) + ms * 1e3
             print(f"{spec:18s} {name:8s} {ms * 1e3:8.1f} {gbps:7.0f} {100 * gbps / copy_gbps:6.1f}%", flush=True)
-            del module, layout, out
-            torch.cuda.empty_cache()
+            del layout, out
+        del modules
+        torch.cuda.empty_cache()
     if len(shapes) == len(SHAPES):
         print(f"\n{'method':18s} {'layer us':>9} {'forward ms':>11}")
-        for spec, us in layer.items():
+        for spec, us in layer_us.items():
             print(f"{spec:18s} {us:9.1f} {us * LAYERS / 1e3:11.2f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": device_name(dev), "copy_gbps": copy_gbps, "rows": rows,
-                       "layer_us": layer if len(shapes) == len(SHAPES) else None}, fh, indent=2)  # fmt: skip
+                       "layer_us": layer_us if len(shapes) == len(SHAPES) else None}, fh, indent=2)  # fmt: skip
 
 
 if __name__ == "__main__":

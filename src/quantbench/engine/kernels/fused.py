@@ -86,10 +86,9 @@ def record_tile(colmax_ptr, rmask, cols, cmask, y, threshold):
 
 
 @triton.jit
-def _record_row(colmax_ptr, row, cols, cmask, y, threshold):
+def _record_row(colmax_ptr, cols, cmask, y, threshold):
     """``record_tile`` of one token's values ``y`` (a kernel writing one row, or a block of one)."""
-    one = tl.full((1,), 0, tl.int64) + row
-    record_tile(colmax_ptr, one == row, cols, cmask, y[None, :], threshold)
+    record_tile(colmax_ptr, tl.full((1,), 1, tl.int1), cols, cmask, y[None, :], threshold)
 
 
 @triton.jit
@@ -114,7 +113,7 @@ def _add_rmsnorm_kernel(
     y = (normed.to(tl.float32) * w.to(tl.float32)).to(h.dtype)
     tl.store(o_ptr + row * stride_o + offs, y, mask=mask)
     if COLMAX:
-        _record_row(cm_ptr, row, offs, mask, y, threshold)
+        _record_row(cm_ptr, offs, mask, y, threshold)
 
 
 def add_rmsnorm(
@@ -168,7 +167,7 @@ def _silu_mul_kernel(x_ptr, o_ptr, cm_ptr, threshold, inter, stride_x, stride_o,
     y = silu_gate(g, u)
     tl.store(o_ptr + row * stride_o + offs, y, mask=mask)
     if COLMAX:
-        _record_row(cm_ptr, row, offs, mask, y, threshold)
+        _record_row(cm_ptr, offs, mask, y, threshold)
 
 
 def silu_mul(
